@@ -7,6 +7,7 @@
 //! ([`totp`]). No sockets, files, threads or global clocks: the daemon and the client drive it.
 #![forbid(unsafe_code)]
 
+pub mod duration;
 pub mod keys;
 pub mod mac;
 pub mod noise;

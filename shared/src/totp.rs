@@ -77,7 +77,7 @@ impl Secret {
     pub fn from_base32(text: &str) -> Result<Self, TotpError> {
         let mut cleaned: String = text
             .chars()
-            .filter(|c| !matches!(c, ' ' | '-' | '=' | '\t'))
+            .filter(|c| !c.is_whitespace() && !matches!(c, '-' | '='))
             .map(|c| c.to_ascii_uppercase())
             .collect();
         let decoded = data_encoding::BASE32_NOPAD.decode(cleaned.as_bytes());

@@ -1,1 +1,19 @@
+//! `spad`: the SPA gateway daemon as a library, so every stage is testable.
+//!
+//! Pipeline: [`capture`] (AF_PACKET + BPF, or UDP) → [`daemon::Pipeline`] (pre-check, decrypt,
+//! replay via [`state`], [`policy`], legacy [`knock`]s) → [`firewall`] (nftables or iptables,
+//! grants as kernel set elements with timeouts over netlink).
 
+pub mod capture;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod enroll;
+pub mod firewall;
+pub mod keyfile;
+pub mod knock;
+pub mod log;
+pub mod net;
+pub mod policy;
+pub mod state;

@@ -1,1 +1,498 @@
+//! End-to-end test lab: a gateway, clients and an internal LAN host, each in its own network
+//! namespace, wired through a switch namespace with veth pairs. Real `spad` and `spa`
+//! binaries, real nftables/iptables, real TCP/UDP services.
+//!
+//! Everything is RAII: dropping a [`Lab`] kills its processes and deletes its namespaces.
+//! Names carry the process id and a counter so parallel tests and runs never collide. Traffic
+//! only ever flows between these namespaces (TEST-NET and ULA addresses that exist nowhere else).
+//!
+//! Code runs "inside" a namespace by `setns(2)` on a dedicated thread ([`in_ns`]), so tests
+//! can use plain std sockets and tell a timeout (filtered) from a reset (closed).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const GW4: &str = "203.0.113.1";
+pub const GW6: &str = "2001:db8:1::1";
+pub const LAN4: &str = "192.168.1.12";
+pub const LAN6: &str = "fd00:1::12";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Root of the workspace.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Path of a workspace binary (`spad`, `spa`), built by `cargo build --workspace --bins`.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
+    let path = dir.join("debug").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display());
+    path
+}
+
+/// Whether this process may create namespaces (root with CAP_SYS_ADMIN and `ip` present).
+pub fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() == 0 };
+    root && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
+}
+
+/// Runs a command; panics with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes. Returns whether it held.
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `f` on a fresh thread that has joined namespace `ns`.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter(&path);
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn enter(path: &str) {
+    let file = fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: a valid namespace fd; only this thread changes namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+/// How a TCP connection attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    /// Connected and the echo service answered.
+    Open,
+    /// Reset or unreachable: the port is closed, not hidden.
+    Refused,
+    /// No answer at all: filtered.
+    TimedOut,
+}
+
+/// Tries a TCP connection from namespace `ns`, sending a line and expecting it echoed.
+pub fn tcp_probe(ns: &str, to: SocketAddr, timeout: Duration) -> Connect {
+    in_ns(ns, move || match TcpStream::connect_timeout(&to, timeout) {
+        Ok(mut s) => {
+            s.set_read_timeout(Some(timeout)).unwrap();
+            let _ = s.write_all(b"ping\n");
+            let mut buf = [0u8; 5];
+            match s.read_exact(&mut buf) {
+                Ok(()) if &buf == b"ping\n" => Connect::Open,
+                _ => Connect::Refused,
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => Connect::TimedOut,
+        Err(_) => Connect::Refused,
+    })
+}
+
+/// Sends one UDP datagram from `ns` and waits for the echo.
+pub fn udp_probe(ns: &str, to: SocketAddr, timeout: Duration) -> bool {
+    in_ns(ns, move || {
+        let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let s = UdpSocket::bind(bind).unwrap();
+        s.set_read_timeout(Some(timeout)).unwrap();
+        s.send_to(b"ping", to).unwrap();
+        let mut buf = [0u8; 16];
+        matches!(s.recv_from(&mut buf), Ok((4, _)))
+    })
+}
+
+/// A connection held open from `ns` (to check that established flows survive expiry).
+#[derive(Debug)]
+pub struct Held {
+    stream: TcpStream,
+}
+
+impl Held {
+    pub fn open(ns: &str, to: SocketAddr) -> std::io::Result<Held> {
+        let stream = in_ns(ns, move || TcpStream::connect_timeout(&to, Duration::from_secs(2)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Held { stream })
+    }
+    /// Round-trips a line.
+    pub fn echo(&mut self) -> bool {
+        let _ = self.stream.write_all(b"ping\n");
+        let mut buf = [0u8; 5];
+        self.stream.read_exact(&mut buf).is_ok() && &buf == b"ping\n"
+    }
+}
+
+/// An echo service (TCP or UDP) on a thread inside a namespace; stops when dropped.
+#[derive(Debug)]
+pub struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    pub fn tcp(ns: &str, bind: SocketAddr) -> Echo {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let path = format!("/var/run/netns/{ns}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            enter(&path);
+            let listener = TcpListener::bind(bind).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let flag = Arc::clone(&flag);
+                        std::thread::spawn(move || {
+                            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                            let mut buf = [0u8; 1024];
+                            while !flag.load(Ordering::Relaxed) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        if s.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        Echo { stop, thread: Some(thread) }
+    }
+
+    pub fn udp(ns: &str, bind: SocketAddr) -> Echo {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let path = format!("/var/run/netns/{ns}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            enter(&path);
+            let s = UdpSocket::bind(bind).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 1500];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        Echo { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Which firewall the gateway's `spad` drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Nftables,
+    Iptables,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nftables => "nftables",
+            Backend::Iptables => "iptables",
+        }
+    }
+}
+
+/// The namespaces of one test.
+#[derive(Debug)]
+pub struct Lab {
+    pub id: String,
+    pub gw: String,
+    pub a: String,
+    pub b: String,
+    pub lan: String,
+    sw: String,
+    pub dir: PathBuf,
+    children: Vec<Child>,
+}
+
+/// A client namespace address: `a` is .10 / ::10, `b` is .20 / ::20.
+pub fn client_addr(which: &str, v6: bool) -> IpAddr {
+    let host = if which == "a" { 10 } else { 20 };
+    if v6 { format!("2001:db8:1::{host}").parse().unwrap() } else { format!("203.0.113.{host}").parse().unwrap() }
+}
+
+impl Lab {
+    /// Builds the topology. `config` names a file in `conf/` that is copied (verbatim) into
+    /// the lab's directory next to freshly generated keys.
+    pub fn new(config: &str) -> Lab {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}x{n}", std::process::id() % 100_000);
+        let name = |role: &str| format!("spa{role}{id}");
+        let lab = Lab {
+            gw: name("gw"),
+            a: name("a"),
+            b: name("b"),
+            lan: name("lan"),
+            sw: name("sw"),
+            dir: std::env::temp_dir().join(format!("spa-lab-{id}")),
+            id,
+            children: Vec::new(),
+        };
+        let _ = fs::remove_dir_all(&lab.dir);
+        fs::create_dir_all(lab.dir.join("keys")).unwrap();
+        for ns in [&lab.gw, &lab.a, &lab.b, &lab.lan, &lab.sw] {
+            run("ip", &["netns", "add", ns]);
+            lab.ip(ns, &["link", "set", "lo", "up"]);
+        }
+        lab.ip(&lab.sw, &["link", "add", "br0", "type", "bridge"]);
+        lab.ip(&lab.sw, &["link", "set", "br0", "up"]);
+        lab.ip(&lab.sw, &["link", "set", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        // WAN side: gateway eth0, clients a and b, all on the switch.
+        for (role, ns, v4, v6) in [("gw", &lab.gw, GW4, GW6), ("a", &lab.a, "203.0.113.10", "2001:db8:1::10"), ("b", &lab.b, "203.0.113.20", "2001:db8:1::20")] {
+            let (inner, outer) = (format!("i{}", lab.id), format!("o{}", lab.id));
+            run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
+            run("ip", &["link", "set", &inner, "netns", ns]);
+            run("ip", &["link", "set", &outer, "netns", &lab.sw]);
+            lab.ip(ns, &["link", "set", &inner, "name", "eth0"]);
+            let port = format!("p{role}");
+            lab.ip(&lab.sw, &["link", "set", &outer, "name", &port]);
+            lab.ip(&lab.sw, &["link", "set", &port, "master", "br0"]);
+            lab.ip(&lab.sw, &["link", "set", &port, "up"]);
+            lab.ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+            lab.ip(ns, &["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+            lab.ip(ns, &["link", "set", "eth0", "up"]);
+        }
+        for ns in [&lab.a, &lab.b] {
+            lab.ip(ns, &["route", "add", "default", "via", GW4]);
+            lab.ip(ns, &["-6", "route", "add", "default", "via", GW6]);
+        }
+        // LAN side: gateway eth1 to the internal server directly.
+        let (inner, outer) = (format!("i{}", lab.id), format!("o{}", lab.id));
+        run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
+        run("ip", &["link", "set", &inner, "netns", &lab.gw]);
+        run("ip", &["link", "set", &outer, "netns", &lab.lan]);
+        lab.ip(&lab.gw, &["link", "set", &inner, "name", "eth1"]);
+        lab.ip(&lab.lan, &["link", "set", &outer, "name", "eth0"]);
+        lab.ip(&lab.gw, &["addr", "add", "192.168.1.1/24", "dev", "eth1"]);
+        lab.ip(&lab.gw, &["-6", "addr", "add", "fd00:1::1/64", "dev", "eth1", "nodad"]);
+        lab.ip(&lab.gw, &["link", "set", "eth1", "up"]);
+        lab.ip(&lab.lan, &["addr", "add", "192.168.1.12/24", "dev", "eth0"]);
+        lab.ip(&lab.lan, &["-6", "addr", "add", "fd00:1::12/64", "dev", "eth0", "nodad"]);
+        lab.ip(&lab.lan, &["link", "set", "eth0", "up"]);
+        lab.ip(&lab.lan, &["route", "add", "default", "via", "192.168.1.1"]);
+        lab.ip(&lab.lan, &["-6", "route", "add", "default", "via", "fd00:1::1"]);
+        lab.exec(&lab.gw, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        lab.exec(&lab.gw, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+
+        // Config copied verbatim; keys generated where it expects them.
+        fs::copy(workspace().join("conf").join(config), lab.dir.join(config)).unwrap();
+        lab.spad(&["genkey", "--out", lab.path("keys/server.key").to_str().unwrap()]);
+        for client in ["alice", "bob", "mallory"] {
+            let key = lab.path(&format!("keys/{client}.key"));
+            lab.spa(&["genkey", "--out", key.to_str().unwrap()]);
+            let public = Command::new(binary("spa")).arg("pubkey").stdin(fs::File::open(&key).unwrap()).output().unwrap();
+            fs::write(lab.path(&format!("keys/{client}.pub")), &public.stdout).unwrap();
+        }
+        lab.spad(&["totp", "new-secret", "--out", lab.path("keys/carol.totp").to_str().unwrap()]);
+        lab
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// `ip -n NS ...`
+    pub fn ip(&self, ns: &str, args: &[&str]) -> Output {
+        let mut full = vec!["-n", ns];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a program inside `ns`, panicking on failure.
+    pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", ns, program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a program inside `ns`, returning its output whatever the exit status.
+    pub fn try_exec(&self, ns: &str, program: &str, args: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", ns, program]).args(args).output().unwrap()
+    }
+
+    /// Runs `spad` (root namespace) with arguments.
+    pub fn spad(&self, args: &[&str]) -> Output {
+        run(binary("spad").to_str().unwrap(), args)
+    }
+
+    /// Runs `spa` (root namespace) with arguments.
+    pub fn spa(&self, args: &[&str]) -> Output {
+        run(binary("spa").to_str().unwrap(), args)
+    }
+
+    /// Runs `spa` inside client namespace `ns` (as `nobody` if `unprivileged`).
+    pub fn spa_in(&self, ns: &str, args: &[&str]) -> Output {
+        let spa = binary("spa");
+        self.try_exec(ns, spa.to_str().unwrap(), args)
+    }
+
+    /// Arguments that point `spa knock` at the gateway with `client`'s key.
+    pub fn knock_args(&self, client: &str, v6: bool) -> Vec<String> {
+        let server_key = self.server_public_key();
+        vec![
+            "--server".into(),
+            if v6 { GW6.into() } else { GW4.into() },
+            "--server-key".into(),
+            server_key,
+            "--key".into(),
+            self.path(&format!("keys/{client}.key")).display().to_string(),
+        ]
+    }
+
+    pub fn server_public_key(&self) -> String {
+        let out = Command::new(binary("spad")).arg("pubkey").stdin(fs::File::open(self.path("keys/server.key")).unwrap()).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Sends an SPA open request from client namespace `ns` with `client`'s key.
+    pub fn knock(&self, ns: &str, client: &str, services: &[&str], extra: &[&str], v6: bool) -> Output {
+        let mut args: Vec<String> = vec!["knock".into()];
+        args.extend(self.knock_args(client, v6));
+        for s in services {
+            args.push("-s".into());
+            args.push((*s).into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.spa_in(ns, &refs);
+        assert!(out.status.success(), "spa knock failed: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    /// Starts `spad run` in the gateway namespace with the lab config and a backend.
+    pub fn start_spad(&mut self, config: &str, backend: Backend) -> usize {
+        let started = self.log().matches("listening port=").count();
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.path("spad.log")).unwrap();
+        // The backend is chosen by editing the copied config's [server] section.
+        let path = self.path(config);
+        let text = fs::read_to_string(&path).unwrap();
+        let text = if text.contains("\nbackend = ") {
+            text
+        } else {
+            text.replacen("[server]\n", &format!("[server]\nbackend = \"{}\"\n", backend.name()), 1)
+        };
+        fs::write(&path, text).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.gw])
+            .arg(binary("spad"))
+            .args(["run", "-c", path.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        let index = self.children.len() - 1;
+        assert!(wait_until(Duration::from_secs(10), || self.log().matches("listening port=").count() > started), "spad did not start:\n{}", self.log());
+        index
+    }
+
+    /// Stops a started `spad` with SIGTERM (or SIGKILL if `kill`), waiting for it to exit.
+    pub fn stop_spad(&mut self, index: usize, kill: bool) {
+        let child = &mut self.children[index];
+        let pid = child.id() as i32;
+        // `ip netns exec` execs spad, so the child's pid is spad's.
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(pid, if kill { libc::SIGKILL } else { libc::SIGTERM }) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("spad did not stop");
+    }
+
+    /// Sends SIGHUP to a started `spad`.
+    pub fn reload_spad(&mut self, index: usize) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.children[index].id() as i32, libc::SIGHUP) };
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.path("spad.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` `count` times.
+    pub fn wait_log(&self, needle: &str, count: usize) -> bool {
+        wait_until(Duration::from_secs(10), || self.log().matches(needle).count() >= count)
+    }
+
+    /// The gateway's nftables ruleset, for assertions on elements.
+    pub fn nft_list(&self) -> String {
+        String::from_utf8_lossy(&self.try_exec(&self.gw, "nft", &["list", "ruleset"]).stdout).into_owned()
+    }
+
+    pub fn gw4(port: u16) -> SocketAddr {
+        SocketAddr::new(GW4.parse().unwrap(), port)
+    }
+    pub fn gw6(port: u16) -> SocketAddr {
+        SocketAddr::new(GW6.parse().unwrap(), port)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.gw, &self.a, &self.b, &self.lan, &self.sw] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        if std::env::var_os("SPA_KEEP_LAB").is_none() && !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Client profiles (`~/.config/spa/NAME.toml` or any path): where the gateway is and what to ask.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+use spa_shared::keys::{PrivateKey, PublicKey};
+
+/// A profile file. Relative paths are relative to the profile's directory.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Profile {
+    /// Gateway host name or address.
+    pub server: Option<String>,
+    /// SPA port (default 62201).
+    pub port: Option<u16>,
+    /// The gateway's public key (base64).
+    pub server_public_key: Option<String>,
+    /// This client's private key file (mode 0600).
+    pub private_key: Option<String>,
+    /// Services to open.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Requested duration (`"30s"`, `"1h"`); the gateway caps it.
+    pub duration: Option<String>,
+    /// Ask for this address instead of the packet's source (needs server permission).
+    pub address: Option<String>,
+    /// TOTP knocking: first port, protocol, and the secret file (base32).
+    pub totp_first_port: Option<u16>,
+    pub totp_protocol: Option<String>,
+    pub totp_secret_file: Option<String>,
+    pub totp_port_range: Option<String>,
+    pub totp_derived_ports: Option<usize>,
+    #[serde(skip)]
+    pub base: PathBuf,
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading profile {}", path.display()))?;
+        let mut profile: Profile = toml::from_str(&text).map_err(|e| {
+            let (line, col) = e.span().map_or((0, 0), |s| {
+                let before = &text[..s.start.min(text.len())];
+                (before.matches('\n').count() + 1, before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1)
+            });
+            anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
+        })?;
+        profile.base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(profile)
+    }
+
+    pub fn resolve(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    pub fn server_key(&self) -> anyhow::Result<PublicKey> {
+        let text = self.server_public_key.as_deref().context("no server public key (profile server-public-key or --server-key)")?;
+        PublicKey::from_base64(text).context("server public key")
+    }
+
+    pub fn private_key(&self) -> anyhow::Result<PrivateKey> {
+        let path = self.private_key.as_deref().context("no private key (profile private-key or --key)")?;
+        read_private_key(&self.resolve(path))
+    }
+}
+
+/// Reads a secret file, refusing group/other-readable ones (like ssh does).
+pub fn read_secret(path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!("{} has mode {mode:04o}: secrets must not be readable by others; run `chmod 600 {}`", path.display(), path.display());
+    }
+    Ok(zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?))
+}
+
+/// Reads a private key file.
+pub fn read_private_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    let text = read_secret(path)?;
+    PrivateKey::from_base64(&text).with_context(|| format!("{}: not a private key", path.display()))
+}

@@ -1,0 +1,90 @@
+//! Firewall backends: what the daemon asks of a firewall, and the implementations.
+//!
+//! The static part (chains, rules, empty sets) is installed once at start and on reload,
+//! atomically. Every grant is then a set element with its own timeout, added over netlink, so
+//! expiry lives in the kernel and a crashed daemon leaves nothing open longer than granted.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::config::Config;
+
+pub mod iptables;
+pub mod memory;
+pub mod netlink;
+pub mod nftables;
+
+/// One grant to install: `address` may reach `service` for `timeout` (and, for services with
+/// an idle timeout, only while it keeps sending traffic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub address: IpAddr,
+    pub service: String,
+    pub timeout: Duration,
+    pub idle: Option<Duration>,
+    /// Who asked: a client name or `door:NAME`; stored as the element's comment.
+    pub owner: String,
+}
+
+/// A grant as found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveGrant {
+    pub address: IpAddr,
+    pub service: String,
+    pub remaining: Duration,
+    pub owner: String,
+}
+
+/// What a firewall backend does for the daemon.
+pub trait Firewall {
+    /// Short name for logs (`nftables`, `iptables`, `memory`).
+    fn name(&self) -> &'static str;
+    /// Installs (or atomically replaces) the static ruleset for `config`, keeping live grants
+    /// that `config` still allows and dropping the rest. Returns how many were kept.
+    fn install(&mut self, config: &Config) -> anyhow::Result<usize>;
+    /// Adds or refreshes grants, all in one kernel transaction.
+    fn grant(&mut self, grants: &[Access]) -> anyhow::Result<()>;
+    /// Removes any grant of `address` for `services` (absent grants are fine).
+    fn revoke(&mut self, address: IpAddr, services: &[String]) -> anyhow::Result<()>;
+    /// The grants currently live in the kernel.
+    fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>>;
+    /// Puts a source on the knock blacklist for `duration` (kernel-side, survives restarts).
+    fn blacklist(&mut self, address: IpAddr, duration: Duration) -> anyhow::Result<()>;
+    /// Sources currently on the blacklist with their remaining time.
+    fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>>;
+    /// Removes everything this backend installed.
+    fn remove(&mut self) -> anyhow::Result<()>;
+}
+
+/// Whether a live grant is still allowed by `config` (its service exists and its owner, if a
+/// client, may still use it).
+pub fn still_allowed(config: &Config, grant: &LiveGrant) -> bool {
+    if !config.services.contains_key(&grant.service) {
+        return false;
+    }
+    if let Some(door) = grant.owner.strip_prefix("door:") {
+        return config.doors.doors.iter().any(|d| d.name == door && d.services.contains(&grant.service))
+            || config.doors.totp.iter().any(|d| d.name == door && d.enabled && d.services.contains(&grant.service));
+    }
+    config
+        .clients
+        .get(&grant.owner)
+        .is_some_and(|c| c.services.contains(&grant.service))
+}
+
+/// Opens the backend `config` asks for (`auto`: nftables if the kernel speaks it, else iptables).
+pub fn open(config: &Config) -> anyhow::Result<Box<dyn Firewall>> {
+    use crate::config::BackendChoice;
+    let table = config.server.table.clone();
+    match config.server.backend {
+        BackendChoice::Nftables => Ok(Box::new(nftables::Nftables::open(&table)?)),
+        BackendChoice::Iptables => Ok(Box::new(iptables::Iptables::open(&table)?)),
+        BackendChoice::Auto => {
+            if nftables::available() {
+                Ok(Box::new(nftables::Nftables::open(&table)?))
+            } else {
+                Ok(Box::new(iptables::Iptables::open(&table)?))
+            }
+        }
+    }
+}

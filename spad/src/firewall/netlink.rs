@@ -1,0 +1,278 @@
+//! A minimal nfnetlink client: builds messages, sends a batch in one `sendmsg`, reads the
+//! acknowledgements. This is the grant hot path: no process is spawned per grant.
+//!
+//! Message layout: `nlmsghdr (16) | nfgenmsg (4) | attributes (TLV, 4-byte aligned)`.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// `NETLINK_NETFILTER`.
+const NETLINK_NETFILTER: i32 = 12;
+pub const NLM_F_REQUEST: u16 = 0x1;
+pub const NLM_F_ACK: u16 = 0x4;
+pub const NLM_F_CREATE: u16 = 0x400;
+pub const NLA_F_NESTED: u16 = 0x8000;
+pub const NLA_F_NET_BYTEORDER: u16 = 0x4000;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+pub const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+pub const NFNL_MSG_BATCH_END: u16 = 0x11;
+
+/// A netlink error answer, with the errno the kernel reported.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("kernel refused message {index} of the batch: {}", io::Error::from_raw_os_error(*errno))]
+    Kernel { index: usize, errno: i32 },
+    #[error("malformed netlink reply")]
+    Malformed,
+}
+
+impl NetlinkError {
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Kernel { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+/// Builds one netlink message with nested attributes.
+#[derive(Debug)]
+pub struct Message {
+    buf: Vec<u8>,
+    nests: Vec<usize>,
+}
+
+impl Message {
+    /// Header for `msg_type` with `flags`; `family` and `res_id` fill the nfgenmsg.
+    pub fn new(msg_type: u16, flags: u16, family: u8, res_id: u16) -> Self {
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in finish
+        buf.extend_from_slice(&msg_type.to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // sequence, patched when sent
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
+        buf.push(family);
+        buf.push(0); // NFNETLINK_V0
+        buf.extend_from_slice(&res_id.to_be_bytes());
+        Self { buf, nests: Vec::new() }
+    }
+
+    fn pad(&mut self) {
+        while self.buf.len() % 4 != 0 {
+            self.buf.push(0);
+        }
+    }
+
+    pub fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
+        let len = (4 + data.len()) as u16;
+        self.buf.extend_from_slice(&len.to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf.extend_from_slice(data);
+        self.pad();
+        self
+    }
+
+    /// A NUL-terminated string attribute.
+    pub fn attr_str(&mut self, kind: u16, text: &str) -> &mut Self {
+        let mut data = Vec::with_capacity(text.len() + 1);
+        data.extend_from_slice(text.as_bytes());
+        data.push(0);
+        self.attr(kind, &data)
+    }
+
+    pub fn nest_start(&mut self, kind: u16) -> &mut Self {
+        self.nests.push(self.buf.len());
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self
+    }
+
+    pub fn nest_end(&mut self) -> &mut Self {
+        let start = self.nests.pop().expect("nest_end without nest_start");
+        let len = (self.buf.len() - start) as u16;
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self
+    }
+
+    /// The finished bytes with `seq` filled in.
+    pub fn finish(mut self, seq: u32) -> Vec<u8> {
+        assert!(self.nests.is_empty(), "unclosed nest");
+        let len = self.buf.len() as u32;
+        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
+        self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
+        self.buf
+    }
+
+    pub fn flags(&self) -> u16 {
+        u16::from_ne_bytes([self.buf[6], self.buf[7]])
+    }
+}
+
+/// A long-lived `NETLINK_NETFILTER` socket.
+#[derive(Debug)]
+pub struct Socket {
+    fd: OwnedFd,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Socket {
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the result is checked before wrapping.
+        let fd = unsafe {
+            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, owned descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+        // SAFETY: valid fd, option pointer and size match the type.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32);
+        Ok(Self { fd, seq: seed, buf: vec![0u8; 65536] })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends `messages` in one datagram, optionally wrapped in an nftables batch, and waits for
+    /// one acknowledgement per message that asked for one. Any kernel error aborts.
+    pub fn transact(&mut self, messages: Vec<Message>, batch_subsys: Option<u16>) -> Result<(), NetlinkError> {
+        let mut datagram = Vec::with_capacity(256);
+        let mut expected = Vec::new();
+        if let Some(subsys) = batch_subsys {
+            let seq = self.next_seq();
+            datagram.extend(Message::new(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, subsys).finish(seq));
+        }
+        for message in messages {
+            let seq = self.next_seq();
+            if message.flags() & NLM_F_ACK != 0 {
+                expected.push(seq);
+            }
+            datagram.extend(message.finish(seq));
+        }
+        if let Some(subsys) = batch_subsys {
+            let seq = self.next_seq();
+            datagram.extend(Message::new(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, subsys).finish(seq));
+        }
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: the buffer and address are valid for the duration of the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                datagram.as_ptr().cast(),
+                datagram.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        let mut acked = 0usize;
+        while acked < expected.len() {
+            // SAFETY: buf is a valid writable buffer of the given length.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+            for reply in parse_replies(&self.buf[..n as usize])? {
+                let Some(index) = expected.iter().position(|s| *s == reply.seq) else { continue };
+                if reply.errno != 0 {
+                    return Err(NetlinkError::Kernel { index, errno: reply.errno });
+                }
+                acked += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One acknowledgement or error from the kernel.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub seq: u32,
+    pub errno: i32,
+}
+
+/// Parses the NLMSG_ERROR replies out of a datagram; other messages are skipped.
+pub fn parse_replies(mut bytes: &[u8]) -> Result<Vec<Reply>, NetlinkError> {
+    let mut out = Vec::new();
+    while bytes.len() >= 16 {
+        let len = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        if len < 16 || len > bytes.len() {
+            return Err(NetlinkError::Malformed);
+        }
+        let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
+        let seq = u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+        if kind == NLMSG_ERROR {
+            if len < 20 {
+                return Err(NetlinkError::Malformed);
+            }
+            let error = i32::from_ne_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+            out.push(Reply { seq, errno: -error });
+        } else if kind == NLMSG_DONE {
+            out.push(Reply { seq, errno: 0 });
+        }
+        let advance = len.div_ceil(4) * 4;
+        bytes = &bytes[advance.min(bytes.len())..];
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_layout_and_nesting() {
+        let mut m = Message::new(0x0a0c, NLM_F_REQUEST | NLM_F_ACK, 1, 0);
+        m.attr_str(1, "spad").nest_start(3).attr(1, &[1, 2, 3, 4, 5]).nest_end();
+        let bytes = m.finish(7);
+        assert_eq!(bytes.len(), 16 + 4 + 12 + (4 + 12));
+        assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()) as usize, bytes.len());
+        assert_eq!(u32::from_ne_bytes(bytes[8..12].try_into().unwrap()), 7);
+        // nested attribute: header len 16 (4 + 8 padded child) with NLA_F_NESTED
+        assert_eq!(u16::from_ne_bytes(bytes[32..34].try_into().unwrap()), 4 + 4 + 5);
+        assert_eq!(u16::from_ne_bytes(bytes[34..36].try_into().unwrap()), 3 | NLA_F_NESTED);
+    }
+
+    #[test]
+    fn replies_parse_and_garbage_is_an_error() {
+        let mut ack = Vec::new();
+        ack.extend_from_slice(&36u32.to_ne_bytes());
+        ack.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        ack.extend_from_slice(&0u16.to_ne_bytes());
+        ack.extend_from_slice(&5u32.to_ne_bytes());
+        ack.extend_from_slice(&0u32.to_ne_bytes());
+        ack.extend_from_slice(&(-2i32).to_ne_bytes());
+        ack.extend_from_slice(&[0u8; 16]);
+        assert_eq!(parse_replies(&ack).unwrap(), vec![Reply { seq: 5, errno: 2 }]);
+        let mut bad = ack.clone();
+        bad[0] = 200;
+        assert!(parse_replies(&bad).is_err());
+        assert!(parse_replies(&[1, 2, 3]).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,391 @@
+//! The `[doors.*]`, `[totp-doors.*]` and `[knocking]` sections: legacy port-sequence knocks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use spa_shared::totp::{Algorithm, Params, PortRule, Secret};
+use toml::Spanned;
+
+use crate::config::{at, Located, Seconds, Server, Service};
+use crate::net::{PortProto, Proto};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawDoor {
+    #[serde(default)]
+    sequence: Vec<Spanned<String>>,
+    #[serde(default = "default_seq_timeout")]
+    seq_timeout: Seconds,
+    #[serde(default)]
+    tcp_flags: Option<Spanned<String>>,
+    services: Vec<Spanned<String>>,
+    #[serde(default)]
+    close_sequence: Vec<Spanned<String>>,
+    one_time_sequences: Option<Spanned<String>>,
+    #[serde(default)]
+    start_command: Vec<String>,
+    #[serde(default)]
+    stop_command: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawTotpDoor {
+    first_port: Spanned<u16>,
+    secret: Option<Spanned<String>>,
+    secret_file: Option<Spanned<String>>,
+    services: Vec<Spanned<String>>,
+    #[serde(default = "default_range")]
+    port_range: Spanned<String>,
+    #[serde(default = "default_count")]
+    derived_ports: usize,
+    #[serde(default = "default_proto")]
+    protocol: Spanned<String>,
+    #[serde(default = "default_skew")]
+    skew_steps: u64,
+    #[serde(default = "default_seq_timeout")]
+    seq_timeout: Seconds,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default = "default_true")]
+    require_enrollment: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Global knock settings (scanner defence).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawKnocking {
+    #[serde(default)]
+    decoy_ports: Vec<Spanned<String>>,
+    #[serde(default = "default_failures")]
+    blacklist_after: u32,
+    #[serde(default = "default_blacklist_for")]
+    blacklist_for: Seconds,
+    #[serde(default = "default_rate")]
+    max_knocks_per_second: u32,
+}
+
+impl Default for RawKnocking {
+    fn default() -> Self {
+        Self {
+            decoy_ports: Vec::new(),
+            blacklist_after: default_failures(),
+            blacklist_for: default_blacklist_for(),
+            max_knocks_per_second: default_rate(),
+        }
+    }
+}
+
+fn default_seq_timeout() -> Seconds {
+    Seconds(Duration::from_secs(15))
+}
+fn default_range() -> Spanned<String> {
+    Spanned::new(0..0, "20000-29999".into())
+}
+fn default_count() -> usize {
+    2
+}
+fn default_proto() -> Spanned<String> {
+    Spanned::new(0..0, "tcp".into())
+}
+fn default_skew() -> u64 {
+    1
+}
+fn default_failures() -> u32 {
+    3
+}
+fn default_blacklist_for() -> Seconds {
+    Seconds(Duration::from_secs(600))
+}
+fn default_rate() -> u32 {
+    20
+}
+
+/// TCP flag requirements (knockd's `tcpflags = syn,!ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpFlags {
+    pub set: u8,
+    pub clear: u8,
+}
+
+impl TcpFlags {
+    /// The default: SYN set, ACK clear (a connection attempt).
+    pub const SYN: TcpFlags = TcpFlags { set: 0x02, clear: 0x10 };
+
+    pub fn matches(&self, flags: u8) -> bool {
+        flags & self.set == self.set && flags & self.clear == 0
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut flags = TcpFlags { set: 0, clear: 0 };
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (negated, name) = match part.strip_prefix('!') {
+                Some(n) => (true, n),
+                None => (false, part),
+            };
+            let bit = match name.to_ascii_lowercase().as_str() {
+                "fin" => 0x01,
+                "syn" => 0x02,
+                "rst" => 0x04,
+                "psh" => 0x08,
+                "ack" => 0x10,
+                "urg" => 0x20,
+                _ => return Err(format!("unknown TCP flag `{name}`; use fin, syn, rst, psh, ack, urg, each optionally with `!`")),
+            };
+            if negated {
+                flags.clear |= bit;
+            } else {
+                flags.set |= bit;
+            }
+        }
+        if flags.set & flags.clear != 0 || flags.set == 0 {
+            return Err(format!("`{text}` must require at least one flag and not both set and clear one; e.g. \"syn,!ack\""));
+        }
+        Ok(flags)
+    }
+}
+
+/// A static (knockd-style) door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticDoor {
+    pub name: String,
+    pub sequence: Vec<PortProto>,
+    pub close_sequence: Vec<PortProto>,
+    pub seq_timeout: Duration,
+    pub tcp_flags: TcpFlags,
+    pub services: Vec<String>,
+    pub one_time_file: Option<PathBuf>,
+    pub start_command: Vec<String>,
+    pub stop_command: Vec<String>,
+}
+
+/// A TOTP door: first port fixed per user, the rest derived from the current code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TotpDoor {
+    pub name: String,
+    pub first_port: u16,
+    pub secret: Secret,
+    pub params: Params,
+    pub rule: PortRule,
+    pub proto: Proto,
+    pub skew_steps: u64,
+    pub seq_timeout: Duration,
+    pub services: Vec<String>,
+    /// Not disabled in config (`enabled = false`).
+    pub enabled: bool,
+    /// Only active once `spad totp enroll` verified a code (the default).
+    pub require_enrollment: bool,
+}
+
+impl Eq for TotpDoor {}
+
+/// All knock configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Doors {
+    pub doors: Vec<StaticDoor>,
+    pub totp: Vec<TotpDoor>,
+    pub decoys: BTreeSet<PortProto>,
+    pub blacklist_after: u32,
+    pub blacklist_for: Duration,
+    pub max_knocks_per_second: u32,
+}
+
+impl Doors {
+    pub fn is_empty(&self) -> bool {
+        self.doors.is_empty() && self.totp.iter().all(|d| !d.enabled)
+    }
+}
+
+fn ports(list: &[Spanned<String>]) -> Result<Vec<PortProto>, Located> {
+    list.iter()
+        .map(|t| t.get_ref().parse::<PortProto>().map_err(|e| at(t, e)))
+        .collect()
+}
+
+fn service_list(
+    list: &[Spanned<String>],
+    services: &BTreeMap<String, Service>,
+) -> Result<Vec<String>, Located> {
+    if list.is_empty() {
+        return Err(Located { span: 0..0, message: "a door needs services = [\"...\"]".into() });
+    }
+    list.iter()
+        .map(|s| {
+            if services.contains_key(s.get_ref()) {
+                Ok(s.get_ref().clone())
+            } else {
+                let known = services.keys().cloned().collect::<Vec<_>>().join(", ");
+                Err(at(s, format!("unknown service `{}`; defined services: {known}", s.get_ref())))
+            }
+        })
+        .collect()
+}
+
+fn resolve(base: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+pub(crate) fn build(
+    raw_doors: &BTreeMap<String, Spanned<RawDoor>>,
+    raw_totp: &BTreeMap<String, Spanned<RawTotpDoor>>,
+    knocking: &RawKnocking,
+    services: &BTreeMap<String, Service>,
+    server: &Server,
+    base: &Path,
+    _text: &str,
+) -> Result<Doors, Located> {
+    let spa_port = PortProto { port: server.port, proto: Proto::Udp };
+    let service_ports: BTreeSet<PortProto> =
+        services.values().flat_map(|s| s.ports.iter().copied()).collect();
+    // Every port some door listens on, with its owner, to refuse overlaps.
+    let mut owners: BTreeMap<PortProto, String> = BTreeMap::new();
+    let mut claim = |port: PortProto, owner: &str, span: &Spanned<String>| -> Result<(), Located> {
+        if port == spa_port {
+            return Err(at(span, format!("{port} is the SPA port; knock ports must differ")));
+        }
+        if service_ports.contains(&port) {
+            return Err(at(span, format!("{port} is a protected service port; knock ports must differ")));
+        }
+        if let Some(other) = owners.get(&port).filter(|other| *other != owner) {
+            return Err(at(span, format!("{port} is already used by `{other}`; doors must not share ports")));
+        }
+        owners.insert(port, owner.to_string());
+        Ok(())
+    };
+
+    let mut doors = Vec::new();
+    for (name, spanned) in raw_doors {
+        let raw = spanned.get_ref();
+        let sequence = ports(&raw.sequence)?;
+        if sequence.len() < 2 && raw.one_time_sequences.is_none() {
+            return Err(Located { span: spanned.span(), message: format!("door `{name}` needs sequence = [\"7000/tcp\", \"8000/udp\", ...] (at least 2 ports) or one-time-sequences = \"FILE\"") });
+        }
+        for (i, p) in sequence.iter().enumerate() {
+            if sequence[..i].contains(p) {
+                return Err(at(&raw.sequence[i], format!("{p} appears twice in the sequence; every knock port must be distinct")));
+            }
+            claim(*p, name, &raw.sequence[i])?;
+        }
+        let close_sequence = ports(&raw.close_sequence)?;
+        for (i, p) in close_sequence.iter().enumerate() {
+            claim(*p, name, &raw.close_sequence[i])?;
+        }
+        let tcp_flags = match &raw.tcp_flags {
+            Some(t) => TcpFlags::parse(t.get_ref()).map_err(|e| at(t, e))?,
+            None => TcpFlags::SYN,
+        };
+        let services = service_list(&raw.services, services).map_err(|mut e| {
+            if e.span == (0..0) {
+                e.span = spanned.span();
+            }
+            e
+        })?;
+        doors.push(StaticDoor {
+            name: name.clone(),
+            sequence,
+            close_sequence,
+            seq_timeout: raw.seq_timeout.0,
+            tcp_flags,
+            services,
+            one_time_file: raw.one_time_sequences.as_ref().map(|p| resolve(base, p.get_ref())),
+            start_command: raw.start_command.clone(),
+            stop_command: raw.stop_command.clone(),
+        });
+    }
+
+    let mut decoys = BTreeSet::new();
+    for d in &knocking.decoy_ports {
+        let p: PortProto = d.get_ref().parse().map_err(|e: String| at(d, e))?;
+        claim(p, "(decoy)", d)?;
+        decoys.insert(p);
+    }
+
+    // First pass for TOTP first ports, so derived ranges can avoid all of them.
+    let mut first_ports: BTreeMap<u16, String> = BTreeMap::new();
+    let mut totp = Vec::new();
+    for (name, spanned) in raw_totp {
+        let raw = spanned.get_ref();
+        let proto = match raw.protocol.get_ref().as_str() {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            _ => return Err(at(&raw.protocol, "protocol is \"tcp\" or \"udp\"")),
+        };
+        let first = *raw.first_port.get_ref();
+        if first == 0 {
+            return Err(at(&raw.first_port, "first-port must be 1-65535"));
+        }
+        if let Some(other) = first_ports.insert(first, name.clone()) {
+            return Err(at(&raw.first_port, format!("first port {first} is already the first port of `{other}`; each user needs a unique first port")));
+        }
+        let first_spanned = Spanned::new(raw.first_port.span(), first.to_string());
+        claim(PortProto { port: first, proto }, name, &first_spanned)?;
+        let secret = match (&raw.secret, &raw.secret_file) {
+            (Some(s), None) => Secret::from_base32(s.get_ref()).map_err(|e| at(s, format!("secret {e}")))?,
+            (None, Some(f)) => {
+                let path = resolve(base, f.get_ref());
+                let text = crate::keyfile::read_secret_text(&path).map_err(|e| at(f, e.to_string()))?;
+                Secret::from_base32(&text).map_err(|e| at(f, format!("{}: {e}", path.display())))?
+            }
+            _ => return Err(Located { span: spanned.span(), message: format!("TOTP door `{name}` needs exactly one of secret = \"BASE32\" or secret-file = \"…\"") }),
+        };
+        let (low, high) = raw
+            .port_range
+            .get_ref()
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| *a >= 1 && a < b)
+            .ok_or_else(|| at(&raw.port_range, "port-range is \"LOW-HIGH\", e.g. \"20000-29999\""))?;
+        if !(1..=8).contains(&raw.derived_ports) {
+            return Err(Located { span: spanned.span(), message: "derived-ports must be 1-8".into() });
+        }
+        let services = service_list(&raw.services, services)?;
+        totp.push((spanned.span(), TotpDoor {
+            name: name.clone(),
+            first_port: first,
+            secret,
+            params: Params { algorithm: Algorithm::Sha1, period_secs: 30, digits: 6 },
+            rule: PortRule { low, high, count: raw.derived_ports, excluded: Vec::new() },
+            proto,
+            skew_steps: raw.skew_steps.min(3),
+            seq_timeout: raw.seq_timeout.0,
+            services,
+            enabled: raw.enabled.unwrap_or(true),
+            require_enrollment: raw.require_enrollment,
+        }));
+    }
+    // Derived ports avoid the SPA port, every service port, every static door port and decoy,
+    // and every TOTP first port.
+    let mut excluded: BTreeSet<u16> = owners.keys().map(|p| p.port).collect();
+    excluded.insert(server.port);
+    excluded.extend(service_ports.iter().map(|p| p.port));
+    excluded.extend(first_ports.keys().copied());
+    let excluded: Vec<u16> = excluded.into_iter().collect();
+    let mut totp_doors = Vec::new();
+    for (span, mut door) in totp {
+        door.rule.excluded = excluded.clone();
+        if let Err(e) = spa_shared::totp::derive_ports(door.first_port, "000000", &door.rule) {
+            return Err(Located { span, message: format!("TOTP door `{}`: {e}; widen port-range", door.name) });
+        }
+        totp_doors.push(door);
+    }
+
+    Ok(Doors {
+        doors,
+        totp: totp_doors,
+        decoys,
+        blacklist_after: knocking.blacklist_after.max(1),
+        blacklist_for: knocking.blacklist_for.0,
+        max_knocks_per_second: knocking.max_knocks_per_second.max(1),
+    })
+}

@@ -1,0 +1,541 @@
+//! Follows knocks per (source address, door, sequence) and decides.
+//!
+//! Differences from knockd, each deliberate and tested:
+//! * progress is per source and door: one source completing never touches another's;
+//! * a repeat of the port just accepted (a retransmitted SYN) is ignored, not a reset;
+//! * the engine sees every port between a door's lowest and highest knock port, so a hit on an
+//!   in-between port resets that source's progress: an ascending port scan never opens a door;
+//! * decoy hits, resets and replays count as failures; too many and the source is blacklisted;
+//! * an exhausted one-time list just disables that door;
+//! * a TOTP sequence opens at most once per (door, time step), remembered across restarts.
+//!
+//! The engine does no network I/O. It persists TOTP use and one-time consumption itself, before
+//! returning the event that opens the door.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use spa_shared::totp;
+use spa_shared::Micros;
+
+use super::config::{StaticDoor, TotpDoor};
+use crate::capture::bpf::Watch;
+use crate::config::Config;
+use crate::net::{PortProto, Proto};
+
+/// What the daemon must do after a knock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Log(String),
+    Open { door: String, address: IpAddr, services: Vec<String> },
+    Close { door: String, address: IpAddr, services: Vec<String> },
+    Blacklist { address: IpAddr, duration: Duration },
+    /// A knockd-style start/stop command: argv with `%IP%` replaced, plus environment.
+    Command { argv: Vec<String>, env: Vec<(String, String)> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Which {
+    Open,
+    Close,
+    OneTime,
+    Totp(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    matched: usize,
+    started: Micros,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SourceState {
+    failures: u32,
+    first_failure: Micros,
+    blacklisted_until: Micros,
+    rate_second: u64,
+    rate_count: u32,
+}
+
+#[derive(Debug, Clone)]
+struct OneTimeList {
+    path: PathBuf,
+    /// (line index in the file, sequence) of unused lines, in order.
+    unused: Vec<(usize, Vec<PortProto>)>,
+}
+
+/// Most (source, door, sequence) progress entries kept at once.
+const MAX_PROGRESS: usize = 100_000;
+
+/// The knock state machine.
+#[derive(Debug)]
+pub struct Engine {
+    doors: Vec<StaticDoor>,
+    totp: Vec<TotpDoor>,
+    decoys: BTreeSet<PortProto>,
+    ignored: BTreeSet<PortProto>,
+    blacklist_after: u32,
+    blacklist_for: Duration,
+    max_rate: u32,
+    service_timeouts: HashMap<String, Duration>,
+    one_time: Vec<Option<OneTimeList>>,
+    hulls: Vec<Vec<Watch>>,
+    progress: HashMap<(IpAddr, usize, Which), Progress>,
+    sources: HashMap<IpAddr, SourceState>,
+    totp_used: BTreeSet<(String, u64)>,
+    totp_path: PathBuf,
+    state_dir: PathBuf,
+    totp_cache: HashMap<(usize, u64), Vec<u16>>,
+    timers: Vec<(Micros, usize, IpAddr)>,
+    last_purge: Micros,
+    warning: Option<String>,
+}
+
+/// Port ranges the capture must pass for `config`'s doors (the hull of each door per protocol,
+/// so in-between hits are seen) and its decoys.
+pub fn watched_ranges(config: &Config) -> Vec<Watch> {
+    let mut out = Vec::new();
+    for door in &config.doors.doors {
+        let mut ports: Vec<PortProto> = door.sequence.iter().chain(&door.close_sequence).copied().collect();
+        if let Some(file) = &door.one_time_file {
+            if let Ok((list, _)) = read_one_time(file) {
+                ports.extend(list.into_iter().flat_map(|(_, s)| s));
+            }
+        }
+        out.extend(hull(&ports));
+    }
+    for door in config.doors.totp.iter().filter(|d| d.enabled) {
+        out.push(Watch { proto: door.proto, low: door.first_port, high: door.first_port });
+        out.push(Watch { proto: door.proto, low: door.rule.low, high: door.rule.high });
+    }
+    out.extend(config.doors.decoys.iter().map(|p| Watch { proto: p.proto, low: p.port, high: p.port }));
+    out
+}
+
+/// Whether the capture may restrict TCP to SYN-without-ACK (true unless a door asks otherwise).
+pub fn syn_only(config: &Config) -> bool {
+    config.doors.doors.iter().all(|d| d.tcp_flags == super::config::TcpFlags::SYN)
+}
+
+fn hull(ports: &[PortProto]) -> Vec<Watch> {
+    let mut out = Vec::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let of: Vec<u16> = ports.iter().filter(|p| p.proto == proto).map(|p| p.port).collect();
+        if let (Some(lo), Some(hi)) = (of.iter().min(), of.iter().max()) {
+            out.push(Watch { proto, low: *lo, high: *hi });
+        }
+    }
+    out
+}
+
+/// Reads a knockd one-time sequence file: one sequence per line (`7000,8000:udp,9000` or
+/// space separated); lines starting with `#` are used or comments. Returns unused lines and a
+/// warning for lines that do not parse.
+pub fn read_one_time(path: &Path) -> std::io::Result<(Vec<(usize, Vec<PortProto>)>, Option<String>)> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let seq: Result<Vec<PortProto>, _> = line.split([',', ' ', '\t']).filter(|p| !p.is_empty()).map(str::parse).collect();
+        match seq {
+            Ok(seq) if seq.len() >= 2 => out.push((i, seq)),
+            _ => bad.push(i + 1),
+        }
+    }
+    let warning = (!bad.is_empty()).then(|| format!("{}: ignoring unparsable lines {bad:?}", path.display()));
+    Ok((out, warning))
+}
+
+/// Marks line `index` of a one-time file as used by prefixing `#` (as knockd does), atomically.
+fn mark_used(path: &Path, index: usize) -> std::io::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    if let Some(line) = lines.get_mut(index) {
+        line.insert(0, '#');
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    crate::state::write_atomic(path, out.as_bytes())
+}
+
+impl Engine {
+    pub fn new(config: &Config, state_dir: &Path, now: Micros) -> Self {
+        let mut engine = Self {
+            doors: Vec::new(),
+            totp: Vec::new(),
+            decoys: BTreeSet::new(),
+            ignored: BTreeSet::new(),
+            blacklist_after: 3,
+            blacklist_for: Duration::from_secs(600),
+            max_rate: 20,
+            service_timeouts: HashMap::new(),
+            one_time: Vec::new(),
+            hulls: Vec::new(),
+            progress: HashMap::new(),
+            sources: HashMap::new(),
+            totp_used: BTreeSet::new(),
+            totp_path: state_dir.join("totp-used"),
+            state_dir: state_dir.to_path_buf(),
+            totp_cache: HashMap::new(),
+            timers: Vec::new(),
+            last_purge: now,
+            warning: None,
+        };
+        engine.load_totp_used();
+        engine.reconfigure(config, now);
+        engine
+    }
+
+    /// A start-up warning to log (unreadable files), once.
+    pub fn take_warning(&mut self) -> Option<String> {
+        self.warning.take()
+    }
+
+    fn load_totp_used(&mut self) {
+        match std::fs::read_to_string(&self.totp_path) {
+            Ok(text) => {
+                for line in text.lines() {
+                    if let Some((door, step)) = line.rsplit_once(' ') {
+                        if let Ok(step) = step.parse() {
+                            self.totp_used.insert((door.to_string(), step));
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => self.warning = Some(format!("cannot read {}: {e}", self.totp_path.display())),
+        }
+    }
+
+    /// Applies a new configuration; progress on doors that still exist is kept.
+    pub fn reconfigure(&mut self, config: &Config, now: Micros) {
+        let d = &config.doors;
+        self.doors = d.doors.clone();
+        self.totp = Vec::new();
+        for door in d.totp.iter().filter(|t| t.enabled) {
+            if door.require_enrollment && !crate::enroll::is_enrolled(&self.state_dir, door) {
+                self.warning = Some(format!("TOTP door {} is not enrolled yet; run `spad totp enroll --door {}`", door.name, door.name));
+                continue;
+            }
+            self.totp.push(door.clone());
+        }
+        self.decoys = d.decoys.clone();
+        self.blacklist_after = d.blacklist_after;
+        self.blacklist_for = d.blacklist_for;
+        self.max_rate = d.max_knocks_per_second;
+        self.ignored = config.protected_ports();
+        self.ignored.insert(PortProto { port: config.server.port, proto: Proto::Udp });
+        self.service_timeouts = config.services.values().map(|s| (s.name.clone(), s.timeout)).collect();
+        let mut warnings = Vec::new();
+        self.one_time = self
+            .doors
+            .iter()
+            .map(|door| {
+                let path = door.one_time_file.clone()?;
+                match read_one_time(&path) {
+                    Ok((unused, warning)) => {
+                        warnings.extend(warning);
+                        Some(OneTimeList { path, unused })
+                    }
+                    Err(e) => {
+                        warnings.push(format!("door {}: cannot read {}: {e}; the door stays shut", door.name, path.display()));
+                        Some(OneTimeList { path, unused: Vec::new() })
+                    }
+                }
+            })
+            .collect();
+        self.hulls = self
+            .doors
+            .iter()
+            .enumerate()
+            .map(|(i, door)| {
+                let mut ports: Vec<PortProto> = door.sequence.iter().chain(&door.close_sequence).copied().collect();
+                if let Some(list) = &self.one_time[i] {
+                    ports.extend(list.unused.iter().flat_map(|(_, s)| s.iter().copied()));
+                }
+                hull(&ports)
+            })
+            .collect();
+        self.progress.clear();
+        self.totp_cache.clear();
+        self.timers.retain(|(_, door, _)| *door < self.doors.len());
+        warnings.extend(self.warning.take());
+        if !warnings.is_empty() {
+            self.warning = Some(warnings.join("; "));
+        }
+        let _ = now;
+    }
+
+    /// Re-applies a blacklist entry found in the kernel after a restart.
+    pub fn restore_blacklist(&mut self, address: IpAddr, until: Micros) {
+        self.sources.entry(address).or_default().blacklisted_until = until;
+    }
+
+    fn fail(&mut self, address: IpAddr, now: Micros, events: &mut Vec<Event>) {
+        let window = self.blacklist_for.as_micros() as Micros;
+        let state = self.sources.entry(address).or_default();
+        if state.failures == 0 || now.saturating_sub(state.first_failure) > window {
+            state.failures = 0;
+            state.first_failure = now;
+        }
+        state.failures += 1;
+        if state.failures >= self.blacklist_after {
+            state.blacklisted_until = now + window;
+            state.failures = 0;
+            self.progress.retain(|(a, _, _), _| *a != address);
+            events.push(Event::Log(format!("{address}: blacklisted for {} (repeated knock failures)", spa_shared::duration::format(self.blacklist_for))));
+            events.push(Event::Blacklist { address, duration: self.blacklist_for });
+        }
+    }
+
+    fn totp_sequence(&mut self, index: usize, step: u64) -> Option<Vec<PortProto>> {
+        let door = &self.totp[index];
+        let proto = door.proto;
+        if !self.totp_cache.contains_key(&(index, step)) {
+            let code = totp::code_at_step(&door.secret, &door.params, step);
+            let ports = totp::derive_ports(door.first_port, &code, &door.rule).ok()?;
+            self.totp_cache.insert((index, step), ports);
+        }
+        Some(self.totp_cache[&(index, step)].iter().map(|p| PortProto { port: *p, proto }).collect())
+    }
+
+    /// One observed knock. Returns what to do.
+    pub fn knock(&mut self, address: IpAddr, port: PortProto, tcp_flags: u8, now: Micros) -> Vec<Event> {
+        let mut events = Vec::new();
+        if self.ignored.contains(&port) {
+            return events;
+        }
+        let second = now / 1_000_000;
+        let state = self.sources.entry(address).or_default();
+        if state.blacklisted_until > now {
+            return events;
+        }
+        if state.rate_second != second {
+            state.rate_second = second;
+            state.rate_count = 0;
+        }
+        state.rate_count += 1;
+        if state.rate_count > self.max_rate {
+            if state.rate_count == self.max_rate + 1 {
+                events.push(Event::Log(format!("{address}: more than {} knocks per second; ignoring", self.max_rate)));
+                self.fail(address, now, &mut events);
+            }
+            return events;
+        }
+        if self.decoys.contains(&port) {
+            events.push(Event::Log(format!("{address}: decoy port {port} hit; progress reset")));
+            self.progress.retain(|(a, _, _), _| *a != address);
+            self.fail(address, now, &mut events);
+            return events;
+        }
+        for index in 0..self.doors.len() {
+            self.static_door(index, address, port, tcp_flags, now, &mut events);
+        }
+        for index in 0..self.totp.len() {
+            self.totp_door(index, address, port, tcp_flags, now, &mut events);
+        }
+        if self.progress.len() > MAX_PROGRESS {
+            self.purge(now, true);
+        }
+        events
+    }
+
+    /// Advances one sequence. Returns Some(true) on completion, Some(false) on a reset of real
+    /// progress, None otherwise.
+    fn advance(&mut self, key: (IpAddr, usize, Which), seq: &[PortProto], port: PortProto, timeout: Duration, now: Micros, label: &str, events: &mut Vec<Event>) -> Option<bool> {
+        let mut p = self.progress.get(&key).copied().unwrap_or(Progress { matched: 0, started: now });
+        if p.matched > 0 && now.saturating_sub(p.started) > timeout.as_micros() as Micros {
+            events.push(Event::Log(format!("{}: {label}: timed out at stage {}/{}", key.0, p.matched, seq.len())));
+            p.matched = 0;
+        }
+        let result;
+        if p.matched < seq.len() && seq[p.matched] == port {
+            if p.matched == 0 {
+                p.started = now;
+            }
+            p.matched += 1;
+            if p.matched == seq.len() {
+                self.progress.remove(&key);
+                return Some(true);
+            }
+            events.push(Event::Log(format!("{}: {label}: stage {}/{}", key.0, p.matched, seq.len())));
+            result = None;
+        } else if p.matched > 0 && seq[p.matched - 1] == port {
+            // A retransmitted or duplicated knock of the port just accepted.
+            return None;
+        } else if seq[0] == port {
+            let reset = p.matched > 0;
+            p = Progress { matched: 1, started: now };
+            events.push(Event::Log(format!("{}: {label}: stage 1/{} (restarted)", key.0, seq.len())));
+            result = reset.then_some(false);
+        } else if p.matched > 0 {
+            events.push(Event::Log(format!("{}: {label}: reset (wrong port {port})", key.0)));
+            self.progress.remove(&key);
+            return Some(false);
+        } else {
+            return None;
+        }
+        self.progress.insert(key, p);
+        result
+    }
+
+    fn static_door(&mut self, index: usize, address: IpAddr, port: PortProto, flags: u8, now: Micros, events: &mut Vec<Event>) {
+        let door = self.doors[index].clone();
+        if !self.hulls[index].iter().any(|w| w.proto == port.proto && (w.low..=w.high).contains(&port.port)) {
+            return;
+        }
+        if port.proto == Proto::Tcp && !door.tcp_flags.matches(flags) {
+            return;
+        }
+        let label = format!("door {}", door.name);
+        let mut failed = false;
+        // The open sequence: the configured one, or the current one-time sequence.
+        let (which, seq, line) = match &self.one_time[index] {
+            Some(list) => match list.unused.first() {
+                Some((line, seq)) => (Which::OneTime, seq.clone(), Some(*line)),
+                None => (Which::OneTime, Vec::new(), None),
+            },
+            None => (Which::Open, door.sequence.clone(), None),
+        };
+        if !seq.is_empty() {
+            match self.advance((address, index, which), &seq, port, door.seq_timeout, now, &label, events) {
+                Some(true) => {
+                    if let (Some(line), Some(list)) = (line, self.one_time[index].as_mut()) {
+                        if let Err(e) = mark_used(&list.path, line) {
+                            events.push(Event::Log(format!("error: door {}: cannot mark one-time sequence used in {}: {e}; not opening", door.name, list.path.display())));
+                            return;
+                        }
+                        list.unused.remove(0);
+                        let left = list.unused.len();
+                        events.push(Event::Log(format!("door {}: one-time sequence used, {left} left", door.name)));
+                    }
+                    events.push(Event::Log(format!("{address}: {label}: OPEN")));
+                    events.push(Event::Open { door: door.name.clone(), address, services: door.services.clone() });
+                    if !door.start_command.is_empty() {
+                        events.push(command(&door.start_command, &door.name, address, "start"));
+                    }
+                    if !door.stop_command.is_empty() {
+                        let longest = door.services.iter().filter_map(|s| self.service_timeouts.get(s)).max().copied().unwrap_or_default();
+                        self.timers.retain(|(_, d, a)| !(*d == index && *a == address));
+                        self.timers.push((now + longest.as_micros() as Micros, index, address));
+                    }
+                }
+                Some(false) => failed = true,
+                None => {}
+            }
+        }
+        if !door.close_sequence.is_empty() {
+            match self.advance((address, index, Which::Close), &door.close_sequence, port, door.seq_timeout, now, &format!("door {} close", door.name), events) {
+                Some(true) => {
+                    events.push(Event::Log(format!("{address}: {label}: CLOSE")));
+                    events.push(Event::Close { door: door.name.clone(), address, services: door.services.clone() });
+                    if !door.stop_command.is_empty() {
+                        self.timers.retain(|(_, d, a)| !(*d == index && *a == address));
+                        events.push(command(&door.stop_command, &door.name, address, "stop"));
+                    }
+                }
+                Some(false) => failed = true,
+                None => {}
+            }
+        }
+        if failed {
+            self.fail(address, now, events);
+        }
+    }
+
+    fn totp_door(&mut self, index: usize, address: IpAddr, port: PortProto, flags: u8, now: Micros, events: &mut Vec<Event>) {
+        let door = self.totp[index].clone();
+        if port.proto != door.proto || !(port.port == door.first_port || (door.rule.low..=door.rule.high).contains(&port.port)) {
+            return;
+        }
+        if port.proto == Proto::Tcp && !super::config::TcpFlags::SYN.matches(flags) {
+            return;
+        }
+        let current = door.params.step(now / 1_000_000);
+        let label = format!("totp door {}", door.name);
+        let mut failed = false;
+        for step in current.saturating_sub(door.skew_steps)..=current + door.skew_steps {
+            let Some(seq) = self.totp_sequence(index, step) else { continue };
+            match self.advance((address, index, Which::Totp(step)), &seq, port, door.seq_timeout, now, &label, events) {
+                Some(true) => {
+                    let key = (door.name.clone(), step);
+                    if self.totp_used.contains(&key) {
+                        events.push(Event::Log(format!("{address}: {label}: refused: the sequence of step {step} was already used (replay)")));
+                        failed = true;
+                        continue;
+                    }
+                    self.totp_used.insert(key);
+                    let oldest = current.saturating_sub(door.skew_steps + 2);
+                    self.totp_used.retain(|(_, s)| *s >= oldest);
+                    let text: String = self.totp_used.iter().map(|(d, s)| format!("{d} {s}\n")).collect();
+                    if let Err(e) = crate::state::write_atomic(&self.totp_path, text.as_bytes()) {
+                        events.push(Event::Log(format!("error: cannot persist TOTP use to {}: {e}; not opening", self.totp_path.display())));
+                        continue;
+                    }
+                    // Other candidate steps' progress for this source is moot now.
+                    self.progress.retain(|(a, d, w), _| !(*a == address && *d == index && matches!(w, Which::Totp(_))));
+                    events.push(Event::Log(format!("{address}: {label}: OPEN (step {step})")));
+                    events.push(Event::Open { door: door.name.clone(), address, services: door.services.clone() });
+                    return;
+                }
+                Some(false) => failed = true,
+                None => {}
+            }
+        }
+        // Only count one failure per knock even if several candidate steps reset.
+        if failed {
+            self.fail(address, now, events);
+        }
+    }
+
+    fn purge(&mut self, now: Micros, force: bool) {
+        let longest = self.doors.iter().map(|d| d.seq_timeout).chain(self.totp.iter().map(|d| d.seq_timeout)).max().unwrap_or_default();
+        let horizon = now.saturating_sub(longest.as_micros() as Micros);
+        self.progress.retain(|_, p| p.started >= horizon);
+        if force && self.progress.len() > MAX_PROGRESS {
+            self.progress.clear();
+        }
+        let window = self.blacklist_for.as_micros() as Micros;
+        self.sources.retain(|_, s| s.blacklisted_until > now || (s.failures > 0 && now.saturating_sub(s.first_failure) <= window) || s.rate_second == now / 1_000_000);
+        let current_steps: Vec<u64> = self.totp.iter().map(|d| d.params.step(now / 1_000_000)).collect();
+        self.totp_cache.retain(|(i, step), _| current_steps.get(*i).is_some_and(|c| step + 3 >= *c));
+    }
+
+    /// Timers: stop commands due, and periodic purging of stale state.
+    pub fn tick(&mut self, now: Micros) -> Vec<Event> {
+        let mut events = Vec::new();
+        let due: Vec<(Micros, usize, IpAddr)> = self.timers.iter().filter(|(t, _, _)| *t <= now).copied().collect();
+        self.timers.retain(|(t, _, _)| *t > now);
+        for (_, index, address) in due {
+            let door = &self.doors[index];
+            events.push(command(&door.stop_command, &door.name, address, "stop"));
+        }
+        if now.saturating_sub(self.last_purge) > 5_000_000 {
+            self.last_purge = now;
+            self.purge(now, false);
+        }
+        events
+    }
+
+    /// Number of live progress entries (bounded memory, for tests).
+    pub fn progress_entries(&self) -> usize {
+        self.progress.len()
+    }
+}
+
+fn command(argv: &[String], door: &str, address: IpAddr, action: &str) -> Event {
+    Event::Command {
+        argv: argv.iter().map(|a| a.replace("%IP%", &address.to_string())).collect(),
+        env: vec![
+            ("SPAD_IP".into(), address.to_string()),
+            ("SPAD_DOOR".into(), door.to_string()),
+            ("SPAD_ACTION".into(), action.to_string()),
+        ],
+    }
+}

@@ -1,0 +1,84 @@
+//! One line per decision on stderr (journald adds its own metadata), with a UTC timestamp.
+//! Refusals are rate-limited so a flood of garbage cannot flood the log.
+
+use std::io::Write;
+
+use spa_shared::Micros;
+
+/// Formats microseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn timestamp(micros: Micros) -> String {
+    let secs = micros / 1_000_000;
+    let millis = (micros / 1000) % 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Writes log lines; refusal lines go through a per-second budget.
+#[derive(Debug)]
+pub struct Logger {
+    second: u64,
+    refusals_this_second: u32,
+    suppressed: u64,
+    pub refusals_per_second: u32,
+}
+
+impl Default for Logger {
+    fn default() -> Self {
+        Self { second: 0, refusals_this_second: 0, suppressed: 0, refusals_per_second: 50 }
+    }
+}
+
+impl Logger {
+    pub fn line(&mut self, now: Micros, message: &str) {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{} spad: {message}", timestamp(now));
+    }
+
+    /// Logs a refusal unless this second's budget is spent.
+    pub fn refusal(&mut self, now: Micros, message: &str) {
+        let second = now / 1_000_000;
+        if second != self.second {
+            if self.suppressed > 0 {
+                let note = format!("suppressed {} refusal lines in the last second(s)", self.suppressed);
+                self.suppressed = 0;
+                self.line(now, &note);
+            }
+            self.second = second;
+            self.refusals_this_second = 0;
+        }
+        if self.refusals_this_second < self.refusals_per_second {
+            self.refusals_this_second += 1;
+            self.line(now, message);
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(timestamp(1_763_726_400_123_000), "2025-11-21T12:00:00.123Z");
+        assert_eq!(timestamp(951_782_400_000_000), "2000-02-29T00:00:00.000Z");
+    }
+}
