@@ -1,4 +1,5 @@
 //! How much the pre-check saves: garbage refused by mac1 versus a valid packet opened in full.
+#![allow(clippy::unwrap_used)]
 use criterion::{criterion_group, criterion_main, Criterion};
 use spa_shared::keys::PrivateKey;
 use spa_shared::packet::{seal, Server, MIN_LEN};
@@ -15,7 +16,13 @@ fn bench(c: &mut Criterion) {
         address: None,
         services: vec!["ssh".into()],
     };
-    let valid = seal(&mut rand_core::OsRng, &client, &server.public_key(), &request).unwrap();
+    let valid = seal(
+        &mut rand_core::OsRng,
+        &client,
+        &server.public_key(),
+        &request,
+    )
+    .unwrap();
     let garbage = vec![0x5au8; MIN_LEN];
     c.bench_function("open/garbage (refused by mac1)", |b| {
         b.iter(|| server.open(std::hint::black_box(&garbage)).unwrap_err())
@@ -24,7 +31,15 @@ fn bench(c: &mut Criterion) {
         b.iter(|| server.open(std::hint::black_box(&valid)).unwrap())
     });
     c.bench_function("seal (client)", |b| {
-        b.iter(|| seal(&mut rand_core::OsRng, &client, &server.public_key(), &request).unwrap())
+        b.iter(|| {
+            seal(
+                &mut rand_core::OsRng,
+                &client,
+                &server.public_key(),
+                &request,
+            )
+            .unwrap()
+        })
     });
 }
 

@@ -65,6 +65,9 @@ mod tests {
             assert_eq!(parse(bad), None, "{bad}");
         }
         assert_eq!(format(Duration::from_secs(5400)), "1h30m");
-        assert_eq!(parse(&format(Duration::from_secs(93_784))), Some(Duration::from_secs(93_784)));
+        assert_eq!(
+            parse(&format(Duration::from_secs(93_784))),
+            Some(Duration::from_secs(93_784))
+        );
     }
 }

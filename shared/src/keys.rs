@@ -119,8 +119,14 @@ mod tests {
 
     #[test]
     fn bad_texts_are_typed_errors() {
-        assert_eq!(PublicKey::from_base64("not base64!").unwrap_err(), KeyError::Base64);
-        assert_eq!(PublicKey::from_base64("AAAA").unwrap_err(), KeyError::Length(3));
+        assert_eq!(
+            PublicKey::from_base64("not base64!").unwrap_err(),
+            KeyError::Base64
+        );
+        assert_eq!(
+            PublicKey::from_base64("AAAA").unwrap_err(),
+            KeyError::Length(3)
+        );
         let zero = B64.encode([0u8; 32]);
         assert_eq!(PublicKey::from_base64(&zero).unwrap_err(), KeyError::Zero);
     }

@@ -105,7 +105,10 @@ impl SymmetricState {
 
     /// Encrypts `plaintext` (appended to `out`) with the handshake hash as associated data.
     fn encrypt_and_hash(&mut self, plaintext: &[u8], out: &mut Vec<u8>) {
-        let key = self.key.as_ref().expect("pattern X always has a key before encryption");
+        let key = self
+            .key
+            .as_ref()
+            .expect("pattern X always has a key before encryption");
         let start = out.len();
         out.extend_from_slice(plaintext);
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
@@ -120,7 +123,10 @@ impl SymmetricState {
     /// Decrypts one ciphertext-with-tag into a fresh buffer.
     fn decrypt_and_hash(&mut self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, NoiseError> {
         let key = self.key.as_ref().ok_or(NoiseError::Decrypt)?;
-        let split = ciphertext.len().checked_sub(TAG_LEN).ok_or(NoiseError::Truncated)?;
+        let split = ciphertext
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(NoiseError::Truncated)?;
         let (body, tag) = ciphertext.split_at(split);
         let mut plain = Zeroizing::new(body.to_vec());
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
@@ -224,8 +230,15 @@ mod tests {
     fn round_trip() {
         let (client, server, ephemeral) = keys();
         let mut message = Vec::new();
-        write_message(PROLOGUE, &client, &ephemeral, &server.public_key(), b"hello", &mut message)
-            .unwrap();
+        write_message(
+            PROLOGUE,
+            &client,
+            &ephemeral,
+            &server.public_key(),
+            b"hello",
+            &mut message,
+        )
+        .unwrap();
         assert_eq!(message.len(), OVERHEAD + 5);
         let opened = read_message(PROLOGUE, &server, &message).unwrap();
         assert_eq!(opened.initiator, client.public_key());
@@ -236,8 +249,15 @@ mod tests {
     fn every_flipped_bit_is_refused() {
         let (client, server, ephemeral) = keys();
         let mut message = Vec::new();
-        write_message(PROLOGUE, &client, &ephemeral, &server.public_key(), b"x", &mut message)
-            .unwrap();
+        write_message(
+            PROLOGUE,
+            &client,
+            &ephemeral,
+            &server.public_key(),
+            b"x",
+            &mut message,
+        )
+        .unwrap();
         for bit in 0..message.len() * 8 {
             let mut bad = message.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
@@ -250,20 +270,43 @@ mod tests {
         let (client, server, ephemeral) = keys();
         let other = PrivateKey::from_bytes([4u8; 32]);
         let mut message = Vec::new();
-        write_message(PROLOGUE, &client, &ephemeral, &other.public_key(), b"x", &mut message)
-            .unwrap();
-        assert_eq!(read_message(PROLOGUE, &server, &message).unwrap_err(), NoiseError::Decrypt);
+        write_message(
+            PROLOGUE,
+            &client,
+            &ephemeral,
+            &other.public_key(),
+            b"x",
+            &mut message,
+        )
+        .unwrap();
+        assert_eq!(
+            read_message(PROLOGUE, &server, &message).unwrap_err(),
+            NoiseError::Decrypt
+        );
         let mut message = Vec::new();
-        write_message(PROLOGUE, &client, &ephemeral, &server.public_key(), b"x", &mut message)
-            .unwrap();
-        assert_eq!(read_message(b"other", &server, &message).unwrap_err(), NoiseError::Decrypt);
+        write_message(
+            PROLOGUE,
+            &client,
+            &ephemeral,
+            &server.public_key(),
+            b"x",
+            &mut message,
+        )
+        .unwrap();
+        assert_eq!(
+            read_message(b"other", &server, &message).unwrap_err(),
+            NoiseError::Decrypt
+        );
     }
 
     #[test]
     fn low_order_ephemeral_is_refused_before_decryption() {
         let (_, server, _) = keys();
         let message = vec![0u8; OVERHEAD + 4];
-        assert_eq!(read_message(PROLOGUE, &server, &message).unwrap_err(), NoiseError::LowOrderPoint);
+        assert_eq!(
+            read_message(PROLOGUE, &server, &message).unwrap_err(),
+            NoiseError::LowOrderPoint
+        );
     }
 
     /// The `snow` crate is the oracle: same pattern, same prologue, messages decrypt both ways.
@@ -288,8 +331,15 @@ mod tests {
 
         // We write, snow reads.
         let mut message = Vec::new();
-        write_message(PROLOGUE, &client, &ephemeral, &server.public_key(), b"from us", &mut message)
-            .unwrap();
+        write_message(
+            PROLOGUE,
+            &client,
+            &ephemeral,
+            &server.public_key(),
+            b"from us",
+            &mut message,
+        )
+        .unwrap();
         let mut responder = snow::Builder::new(params)
             .local_private_key(&[2u8; 32])
             .prologue(PROLOGUE)
@@ -297,6 +347,9 @@ mod tests {
             .unwrap();
         let len = responder.read_message(&message, &mut buf).unwrap();
         assert_eq!(&buf[..len], b"from us");
-        assert_eq!(responder.get_remote_static().unwrap(), client.public_key().as_bytes());
+        assert_eq!(
+            responder.get_remote_static().unwrap(),
+            client.public_key().as_bytes()
+        );
     }
 }

@@ -102,8 +102,15 @@ pub fn seal_with_ephemeral(
 ) -> Result<Vec<u8>, PayloadError> {
     let payload = zeroize::Zeroizing::new(request.encode()?);
     let mut packet = Vec::with_capacity(OVERHEAD + payload.len() + MAC_LEN);
-    noise::write_message(PROLOGUE_V1, client, ephemeral, server, &payload, &mut packet)
-        .map_err(|_| PayloadError::Truncated)?;
+    noise::write_message(
+        PROLOGUE_V1,
+        client,
+        ephemeral,
+        server,
+        &payload,
+        &mut packet,
+    )
+    .map_err(|_| PayloadError::Truncated)?;
     let tag = PrecheckKey::new(server).tag(&packet);
     packet.extend_from_slice(&tag);
     Ok(packet)
@@ -130,7 +137,13 @@ mod tests {
     fn seal_open_round_trip_and_size() {
         let client = PrivateKey::from_bytes([1; 32]);
         let server = Server::new(PrivateKey::from_bytes([2; 32]));
-        let packet = seal(&mut rand_core::OsRng, &client, &server.public_key(), &request()).unwrap();
+        let packet = seal(
+            &mut rand_core::OsRng,
+            &client,
+            &server.public_key(),
+            &request(),
+        )
+        .unwrap();
         assert_eq!(packet.len(), MIN_LEN);
         assert!(packet.len() < 512);
         let opened = server.open(&packet).unwrap();

@@ -132,8 +132,12 @@ impl Request {
         let duration_secs = u32::from_be_bytes(reader.array().ok_or_else(t)?);
         let address = match reader.byte().ok_or_else(t)? {
             0 => None,
-            4 => Some(IpAddr::V4(Ipv4Addr::from(reader.array::<4>().ok_or_else(t)?))),
-            6 => Some(IpAddr::V6(Ipv6Addr::from(reader.array::<16>().ok_or_else(t)?))),
+            4 => Some(IpAddr::V4(Ipv4Addr::from(
+                reader.array::<4>().ok_or_else(t)?,
+            ))),
+            6 => Some(IpAddr::V6(Ipv6Addr::from(
+                reader.array::<16>().ok_or_else(t)?,
+            ))),
             other => return Err(PayloadError::Family(other)),
         };
         let count = reader.byte().ok_or_else(t)? as usize;
@@ -143,7 +147,8 @@ impl Request {
         let mut services = Vec::with_capacity(count);
         for _ in 0..count {
             let len = reader.byte().ok_or_else(t)? as usize;
-            let name = std::str::from_utf8(reader.take(len).ok_or_else(t)?).map_err(|_| PayloadError::ServiceName)?;
+            let name = std::str::from_utf8(reader.take(len).ok_or_else(t)?)
+                .map_err(|_| PayloadError::ServiceName)?;
             if !valid_service_name(name) {
                 return Err(PayloadError::ServiceName);
             }
@@ -195,9 +200,15 @@ mod tests {
         assert_eq!(bad.encode().unwrap_err(), PayloadError::ServiceCount(0));
         let mut encoded = sample().encode().unwrap();
         *encoded.last_mut().unwrap() = 1;
-        assert_eq!(Request::decode(&encoded).unwrap_err(), PayloadError::Trailing);
+        assert_eq!(
+            Request::decode(&encoded).unwrap_err(),
+            PayloadError::Trailing
+        );
         encoded[0] = 2;
-        assert_eq!(Request::decode(&encoded).unwrap_err(), PayloadError::Version(2));
+        assert_eq!(
+            Request::decode(&encoded).unwrap_err(),
+            PayloadError::Version(2)
+        );
         assert_eq!(Request::decode(&[]).unwrap_err(), PayloadError::Truncated);
     }
 
@@ -214,14 +225,16 @@ mod tests {
             ],
             prop::collection::vec("[a-z0-9_-]{1,32}", 1..=MAX_SERVICES),
         )
-            .prop_map(|(open, timestamp, nonce, duration_secs, address, services)| Request {
-                kind: if open { Kind::Open } else { Kind::Close },
-                timestamp,
-                nonce,
-                duration_secs,
-                address,
-                services,
-            })
+            .prop_map(
+                |(open, timestamp, nonce, duration_secs, address, services)| Request {
+                    kind: if open { Kind::Open } else { Kind::Close },
+                    timestamp,
+                    nonce,
+                    duration_secs,
+                    address,
+                    services,
+                },
+            )
     }
 
     proptest! {

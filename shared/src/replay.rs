@@ -212,9 +212,15 @@ mod tests {
         let record = ReplayRecord::new();
         let w = Window::default();
         assert!(record.check(w, &key(1), NOW - 60 * S, NOW).is_ok());
-        assert_eq!(record.check(w, &key(1), NOW - 61 * S, NOW), Err(ReplayError::Stale(1000)));
+        assert_eq!(
+            record.check(w, &key(1), NOW - 61 * S, NOW),
+            Err(ReplayError::Stale(1000))
+        );
         assert!(record.check(w, &key(1), NOW + 30 * S, NOW).is_ok());
-        assert_eq!(record.check(w, &key(1), NOW + 31 * S, NOW), Err(ReplayError::Future(31_000)));
+        assert_eq!(
+            record.check(w, &key(1), NOW + 31 * S, NOW),
+            Err(ReplayError::Future(31_000))
+        );
     }
 
     #[test]
@@ -222,7 +228,10 @@ mod tests {
         let mut record = ReplayRecord::new();
         let w = Window::default();
         record.accept(w, &key(1), NOW, NOW).unwrap();
-        assert_eq!(record.accept(w, &key(1), NOW, NOW + S), Err(ReplayError::Replayed));
+        assert_eq!(
+            record.accept(w, &key(1), NOW, NOW + S),
+            Err(ReplayError::Replayed)
+        );
         record.accept(w, &key(2), NOW, NOW).unwrap();
         // Out-of-order but fresh packets from the same client are fine.
         record.accept(w, &key(1), NOW - 5 * S, NOW).unwrap();
@@ -236,7 +245,10 @@ mod tests {
             record.accept(w, &key(1), NOW + i, NOW).unwrap();
         }
         assert_eq!(record.len(), PER_CLIENT);
-        assert_eq!(record.check(w, &key(1), NOW + 5, NOW), Err(ReplayError::BelowFloor));
+        assert_eq!(
+            record.check(w, &key(1), NOW + 5, NOW),
+            Err(ReplayError::BelowFloor)
+        );
     }
 
     #[test]
@@ -244,10 +256,15 @@ mod tests {
         let mut record = ReplayRecord::new();
         let w = Window::default();
         record.accept(w, &key(1), NOW, NOW).unwrap();
-        record.accept(w, &key(1), NOW + 100 * S, NOW + 100 * S).unwrap();
+        record
+            .accept(w, &key(1), NOW + 100 * S, NOW + 100 * S)
+            .unwrap();
         assert_eq!(record.len(), 1);
         // Clock set back: the old packet is inside the window again but under the floor.
-        assert_eq!(record.check(w, &key(1), NOW, NOW), Err(ReplayError::BelowFloor));
+        assert_eq!(
+            record.check(w, &key(1), NOW, NOW),
+            Err(ReplayError::BelowFloor)
+        );
     }
 
     #[test]
@@ -263,7 +280,10 @@ mod tests {
             bad[i] ^= 1;
             assert_eq!(ReplayRecord::decode(&bad), Err(RecordError::Damaged));
         }
-        assert_eq!(ReplayRecord::decode(&bytes[..bytes.len() - 1]), Err(RecordError::Damaged));
+        assert_eq!(
+            ReplayRecord::decode(&bytes[..bytes.len() - 1]),
+            Err(RecordError::Damaged)
+        );
         assert_eq!(ReplayRecord::decode(&[]), Err(RecordError::Damaged));
     }
 

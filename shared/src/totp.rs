@@ -252,7 +252,11 @@ mod tests {
             (20000000000, "65353130", "77737706", "47863826"),
         ];
         for &(time, c1, c256, c512) in cases {
-            let p = |algorithm| Params { algorithm, period_secs: 30, digits: 8 };
+            let p = |algorithm| Params {
+                algorithm,
+                period_secs: 30,
+                digits: 8,
+            };
             let step = p(Algorithm::Sha1).step(time);
             assert_eq!(code_at_step(&sha1, &p(Algorithm::Sha1), step), c1);
             assert_eq!(code_at_step(&sha256, &p(Algorithm::Sha256), step), c256);
@@ -266,13 +270,24 @@ mod tests {
         let b = Secret::from_base32("jbswy3dpehpk3pxp").unwrap();
         assert_eq!(a, b);
         assert_eq!(a.to_base32(), "JBSWY3DPEHPK3PXP");
-        assert_eq!(Secret::from_base32("not*base32").unwrap_err(), TotpError::Base32);
-        assert_eq!(Secret::from_base32("JBSWY3DP").unwrap_err(), TotpError::ShortSecret(5));
+        assert_eq!(
+            Secret::from_base32("not*base32").unwrap_err(),
+            TotpError::Base32
+        );
+        assert_eq!(
+            Secret::from_base32("JBSWY3DP").unwrap_err(),
+            TotpError::ShortSecret(5)
+        );
     }
 
     #[test]
     fn derivation_is_deterministic_distinct_and_avoids_exclusions() {
-        let rule = PortRule { low: 20000, high: 20010, count: 3, excluded: vec![20001, 20002] };
+        let rule = PortRule {
+            low: 20000,
+            high: 20010,
+            count: 3,
+            excluded: vec![20001, 20002],
+        };
         for code in ["000000", "123456", "999999", "287082"] {
             let ports = derive_ports(40000, code, &rule).unwrap();
             assert_eq!(ports.len(), 4);
@@ -285,8 +300,16 @@ mod tests {
             assert!(ports[1..].iter().all(|p| (20000..=20010).contains(p)));
             assert!(!ports.contains(&20001) && !ports.contains(&20002));
         }
-        assert_ne!(derive_ports(40000, "123456", &rule), derive_ports(40000, "123457", &rule));
-        let tiny = PortRule { low: 1, high: 2, count: 2, excluded: vec![] };
+        assert_ne!(
+            derive_ports(40000, "123456", &rule),
+            derive_ports(40000, "123457", &rule)
+        );
+        let tiny = PortRule {
+            low: 1,
+            high: 2,
+            count: 2,
+            excluded: vec![],
+        };
         assert!(derive_ports(40000, "123456", &tiny).is_err());
     }
 

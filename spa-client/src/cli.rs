@@ -15,7 +15,11 @@ use crate::profile::Profile;
 use crate::send::{self, Family, Knock};
 
 #[derive(Debug, Parser)]
-#[command(name = "spa", version, about = "Single Packet Authorization client: open a gateway with one packet")]
+#[command(
+    name = "spa",
+    version,
+    about = "Single Packet Authorization client: open a gateway with one packet"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -153,7 +157,9 @@ pub fn main() -> ExitCode {
 }
 
 fn now_micros() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn spa(args: SpaArgs, kind: Kind) -> anyhow::Result<()> {
@@ -168,31 +174,63 @@ fn spa(args: SpaArgs, kind: Kind) -> anyhow::Result<()> {
         profile.services = args.services;
     }
     let duration_secs = match args.duration.or(profile.duration.clone()) {
-        Some(text) => spa_shared::duration::parse(&text).with_context(|| format!("`{text}` is not a duration (30s, 15m, 1h)"))?.as_secs().min(u64::from(u32::MAX)) as u32,
+        Some(text) => spa_shared::duration::parse(&text)
+            .with_context(|| format!("`{text}` is not a duration (30s, 15m, 1h)"))?
+            .as_secs()
+            .min(u64::from(u32::MAX)) as u32,
         None => 0,
     };
     let address = match (args.address, &profile.address) {
         (Some(a), _) => Some(a),
-        (None, Some(text)) => Some(text.parse().with_context(|| format!("profile address `{text}`"))?),
+        (None, Some(text)) => Some(
+            text.parse()
+                .with_context(|| format!("profile address `{text}`"))?,
+        ),
         (None, None) => None,
     };
     if profile.services.is_empty() {
-        bail!("no services to {} (use -s NAME or services = [..] in the profile)", if kind == Kind::Open { "open" } else { "close" });
+        bail!(
+            "no services to {} (use -s NAME or services = [..] in the profile)",
+            if kind == Kind::Open { "open" } else { "close" }
+        );
     }
-    let server = profile.server.clone().context("no server (use --server or server = \"...\" in the profile)")?;
-    let to = send::resolve(&server, args.port.or(profile.port).unwrap_or(62201), args.target.family())?;
+    let server = profile
+        .server
+        .clone()
+        .context("no server (use --server or server = \"...\" in the profile)")?;
+    let to = send::resolve(
+        &server,
+        args.port.or(profile.port).unwrap_or(62201),
+        args.target.family(),
+    )?;
     let key = profile.private_key()?;
     let mut nonce = [0u8; 16];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
     let timestamp = now_micros().saturating_add_signed(args.time_offset.saturating_mul(1_000_000));
-    let request = Request { kind, timestamp, nonce, duration_secs, address, services: profile.services.clone() };
-    let packet = spa_shared::packet::seal(&mut rand_core::OsRng, &key, &profile.server_key()?, &request)?;
+    let request = Request {
+        kind,
+        timestamp,
+        nonce,
+        duration_secs,
+        address,
+        services: profile.services.clone(),
+    };
+    let packet = spa_shared::packet::seal(
+        &mut rand_core::OsRng,
+        &key,
+        &profile.server_key()?,
+        &request,
+    )?;
     if let Some(path) = &args.save_packet {
         std::fs::write(path, &packet).with_context(|| format!("writing {}", path.display()))?;
     }
     send::datagram(to, &packet)?;
     let verb = if kind == Kind::Open { "open" } else { "close" };
-    eprintln!("spa: sent {verb} request for {} to {to} ({} bytes)", profile.services.join(","), packet.len());
+    eprintln!(
+        "spa: sent {verb} request for {} to {to} ({} bytes)",
+        profile.services.join(","),
+        packet.len()
+    );
     if let Some(target) = args.connect {
         relay(&target, args.target.family())?;
     }
@@ -201,13 +239,17 @@ fn spa(args: SpaArgs, kind: Kind) -> anyhow::Result<()> {
 
 /// Connects (retrying while the grant lands) and relays stdin/stdout: `ssh -o ProxyCommand`.
 fn relay(target: &str, family: Family) -> anyhow::Result<()> {
-    let (host, port) = target.rsplit_once(':').context("--connect takes HOST:PORT")?;
+    let (host, port) = target
+        .rsplit_once(':')
+        .context("--connect takes HOST:PORT")?;
     let to: SocketAddr = send::resolve(host, port.parse().context("--connect port")?, family)?;
     let deadline = Instant::now() + Duration::from_secs(5);
     let stream = loop {
         match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
             Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => return Err(e).with_context(|| format!("connecting to {to}")),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).with_context(|| format!("connecting to {to}"))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     };
@@ -238,7 +280,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             match out {
                 Some(path) => {
                     use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| format!("creating {}", path.display()))?;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
                     writeln!(f, "{}", key.to_base64().as_str())?;
                 }
                 None => println!("{}", key.to_base64().as_str()),
@@ -248,12 +295,21 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Pubkey => {
             let mut text = zeroize::Zeroizing::new(String::new());
             std::io::stdin().read_to_string(&mut text)?;
-            println!("{}", PrivateKey::from_base64(&text).context("reading a private key from stdin")?.public_key());
+            println!(
+                "{}",
+                PrivateKey::from_base64(&text)
+                    .context("reading a private key from stdin")?
+                    .public_key()
+            );
             Ok(())
         }
         Command::Knock(args) => spa(args, Kind::Open),
         Command::Close(args) => spa(args, Kind::Close),
-        Command::Sequence { target, delay, ports } => {
+        Command::Sequence {
+            target,
+            delay,
+            ports,
+        } => {
             let profile = target.profile()?;
             let server = profile.server.context("no server (use --server)")?;
             let host = send::resolve(&server, 1, target.family())?;
@@ -261,10 +317,26 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             eprintln!("spa: knocked {} ports on {}", ports.len(), host.ip());
             Ok(())
         }
-        Command::TotpKnock { target, first_port, protocol, secret_file, code, port_range, derived_ports, delay, dry_run } => {
+        Command::TotpKnock {
+            target,
+            first_port,
+            protocol,
+            secret_file,
+            code,
+            port_range,
+            derived_ports,
+            delay,
+            dry_run,
+        } => {
             let profile = target.profile()?;
-            let first = first_port.or(profile.totp_first_port).context("no first port (use --first-port or totp-first-port)")?;
-            let udp = match protocol.or(profile.totp_protocol.clone()).as_deref().unwrap_or("tcp") {
+            let first = first_port
+                .or(profile.totp_first_port)
+                .context("no first port (use --first-port or totp-first-port)")?;
+            let udp = match protocol
+                .or(profile.totp_protocol.clone())
+                .as_deref()
+                .unwrap_or("tcp")
+            {
                 "tcp" => false,
                 "udp" => true,
                 other => bail!("protocol `{other}` is tcp or udp"),
@@ -273,21 +345,41 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let code = match code {
                 Some(c) => c.trim().to_string(),
                 None => {
-                    let path = secret_file.or(profile.totp_secret_file.clone()).context("no secret (use --secret-file or --code)")?;
+                    let path = secret_file
+                        .or(profile.totp_secret_file.clone())
+                        .context("no secret (use --secret-file or --code)")?;
                     let text = crate::profile::read_secret(&profile.resolve(&path))?;
-                    let secret = spa_shared::totp::Secret::from_base32(&text).context("TOTP secret")?;
-                    spa_shared::totp::code_at_step(&secret, &params, params.step(now_micros() / 1_000_000))
+                    let secret =
+                        spa_shared::totp::Secret::from_base32(&text).context("TOTP secret")?;
+                    spa_shared::totp::code_at_step(
+                        &secret,
+                        &params,
+                        params.step(now_micros() / 1_000_000),
+                    )
                 }
             };
-            let range = port_range.or(profile.totp_port_range.clone()).unwrap_or_else(|| "20000-29999".into());
-            let (low, high) = range.split_once('-').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))).context("port range is LOW-HIGH")?;
+            let range = port_range
+                .or(profile.totp_port_range.clone())
+                .unwrap_or_else(|| "20000-29999".into());
+            let (low, high) = range
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                .context("port range is LOW-HIGH")?;
             // The client does not know the gateway's exclusions; the gateway derives with the
             // same rule, and exclusions only matter when a derived port collides, which the
             // gateway's range validation makes the admin avoid (see docs/protocol.md).
-            let rule = spa_shared::totp::PortRule { low, high, count: derived_ports.or(profile.totp_derived_ports).unwrap_or(2), excluded: Vec::new() };
+            let rule = spa_shared::totp::PortRule {
+                low,
+                high,
+                count: derived_ports.or(profile.totp_derived_ports).unwrap_or(2),
+                excluded: Vec::new(),
+            };
             let ports = spa_shared::totp::derive_ports(first, &code, &rule)?;
             let knocks: Vec<Knock> = ports.iter().map(|p| Knock { port: *p, udp }).collect();
-            let shown: Vec<String> = ports.iter().map(|p| format!("{p}/{}", if udp { "udp" } else { "tcp" })).collect();
+            let shown: Vec<String> = ports
+                .iter()
+                .map(|p| format!("{p}/{}", if udp { "udp" } else { "tcp" }))
+                .collect();
             if dry_run {
                 println!("{}", shown.join(" "));
                 return Ok(());
@@ -295,7 +387,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let server = profile.server.context("no server (use --server)")?;
             let host = send::resolve(&server, 1, target.family())?;
             send::sequence(host, &knocks, Duration::from_millis(delay))?;
-            eprintln!("spa: knocked TOTP sequence {} on {}", shown.join(" "), host.ip());
+            eprintln!(
+                "spa: knocked TOTP sequence {} on {}",
+                shown.join(" "),
+                host.ip()
+            );
             Ok(())
         }
     }

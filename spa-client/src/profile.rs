@@ -37,11 +37,15 @@ pub struct Profile {
 
 impl Profile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading profile {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading profile {}", path.display()))?;
         let mut profile: Profile = toml::from_str(&text).map_err(|e| {
             let (line, col) = e.span().map_or((0, 0), |s| {
                 let before = &text[..s.start.min(text.len())];
-                (before.matches('\n').count() + 1, before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1)
+                (
+                    before.matches('\n').count() + 1,
+                    before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+                )
             });
             anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
         })?;
@@ -59,12 +63,18 @@ impl Profile {
     }
 
     pub fn server_key(&self) -> anyhow::Result<PublicKey> {
-        let text = self.server_public_key.as_deref().context("no server public key (profile server-public-key or --server-key)")?;
+        let text = self
+            .server_public_key
+            .as_deref()
+            .context("no server public key (profile server-public-key or --server-key)")?;
         PublicKey::from_base64(text).context("server public key")
     }
 
     pub fn private_key(&self) -> anyhow::Result<PrivateKey> {
-        let path = self.private_key.as_deref().context("no private key (profile private-key or --key)")?;
+        let path = self
+            .private_key
+            .as_deref()
+            .context("no private key (profile private-key or --key)")?;
         read_private_key(&self.resolve(path))
     }
 }
@@ -72,12 +82,19 @@ impl Profile {
 /// Reads a secret file, refusing group/other-readable ones (like ssh does).
 pub fn read_secret(path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        anyhow::bail!("{} has mode {mode:04o}: secrets must not be readable by others; run `chmod 600 {}`", path.display(), path.display());
+        anyhow::bail!(
+            "{} has mode {mode:04o}: secrets must not be readable by others; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
     }
-    Ok(zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?))
+    Ok(zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    ))
 }
 
 /// Reads a private key file.

@@ -20,7 +20,10 @@ pub enum Family {
 /// Resolves `host` to one address of the wanted family.
 pub fn resolve(host: &str, port: u16, family: Family) -> anyhow::Result<SocketAddr> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().with_context(|| format!("cannot resolve {host}"))?.collect();
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {host}"))?
+        .collect();
     addrs
         .into_iter()
         .find(|a| match family {
@@ -33,17 +36,33 @@ pub fn resolve(host: &str, port: u16, family: Family) -> anyhow::Result<SocketAd
 
 /// Sends one UDP datagram from an ephemeral port.
 pub fn datagram(to: SocketAddr, payload: &[u8]) -> anyhow::Result<()> {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
     let socket = UdpSocket::bind(bind).context("opening a UDP socket")?;
-    socket.send_to(payload, to).with_context(|| format!("sending to {to}"))?;
+    socket
+        .send_to(payload, to)
+        .with_context(|| format!("sending to {to}"))?;
     Ok(())
 }
 
 /// Sends one TCP SYN to `to` without waiting for an answer.
 pub fn syn(to: SocketAddr) -> anyhow::Result<()> {
-    let domain = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2); checked below and owned afterwards.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("opening a TCP socket");
     }
@@ -69,7 +88,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage.
@@ -81,7 +102,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as u16,
                 sin6_port: v6.port().to_be(),
                 sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
                 sin6_scope_id: v6.scope_id(),
             };
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
@@ -102,7 +125,9 @@ impl std::str::FromStr for Knock {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
         let (port, proto) = text.split_once([':', '/']).unwrap_or((text, "tcp"));
-        let port: u16 = port.parse().map_err(|_| format!("`{text}` is not a port; write 7000, 7000:tcp or 8000:udp"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{text}` is not a port; write 7000, 7000:tcp or 8000:udp"))?;
         let udp = match proto {
             "tcp" => false,
             "udp" => true,

@@ -16,7 +16,11 @@ use crate::daemon::{self, Overrides};
 const DEFAULT_CONFIG: &str = "/etc/spad/spad.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "spad", version, about = "Single Packet Authorization gateway daemon")]
+#[command(
+    name = "spad",
+    version,
+    about = "Single Packet Authorization gateway daemon"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -110,7 +114,9 @@ pub fn main() -> ExitCode {
 }
 
 fn overrides(arg: &ConfigArg) -> Overrides {
-    Overrides { state_dir: arg.state_dir.clone() }
+    Overrides {
+        state_dir: arg.state_dir.clone(),
+    }
 }
 
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
@@ -124,10 +130,16 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(arg) => daemon::run(arg.config.clone(), overrides(&arg)),
-        Command::Check { config: arg, ruleset } => {
+        Command::Check {
+            config: arg,
+            ruleset,
+        } => {
             let (config, server) = daemon::load(&arg.config, &overrides(&arg))?;
             if ruleset {
-                print!("{}", crate::firewall::nftables::ruleset(&config, &config.server.table, &[]));
+                print!(
+                    "{}",
+                    crate::firewall::nftables::ruleset(&config, &config.server.table, &[])
+                );
                 return Ok(());
             }
             println!("{}: OK", arg.config.display());
@@ -150,7 +162,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Genkey { out } => {
             let key = PrivateKey::generate(&mut rand_core::OsRng);
             match out {
-                Some(path) => crate::keyfile::write_secret_text(&path, &key.to_base64()).with_context(|| format!("writing {}", path.display())),
+                Some(path) => crate::keyfile::write_secret_text(&path, &key.to_base64())
+                    .with_context(|| format!("writing {}", path.display())),
                 None => {
                     println!("{}", key.to_base64().as_str());
                     Ok(())
@@ -172,14 +185,29 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 println!("no live grants");
             }
             for g in grants {
-                println!("{:<39} {:<16} {:>8} left  owner={}", g.address, g.service, spa_shared::duration::format(g.remaining), g.owner);
+                println!(
+                    "{:<39} {:<16} {:>8} left  owner={}",
+                    g.address,
+                    g.service,
+                    spa_shared::duration::format(g.remaining),
+                    g.owner
+                );
             }
             for (address, left) in firewall.blacklisted()? {
-                println!("{address:<39} {:<16} {:>8} left", "(blacklisted)", spa_shared::duration::format(left));
+                println!(
+                    "{address:<39} {:<16} {:>8} left",
+                    "(blacklisted)",
+                    spa_shared::duration::format(left)
+                );
             }
             Ok(())
         }
-        Command::Revoke { config: arg, address, client, service } => {
+        Command::Revoke {
+            config: arg,
+            address,
+            client,
+            service,
+        } => {
             let config = load_config(&arg)?;
             let mut firewall = crate::firewall::open(&config)?;
             for s in &service {
@@ -195,7 +223,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     if !config.clients.contains_key(&client) {
                         bail!("unknown client `{client}`");
                     }
-                    firewall.list()?.into_iter().filter(|g| g.owner == client && services.contains(&g.service)).map(|g| (g.address, vec![g.service])).collect()
+                    firewall
+                        .list()?
+                        .into_iter()
+                        .filter(|g| g.owner == client && services.contains(&g.service))
+                        .map(|g| (g.address, vec![g.service]))
+                        .collect()
                 }
                 (None, None) => bail!("give --address or --client"),
             };
@@ -219,51 +252,85 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let mut bytes = [0u8; 20];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
             let secret = spa_shared::totp::Secret::from_bytes(bytes.to_vec());
-            crate::keyfile::write_secret_text(&out, &secret.to_base32()).with_context(|| format!("writing {}", out.display()))?;
+            crate::keyfile::write_secret_text(&out, &secret.to_base32())
+                .with_context(|| format!("writing {}", out.display()))?;
             println!("wrote a new TOTP secret to {}", out.display());
             Ok(())
         }
-        Command::Totp(TotpCommand::Enroll { config: arg, door, issuer }) => {
+        Command::Totp(TotpCommand::Enroll {
+            config: arg,
+            door,
+            issuer,
+        }) => {
             let config = load_config(&arg)?;
             let d = find_totp(&config, &door)?;
             let uri = spa_shared::totp::otpauth_uri(&issuer, &door, &d.secret, &d.params);
             let mut out = std::io::stdout().lock();
-            writeln!(out, "Scan with Google Authenticator (or any RFC 6238 app), or paste the secret.\n")?;
+            writeln!(
+                out,
+                "Scan with Google Authenticator (or any RFC 6238 app), or paste the secret.\n"
+            )?;
             writeln!(out, "{}", crate::enroll::qr(&uri))?;
             writeln!(out, "{uri}\n")?;
-            writeln!(out, "first knock port: {} ({})", d.first_port, d.proto.name())?;
+            writeln!(
+                out,
+                "first knock port: {} ({})",
+                d.first_port,
+                d.proto.name()
+            )?;
             write!(out, "Validation code: ")?;
             out.flush()?;
             let mut line = String::new();
             std::io::stdin().lock().read_line(&mut line)?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
             if crate::enroll::verify(d, &line, now).is_none() {
                 bail!("the code does not match the secret (check the phone's clock and the secret); door {door} stays disabled");
             }
             crate::enroll::record(&config.server.state_dir, d)?;
-            writeln!(out, "verified: TOTP door {door} is enrolled; reload spad (SIGHUP) to enable it")?;
+            writeln!(
+                out,
+                "verified: TOTP door {door} is enrolled; reload spad (SIGHUP) to enable it"
+            )?;
             Ok(())
         }
         Command::Totp(TotpCommand::Show { config: arg, door }) => {
             let config = load_config(&arg)?;
             let d = find_totp(&config, &door)?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
             let step = d.params.step(now);
             let code = spa_shared::totp::code_at_step(&d.secret, &d.params, step);
             let ports = spa_shared::totp::derive_ports(d.first_port, &code, &d.rule)?;
-            let ports: Vec<String> = ports.iter().map(|p| format!("{p}/{}", d.proto.name())).collect();
+            let ports: Vec<String> = ports
+                .iter()
+                .map(|p| format!("{p}/{}", d.proto.name()))
+                .collect();
             println!("step {step} code {code} sequence {}", ports.join(" "));
-            println!("enrolled: {}", crate::enroll::is_enrolled(&config.server.state_dir, d));
+            println!(
+                "enrolled: {}",
+                crate::enroll::is_enrolled(&config.server.state_dir, d)
+            );
             Ok(())
         }
     }
 }
 
-fn find_totp<'a>(config: &'a Config, door: &str) -> anyhow::Result<&'a crate::knock::config::TotpDoor> {
-    config.doors.totp.iter().find(|d| d.name == door).with_context(|| {
-        let known: Vec<&str> = config.doors.totp.iter().map(|d| d.name.as_str()).collect();
-        format!("no TOTP door `{door}`; configured: {}", known.join(", "))
-    })
+fn find_totp<'a>(
+    config: &'a Config,
+    door: &str,
+) -> anyhow::Result<&'a crate::knock::config::TotpDoor> {
+    config
+        .doors
+        .totp
+        .iter()
+        .find(|d| d.name == door)
+        .with_context(|| {
+            let known: Vec<&str> = config.doors.totp.iter().map(|d| d.name.as_str()).collect();
+            format!("no TOTP door `{door}`; configured: {}", known.join(", "))
+        })
 }
 
 #[allow(dead_code)]

@@ -13,9 +13,9 @@ use spa_shared::keys::PublicKey;
 use spa_shared::payload::valid_service_name;
 use toml::Spanned;
 
-use spa_shared::duration;
 use crate::knock::config::{Doors, RawDoor, RawTotpDoor};
 use crate::net::{Cidr, PortProto, Proto};
+use spa_shared::duration;
 
 /// A configuration error with its location.
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +270,10 @@ impl Config {
 
     /// Every port the SPA daemon protects, with the services that own it.
     pub fn protected_ports(&self) -> BTreeSet<PortProto> {
-        self.services.values().flat_map(|s| s.ports.iter().copied()).collect()
+        self.services
+            .values()
+            .flat_map(|s| s.ports.iter().copied())
+            .collect()
     }
 }
 
@@ -315,10 +318,16 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         || table.len() > 32
         || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
-        return Err(at(&raw.server.table, "table names are 1-32 of [A-Za-z0-9_]; write e.g. \"spad\""));
+        return Err(at(
+            &raw.server.table,
+            "table names are 1-32 of [A-Za-z0-9_]; write e.g. \"spad\"",
+        ));
     }
     if *raw.server.port.get_ref() == 0 {
-        return Err(at(&raw.server.port, "port 0 is not a port; the default is 62201"));
+        return Err(at(
+            &raw.server.port,
+            "port 0 is not a port; the default is 62201",
+        ));
     }
     let server = Server {
         private_key: resolve(base, raw.server.private_key.get_ref()),
@@ -363,7 +372,10 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         for text in &service.ports {
             let port: PortProto = text.get_ref().parse().map_err(|e: String| at(text, e))?;
             if port.port == server.port && port.proto == Proto::Udp {
-                return Err(at(text, format!("{port} is the SPA port itself; pick another port")));
+                return Err(at(
+                    text,
+                    format!("{port} is the SPA port itself; pick another port"),
+                ));
             }
             if ports.contains(&port) {
                 return Err(at(text, format!("{port} is listed twice in this service")));
@@ -390,24 +402,45 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         for entry in &service.allow {
             allow.push(entry.get_ref().parse::<Cidr>().map_err(|e| at(entry, e))?);
         }
-        let interface = service.interface.as_ref().map(check_interface).transpose()?;
+        let interface = service
+            .interface
+            .as_ref()
+            .map(check_interface)
+            .transpose()?;
         let forward = match service.kind {
             ServiceKind::Nat => {
-                let parse_target = |t: &Spanned<String>, want_v6: bool| -> Result<SocketAddr, Located> {
+                let parse_target = |t: &Spanned<String>,
+                                    want_v6: bool|
+                 -> Result<SocketAddr, Located> {
                     let addr: SocketAddr = t.get_ref().parse().map_err(|_| {
                         at(t, format!("`{}` is not an address:port; write e.g. \"192.168.1.12:3389\" or \"[fd00::12]:3389\"", t.get_ref()))
                     })?;
                     if addr.is_ipv6() != want_v6 {
-                        let which = if want_v6 { "forward-to-v6 takes an IPv6 [addr]:port" } else { "forward-to takes an IPv4 addr:port (use forward-to-v6 for IPv6)" };
+                        let which = if want_v6 {
+                            "forward-to-v6 takes an IPv6 [addr]:port"
+                        } else {
+                            "forward-to takes an IPv4 addr:port (use forward-to-v6 for IPv6)"
+                        };
                         return Err(at(t, which));
                     }
                     if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.port() == 0 {
-                        return Err(at(t, "the forward target must be a unicast address with a non-zero port"));
+                        return Err(at(
+                            t,
+                            "the forward target must be a unicast address with a non-zero port",
+                        ));
                     }
                     Ok(addr)
                 };
-                let v4 = service.forward_to.as_ref().map(|t| parse_target(t, false)).transpose()?;
-                let v6 = service.forward_to_v6.as_ref().map(|t| parse_target(t, true)).transpose()?;
+                let v4 = service
+                    .forward_to
+                    .as_ref()
+                    .map(|t| parse_target(t, false))
+                    .transpose()?;
+                let v6 = service
+                    .forward_to_v6
+                    .as_ref()
+                    .map(|t| parse_target(t, true))
+                    .transpose()?;
                 if v4.is_none() && v6.is_none() {
                     return Err(Located {
                         message: format!("NAT service `{name}` needs forward-to = \"192.168.1.12:3389\" (and/or forward-to-v6)"),
@@ -420,7 +453,11 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
                 Some(Forward { v4, v6 })
             }
             _ => {
-                if let Some(t) = service.forward_to.as_ref().or(service.forward_to_v6.as_ref()) {
+                if let Some(t) = service
+                    .forward_to
+                    .as_ref()
+                    .or(service.forward_to_v6.as_ref())
+                {
                     return Err(at(t, "forward-to only applies to kind = \"nat\""));
                 }
                 None
@@ -429,13 +466,17 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         let max_timeout = service.max_timeout.map_or(service.timeout.0, |m| m.0);
         if service.timeout.0.is_zero() || max_timeout < service.timeout.0 {
             return Err(Located {
-                message: format!("service `{name}`: timeout must be > 0 and max-timeout at least timeout"),
+                message: format!(
+                    "service `{name}`: timeout must be > 0 and max-timeout at least timeout"
+                ),
                 ..key_span
             });
         }
         if service.idle_timeout.is_some_and(|i| i.0.is_zero()) {
             return Err(Located {
-                message: format!("service `{name}`: idle-timeout must be > 0 (leave it out for none)"),
+                message: format!(
+                    "service `{name}`: idle-timeout must be > 0 (leave it out for none)"
+                ),
                 ..key_span
             });
         }
@@ -487,7 +528,13 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         for service in &client.services {
             if !services.contains_key(service.get_ref()) {
                 let known = services.keys().cloned().collect::<Vec<_>>().join(", ");
-                return Err(at(service, format!("unknown service `{}`; defined services: {known}", service.get_ref())));
+                return Err(at(
+                    service,
+                    format!(
+                        "unknown service `{}`; defined services: {known}",
+                        service.get_ref()
+                    ),
+                ));
             }
             wanted.push(service.get_ref().clone());
         }
@@ -564,13 +611,20 @@ services = ["ssh"]
         let text = base().replace("services = [\"ssh\"]", "services = [\"sshh\"]");
         let err = parse(&text).unwrap_err();
         assert_eq!((err.line, err.file.as_str()), (13, "/etc/spad/spad.toml"));
-        assert!(err.message.contains("unknown service `sshh`; defined services: ssh"), "{err}");
+        assert!(
+            err.message
+                .contains("unknown service `sshh`; defined services: ssh"),
+            "{err}"
+        );
 
-        let err = parse(&base().replace("timeout = \"30s\"", "timeout = \"30 parsecs\"")).unwrap_err();
+        let err =
+            parse(&base().replace("timeout = \"30s\"", "timeout = \"30 parsecs\"")).unwrap_err();
         assert_eq!(err.line, 8);
         assert!(err.message.contains("write e.g."), "{err}");
 
-        let err = parse(&base().replace("kind = \"management\"", "kind = \"management\"\ncolour = 1")).unwrap_err();
+        let err =
+            parse(&base().replace("kind = \"management\"", "kind = \"management\"\ncolour = 1"))
+                .unwrap_err();
         assert!(err.message.contains("unknown field `colour`"), "{err}");
 
         let err = parse(&base().replace("22/tcp", "70000/tcp")).unwrap_err();
@@ -589,9 +643,24 @@ services = ["ssh"]
             )
         };
         let config = parse(&nat("3389/tcp", "192.168.1.12:3389")).unwrap();
-        assert_eq!(config.services["rdp"].forward.as_ref().unwrap().v4.unwrap().port(), 3389);
-        assert!(parse(&nat("3389/tcp", "not-an-address")).unwrap_err().message.contains("address:port"));
-        assert!(parse(&nat("22/tcp", "192.168.1.12:22")).unwrap_err().message.contains("local port"));
+        assert_eq!(
+            config.services["rdp"]
+                .forward
+                .as_ref()
+                .unwrap()
+                .v4
+                .unwrap()
+                .port(),
+            3389
+        );
+        assert!(parse(&nat("3389/tcp", "not-an-address"))
+            .unwrap_err()
+            .message
+            .contains("address:port"));
+        assert!(parse(&nat("22/tcp", "192.168.1.12:22"))
+            .unwrap_err()
+            .message
+            .contains("local port"));
         let twice = format!(
             "{}\n[services.rdp2]\nkind = \"nat\"\nports = [\"3389/tcp\"]\ntimeout = \"1h\"\nforward-to = \"192.168.1.13:3389\"\n",
             nat("3389/tcp", "192.168.1.12:3389")
@@ -602,10 +671,19 @@ services = ["ssh"]
 
     #[test]
     fn allow_list_and_interface_are_checked() {
-        let text = base().replace("timeout = \"30s\"", "timeout = \"30s\"\nallow = [\"10.0.0.0/33\"]");
+        let text = base().replace(
+            "timeout = \"30s\"",
+            "timeout = \"30s\"\nallow = [\"10.0.0.0/33\"]",
+        );
         assert!(parse(&text).unwrap_err().message.contains("CIDR"));
-        let text = base().replace("timeout = \"30s\"", "timeout = \"30s\"\ninterface = \"nosuchif0\"");
-        assert!(parse(&text).unwrap_err().message.contains("no interface `nosuchif0`"));
+        let text = base().replace(
+            "timeout = \"30s\"",
+            "timeout = \"30s\"\ninterface = \"nosuchif0\"",
+        );
+        assert!(parse(&text)
+            .unwrap_err()
+            .message
+            .contains("no interface `nosuchif0`"));
     }
 
     #[test]

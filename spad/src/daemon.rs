@@ -18,13 +18,13 @@ use spa_shared::Micros;
 use crate::capture::{self, frame, Received, Source};
 use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
-use spa_shared::duration;
 use crate::firewall::{Access, Firewall};
 use crate::knock::engine::{Engine, Event};
 use crate::log::Logger;
 use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
 use crate::state::ReplayStore;
+use spa_shared::duration;
 
 /// Counters, logged on exit and useful in tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -51,7 +51,9 @@ pub struct Pipeline<C: Clock> {
 
 impl<C: Clock> std::fmt::Debug for Pipeline<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("Pipeline")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,17 +66,25 @@ fn window(config: &Config) -> Window {
 
 impl<C: Clock> Pipeline<C> {
     /// Builds the pipeline and installs the firewall ruleset.
-    pub fn new(config: Config, server: Server, mut firewall: Box<dyn Firewall>, clock: C) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Config,
+        server: Server,
+        mut firewall: Box<dyn Firewall>,
+        clock: C,
+    ) -> anyhow::Result<Self> {
         let mut log = Logger::default();
         let now = clock.now();
         let state_dir = config.server.state_dir.clone();
-        let (mut replay, warning) = ReplayStore::load(state_dir.join("replay.bin"), window(&config), now);
+        let (mut replay, warning) =
+            ReplayStore::load(state_dir.join("replay.bin"), window(&config), now);
         if let Some(w) = warning {
             log.line(now, &format!("warning: {w}"));
         }
         let keys: Vec<_> = config.clients.values().map(|c| c.public_key).collect();
         replay.retain_clients(|k| keys.contains(k));
-        let kept = firewall.install(&config).context("installing the firewall ruleset")?;
+        let kept = firewall
+            .install(&config)
+            .context("installing the firewall ruleset")?;
         let mut knocks = Engine::new(&config, &state_dir, now);
         for (address, remaining) in firewall.blacklisted().unwrap_or_default() {
             knocks.restore_blacklist(address, now + remaining.as_micros() as Micros);
@@ -93,7 +103,16 @@ impl<C: Clock> Pipeline<C> {
                 config.doors.doors.len() + config.doors.totp.len()
             ),
         );
-        Ok(Self { config, server, replay, firewall, knocks, clock, log, stats: Stats::default() })
+        Ok(Self {
+            config,
+            server,
+            replay,
+            firewall,
+            knocks,
+            clock,
+            log,
+            stats: Stats::default(),
+        })
     }
 
     /// Replaces the configuration atomically (the old one stays if anything fails).
@@ -105,7 +124,8 @@ impl<C: Clock> Pipeline<C> {
         self.knocks.reconfigure(&config, now);
         self.server = server;
         self.config = config;
-        self.log.line(now, &format!("reloaded; kept {kept} live grants"));
+        self.log
+            .line(now, &format!("reloaded; kept {kept} live grants"));
         Ok(())
     }
 
@@ -113,13 +133,22 @@ impl<C: Clock> Pipeline<C> {
     pub fn handle(&mut self, received: &Received) {
         self.stats.packets += 1;
         match received {
-            Received::Udp { source, payload, .. } => self.handle_spa(*source, payload),
+            Received::Udp {
+                source, payload, ..
+            } => self.handle_spa(*source, payload),
             Received::Ip(bytes) => {
                 let Some(f) = frame::parse(bytes) else { return };
                 if f.proto == Proto::Udp && f.port == self.config.server.port {
                     self.handle_spa(f.source, f.payload);
                 } else {
-                    self.handle_knock(f.source, PortProto { port: f.port, proto: f.proto }, f.tcp_flags);
+                    self.handle_knock(
+                        f.source,
+                        PortProto {
+                            port: f.port,
+                            proto: f.proto,
+                        },
+                        f.tcp_flags,
+                    );
                 }
             }
         }
@@ -128,7 +157,8 @@ impl<C: Clock> Pipeline<C> {
     fn refuse(&mut self, source: IpAddr, reason: &str) {
         self.stats.refused += 1;
         let now = self.clock.now();
-        self.log.refusal(now, &format!("refused from={source} reason=\"{reason}\""));
+        self.log
+            .refusal(now, &format!("refused from={source} reason=\"{reason}\""));
     }
 
     fn handle_spa(&mut self, source: IpAddr, payload: &[u8]) {
@@ -142,11 +172,23 @@ impl<C: Clock> Pipeline<C> {
             Ok(a) => a,
             Err(e) => return self.refuse(source, &e.to_string()),
         };
-        let Some(client) = self.config.clients.values().find(|c| c.public_key == authenticated.client).cloned() else {
-            return self.refuse(source, &format!("unknown client key {}", authenticated.client));
+        let Some(client) = self
+            .config
+            .clients
+            .values()
+            .find(|c| c.public_key == authenticated.client)
+            .cloned()
+        else {
+            return self.refuse(
+                source,
+                &format!("unknown client key {}", authenticated.client),
+            );
         };
         let request = &authenticated.request;
-        if let Err(e) = self.replay.check(&client.public_key, request.timestamp, now) {
+        if let Err(e) = self
+            .replay
+            .check(&client.public_key, request.timestamp, now)
+        {
             return self.refuse(source, &format!("client={} {e}", client.name));
         }
         let decision = match policy::decide(&self.config, &client, request, source) {
@@ -154,7 +196,10 @@ impl<C: Clock> Pipeline<C> {
             Err(e) => return self.refuse(source, &e.to_string()),
         };
         // Durable before the door opens: not even kill -9 right after lets it through twice.
-        if let Err(e) = self.replay.accept(&client.public_key, request.timestamp, now) {
+        if let Err(e) = self
+            .replay
+            .accept(&client.public_key, request.timestamp, now)
+        {
             return self.refuse(source, &format!("client={} {e}", client.name));
         }
         self.apply(decision, &client.name);
@@ -169,20 +214,44 @@ impl<C: Clock> Pipeline<C> {
                     let detail: Vec<String> = grants
                         .iter()
                         .map(|g| match g.idle {
-                            Some(idle) => format!("{}({}, idle {})", g.service, duration::format(g.timeout), duration::format(idle)),
+                            Some(idle) => format!(
+                                "{}({}, idle {})",
+                                g.service,
+                                duration::format(g.timeout),
+                                duration::format(idle)
+                            ),
                             None => format!("{}({})", g.service, duration::format(g.timeout)),
                         })
                         .collect();
-                    self.log.line(now, &format!("granted owner={owner} address={address} services={}", detail.join(",")));
+                    self.log.line(
+                        now,
+                        &format!(
+                            "granted owner={owner} address={address} services={}",
+                            detail.join(",")
+                        ),
+                    );
                 }
-                Err(e) => self.log.line(now, &format!("error: grant for owner={owner} address={address} failed: {e:#}")),
+                Err(e) => self.log.line(
+                    now,
+                    &format!("error: grant for owner={owner} address={address} failed: {e:#}"),
+                ),
             },
-            Decision::Close { address, services } => match self.firewall.revoke(address, &services) {
+            Decision::Close { address, services } => match self.firewall.revoke(address, &services)
+            {
                 Ok(()) => {
                     self.stats.closed += 1;
-                    self.log.line(now, &format!("closed owner={owner} address={address} services={}", services.join(",")));
+                    self.log.line(
+                        now,
+                        &format!(
+                            "closed owner={owner} address={address} services={}",
+                            services.join(",")
+                        ),
+                    );
                 }
-                Err(e) => self.log.line(now, &format!("error: close for owner={owner} address={address} failed: {e:#}")),
+                Err(e) => self.log.line(
+                    now,
+                    &format!("error: close for owner={owner} address={address} failed: {e:#}"),
+                ),
             },
         }
     }
@@ -199,10 +268,16 @@ impl<C: Clock> Pipeline<C> {
         for event in events {
             match event {
                 Event::Log(line) => self.log.line(now, &line),
-                Event::Open { door, address, services } => {
+                Event::Open {
+                    door,
+                    address,
+                    services,
+                } => {
                     let mut grants = Vec::new();
                     for name in &services {
-                        let Some(service) = self.config.services.get(name) else { continue };
+                        let Some(service) = self.config.services.get(name) else {
+                            continue;
+                        };
                         if let Err(e) = policy::family_ok(service, address) {
                             self.log.line(now, &format!("{address}: door {door}: {e}"));
                             continue;
@@ -219,13 +294,21 @@ impl<C: Clock> Pipeline<C> {
                         self.apply(Decision::Open { address, grants }, &format!("door:{door}"));
                     }
                 }
-                Event::Close { door, address, services } => {
-                    self.apply(Decision::Close { address, services }, &format!("door:{door}"));
+                Event::Close {
+                    door,
+                    address,
+                    services,
+                } => {
+                    self.apply(
+                        Decision::Close { address, services },
+                        &format!("door:{door}"),
+                    );
                 }
                 Event::Command { argv, env } => self.spawn(&argv, &env),
                 Event::Blacklist { address, duration } => {
                     if let Err(e) = self.firewall.blacklist(address, duration) {
-                        self.log.line(now, &format!("error: blacklisting {address}: {e:#}"));
+                        self.log
+                            .line(now, &format!("error: blacklisting {address}: {e:#}"));
                     }
                 }
             }
@@ -235,13 +318,23 @@ impl<C: Clock> Pipeline<C> {
     /// Runs a knockd-style command without a shell; its exit is reaped on a helper thread.
     fn spawn(&mut self, argv: &[String], env: &[(String, String)]) {
         let now = self.clock.now();
-        let Some((program, args)) = argv.split_first() else { return };
-        match std::process::Command::new(program).args(args).envs(env.iter().map(|(k, v)| (k, v))).stdin(std::process::Stdio::null()).spawn() {
+        let Some((program, args)) = argv.split_first() else {
+            return;
+        };
+        match std::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+        {
             Ok(mut child) => {
-                self.log.line(now, &format!("command started: {}", argv.join(" ")));
+                self.log
+                    .line(now, &format!("command started: {}", argv.join(" ")));
                 std::thread::spawn(move || child.wait());
             }
-            Err(e) => self.log.line(now, &format!("error: command {program}: {e}")),
+            Err(e) => self
+                .log
+                .line(now, &format!("error: command {program}: {e}")),
         }
     }
 
@@ -260,7 +353,10 @@ pub struct Overrides {
 }
 
 /// Loads config and key; nothing is touched if either is bad.
-pub fn load(config_path: &std::path::Path, overrides: &Overrides) -> anyhow::Result<(Config, Server)> {
+pub fn load(
+    config_path: &std::path::Path,
+    overrides: &Overrides,
+) -> anyhow::Result<(Config, Server)> {
     let mut config = Config::load(config_path)?;
     if let Some(dir) = &overrides.state_dir {
         config.server.state_dir = dir.clone();
@@ -271,7 +367,11 @@ pub fn load(config_path: &std::path::Path, overrides: &Overrides) -> anyhow::Res
 
 /// Ports the capture must see: the SPA port and every knock range.
 pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
-    let mut out = vec![capture::bpf::Watch { proto: Proto::Udp, low: config.server.port, high: config.server.port }];
+    let mut out = vec![capture::bpf::Watch {
+        proto: Proto::Udp,
+        low: config.server.port,
+        high: config.server.port,
+    }];
     out.extend(crate::knock::engine::watched_ranges(config));
     out
 }
@@ -281,18 +381,37 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     let (config, server) = load(&config_path, &overrides)?;
     create_state_dir(&config.server.state_dir)?;
     let mut source: Box<dyn Source> = match config.server.capture {
-        CaptureMode::AfPacket => Box::new(capture::AfPacket::open(&config.server.interfaces, &watches(&config), crate::knock::engine::syn_only(&config))?),
-        CaptureMode::Udp => Box::new(capture::UdpListener::open(config.server.port).context("binding the UDP listener")?),
+        CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
+            &config.server.interfaces,
+            &watches(&config),
+            crate::knock::engine::syn_only(&config),
+        )?),
+        CaptureMode::Udp => Box::new(
+            capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
+        ),
     };
     let firewall = crate::firewall::open(&config)?;
     let clock = crate::clock::SystemClock;
     let capture_desc = match config.server.capture {
-        CaptureMode::AfPacket => format!("af-packet on {}", if config.server.interfaces.is_empty() { "all interfaces".to_string() } else { config.server.interfaces.join(",") }),
+        CaptureMode::AfPacket => format!(
+            "af-packet on {}",
+            if config.server.interfaces.is_empty() {
+                "all interfaces".to_string()
+            } else {
+                config.server.interfaces.join(",")
+            }
+        ),
         CaptureMode::Udp => "udp listener".to_string(),
     };
     let mut pipeline = Pipeline::new(config, server, firewall, clock)?;
     let public = pipeline.server.public_key();
-    pipeline.log.line(clock.now(), &format!("listening port={}/udp capture={capture_desc} server-key={public}", pipeline.config.server.port));
+    pipeline.log.line(
+        clock.now(),
+        &format!(
+            "listening port={}/udp capture={capture_desc} server-key={public}",
+            pipeline.config.server.port
+        ),
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
@@ -312,24 +431,39 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                         Ok(None)
                     } else {
                         match config.server.capture {
-                            CaptureMode::AfPacket => capture::AfPacket::open(&config.server.interfaces, &watches(&config), crate::knock::engine::syn_only(&config)).map(|s| Some(Box::new(s) as Box<dyn Source>)),
-                            CaptureMode::Udp => capture::UdpListener::open(config.server.port).map(|s| Some(Box::new(s) as Box<dyn Source>)).map_err(Into::into),
+                            CaptureMode::AfPacket => capture::AfPacket::open(
+                                &config.server.interfaces,
+                                &watches(&config),
+                                crate::knock::engine::syn_only(&config),
+                            )
+                            .map(|s| Some(Box::new(s) as Box<dyn Source>)),
+                            CaptureMode::Udp => capture::UdpListener::open(config.server.port)
+                                .map(|s| Some(Box::new(s) as Box<dyn Source>))
+                                .map_err(Into::into),
                         }
                     };
                     match new_source.and_then(|s| pipeline.reload(config, server).map(|()| s)) {
                         Ok(Some(s)) => source = s,
                         Ok(None) => {}
-                        Err(e) => pipeline.log.line(clock.now(), &format!("error: reload failed, keeping the running config: {e:#}")),
+                        Err(e) => pipeline.log.line(
+                            clock.now(),
+                            &format!("error: reload failed, keeping the running config: {e:#}"),
+                        ),
                     }
                 }
-                Err(e) => pipeline.log.line(clock.now(), &format!("error: reload failed, keeping the running config: {e:#}")),
+                Err(e) => pipeline.log.line(
+                    clock.now(),
+                    &format!("error: reload failed, keeping the running config: {e:#}"),
+                ),
             }
         }
         match source.recv(Duration::from_millis(200)) {
             Ok(Some(received)) => pipeline.handle(&received),
             Ok(None) => {}
             Err(e) => {
-                pipeline.log.line(clock.now(), &format!("error: capture: {e}"));
+                pipeline
+                    .log
+                    .line(clock.now(), &format!("error: capture: {e}"));
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -338,18 +472,31 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     let s = pipeline.stats.clone();
     pipeline.log.line(
         clock.now(),
-        &format!("stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={}", s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks),
+        &format!(
+            "stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={}",
+            s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks
+        ),
     );
     if pipeline.config.server.flush_on_exit {
         pipeline.firewall.remove()?;
-        pipeline.log.line(clock.now(), "flush-on-exit: table removed, all grants closed");
+        pipeline.log.line(
+            clock.now(),
+            "flush-on-exit: table removed, all grants closed",
+        );
     } else {
-        pipeline.log.line(clock.now(), "grants stay in the kernel until they expire (flush-on-exit = false)");
+        pipeline.log.line(
+            clock.now(),
+            "grants stay in the kernel until they expire (flush-on-exit = false)",
+        );
     }
     Ok(())
 }
 
 fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("creating state dir {}", dir.display()))
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating state dir {}", dir.display()))
 }

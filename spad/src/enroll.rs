@@ -22,22 +22,27 @@ pub fn proof_path(state_dir: &Path, door: &str) -> PathBuf {
 
 /// Whether `door` has been enrolled with its current secret.
 pub fn is_enrolled(state_dir: &Path, door: &TotpDoor) -> bool {
-    std::fs::read_to_string(proof_path(state_dir, &door.name)).is_ok_and(|t| t.trim() == fingerprint(&door.secret))
+    std::fs::read_to_string(proof_path(state_dir, &door.name))
+        .is_ok_and(|t| t.trim() == fingerprint(&door.secret))
 }
 
 /// Checks `code` against the door's secret at `unix_secs` (± the door's skew). Returns the step.
 pub fn verify(door: &TotpDoor, code: &str, unix_secs: u64) -> Option<u64> {
     let code = code.trim();
     let current = door.params.step(unix_secs);
-    (current.saturating_sub(door.skew_steps)..=current + door.skew_steps)
-        .find(|step| totp::codes_equal(&totp::code_at_step(&door.secret, &door.params, *step), code))
+    (current.saturating_sub(door.skew_steps)..=current + door.skew_steps).find(|step| {
+        totp::codes_equal(&totp::code_at_step(&door.secret, &door.params, *step), code)
+    })
 }
 
 /// Records that `door` is enrolled.
 pub fn record(state_dir: &Path, door: &TotpDoor) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let path = proof_path(state_dir, &door.name);
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path.parent().unwrap_or(state_dir))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path.parent().unwrap_or(state_dir))?;
     crate::state::write_atomic(&path, fingerprint(&door.secret).as_bytes())
 }
 

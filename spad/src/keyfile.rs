@@ -12,22 +12,34 @@ use zeroize::Zeroizing;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} has mode {mode:04o}: a secret must not be readable by group or others; run `chmod 600 {path}`")]
     Permissions { path: String, mode: u32 },
     #[error("{path}: private key {source}")]
-    Invalid { path: String, source: spa_shared::keys::KeyError },
+    Invalid {
+        path: String,
+        source: spa_shared::keys::KeyError,
+    },
 }
 
 /// Reads a secret text file after checking it is not group/other accessible.
 pub fn read_secret_text(path: &Path) -> Result<Zeroizing<String>, KeyFileError> {
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|source| KeyFileError::Read { path: shown.clone(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| KeyFileError::Read {
+        path: shown.clone(),
+        source,
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyFileError::Permissions { path: shown, mode });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read { path: shown, source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+        path: shown,
+        source,
+    })?;
     Ok(Zeroizing::new(text))
 }
 
@@ -64,7 +76,10 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let key = PrivateKey::from_bytes([3; 32]);
         write_secret_text(&path, &key.to_base64()).unwrap();
-        assert_eq!(read_private_key(&path).unwrap().public_key(), key.public_key());
+        assert_eq!(
+            read_private_key(&path).unwrap().public_key(),
+            key.public_key()
+        );
         assert!(write_secret_text(&path, "x").is_err(), "must not overwrite");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = read_private_key(&path).unwrap_err().to_string();

@@ -40,7 +40,12 @@ pub struct Logger {
 
 impl Default for Logger {
     fn default() -> Self {
-        Self { second: 0, refusals_this_second: 0, suppressed: 0, refusals_per_second: 50 }
+        Self {
+            second: 0,
+            refusals_this_second: 0,
+            suppressed: 0,
+            refusals_per_second: 50,
+        }
     }
 }
 
@@ -55,7 +60,10 @@ impl Logger {
         let second = now / 1_000_000;
         if second != self.second {
             if self.suppressed > 0 {
-                let note = format!("suppressed {} refusal lines in the last second(s)", self.suppressed);
+                let note = format!(
+                    "suppressed {} refusal lines in the last second(s)",
+                    self.suppressed
+                );
                 self.suppressed = 0;
                 self.line(now, &note);
             }

@@ -43,7 +43,8 @@ impl std::fmt::Display for PortProto {
 impl std::str::FromStr for PortProto {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let hint = || format!("`{text}` is not a port; write \"22/tcp\", \"51820/udp\" or \"7000:udp\"");
+        let hint =
+            || format!("`{text}` is not a port; write \"22/tcp\", \"51820/udp\" or \"7000:udp\"");
         let (port, proto) = match text.split_once(['/', ':']) {
             Some((p, proto)) => (p, proto),
             None => (text, "tcp"),
@@ -80,7 +81,11 @@ impl std::fmt::Display for Cidr {
 impl std::str::FromStr for Cidr {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let hint = || format!("`{text}` is not a CIDR prefix; write e.g. \"203.0.113.0/24\" or \"2001:db8::/48\"");
+        let hint = || {
+            format!(
+                "`{text}` is not a CIDR prefix; write e.g. \"203.0.113.0/24\" or \"2001:db8::/48\""
+            )
+        };
         let (addr, len) = match text.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (text, None),
@@ -96,7 +101,13 @@ impl std::str::FromStr for Cidr {
         }
         let cidr = Self { addr, len };
         if cidr.network() != addr {
-            return Err(format!("`{text}` has host bits set; write \"{}\"", Cidr { addr: cidr.network(), len }));
+            return Err(format!(
+                "`{text}` has host bits set; write \"{}\"",
+                Cidr {
+                    addr: cidr.network(),
+                    len
+                }
+            ));
         }
         Ok(cidr)
     }
@@ -165,7 +176,13 @@ mod tests {
 
     #[test]
     fn port_forms() {
-        assert_eq!("22/tcp".parse::<PortProto>().unwrap(), PortProto { port: 22, proto: Proto::Tcp });
+        assert_eq!(
+            "22/tcp".parse::<PortProto>().unwrap(),
+            PortProto {
+                port: 22,
+                proto: Proto::Tcp
+            }
+        );
         assert_eq!("8000:udp".parse::<PortProto>().unwrap().proto, Proto::Udp);
         assert_eq!("443".parse::<PortProto>().unwrap().proto, Proto::Tcp);
         assert!("0/tcp".parse::<PortProto>().is_err());
@@ -181,7 +198,10 @@ mod tests {
         assert!(!net.contains("::1".parse().unwrap()));
         let v6: Cidr = "2001:db8::/32".parse().unwrap();
         assert!(v6.contains("2001:db8:1::5".parse().unwrap()));
-        assert!("10.1.0.1/16".parse::<Cidr>().unwrap_err().contains("10.1.0.0/16"));
+        assert!("10.1.0.1/16"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("10.1.0.0/16"));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().len, 0);
         assert_eq!("192.0.2.7".parse::<Cidr>().unwrap().len, 32);

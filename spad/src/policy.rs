@@ -12,8 +12,14 @@ use crate::firewall::Access;
 /// What to do for a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Open { address: IpAddr, grants: Vec<Access> },
-    Close { address: IpAddr, services: Vec<String> },
+    Open {
+        address: IpAddr,
+        grants: Vec<Access>,
+    },
+    Close {
+        address: IpAddr,
+        services: Vec<String>,
+    },
 }
 
 /// Why a request is refused by policy.
@@ -22,7 +28,11 @@ pub enum PolicyRefusal {
     #[error("client `{client}` may not open service `{service}`")]
     NotAllowed { client: String, service: String },
     #[error("client `{client}` asked for address {asked} but sent from {source_address}; set allow-address-override = true to permit this")]
-    AddressOverride { client: String, asked: IpAddr, source_address: IpAddr },
+    AddressOverride {
+        client: String,
+        asked: IpAddr,
+        source_address: IpAddr,
+    },
     #[error("service `{0}` forwards only {1}; nothing to open for this address family")]
     Family(String, &'static str),
 }
@@ -30,7 +40,11 @@ pub enum PolicyRefusal {
 /// The grant length for one service: the request's (0 = the service default), capped by the
 /// service's max-timeout and the client's max-duration.
 pub fn duration_for(service: &Service, requested_secs: u32, cap: Option<Duration>) -> Duration {
-    let wanted = if requested_secs == 0 { service.timeout } else { Duration::from_secs(u64::from(requested_secs)) };
+    let wanted = if requested_secs == 0 {
+        service.timeout
+    } else {
+        Duration::from_secs(u64::from(requested_secs))
+    };
     let mut d = wanted.min(service.max_timeout);
     if let Some(cap) = cap {
         d = d.min(cap);
@@ -43,8 +57,15 @@ pub fn family_ok(service: &Service, address: IpAddr) -> Result<(), PolicyRefusal
     if service.kind != ServiceKind::Nat {
         return Ok(());
     }
-    let forward = service.forward.as_ref().expect("nat services have a target");
-    match (address.is_ipv6(), forward.v4.is_some(), forward.v6.is_some()) {
+    let forward = service
+        .forward
+        .as_ref()
+        .expect("nat services have a target");
+    match (
+        address.is_ipv6(),
+        forward.v4.is_some(),
+        forward.v6.is_some(),
+    ) {
         (false, false, _) => Err(PolicyRefusal::Family(service.name.clone(), "IPv6")),
         (true, _, false) => Err(PolicyRefusal::Family(service.name.clone(), "IPv4")),
         _ => Ok(()),
@@ -52,10 +73,18 @@ pub fn family_ok(service: &Service, address: IpAddr) -> Result<(), PolicyRefusal
 }
 
 /// Decides a request from `client` that arrived from `source`.
-pub fn decide(config: &Config, client: &Client, request: &Request, source: IpAddr) -> Result<Decision, PolicyRefusal> {
+pub fn decide(
+    config: &Config,
+    client: &Client,
+    request: &Request,
+    source: IpAddr,
+) -> Result<Decision, PolicyRefusal> {
     for name in &request.services {
         if !client.services.contains(name) {
-            return Err(PolicyRefusal::NotAllowed { client: client.name.clone(), service: name.clone() });
+            return Err(PolicyRefusal::NotAllowed {
+                client: client.name.clone(),
+                service: name.clone(),
+            });
         }
     }
     let address = match request.address {
@@ -63,7 +92,11 @@ pub fn decide(config: &Config, client: &Client, request: &Request, source: IpAdd
         Some(asked) if asked == source => source,
         Some(asked) if client.allow_address_override => asked,
         Some(asked) => {
-            return Err(PolicyRefusal::AddressOverride { client: client.name.clone(), asked, source_address: source })
+            return Err(PolicyRefusal::AddressOverride {
+                client: client.name.clone(),
+                asked,
+                source_address: source,
+            })
         }
     };
     let mut services: Vec<String> = request.services.clone();

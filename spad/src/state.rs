@@ -14,7 +14,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
     }
@@ -51,16 +56,39 @@ impl ReplayStore {
                 Ok(record) => (record, None, None),
                 Err(e) => {
                     let until = now + window.max_age + window.max_future;
-                    (ReplayRecord::new(), Some(until), Some(format!("{}: {e}; failing closed until {}", path.display(), crate::log::timestamp(until))))
+                    (
+                        ReplayRecord::new(),
+                        Some(until),
+                        Some(format!(
+                            "{}: {e}; failing closed until {}",
+                            path.display(),
+                            crate::log::timestamp(until)
+                        )),
+                    )
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (ReplayRecord::new(), None, None),
             Err(e) => {
                 let until = now + window.max_age + window.max_future;
-                (ReplayRecord::new(), Some(until), Some(format!("cannot read {}: {e}; failing closed", path.display())))
+                (
+                    ReplayRecord::new(),
+                    Some(until),
+                    Some(format!(
+                        "cannot read {}: {e}; failing closed",
+                        path.display()
+                    )),
+                )
             }
         };
-        (Self { path, record, window, closed_until }, warning)
+        (
+            Self {
+                path,
+                record,
+                window,
+                closed_until,
+            },
+            warning,
+        )
     }
 
     pub fn window(&self) -> Window {
@@ -68,7 +96,12 @@ impl ReplayStore {
     }
 
     /// Checks without recording.
-    pub fn check(&self, client: &PublicKey, timestamp: Micros, now: Micros) -> Result<(), ReplayRefusal> {
+    pub fn check(
+        &self,
+        client: &PublicKey,
+        timestamp: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal> {
         if let Some(until) = self.closed_until {
             if now < until {
                 return Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)));
@@ -78,11 +111,17 @@ impl ReplayStore {
     }
 
     /// Records the timestamp durably; only then may the caller open the firewall.
-    pub fn accept(&mut self, client: &PublicKey, timestamp: Micros, now: Micros) -> Result<(), ReplayRefusal> {
+    pub fn accept(
+        &mut self,
+        client: &PublicKey,
+        timestamp: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal> {
         self.check(client, timestamp, now)?;
         let mut next = self.record.clone();
         next.accept(self.window, client, timestamp, now)?;
-        write_atomic(&self.path, &next.encode()).map_err(|e| ReplayRefusal::Persist(e.to_string()))?;
+        write_atomic(&self.path, &next.encode())
+            .map_err(|e| ReplayRefusal::Persist(e.to_string()))?;
         self.record = next;
         Ok(())
     }
@@ -110,12 +149,20 @@ mod tests {
         assert!(warning.is_none());
         store.accept(&client, now, now).unwrap();
         let (store, _) = ReplayStore::load(path.clone(), w, now);
-        assert_eq!(store.check(&client, now, now), Err(ReplayRefusal::Rule(ReplayError::Replayed)));
+        assert_eq!(
+            store.check(&client, now, now),
+            Err(ReplayRefusal::Rule(ReplayError::Replayed))
+        );
         std::fs::write(&path, b"damaged").unwrap();
         let (store, warning) = ReplayStore::load(path.clone(), w, now);
         assert!(warning.unwrap().contains("failing closed"));
-        assert!(matches!(store.check(&client, now + 1, now), Err(ReplayRefusal::FailClosed(_))));
-        assert!(store.check(&client, now + 91_000_000, now + 91_000_000).is_ok());
+        assert!(matches!(
+            store.check(&client, now + 1, now),
+            Err(ReplayRefusal::FailClosed(_))
+        ));
+        assert!(store
+            .check(&client, now + 91_000_000, now + 91_000_000)
+            .is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,14 +30,23 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Root of the workspace.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Path of a workspace binary (`spad`, `spa`), built by `cargo build --workspace --bins`.
 pub fn binary(name: &str) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
     let path = dir.join("debug").join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 
@@ -45,13 +54,25 @@ pub fn binary(name: &str) -> PathBuf {
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() == 0 };
-    root && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
+    root && Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Runs a command; panics with its output if it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(out.status.success(), "{program} {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -110,7 +131,12 @@ pub fn tcp_probe(ns: &str, to: SocketAddr, timeout: Duration) -> Connect {
                 _ => Connect::Refused,
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => Connect::TimedOut,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::TimedOut
+                || e.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            Connect::TimedOut
+        }
         Err(_) => Connect::Refused,
     })
 }
@@ -118,7 +144,11 @@ pub fn tcp_probe(ns: &str, to: SocketAddr, timeout: Duration) -> Connect {
 /// Sends one UDP datagram from `ns` and waits for the echo.
 pub fn udp_probe(ns: &str, to: SocketAddr, timeout: Duration) -> bool {
     in_ns(ns, move || {
-        let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let bind: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
         let s = UdpSocket::bind(bind).unwrap();
         s.set_read_timeout(Some(timeout)).unwrap();
         s.send_to(b"ping", to).unwrap();
@@ -135,7 +165,9 @@ pub struct Held {
 
 impl Held {
     pub fn open(ns: &str, to: SocketAddr) -> std::io::Result<Held> {
-        let stream = in_ns(ns, move || TcpStream::connect_timeout(&to, Duration::from_secs(2)))?;
+        let stream = in_ns(ns, move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        })?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         Ok(Held { stream })
     }
@@ -170,7 +202,8 @@ impl Echo {
                     Ok((mut s, _)) => {
                         let flag = Arc::clone(&flag);
                         std::thread::spawn(move || {
-                            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                            s.set_read_timeout(Some(Duration::from_millis(200)))
+                                .unwrap();
                             let mut buf = [0u8; 1024];
                             while !flag.load(Ordering::Relaxed) {
                                 match s.read(&mut buf) {
@@ -180,7 +213,12 @@ impl Echo {
                                             break;
                                         }
                                     }
-                                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
                                     Err(_) => break,
                                 }
                             }
@@ -191,7 +229,10 @@ impl Echo {
             }
         });
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        Echo { stop, thread: Some(thread) }
+        Echo {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn udp(ns: &str, bind: SocketAddr) -> Echo {
@@ -202,7 +243,8 @@ impl Echo {
         let thread = std::thread::spawn(move || {
             enter(&path);
             let s = UdpSocket::bind(bind).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
             tx.send(()).unwrap();
             let mut buf = [0u8; 1500];
             while !flag.load(Ordering::Relaxed) {
@@ -212,7 +254,10 @@ impl Echo {
             }
         });
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        Echo { stop, thread: Some(thread) }
+        Echo {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -257,7 +302,11 @@ pub struct Lab {
 /// A client namespace address: `a` is .10 / ::10, `b` is .20 / ::20.
 pub fn client_addr(which: &str, v6: bool) -> IpAddr {
     let host = if which == "a" { 10 } else { 20 };
-    if v6 { format!("2001:db8:1::{host}").parse().unwrap() } else { format!("203.0.113.{host}").parse().unwrap() }
+    if v6 {
+        format!("2001:db8:1::{host}").parse().unwrap()
+    } else {
+        format!("203.0.113.{host}").parse().unwrap()
+    }
 }
 
 impl Lab {
@@ -285,11 +334,31 @@ impl Lab {
         }
         lab.ip(&lab.sw, &["link", "add", "br0", "type", "bridge"]);
         lab.ip(&lab.sw, &["link", "set", "br0", "up"]);
-        lab.ip(&lab.sw, &["link", "set", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        lab.ip(
+            &lab.sw,
+            &[
+                "link",
+                "set",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        );
         // WAN side: gateway eth0, clients a and b, all on the switch.
-        for (role, ns, v4, v6) in [("gw", &lab.gw, GW4, GW6), ("a", &lab.a, "203.0.113.10", "2001:db8:1::10"), ("b", &lab.b, "203.0.113.20", "2001:db8:1::20")] {
+        for (role, ns, v4, v6) in [
+            ("gw", &lab.gw, GW4, GW6),
+            ("a", &lab.a, "203.0.113.10", "2001:db8:1::10"),
+            ("b", &lab.b, "203.0.113.20", "2001:db8:1::20"),
+        ] {
             let (inner, outer) = (format!("i{}", lab.id), format!("o{}", lab.id));
-            run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
+            run(
+                "ip",
+                &[
+                    "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+                ],
+            );
             run("ip", &["link", "set", &inner, "netns", ns]);
             run("ip", &["link", "set", &outer, "netns", &lab.sw]);
             lab.ip(ns, &["link", "set", &inner, "name", "eth0"]);
@@ -298,7 +367,18 @@ impl Lab {
             lab.ip(&lab.sw, &["link", "set", &port, "master", "br0"]);
             lab.ip(&lab.sw, &["link", "set", &port, "up"]);
             lab.ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
-            lab.ip(ns, &["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+            lab.ip(
+                ns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            );
             lab.ip(ns, &["link", "set", "eth0", "up"]);
         }
         for ns in [&lab.a, &lab.b] {
@@ -307,32 +387,63 @@ impl Lab {
         }
         // LAN side: gateway eth1 to the internal server directly.
         let (inner, outer) = (format!("i{}", lab.id), format!("o{}", lab.id));
-        run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
+        run(
+            "ip",
+            &[
+                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ],
+        );
         run("ip", &["link", "set", &inner, "netns", &lab.gw]);
         run("ip", &["link", "set", &outer, "netns", &lab.lan]);
         lab.ip(&lab.gw, &["link", "set", &inner, "name", "eth1"]);
         lab.ip(&lab.lan, &["link", "set", &outer, "name", "eth0"]);
         lab.ip(&lab.gw, &["addr", "add", "192.168.1.1/24", "dev", "eth1"]);
-        lab.ip(&lab.gw, &["-6", "addr", "add", "fd00:1::1/64", "dev", "eth1", "nodad"]);
+        lab.ip(
+            &lab.gw,
+            &["-6", "addr", "add", "fd00:1::1/64", "dev", "eth1", "nodad"],
+        );
         lab.ip(&lab.gw, &["link", "set", "eth1", "up"]);
         lab.ip(&lab.lan, &["addr", "add", "192.168.1.12/24", "dev", "eth0"]);
-        lab.ip(&lab.lan, &["-6", "addr", "add", "fd00:1::12/64", "dev", "eth0", "nodad"]);
+        lab.ip(
+            &lab.lan,
+            &["-6", "addr", "add", "fd00:1::12/64", "dev", "eth0", "nodad"],
+        );
         lab.ip(&lab.lan, &["link", "set", "eth0", "up"]);
         lab.ip(&lab.lan, &["route", "add", "default", "via", "192.168.1.1"]);
-        lab.ip(&lab.lan, &["-6", "route", "add", "default", "via", "fd00:1::1"]);
+        lab.ip(
+            &lab.lan,
+            &["-6", "route", "add", "default", "via", "fd00:1::1"],
+        );
         lab.exec(&lab.gw, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        lab.exec(&lab.gw, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        lab.exec(
+            &lab.gw,
+            "sysctl",
+            &["-qw", "net.ipv6.conf.all.forwarding=1"],
+        );
 
         // Config copied verbatim; keys generated where it expects them.
         fs::copy(workspace().join("conf").join(config), lab.dir.join(config)).unwrap();
-        lab.spad(&["genkey", "--out", lab.path("keys/server.key").to_str().unwrap()]);
+        lab.spad(&[
+            "genkey",
+            "--out",
+            lab.path("keys/server.key").to_str().unwrap(),
+        ]);
         for client in ["alice", "bob", "mallory"] {
             let key = lab.path(&format!("keys/{client}.key"));
             lab.spa(&["genkey", "--out", key.to_str().unwrap()]);
-            let public = Command::new(binary("spa")).arg("pubkey").stdin(fs::File::open(&key).unwrap()).output().unwrap();
+            let public = Command::new(binary("spa"))
+                .arg("pubkey")
+                .stdin(fs::File::open(&key).unwrap())
+                .output()
+                .unwrap();
             fs::write(lab.path(&format!("keys/{client}.pub")), &public.stdout).unwrap();
         }
-        lab.spad(&["totp", "new-secret", "--out", lab.path("keys/carol.totp").to_str().unwrap()]);
+        lab.spad(&[
+            "totp",
+            "new-secret",
+            "--out",
+            lab.path("keys/carol.totp").to_str().unwrap(),
+        ]);
         lab
     }
 
@@ -356,7 +467,11 @@ impl Lab {
 
     /// Runs a program inside `ns`, returning its output whatever the exit status.
     pub fn try_exec(&self, ns: &str, program: &str, args: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", ns, program]).args(args).output().unwrap()
+        Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Runs `spad` (root namespace) with arguments.
@@ -384,17 +499,30 @@ impl Lab {
             "--server-key".into(),
             server_key,
             "--key".into(),
-            self.path(&format!("keys/{client}.key")).display().to_string(),
+            self.path(&format!("keys/{client}.key"))
+                .display()
+                .to_string(),
         ]
     }
 
     pub fn server_public_key(&self) -> String {
-        let out = Command::new(binary("spad")).arg("pubkey").stdin(fs::File::open(self.path("keys/server.key")).unwrap()).output().unwrap();
+        let out = Command::new(binary("spad"))
+            .arg("pubkey")
+            .stdin(fs::File::open(self.path("keys/server.key")).unwrap())
+            .output()
+            .unwrap();
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
     /// Sends an SPA open request from client namespace `ns` with `client`'s key.
-    pub fn knock(&self, ns: &str, client: &str, services: &[&str], extra: &[&str], v6: bool) -> Output {
+    pub fn knock(
+        &self,
+        ns: &str,
+        client: &str,
+        services: &[&str],
+        extra: &[&str],
+        v6: bool,
+    ) -> Output {
         let mut args: Vec<String> = vec!["knock".into()];
         args.extend(self.knock_args(client, v6));
         for s in services {
@@ -404,21 +532,33 @@ impl Lab {
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.spa_in(ns, &refs);
-        assert!(out.status.success(), "spa knock failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "spa knock failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 
     /// Starts `spad run` in the gateway namespace with the lab config and a backend.
     pub fn start_spad(&mut self, config: &str, backend: Backend) -> usize {
         let started = self.log().matches("listening port=").count();
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.path("spad.log")).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("spad.log"))
+            .unwrap();
         // The backend is chosen by editing the copied config's [server] section.
         let path = self.path(config);
         let text = fs::read_to_string(&path).unwrap();
         let text = if text.contains("\nbackend = ") {
             text
         } else {
-            text.replacen("[server]\n", &format!("[server]\nbackend = \"{}\"\n", backend.name()), 1)
+            text.replacen(
+                "[server]\n",
+                &format!("[server]\nbackend = \"{}\"\n", backend.name()),
+                1,
+            )
         };
         fs::write(&path, text).unwrap();
         let child = Command::new("ip")
@@ -432,7 +572,15 @@ impl Lab {
             .unwrap();
         self.children.push(child);
         let index = self.children.len() - 1;
-        assert!(wait_until(Duration::from_secs(10), || self.log().matches("listening port=").count() > started), "spad did not start:\n{}", self.log());
+        assert!(
+            wait_until(Duration::from_secs(10), || self
+                .log()
+                .matches("listening port=")
+                .count()
+                > started),
+            "spad did not start:\n{}",
+            self.log()
+        );
         index
     }
 
@@ -466,12 +614,15 @@ impl Lab {
 
     /// Waits until the log contains `needle` `count` times.
     pub fn wait_log(&self, needle: &str, count: usize) -> bool {
-        wait_until(Duration::from_secs(10), || self.log().matches(needle).count() >= count)
+        wait_until(Duration::from_secs(10), || {
+            self.log().matches(needle).count() >= count
+        })
     }
 
     /// The gateway's nftables ruleset, for assertions on elements.
     pub fn nft_list(&self) -> String {
-        String::from_utf8_lossy(&self.try_exec(&self.gw, "nft", &["list", "ruleset"]).stdout).into_owned()
+        String::from_utf8_lossy(&self.try_exec(&self.gw, "nft", &["list", "ruleset"]).stdout)
+            .into_owned()
     }
 
     pub fn gw4(port: u16) -> SocketAddr {

@@ -20,7 +20,8 @@ fn lab_with_ssh(backend: Backend) -> (Lab, Echo) {
 
 fn send_raw(ns: &str, to: SocketAddr, bytes: Vec<u8>) {
     in_ns(ns, move || {
-        let s = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+        let s =
+            std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
         s.send_to(&bytes, to).unwrap();
     });
 }
@@ -28,18 +29,44 @@ fn send_raw(ns: &str, to: SocketAddr, bytes: Vec<u8>) {
 pub fn hidden_port_opens_for_the_knocker_only_and_expires(backend: Backend) {
     let (lab, _echo) = lab_with_ssh(backend);
     let ssh = Lab::gw4(22);
-    assert_eq!(tcp_probe(&lab.a, ssh, T), Connect::TimedOut, "filtered before the knock");
+    assert_eq!(
+        tcp_probe(&lab.a, ssh, T),
+        Connect::TimedOut,
+        "filtered before the knock"
+    );
     assert_eq!(tcp_probe(&lab.b, ssh, T), Connect::TimedOut);
 
     lab.knock(&lab.a, "alice", &["ssh"], &["--duration", "3s"], false);
-    assert!(lab.wait_log("granted owner=alice address=203.0.113.10 services=ssh(3s)", 1), "{}", lab.log());
-    assert_eq!(tcp_probe(&lab.a, ssh, T), Connect::Open, "open for the knocker");
-    assert_eq!(tcp_probe(&lab.b, ssh, T), Connect::TimedOut, "still filtered for others");
+    assert!(
+        lab.wait_log(
+            "granted owner=alice address=203.0.113.10 services=ssh(3s)",
+            1
+        ),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(
+        tcp_probe(&lab.a, ssh, T),
+        Connect::Open,
+        "open for the knocker"
+    );
+    assert_eq!(
+        tcp_probe(&lab.b, ssh, T),
+        Connect::TimedOut,
+        "still filtered for others"
+    );
 
     // A connection opened before expiry survives it; new ones are refused after it.
     let mut held = Held::open(&lab.a, ssh).unwrap();
     assert!(held.echo());
-    assert!(wait_until(Duration::from_secs(8), || tcp_probe(&lab.a, ssh, Duration::from_millis(300)) == Connect::TimedOut), "grant did not expire");
+    assert!(
+        wait_until(Duration::from_secs(8), || tcp_probe(
+            &lab.a,
+            ssh,
+            Duration::from_millis(300)
+        ) == Connect::TimedOut),
+        "grant did not expire"
+    );
     assert!(held.echo(), "established connection must survive expiry");
     assert!(!lab.nft_list().contains("203.0.113.10") || backend == Backend::Iptables);
 }
@@ -47,12 +74,22 @@ pub fn hidden_port_opens_for_the_knocker_only_and_expires(backend: Backend) {
 pub fn replay_is_refused_from_another_ip_and_after_restarts(backend: Backend) {
     let (mut lab, _echo) = lab_with_ssh(backend);
     let saved = lab.path("packet.bin");
-    lab.knock(&lab.a, "alice", &["ssh"], &["--save-packet", saved.to_str().unwrap()], false);
+    lab.knock(
+        &lab.a,
+        "alice",
+        &["ssh"],
+        &["--save-packet", saved.to_str().unwrap()],
+        false,
+    );
     assert!(lab.wait_log("granted owner=alice", 1));
     let packet = std::fs::read(&saved).unwrap();
 
     send_raw(&lab.b, Lab::gw4(62201), packet.clone());
-    assert!(lab.wait_log("reason=\"client=alice replayed", 1), "{}", lab.log());
+    assert!(
+        lab.wait_log("reason=\"client=alice replayed", 1),
+        "{}",
+        lab.log()
+    );
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
 
     // Clean restart, then kill -9: the record survives both.
@@ -60,11 +97,19 @@ pub fn replay_is_refused_from_another_ip_and_after_restarts(backend: Backend) {
     lab.stop_spad(first, false);
     let second = lab.start_spad(CONF, backend);
     send_raw(&lab.b, Lab::gw4(62201), packet.clone());
-    assert!(lab.wait_log("reason=\"client=alice replayed", 2), "{}", lab.log());
+    assert!(
+        lab.wait_log("reason=\"client=alice replayed", 2),
+        "{}",
+        lab.log()
+    );
     lab.stop_spad(second, true);
     lab.start_spad(CONF, backend);
     send_raw(&lab.b, Lab::gw4(62201), packet);
-    assert!(lab.wait_log("reason=\"client=alice replayed", 3), "{}", lab.log());
+    assert!(
+        lab.wait_log("reason=\"client=alice replayed", 3),
+        "{}",
+        lab.log()
+    );
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
     // The grant made before the restarts is still live in the kernel for A.
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
@@ -94,7 +139,13 @@ pub fn forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_back(backe
     assert!(lab.wait_log("pre-check failed", 1), "{}", lab.log());
     // A flipped bit in the encrypted part, with a valid-looking mac1 impossible to forge.
     let saved = lab.path("p.bin");
-    lab.knock(&lab.a, "bob", &["ssh"], &["--save-packet", saved.to_str().unwrap()], false);
+    lab.knock(
+        &lab.a,
+        "bob",
+        &["ssh"],
+        &["--save-packet", saved.to_str().unwrap()],
+        false,
+    );
     assert!(lab.wait_log("granted owner=bob", 1));
     let mut flipped = std::fs::read(&saved).unwrap();
     flipped[40] ^= 1;
@@ -102,21 +153,36 @@ pub fn forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_back(backe
     assert!(lab.wait_log("pre-check failed", 2), "{}", lab.log());
     // Stale and future timestamps.
     lab.knock(&lab.a, "alice", &["ssh"], &["--time-offset", "-120"], false);
-    assert!(lab.wait_log("reason=\"client=alice stale", 1), "{}", lab.log());
+    assert!(
+        lab.wait_log("reason=\"client=alice stale", 1),
+        "{}",
+        lab.log()
+    );
     lab.knock(&lab.a, "alice", &["ssh"], &["--time-offset", "3600"], false);
-    assert!(lab.wait_log("reason=\"client=alice from the future", 1), "{}", lab.log());
+    assert!(
+        lab.wait_log("reason=\"client=alice from the future", 1),
+        "{}",
+        lab.log()
+    );
     // Garbage and a service the client may not use.
     send_raw(&lab.a, Lab::gw4(62201), vec![0x41; 200]);
     assert!(lab.wait_log("pre-check failed", 3), "{}", lab.log());
     lab.knock(&lab.a, "bob", &["vpn"], &[], false);
-    assert!(lab.wait_log("client `bob` may not open service `vpn`", 1), "{}", lab.log());
+    assert!(
+        lab.wait_log("client `bob` may not open service `vpn`", 1),
+        "{}",
+        lab.log()
+    );
 
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
     let out = tcpdump.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("0 packets captured"), "the gateway answered something: {stderr}");
+    assert!(
+        stderr.contains("0 packets captured"),
+        "the gateway answered something: {stderr}"
+    );
     // Alice was never granted.
     assert!(!lab.log().contains("granted owner=alice"));
 }
@@ -126,7 +192,11 @@ pub fn ipv6_knock_opens_for_that_v6_address(backend: Backend) {
     let ssh6 = Lab::gw6(22);
     assert_eq!(tcp_probe(&lab.a, ssh6, T), Connect::TimedOut);
     lab.knock(&lab.a, "alice", &["ssh"], &[], true);
-    assert!(lab.wait_log("granted owner=alice address=2001:db8:1::10", 1), "{}", lab.log());
+    assert!(
+        lab.wait_log("granted owner=alice address=2001:db8:1::10", 1),
+        "{}",
+        lab.log()
+    );
     assert_eq!(tcp_probe(&lab.a, ssh6, T), Connect::Open);
     assert_eq!(tcp_probe(&lab.b, ssh6, T), Connect::TimedOut);
     // v4 stays closed: the grant is for the observed source address only.

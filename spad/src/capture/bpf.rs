@@ -86,17 +86,36 @@ impl Asm {
                 };
                 u8::try_from(to - i - 1).map_err(|_| BpfError::TooLarge)
             };
-            out.push(Insn { code: *code, jt: resolve(jt)?, jf: resolve(jf)?, k: *k });
+            out.push(Insn {
+                code: *code,
+                jt: resolve(jt)?,
+                jf: resolve(jf)?,
+                k: *k,
+            });
         }
-        out.push(Insn { code: RET_K, jt: 0, jf: 0, k: 0x0004_0000 });
-        out.push(Insn { code: RET_K, jt: 0, jf: 0, k: 0 });
+        out.push(Insn {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: 0x0004_0000,
+        });
+        out.push(Insn {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        });
         Ok(out)
     }
 }
 
 /// Merges overlapping or adjacent ranges per protocol.
 fn merge(watches: &[Watch], proto: Proto) -> Vec<(u16, u16)> {
-    let mut ranges: Vec<(u16, u16)> = watches.iter().filter(|w| w.proto == proto).map(|w| (w.low, w.high)).collect();
+    let mut ranges: Vec<(u16, u16)> = watches
+        .iter()
+        .filter(|w| w.proto == proto)
+        .map(|w| (w.low, w.high))
+        .collect();
     ranges.sort();
     let mut out: Vec<(u16, u16)> = Vec::new();
     for (lo, hi) in ranges {
@@ -110,7 +129,10 @@ fn merge(watches: &[Watch], proto: Proto) -> Vec<(u16, u16)> {
 
 /// Builds the program. `syn_only` limits TCP to SYN-without-ACK segments.
 pub fn program(watches: &[Watch], syn_only: bool) -> Result<Vec<Insn>, BpfError> {
-    let mut a = Asm { insns: Vec::new(), labels: Vec::new() };
+    let mut a = Asm {
+        insns: Vec::new(),
+        labels: Vec::new(),
+    };
     let (v4, v6) = (a.label(), a.label());
     let (udp4, tcp4, udp6, tcp6) = (a.label(), a.label(), a.label(), a.label());
     a.op(LD_H_ABS, SKF_AD_PROTOCOL);
@@ -135,7 +157,12 @@ pub fn program(watches: &[Watch], syn_only: bool) -> Result<Vec<Insn>, BpfError>
         for (lo, hi) in list {
             let next = a.label();
             a.jump(JMP_JGE_K, u32::from(*lo), Target::Next, Target::Label(next));
-            a.jump(JMP_JGT_K, u32::from(*hi), Target::Label(next), Target::Accept);
+            a.jump(
+                JMP_JGT_K,
+                u32::from(*hi),
+                Target::Label(next),
+                Target::Accept,
+            );
             a.place(next);
         }
         a.jump(JMP_JEQ_K, 0, Target::Reject, Target::Reject);
@@ -180,16 +207,33 @@ pub fn run(program: &[Insn], protocol: u16, packet: &[u8]) -> u32 {
         Some(bytes.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
     };
     for _ in 0..4096 {
-        let Some(insn) = program.get(pc) else { return 0 };
+        let Some(insn) = program.get(pc) else {
+            return 0;
+        };
         pc += 1;
         let k = insn.k as usize;
         match insn.code {
             LD_H_ABS if insn.k == SKF_AD_PROTOCOL => a = u32::from(protocol),
-            LD_H_ABS => match load(k, 2) { Some(v) => a = v, None => return 0 },
-            LD_B_ABS => match load(k, 1) { Some(v) => a = v, None => return 0 },
-            LD_H_IND => match load(x as usize + k, 2) { Some(v) => a = v, None => return 0 },
-            LD_B_IND => match load(x as usize + k, 1) { Some(v) => a = v, None => return 0 },
-            LDX_B_MSH => match load(k, 1) { Some(v) => x = (v & 0xf) * 4, None => return 0 },
+            LD_H_ABS => match load(k, 2) {
+                Some(v) => a = v,
+                None => return 0,
+            },
+            LD_B_ABS => match load(k, 1) {
+                Some(v) => a = v,
+                None => return 0,
+            },
+            LD_H_IND => match load(x as usize + k, 2) {
+                Some(v) => a = v,
+                None => return 0,
+            },
+            LD_B_IND => match load(x as usize + k, 1) {
+                Some(v) => a = v,
+                None => return 0,
+            },
+            LDX_B_MSH => match load(k, 1) {
+                Some(v) => x = (v & 0xf) * 4,
+                None => return 0,
+            },
             ALU_AND_K => a &= insn.k,
             RET_K => return insn.k,
             JMP_JEQ_K | JMP_JGE_K | JMP_JGT_K | JMP_JSET_K => {
@@ -214,19 +258,41 @@ mod tests {
     use std::net::IpAddr;
 
     fn v4() -> (IpAddr, IpAddr) {
-        ("198.51.100.7".parse().unwrap(), "203.0.113.1".parse().unwrap())
+        (
+            "198.51.100.7".parse().unwrap(),
+            "203.0.113.1".parse().unwrap(),
+        )
     }
     fn v6() -> (IpAddr, IpAddr) {
-        ("2001:db8::7".parse().unwrap(), "2001:db8::1".parse().unwrap())
+        (
+            "2001:db8::7".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        )
     }
 
     #[test]
     fn passes_only_watched_ports_and_syns() {
         let watches = [
-            Watch { proto: Proto::Udp, low: 62201, high: 62201 },
-            Watch { proto: Proto::Tcp, low: 7000, high: 7000 },
-            Watch { proto: Proto::Udp, low: 8000, high: 8000 },
-            Watch { proto: Proto::Tcp, low: 20000, high: 29999 },
+            Watch {
+                proto: Proto::Udp,
+                low: 62201,
+                high: 62201,
+            },
+            Watch {
+                proto: Proto::Tcp,
+                low: 7000,
+                high: 7000,
+            },
+            Watch {
+                proto: Proto::Udp,
+                low: 8000,
+                high: 8000,
+            },
+            Watch {
+                proto: Proto::Tcp,
+                low: 20000,
+                high: 29999,
+            },
         ];
         let prog = program(&watches, true).unwrap();
         for ((s, d), eth) in [(v4(), 0x0800u16), (v6(), 0x86dd)] {
@@ -234,12 +300,24 @@ mod tests {
             assert_eq!(run(&prog, eth, &build::udp(s, d, 1, 62202, b"x")), 0);
             assert!(run(&prog, eth, &build::udp(s, d, 1, 8000, b"")) > 0);
             assert!(run(&prog, eth, &build::tcp(s, d, 1, 7000, 0x02)) > 0);
-            assert_eq!(run(&prog, eth, &build::tcp(s, d, 1, 7000, 0x12)), 0, "SYN-ACK");
+            assert_eq!(
+                run(&prog, eth, &build::tcp(s, d, 1, 7000, 0x12)),
+                0,
+                "SYN-ACK"
+            );
             assert_eq!(run(&prog, eth, &build::tcp(s, d, 1, 7000, 0x10)), 0, "ACK");
-            assert_eq!(run(&prog, eth, &build::tcp(s, d, 1, 62201, 0x02)), 0, "wrong proto");
+            assert_eq!(
+                run(&prog, eth, &build::tcp(s, d, 1, 62201, 0x02)),
+                0,
+                "wrong proto"
+            );
             assert!(run(&prog, eth, &build::tcp(s, d, 1, 25000, 0x02)) > 0);
             assert_eq!(run(&prog, eth, &build::tcp(s, d, 1, 30000, 0x02)), 0);
-            assert_eq!(run(&prog, eth, &build::udp(s, d, 1, 7000, b"")), 0, "tcp port over udp");
+            assert_eq!(
+                run(&prog, eth, &build::udp(s, d, 1, 7000, b"")),
+                0,
+                "tcp port over udp"
+            );
         }
         assert_eq!(run(&prog, 0x0806, &[0u8; 40]), 0, "ARP");
         let (s, d) = v4();
@@ -252,8 +330,15 @@ mod tests {
 
     #[test]
     fn ranges_merge() {
-        let w = |low, high| Watch { proto: Proto::Tcp, low, high };
-        assert_eq!(merge(&[w(5, 9), w(1, 3), w(4, 4), w(20, 20)], Proto::Tcp), vec![(1, 9), (20, 20)]);
+        let w = |low, high| Watch {
+            proto: Proto::Tcp,
+            low,
+            high,
+        };
+        assert_eq!(
+            merge(&[w(5, 9), w(1, 3), w(4, 4), w(20, 20)], Proto::Tcp),
+            vec![(1, 9), (20, 20)]
+        );
         let many: Vec<Watch> = (0..200).map(|i| w(i * 3, i * 3)).collect();
         assert_eq!(program(&many, true).unwrap_err(), BpfError::TooLarge);
     }

@@ -61,7 +61,12 @@ fn parse_v6(p: &[u8]) -> Option<Frame<'_>> {
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&p[24..40]);
     // Extension headers are not followed: a knock or SPA packet never needs them.
-    transport(p[6], &p[40..40 + payload_len], IpAddr::V6(Ipv6Addr::from(src)), IpAddr::V6(Ipv6Addr::from(dst)))
+    transport(
+        p[6],
+        &p[40..40 + payload_len],
+        IpAddr::V6(Ipv6Addr::from(src)),
+        IpAddr::V6(Ipv6Addr::from(dst)),
+    )
 }
 
 fn transport(next: u8, t: &[u8], source: IpAddr, destination: IpAddr) -> Option<Frame<'_>> {
@@ -104,7 +109,13 @@ pub mod build {
     use std::net::IpAddr;
 
     /// An IP packet with a UDP datagram (checksums zero; nothing here checks them).
-    pub fn udp(source: IpAddr, destination: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    pub fn udp(
+        source: IpAddr,
+        destination: IpAddr,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut t = Vec::new();
         t.extend_from_slice(&sport.to_be_bytes());
         t.extend_from_slice(&dport.to_be_bytes());
@@ -158,11 +169,13 @@ mod tests {
     fn parses_both_families_and_protocols() {
         let a: IpAddr = "198.51.100.7".parse().unwrap();
         let b: IpAddr = "203.0.113.1".parse().unwrap();
-        let f = parse(&build::udp(a, b, 5555, 62201, b"hi")).map(|f| (f.source, f.port, f.payload.to_vec()));
+        let f = parse(&build::udp(a, b, 5555, 62201, b"hi"))
+            .map(|f| (f.source, f.port, f.payload.to_vec()));
         assert_eq!(f, Some((a, 62201, b"hi".to_vec())));
         let a6: IpAddr = "2001:db8::7".parse().unwrap();
         let b6: IpAddr = "2001:db8::1".parse().unwrap();
-        let f = parse(&build::tcp(a6, b6, 5555, 7000, 0x02)).unwrap();
+        let packet = build::tcp(a6, b6, 5555, 7000, 0x02);
+        let f = parse(&packet).unwrap();
         assert_eq!((f.proto, f.port, f.tcp_flags), (Proto::Tcp, 7000, 0x02));
     }
 

@@ -18,7 +18,12 @@ pub enum Received {
     /// Network-layer bytes (IP header first) from AF_PACKET.
     Ip(Vec<u8>),
     /// A UDP payload from the plain listener, with its source.
-    Udp { source: IpAddr, source_port: u16, port: u16, payload: Vec<u8> },
+    Udp {
+        source: IpAddr,
+        source_port: u16,
+        port: u16,
+        payload: Vec<u8>,
+    },
 }
 
 /// A packet source.
@@ -45,7 +50,11 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
 impl AfPacket {
     /// Opens one socket per interface (or one for all when `interfaces` is empty). The filter
     /// is attached before the socket is bound, so no unfiltered packet is ever queued.
-    pub fn open(interfaces: &[String], watches: &[bpf::Watch], syn_only: bool) -> anyhow::Result<Self> {
+    pub fn open(
+        interfaces: &[String],
+        watches: &[bpf::Watch],
+        syn_only: bool,
+    ) -> anyhow::Result<Self> {
         let program = match bpf::program(watches, syn_only) {
             Ok(p) => p,
             Err(_) => {
@@ -53,8 +62,15 @@ impl AfPacket {
                 let mut wide = Vec::new();
                 for proto in [Proto::Tcp, Proto::Udp] {
                     let of: Vec<_> = watches.iter().filter(|w| w.proto == proto).collect();
-                    if let (Some(lo), Some(hi)) = (of.iter().map(|w| w.low).min(), of.iter().map(|w| w.high).max()) {
-                        wide.push(bpf::Watch { proto, low: lo, high: hi });
+                    if let (Some(lo), Some(hi)) = (
+                        of.iter().map(|w| w.low).min(),
+                        of.iter().map(|w| w.high).max(),
+                    ) {
+                        wide.push(bpf::Watch {
+                            proto,
+                            low: lo,
+                            high: hi,
+                        });
                     }
                 }
                 bpf::program(&wide, syn_only)?
@@ -77,14 +93,25 @@ impl AfPacket {
         let mut sockets = Vec::new();
         for index in indexes {
             // SAFETY: plain socket(2); protocol 0 receives nothing until bind names one.
-            let fd = check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
-                .map_err(|e| anyhow::anyhow!("AF_PACKET socket: {e} (needs CAP_NET_RAW)"))?;
+            let fd = check(unsafe {
+                libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+            })
+            .map_err(|e| anyhow::anyhow!("AF_PACKET socket: {e} (needs CAP_NET_RAW)"))?;
             // SAFETY: fd is fresh and owned from here on.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr() as *mut libc::sock_filter };
+            let fprog = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_ptr() as *mut libc::sock_filter,
+            };
             // SAFETY: Insn is layout-identical to sock_filter; the program outlives the call.
             check(unsafe {
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, (&fprog as *const libc::sock_fprog).cast(), std::mem::size_of::<libc::sock_fprog>() as u32)
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ATTACH_FILTER,
+                    (&fprog as *const libc::sock_fprog).cast(),
+                    std::mem::size_of::<libc::sock_fprog>() as u32,
+                )
             })?;
             // SAFETY: zeroed sockaddr_ll is a valid value; fields set below.
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -92,22 +119,43 @@ impl AfPacket {
             addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
             addr.sll_ifindex = index as i32;
             // SAFETY: addr is a valid sockaddr_ll of the given size.
-            check(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) })?;
+            check(unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            })?;
             sockets.push(fd);
         }
-        Ok(Self { sockets, buf: vec![0u8; 2048] })
+        Ok(Self {
+            sockets,
+            buf: vec![0u8; 2048],
+        })
     }
 }
 
 impl Source for AfPacket {
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received>> {
-        let mut fds: Vec<libc::pollfd> = self.sockets.iter().map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let mut fds: Vec<libc::pollfd> = self
+            .sockets
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: fds is a valid array of pollfd for its length.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if ready < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         for pfd in fds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
             // SAFETY: zeroed sockaddr_ll is valid; recvfrom fills it.
@@ -115,13 +163,20 @@ impl Source for AfPacket {
             let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
             // SAFETY: buf and from are valid for writes of the given sizes.
             let n = unsafe {
-                libc::recvfrom(pfd.fd, self.buf.as_mut_ptr().cast(), self.buf.len(), libc::MSG_DONTWAIT, (&mut from as *mut libc::sockaddr_ll).cast(), &mut from_len)
+                libc::recvfrom(
+                    pfd.fd,
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut from_len,
+                )
             };
             if n < 0 {
                 continue;
             }
             // Our own outgoing frames are not requests.
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             return Ok(Some(Received::Ip(self.buf[..n as usize].to_vec())));
@@ -141,14 +196,21 @@ pub struct UdpListener {
 impl UdpListener {
     pub fn open(port: u16) -> io::Result<Self> {
         let socket = UdpSocket::bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
-            .or_else(|_| UdpSocket::bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))))?;
-        Ok(Self { socket, port, buf: vec![0u8; 2048] })
+            .or_else(|_| {
+                UdpSocket::bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
+            })?;
+        Ok(Self {
+            socket,
+            port,
+            buf: vec![0u8; 2048],
+        })
     }
 }
 
 impl Source for UdpListener {
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received>> {
-        self.socket.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        self.socket
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
         match self.socket.recv_from(&mut self.buf) {
             Ok((n, from)) => Ok(Some(Received::Udp {
                 source: canonical(from.ip()),
@@ -156,7 +218,16 @@ impl Source for UdpListener {
                 port: self.port,
                 payload: self.buf[..n].to_vec(),
             })),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }

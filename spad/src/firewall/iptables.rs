@@ -15,12 +15,28 @@ impl Iptables {
 }
 
 impl Firewall for Iptables {
-    fn name(&self) -> &'static str { "iptables" }
-    fn install(&mut self, _: &Config) -> anyhow::Result<usize> { unreachable!() }
-    fn grant(&mut self, _: &[Access]) -> anyhow::Result<()> { unreachable!() }
-    fn revoke(&mut self, _: IpAddr, _: &[String]) -> anyhow::Result<()> { unreachable!() }
-    fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>> { unreachable!() }
-    fn blacklist(&mut self, _: IpAddr, _: Duration) -> anyhow::Result<()> { unreachable!() }
-    fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>> { unreachable!() }
-    fn remove(&mut self) -> anyhow::Result<()> { unreachable!() }
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+    fn install(&mut self, _: &Config) -> anyhow::Result<usize> {
+        unreachable!()
+    }
+    fn grant(&mut self, _: &[Access]) -> anyhow::Result<()> {
+        unreachable!()
+    }
+    fn revoke(&mut self, _: IpAddr, _: &[String]) -> anyhow::Result<()> {
+        unreachable!()
+    }
+    fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>> {
+        unreachable!()
+    }
+    fn blacklist(&mut self, _: IpAddr, _: Duration) -> anyhow::Result<()> {
+        unreachable!()
+    }
+    fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>> {
+        unreachable!()
+    }
+    fn remove(&mut self) -> anyhow::Result<()> {
+        unreachable!()
+    }
 }

@@ -25,7 +25,12 @@ impl Firewall for Memory {
         self.grants.retain(|(_, service), a| {
             super::still_allowed(
                 config,
-                &LiveGrant { address: a.address, service: service.clone(), remaining: a.timeout, owner: a.owner.clone() },
+                &LiveGrant {
+                    address: a.address,
+                    service: service.clone(),
+                    remaining: a.timeout,
+                    owner: a.owner.clone(),
+                },
             )
         });
         Ok(self.grants.len())
@@ -35,7 +40,8 @@ impl Firewall for Memory {
             anyhow::bail!("injected failure");
         }
         for g in grants {
-            self.grants.insert((g.address, g.service.clone()), g.clone());
+            self.grants
+                .insert((g.address, g.service.clone()), g.clone());
         }
         Ok(())
     }
@@ -49,7 +55,12 @@ impl Firewall for Memory {
         Ok(self
             .grants
             .values()
-            .map(|a| LiveGrant { address: a.address, service: a.service.clone(), remaining: a.timeout, owner: a.owner.clone() })
+            .map(|a| LiveGrant {
+                address: a.address,
+                service: a.service.clone(),
+                remaining: a.timeout,
+                owner: a.owner.clone(),
+            })
             .collect())
     }
     fn blacklist(&mut self, address: IpAddr, duration: Duration) -> anyhow::Result<()> {

@@ -63,8 +63,16 @@ pub fn still_allowed(config: &Config, grant: &LiveGrant) -> bool {
         return false;
     }
     if let Some(door) = grant.owner.strip_prefix("door:") {
-        return config.doors.doors.iter().any(|d| d.name == door && d.services.contains(&grant.service))
-            || config.doors.totp.iter().any(|d| d.name == door && d.enabled && d.services.contains(&grant.service));
+        return config
+            .doors
+            .doors
+            .iter()
+            .any(|d| d.name == door && d.services.contains(&grant.service))
+            || config
+                .doors
+                .totp
+                .iter()
+                .any(|d| d.name == door && d.enabled && d.services.contains(&grant.service));
     }
     config
         .clients

@@ -57,7 +57,10 @@ impl Message {
         buf.push(family);
         buf.push(0); // NFNETLINK_V0
         buf.extend_from_slice(&res_id.to_be_bytes());
-        Self { buf, nests: Vec::new() }
+        Self {
+            buf,
+            nests: Vec::new(),
+        }
     }
 
     fn pad(&mut self) {
@@ -86,7 +89,8 @@ impl Message {
     pub fn nest_start(&mut self, kind: u16) -> &mut Self {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
         self
     }
 
@@ -123,14 +127,21 @@ impl Socket {
     pub fn open() -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the result is checked before wrapping.
         let fd = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER)
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh, owned descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+        let timeout = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
         // SAFETY: valid fd, option pointer and size match the type.
         let rc = unsafe {
             libc::setsockopt(
@@ -147,7 +158,11 @@ impl Socket {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);
-        Ok(Self { fd, seq: seed, buf: vec![0u8; 65536] })
+        Ok(Self {
+            fd,
+            seq: seed,
+            buf: vec![0u8; 65536],
+        })
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -157,12 +172,17 @@ impl Socket {
 
     /// Sends `messages` in one datagram, optionally wrapped in an nftables batch, and waits for
     /// one acknowledgement per message that asked for one. Any kernel error aborts.
-    pub fn transact(&mut self, messages: Vec<Message>, batch_subsys: Option<u16>) -> Result<(), NetlinkError> {
+    pub fn transact(
+        &mut self,
+        messages: Vec<Message>,
+        batch_subsys: Option<u16>,
+    ) -> Result<(), NetlinkError> {
         let mut datagram = Vec::with_capacity(256);
         let mut expected = Vec::new();
         if let Some(subsys) = batch_subsys {
             let seq = self.next_seq();
-            datagram.extend(Message::new(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, subsys).finish(seq));
+            datagram
+                .extend(Message::new(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, subsys).finish(seq));
         }
         for message in messages {
             let seq = self.next_seq();
@@ -194,14 +214,26 @@ impl Socket {
         let mut acked = 0usize;
         while acked < expected.len() {
             // SAFETY: buf is a valid writable buffer of the given length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    0,
+                )
+            };
             if n < 0 {
                 return Err(io::Error::last_os_error().into());
             }
             for reply in parse_replies(&self.buf[..n as usize])? {
-                let Some(index) = expected.iter().position(|s| *s == reply.seq) else { continue };
+                let Some(index) = expected.iter().position(|s| *s == reply.seq) else {
+                    continue;
+                };
                 if reply.errno != 0 {
-                    return Err(NetlinkError::Kernel { index, errno: reply.errno });
+                    return Err(NetlinkError::Kernel {
+                        index,
+                        errno: reply.errno,
+                    });
                 }
                 acked += 1;
             }
@@ -249,14 +281,26 @@ mod tests {
     #[test]
     fn message_layout_and_nesting() {
         let mut m = Message::new(0x0a0c, NLM_F_REQUEST | NLM_F_ACK, 1, 0);
-        m.attr_str(1, "spad").nest_start(3).attr(1, &[1, 2, 3, 4, 5]).nest_end();
+        m.attr_str(1, "spad")
+            .nest_start(3)
+            .attr(1, &[1, 2, 3, 4, 5])
+            .nest_end();
         let bytes = m.finish(7);
         assert_eq!(bytes.len(), 16 + 4 + 12 + (4 + 12));
-        assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()) as usize, bytes.len());
+        assert_eq!(
+            u32::from_ne_bytes(bytes[0..4].try_into().unwrap()) as usize,
+            bytes.len()
+        );
         assert_eq!(u32::from_ne_bytes(bytes[8..12].try_into().unwrap()), 7);
         // nested attribute: header len 16 (4 + 8 padded child) with NLA_F_NESTED
-        assert_eq!(u16::from_ne_bytes(bytes[32..34].try_into().unwrap()), 4 + 4 + 5);
-        assert_eq!(u16::from_ne_bytes(bytes[34..36].try_into().unwrap()), 3 | NLA_F_NESTED);
+        assert_eq!(
+            u16::from_ne_bytes(bytes[32..34].try_into().unwrap()),
+            4 + 4 + 5
+        );
+        assert_eq!(
+            u16::from_ne_bytes(bytes[34..36].try_into().unwrap()),
+            3 | NLA_F_NESTED
+        );
     }
 
     #[test]
@@ -269,7 +313,10 @@ mod tests {
         ack.extend_from_slice(&0u32.to_ne_bytes());
         ack.extend_from_slice(&(-2i32).to_ne_bytes());
         ack.extend_from_slice(&[0u8; 16]);
-        assert_eq!(parse_replies(&ack).unwrap(), vec![Reply { seq: 5, errno: 2 }]);
+        assert_eq!(
+            parse_replies(&ack).unwrap(),
+            vec![Reply { seq: 5, errno: 2 }]
+        );
         let mut bad = ack.clone();
         bad[0] = 200;
         assert!(parse_replies(&bad).is_err());

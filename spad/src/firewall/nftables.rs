@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 use super::netlink::{Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
 use super::{still_allowed, Access, Firewall, LiveGrant};
 use crate::config::{Config, Service, ServiceKind};
-use crate::net::{Proto, PortProto};
+use crate::net::{PortProto, Proto};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -50,7 +50,11 @@ pub fn available() -> bool {
 
 /// Name of the set holding grants of `service` for `address`'s family.
 pub fn set_name(service: &str, idle: bool, v6: bool) -> String {
-    format!("{}{}_{service}", if idle { "i" } else { "a" }, if v6 { 6 } else { 4 })
+    format!(
+        "{}{}_{service}",
+        if idle { "i" } else { "a" },
+        if v6 { 6 } else { 4 }
+    )
 }
 
 fn addr_bytes(address: IpAddr) -> Vec<u8> {
@@ -61,7 +65,11 @@ fn addr_bytes(address: IpAddr) -> Vec<u8> {
 }
 
 fn comment_udata(owner: &str) -> Vec<u8> {
-    let text: String = owner.chars().filter(|c| !c.is_control() && *c != '"').take(MAX_COMMENT - 1).collect();
+    let text: String = owner
+        .chars()
+        .filter(|c| !c.is_control() && *c != '"')
+        .take(MAX_COMMENT - 1)
+        .collect();
     let mut out = vec![NFTNL_UDATA_SET_ELEM_COMMENT, (text.len() + 1) as u8];
     out.extend_from_slice(text.as_bytes());
     out.push(0);
@@ -69,7 +77,12 @@ fn comment_udata(owner: &str) -> Vec<u8> {
 }
 
 /// A `NEWSETELEM`/`DELSETELEM` for one element of one set.
-pub fn element_message(table: &str, set: &str, address: IpAddr, add: Option<(Duration, &str)>) -> Message {
+pub fn element_message(
+    table: &str,
+    set: &str,
+    address: IpAddr,
+    add: Option<(Duration, &str)>,
+) -> Message {
     let (kind, flags) = match add {
         Some(_) => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK),
         None => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
@@ -108,7 +121,11 @@ fn secs(d: Duration) -> String {
 fn port_matches(ports: &[PortProto]) -> Vec<String> {
     let mut out = Vec::new();
     for proto in [Proto::Tcp, Proto::Udp] {
-        let list: Vec<String> = ports.iter().filter(|p| p.proto == proto).map(|p| p.port.to_string()).collect();
+        let list: Vec<String> = ports
+            .iter()
+            .filter(|p| p.proto == proto)
+            .map(|p| p.port.to_string())
+            .collect();
         if !list.is_empty() {
             out.push(format!("{} dport {{ {} }}", proto.name(), list.join(", ")));
         }
@@ -117,7 +134,10 @@ fn port_matches(ports: &[PortProto]) -> Vec<String> {
 }
 
 fn iif(service: &Service) -> String {
-    service.interface.as_ref().map_or(String::new(), |i| format!("iifname \"{i}\" "))
+    service
+        .interface
+        .as_ref()
+        .map_or(String::new(), |i| format!("iifname \"{i}\" "))
 }
 
 /// Ports that must look filtered besides the services: the SPA port (when sniffed) and every
@@ -126,7 +146,10 @@ fn hidden_matches(config: &Config) -> Vec<String> {
     let mut ports: Vec<PortProto> = Vec::new();
     let mut ranges: Vec<(Proto, String)> = Vec::new();
     if config.server.capture == crate::config::CaptureMode::AfPacket {
-        ports.push(PortProto { port: config.server.port, proto: Proto::Udp });
+        ports.push(PortProto {
+            port: config.server.port,
+            proto: Proto::Udp,
+        });
     }
     let doors = &config.doors;
     for door in &doors.doors {
@@ -134,12 +157,24 @@ fn hidden_matches(config: &Config) -> Vec<String> {
     }
     ports.extend(doors.decoys.iter().copied());
     for door in doors.totp.iter().filter(|d| d.enabled) {
-        ports.push(PortProto { port: door.first_port, proto: door.proto });
+        ports.push(PortProto {
+            port: door.first_port,
+            proto: door.proto,
+        });
         ranges.push((door.proto, format!("{}-{}", door.rule.low, door.rule.high)));
     }
     let list_of = |proto: Proto| -> Vec<String> {
-        let mut list: Vec<String> = ports.iter().filter(|p| p.proto == proto).map(|p| p.port.to_string()).collect();
-        list.extend(ranges.iter().filter(|(p, _)| *p == proto).map(|(_, r)| r.clone()));
+        let mut list: Vec<String> = ports
+            .iter()
+            .filter(|p| p.proto == proto)
+            .map(|p| p.port.to_string())
+            .collect();
+        list.extend(
+            ranges
+                .iter()
+                .filter(|(p, _)| *p == proto)
+                .map(|(_, r)| r.clone()),
+        );
         list.sort();
         list.dedup();
         list
@@ -157,7 +192,10 @@ fn hidden_matches(config: &Config) -> Vec<String> {
 /// The whole table as `nft -f` text, replacing any previous version atomically.
 pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
     let mut t = String::new();
-    let _ = writeln!(t, "table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{");
+    let _ = writeln!(
+        t,
+        "table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{"
+    );
     let elements_of = |set: &str| -> String {
         let list: Vec<String> = carried
             .iter()
@@ -182,27 +220,49 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
         for v6 in [false, true] {
             let family = if v6 { "ipv6_addr" } else { "ipv4_addr" };
             let name = set_name(&service.name, false, v6);
-            let _ = writeln!(t, "  set {name} {{ type {family}; flags timeout;{} }}", elements_of(&name));
+            let _ = writeln!(
+                t,
+                "  set {name} {{ type {family}; flags timeout;{} }}",
+                elements_of(&name)
+            );
             if service.idle_timeout.is_some() {
                 let name = set_name(&service.name, true, v6);
-                let _ = writeln!(t, "  set {name} {{ type {family}; flags dynamic,timeout;{} }}", elements_of(&name));
+                let _ = writeln!(
+                    t,
+                    "  set {name} {{ type {family}; flags dynamic,timeout;{} }}",
+                    elements_of(&name)
+                );
             }
         }
     }
     for (v6, family) in [(false, "ipv4_addr"), (true, "ipv6_addr")] {
         let name = if v6 { "blacklist6" } else { "blacklist4" };
-        let _ = writeln!(t, "  set {name} {{ type {family}; flags timeout;{} }}", elements_of(name));
+        let _ = writeln!(
+            t,
+            "  set {name} {{ type {family}; flags timeout;{} }}",
+            elements_of(name)
+        );
     }
 
     // Idle timers: refreshed by any packet of a granted source to the service's ports, before
     // the conntrack shortcut so established flows count as activity too.
-    let _ = writeln!(t, "  chain refresh {{\n    type filter hook prerouting priority -160; policy accept;");
+    let _ = writeln!(
+        t,
+        "  chain refresh {{\n    type filter hook prerouting priority -160; policy accept;"
+    );
     for service in config.services.values() {
-        let Some(idle) = service.idle_timeout else { continue };
+        let Some(idle) = service.idle_timeout else {
+            continue;
+        };
         for ports in port_matches(&service.ports) {
             for (ip, v6) in [("ip", false), ("ip6", true)] {
                 let set = set_name(&service.name, true, v6);
-                let _ = writeln!(t, "    {}{ports} {ip} saddr @{set} update @{set} {{ {ip} saddr timeout {} }}", iif(service), secs(idle));
+                let _ = writeln!(
+                    t,
+                    "    {}{ports} {ip} saddr @{set} update @{set} {{ {ip} saddr timeout {} }}",
+                    iif(service),
+                    secs(idle)
+                );
             }
         }
     }
@@ -216,8 +276,18 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
         m
     };
     let allow_lists = |service: &Service| -> Vec<String> {
-        let v4: Vec<String> = service.allow.iter().filter(|c| c.addr.is_ipv4()).map(|c| c.to_string()).collect();
-        let v6: Vec<String> = service.allow.iter().filter(|c| c.addr.is_ipv6()).map(|c| c.to_string()).collect();
+        let v4: Vec<String> = service
+            .allow
+            .iter()
+            .filter(|c| c.addr.is_ipv4())
+            .map(|c| c.to_string())
+            .collect();
+        let v6: Vec<String> = service
+            .allow
+            .iter()
+            .filter(|c| c.addr.is_ipv6())
+            .map(|c| c.to_string())
+            .collect();
         let mut out = Vec::new();
         if !v4.is_empty() {
             out.push(format!("ip saddr {{ {} }}", v4.join(", ")));
@@ -228,19 +298,35 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
         out
     };
 
-    let _ = writeln!(t, "  chain input {{\n    type filter hook input priority filter - 5; policy accept;");
+    let _ = writeln!(
+        t,
+        "  chain input {{\n    type filter hook input priority filter - 5; policy accept;"
+    );
     let _ = writeln!(t, "    ct state established,related accept");
     for hidden in hidden_matches(config) {
         let _ = writeln!(t, "    {hidden} drop");
     }
-    let local = config.services.values().filter(|s| s.kind != ServiceKind::Nat);
+    let local = config
+        .services
+        .values()
+        .filter(|s| s.kind != ServiceKind::Nat);
     for service in local.clone() {
         for ports in port_matches(&service.ports) {
             for allow in allow_lists(service) {
                 let _ = writeln!(t, "    {}{ports} {allow} accept", iif(service));
             }
-            let _ = writeln!(t, "    {}{ports} {} accept", iif(service), access(service, "ip", false));
-            let _ = writeln!(t, "    {}{ports} {} accept", iif(service), access(service, "ip6", true));
+            let _ = writeln!(
+                t,
+                "    {}{ports} {} accept",
+                iif(service),
+                access(service, "ip", false)
+            );
+            let _ = writeln!(
+                t,
+                "    {}{ports} {} accept",
+                iif(service),
+                access(service, "ip6", true)
+            );
         }
     }
     // Everything protected, NAT public ports included, looks filtered to everyone else.
@@ -251,37 +337,75 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
     }
     let _ = writeln!(t, "  }}");
 
-    let nat: Vec<&Service> = config.services.values().filter(|s| s.kind == ServiceKind::Nat).collect();
+    let nat: Vec<&Service> = config
+        .services
+        .values()
+        .filter(|s| s.kind == ServiceKind::Nat)
+        .collect();
     if !nat.is_empty() {
         let _ = writeln!(t, "  chain nat_prerouting {{\n    type nat hook prerouting priority dstnat - 5; policy accept;");
         for service in &nat {
-            let forward = service.forward.as_ref().expect("nat services have a target");
+            let forward = service
+                .forward
+                .as_ref()
+                .expect("nat services have a target");
             for ports in port_matches(&service.ports) {
                 if let Some(target) = forward.v4 {
-                    for allow in allow_lists(service).into_iter().filter(|a| a.starts_with("ip ")) {
-                        let _ = writeln!(t, "    {}{ports} {allow} dnat ip to {target}", iif(service));
+                    for allow in allow_lists(service)
+                        .into_iter()
+                        .filter(|a| a.starts_with("ip "))
+                    {
+                        let _ =
+                            writeln!(t, "    {}{ports} {allow} dnat ip to {target}", iif(service));
                     }
-                    let _ = writeln!(t, "    {}{ports} {} dnat ip to {target}", iif(service), access(service, "ip", false));
+                    let _ = writeln!(
+                        t,
+                        "    {}{ports} {} dnat ip to {target}",
+                        iif(service),
+                        access(service, "ip", false)
+                    );
                 }
                 if let Some(target) = forward.v6 {
-                    for allow in allow_lists(service).into_iter().filter(|a| a.starts_with("ip6 ")) {
-                        let _ = writeln!(t, "    {}{ports} {allow} dnat ip6 to {target}", iif(service));
+                    for allow in allow_lists(service)
+                        .into_iter()
+                        .filter(|a| a.starts_with("ip6 "))
+                    {
+                        let _ = writeln!(
+                            t,
+                            "    {}{ports} {allow} dnat ip6 to {target}",
+                            iif(service)
+                        );
                     }
-                    let _ = writeln!(t, "    {}{ports} {} dnat ip6 to {target}", iif(service), access(service, "ip6", true));
+                    let _ = writeln!(
+                        t,
+                        "    {}{ports} {} dnat ip6 to {target}",
+                        iif(service),
+                        access(service, "ip6", true)
+                    );
                 }
             }
         }
         let _ = writeln!(t, "  }}");
-        let _ = writeln!(t, "  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;");
+        let _ = writeln!(
+            t,
+            "  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;"
+        );
         let _ = writeln!(t, "    ct state established,related accept");
         for service in &nat {
-            let forward = service.forward.as_ref().expect("nat services have a target");
+            let forward = service
+                .forward
+                .as_ref()
+                .expect("nat services have a target");
             let public = service.ports[0];
             for target in [forward.v4, forward.v6].into_iter().flatten() {
                 let ip = if target.is_ipv6() { "ip6" } else { "ip" };
                 let proto = public.proto.name();
                 let m = format!("{ip} daddr {} {proto} dport {}", target.ip(), target.port());
-                let _ = writeln!(t, "    {m} ct status dnat ct original proto-dst {} accept", public.port);
+                let _ = writeln!(
+                    t,
+                    "    {m} ct status dnat ct original proto-dst {} accept",
+                    public.port
+                );
                 let _ = writeln!(t, "    {m} drop");
             }
         }
@@ -295,7 +419,11 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
 fn nft(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
     let mut child = Command::new("nft")
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -305,30 +433,57 @@ fn nft(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Parses `nft -j list table` output into set elements. Unknown shapes are skipped.
 pub fn parse_elements(json: &str) -> anyhow::Result<Vec<Carried>> {
-    let value: serde_json::Value = serde_json::from_str(json).context("nft -j output is not JSON")?;
+    let value: serde_json::Value =
+        serde_json::from_str(json).context("nft -j output is not JSON")?;
     let mut out = Vec::new();
-    let items = value.get("nftables").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let items = value
+        .get("nftables")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
     for item in items {
         let Some(set) = item.get("set") else { continue };
-        let Some(name) = set.get("name").and_then(|n| n.as_str()) else { continue };
-        let Some(elems) = set.get("elem").and_then(|e| e.as_array()) else { continue };
+        let Some(name) = set.get("name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let Some(elems) = set.get("elem").and_then(|e| e.as_array()) else {
+            continue;
+        };
         for elem in elems {
-            let Some(inner) = elem.get("elem") else { continue };
-            let Some(address) = inner.get("val").and_then(|v| v.as_str()).and_then(|v| v.parse().ok()) else { continue };
-            let secs = |key: &str| Duration::from_secs(inner.get(key).and_then(|v| v.as_u64()).unwrap_or(0));
+            let Some(inner) = elem.get("elem") else {
+                continue;
+            };
+            let Some(address) = inner
+                .get("val")
+                .and_then(|v| v.as_str())
+                .and_then(|v| v.parse().ok())
+            else {
+                continue;
+            };
+            let secs = |key: &str| {
+                Duration::from_secs(inner.get(key).and_then(|v| v.as_u64()).unwrap_or(0))
+            };
             out.push(Carried {
                 set: name.to_string(),
                 address,
                 timeout: secs("timeout"),
                 remaining: secs("expires"),
-                owner: inner.get("comment").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+                owner: inner
+                    .get("comment")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string(),
             });
         }
     }
@@ -346,8 +501,13 @@ pub struct Nftables {
 
 impl Nftables {
     pub fn open(table: &str) -> anyhow::Result<Self> {
-        let socket = Socket::open().context("cannot open a netfilter netlink socket (needs CAP_NET_ADMIN)")?;
-        Ok(Self { table: table.to_string(), socket, idle_services: Vec::new() })
+        let socket = Socket::open()
+            .context("cannot open a netfilter netlink socket (needs CAP_NET_ADMIN)")?;
+        Ok(Self {
+            table: table.to_string(),
+            socket,
+            idle_services: Vec::new(),
+        })
     }
 
     fn current(&self) -> anyhow::Result<Vec<Carried>> {
@@ -363,8 +523,16 @@ impl Nftables {
         carried
             .iter()
             .filter_map(|c| {
-                let service = c.set.strip_prefix("a4_").or_else(|| c.set.strip_prefix("a6_"))?;
-                Some(LiveGrant { address: c.address, service: service.to_string(), remaining: c.remaining, owner: c.owner.clone() })
+                let service = c
+                    .set
+                    .strip_prefix("a4_")
+                    .or_else(|| c.set.strip_prefix("a6_"))?;
+                Some(LiveGrant {
+                    address: c.address,
+                    service: service.to_string(),
+                    remaining: c.remaining,
+                    owner: c.owner.clone(),
+                })
             })
             .collect()
     }
@@ -383,14 +551,34 @@ impl Firewall for Nftables {
                 if c.set.starts_with("blacklist") {
                     return true;
                 }
-                let Some(service) = c.set.get(3..) else { return false };
-                let idle_ok = !c.set.starts_with('i') || config.services.get(service).is_some_and(|s| s.idle_timeout.is_some());
-                idle_ok && still_allowed(config, &LiveGrant { address: c.address, service: service.to_string(), remaining: c.remaining, owner: c.owner.clone() })
+                let Some(service) = c.set.get(3..) else {
+                    return false;
+                };
+                let idle_ok = !c.set.starts_with('i')
+                    || config
+                        .services
+                        .get(service)
+                        .is_some_and(|s| s.idle_timeout.is_some());
+                idle_ok
+                    && still_allowed(
+                        config,
+                        &LiveGrant {
+                            address: c.address,
+                            service: service.to_string(),
+                            remaining: c.remaining,
+                            owner: c.owner.clone(),
+                        },
+                    )
             })
             .collect();
         let text = ruleset(config, &self.table, &kept);
         nft(&["-f", "-"], Some(&text)).context("loading the ruleset")?;
-        self.idle_services = config.services.values().filter(|s| s.idle_timeout.is_some()).map(|s| s.name.clone()).collect();
+        self.idle_services = config
+            .services
+            .values()
+            .filter(|s| s.idle_timeout.is_some())
+            .map(|s| s.name.clone())
+            .collect();
         Ok(kept.iter().filter(|c| c.set.starts_with('a')).count())
     }
 
@@ -404,12 +592,24 @@ impl Firewall for Nftables {
             }
             for (set, timeout) in sets {
                 // add (creates if missing) + delete + add: refreshes the timeout on every kernel.
-                messages.push(element_message(&self.table, &set, g.address, Some((timeout, &g.owner))));
+                messages.push(element_message(
+                    &self.table,
+                    &set,
+                    g.address,
+                    Some((timeout, &g.owner)),
+                ));
                 messages.push(element_message(&self.table, &set, g.address, None));
-                messages.push(element_message(&self.table, &set, g.address, Some((timeout, &g.owner))));
+                messages.push(element_message(
+                    &self.table,
+                    &set,
+                    g.address,
+                    Some((timeout, &g.owner)),
+                ));
             }
         }
-        self.socket.transact(messages, Some(NFNL_SUBSYS_NFTABLES)).context("adding set elements over netlink")
+        self.socket
+            .transact(messages, Some(NFNL_SUBSYS_NFTABLES))
+            .context("adding set elements over netlink")
     }
 
     fn revoke(&mut self, address: IpAddr, services: &[String]) -> anyhow::Result<()> {
@@ -422,14 +622,21 @@ impl Firewall for Nftables {
             }
             for set in sets {
                 // add-then-delete always succeeds, whether or not the element was there.
-                messages.push(element_message(&self.table, &set, address, Some((Duration::from_secs(1), "revoked"))));
+                messages.push(element_message(
+                    &self.table,
+                    &set,
+                    address,
+                    Some((Duration::from_secs(1), "revoked")),
+                ));
                 messages.push(element_message(&self.table, &set, address, None));
             }
         }
         if messages.is_empty() {
             return Ok(());
         }
-        self.socket.transact(messages, Some(NFNL_SUBSYS_NFTABLES)).context("removing set elements over netlink")
+        self.socket
+            .transact(messages, Some(NFNL_SUBSYS_NFTABLES))
+            .context("removing set elements over netlink")
     }
 
     fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>> {
@@ -438,17 +645,28 @@ impl Firewall for Nftables {
     }
 
     fn blacklist(&mut self, address: IpAddr, duration: Duration) -> anyhow::Result<()> {
-        let set = if address.is_ipv6() { "blacklist6" } else { "blacklist4" };
+        let set = if address.is_ipv6() {
+            "blacklist6"
+        } else {
+            "blacklist4"
+        };
         let messages = vec![
             element_message(&self.table, set, address, Some((duration, "blacklist"))),
             element_message(&self.table, set, address, None),
             element_message(&self.table, set, address, Some((duration, "blacklist"))),
         ];
-        self.socket.transact(messages, Some(NFNL_SUBSYS_NFTABLES)).context("blacklisting over netlink")
+        self.socket
+            .transact(messages, Some(NFNL_SUBSYS_NFTABLES))
+            .context("blacklisting over netlink")
     }
 
     fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>> {
-        Ok(self.current()?.into_iter().filter(|c| c.set.starts_with("blacklist")).map(|c| (c.address, c.remaining)).collect())
+        Ok(self
+            .current()?
+            .into_iter()
+            .filter(|c| c.set.starts_with("blacklist"))
+            .map(|c| (c.address, c.remaining))
+            .collect())
     }
 
     fn remove(&mut self) -> anyhow::Result<()> {
@@ -474,13 +692,21 @@ mod tests {
 
     #[test]
     fn new_element_message_golden_layout() {
-        let m = element_message("spad", "a4_ssh", "198.51.100.7".parse().unwrap(), Some((Duration::from_secs(30), "alice")));
+        let m = element_message(
+            "spad",
+            "a4_ssh",
+            "198.51.100.7".parse().unwrap(),
+            Some((Duration::from_secs(30), "alice")),
+        );
         let bytes = m.finish(1);
         // header(16) nfgen(4) table "spad\0"(4+5→12) set "a4_ssh\0"(4+7→12)
         assert_eq!(&bytes[20..24], &[9, 0, 1, 0]);
         assert_eq!(&bytes[24..29], b"spad\0");
         // the key's value attribute holds the address bytes
-        let pos = bytes.windows(4).position(|w| w == [198, 51, 100, 7]).unwrap();
+        let pos = bytes
+            .windows(4)
+            .position(|w| w == [198, 51, 100, 7])
+            .unwrap();
         assert_eq!(&bytes[pos - 4..pos], &[8, 0, 1, 0]);
         // timeout attribute: 30000 ms big-endian
         let ms = 30_000u64.to_be_bytes();

@@ -116,7 +116,10 @@ pub struct TcpFlags {
 
 impl TcpFlags {
     /// The default: SYN set, ACK clear (a connection attempt).
-    pub const SYN: TcpFlags = TcpFlags { set: 0x02, clear: 0x10 };
+    pub const SYN: TcpFlags = TcpFlags {
+        set: 0x02,
+        clear: 0x10,
+    };
 
     pub fn matches(&self, flags: u8) -> bool {
         flags & self.set == self.set && flags & self.clear == 0
@@ -213,7 +216,10 @@ fn service_list(
     services: &BTreeMap<String, Service>,
 ) -> Result<Vec<String>, Located> {
     if list.is_empty() {
-        return Err(Located { span: 0..0, message: "a door needs services = [\"...\"]".into() });
+        return Err(Located {
+            span: 0..0,
+            message: "a door needs services = [\"...\"]".into(),
+        });
     }
     list.iter()
         .map(|s| {
@@ -221,7 +227,13 @@ fn service_list(
                 Ok(s.get_ref().clone())
             } else {
                 let known = services.keys().cloned().collect::<Vec<_>>().join(", ");
-                Err(at(s, format!("unknown service `{}`; defined services: {known}", s.get_ref())))
+                Err(at(
+                    s,
+                    format!(
+                        "unknown service `{}`; defined services: {known}",
+                        s.get_ref()
+                    ),
+                ))
             }
         })
         .collect()
@@ -245,20 +257,34 @@ pub(crate) fn build(
     base: &Path,
     _text: &str,
 ) -> Result<Doors, Located> {
-    let spa_port = PortProto { port: server.port, proto: Proto::Udp };
-    let service_ports: BTreeSet<PortProto> =
-        services.values().flat_map(|s| s.ports.iter().copied()).collect();
+    let spa_port = PortProto {
+        port: server.port,
+        proto: Proto::Udp,
+    };
+    let service_ports: BTreeSet<PortProto> = services
+        .values()
+        .flat_map(|s| s.ports.iter().copied())
+        .collect();
     // Every port some door listens on, with its owner, to refuse overlaps.
     let mut owners: BTreeMap<PortProto, String> = BTreeMap::new();
     let mut claim = |port: PortProto, owner: &str, span: &Spanned<String>| -> Result<(), Located> {
         if port == spa_port {
-            return Err(at(span, format!("{port} is the SPA port; knock ports must differ")));
+            return Err(at(
+                span,
+                format!("{port} is the SPA port; knock ports must differ"),
+            ));
         }
         if service_ports.contains(&port) {
-            return Err(at(span, format!("{port} is a protected service port; knock ports must differ")));
+            return Err(at(
+                span,
+                format!("{port} is a protected service port; knock ports must differ"),
+            ));
         }
         if let Some(other) = owners.get(&port).filter(|other| *other != owner) {
-            return Err(at(span, format!("{port} is already used by `{other}`; doors must not share ports")));
+            return Err(at(
+                span,
+                format!("{port} is already used by `{other}`; doors must not share ports"),
+            ));
         }
         owners.insert(port, owner.to_string());
         Ok(())
@@ -273,7 +299,10 @@ pub(crate) fn build(
         }
         for (i, p) in sequence.iter().enumerate() {
             if sequence[..i].contains(p) {
-                return Err(at(&raw.sequence[i], format!("{p} appears twice in the sequence; every knock port must be distinct")));
+                return Err(at(
+                    &raw.sequence[i],
+                    format!("{p} appears twice in the sequence; every knock port must be distinct"),
+                ));
             }
             claim(*p, name, &raw.sequence[i])?;
         }
@@ -298,7 +327,10 @@ pub(crate) fn build(
             seq_timeout: raw.seq_timeout.0,
             tcp_flags,
             services,
-            one_time_file: raw.one_time_sequences.as_ref().map(|p| resolve(base, p.get_ref())),
+            one_time_file: raw
+                .one_time_sequences
+                .as_ref()
+                .map(|p| resolve(base, p.get_ref())),
             start_command: raw.start_command.clone(),
             stop_command: raw.stop_command.clone(),
         });
@@ -345,24 +377,44 @@ pub(crate) fn build(
             .split_once('-')
             .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
             .filter(|(a, b)| *a >= 1 && a < b)
-            .ok_or_else(|| at(&raw.port_range, "port-range is \"LOW-HIGH\", e.g. \"20000-29999\""))?;
+            .ok_or_else(|| {
+                at(
+                    &raw.port_range,
+                    "port-range is \"LOW-HIGH\", e.g. \"20000-29999\"",
+                )
+            })?;
         if !(1..=8).contains(&raw.derived_ports) {
-            return Err(Located { span: spanned.span(), message: "derived-ports must be 1-8".into() });
+            return Err(Located {
+                span: spanned.span(),
+                message: "derived-ports must be 1-8".into(),
+            });
         }
         let services = service_list(&raw.services, services)?;
-        totp.push((spanned.span(), TotpDoor {
-            name: name.clone(),
-            first_port: first,
-            secret,
-            params: Params { algorithm: Algorithm::Sha1, period_secs: 30, digits: 6 },
-            rule: PortRule { low, high, count: raw.derived_ports, excluded: Vec::new() },
-            proto,
-            skew_steps: raw.skew_steps.min(3),
-            seq_timeout: raw.seq_timeout.0,
-            services,
-            enabled: raw.enabled.unwrap_or(true),
-            require_enrollment: raw.require_enrollment,
-        }));
+        totp.push((
+            spanned.span(),
+            TotpDoor {
+                name: name.clone(),
+                first_port: first,
+                secret,
+                params: Params {
+                    algorithm: Algorithm::Sha1,
+                    period_secs: 30,
+                    digits: 6,
+                },
+                rule: PortRule {
+                    low,
+                    high,
+                    count: raw.derived_ports,
+                    excluded: Vec::new(),
+                },
+                proto,
+                skew_steps: raw.skew_steps.min(3),
+                seq_timeout: raw.seq_timeout.0,
+                services,
+                enabled: raw.enabled.unwrap_or(true),
+                require_enrollment: raw.require_enrollment,
+            },
+        ));
     }
     // Derived ports avoid the SPA port, every service port, every static door port and decoy,
     // and every TOTP first port.
@@ -375,7 +427,10 @@ pub(crate) fn build(
     for (span, mut door) in totp {
         door.rule.excluded = excluded.clone();
         if let Err(e) = spa_shared::totp::derive_ports(door.first_port, "000000", &door.rule) {
-            return Err(Located { span, message: format!("TOTP door `{}`: {e}; widen port-range", door.name) });
+            return Err(Located {
+                span,
+                message: format!("TOTP door `{}`: {e}; widen port-range", door.name),
+            });
         }
         totp_doors.push(door);
     }

@@ -29,11 +29,25 @@ use crate::net::{PortProto, Proto};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Log(String),
-    Open { door: String, address: IpAddr, services: Vec<String> },
-    Close { door: String, address: IpAddr, services: Vec<String> },
-    Blacklist { address: IpAddr, duration: Duration },
+    Open {
+        door: String,
+        address: IpAddr,
+        services: Vec<String>,
+    },
+    Close {
+        door: String,
+        address: IpAddr,
+        services: Vec<String>,
+    },
+    Blacklist {
+        address: IpAddr,
+        duration: Duration,
+    },
     /// A knockd-style start/stop command: argv with `%IP%` replaced, plus environment.
-    Command { argv: Vec<String>, env: Vec<(String, String)> },
+    Command {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,6 +56,13 @@ enum Which {
     Close,
     OneTime,
     Totp(u64),
+}
+
+/// One observed knock.
+#[derive(Debug, Clone, Copy)]
+struct Hit {
+    port: PortProto,
+    now: Micros,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +84,7 @@ struct SourceState {
 struct OneTimeList {
     path: PathBuf,
     /// (line index in the file, sequence) of unused lines, in order.
-    unused: Vec<(usize, Vec<PortProto>)>,
+    unused: OneTimeLines,
 }
 
 /// Most (source, door, sequence) progress entries kept at once.
@@ -98,7 +119,12 @@ pub struct Engine {
 pub fn watched_ranges(config: &Config) -> Vec<Watch> {
     let mut out = Vec::new();
     for door in &config.doors.doors {
-        let mut ports: Vec<PortProto> = door.sequence.iter().chain(&door.close_sequence).copied().collect();
+        let mut ports: Vec<PortProto> = door
+            .sequence
+            .iter()
+            .chain(&door.close_sequence)
+            .copied()
+            .collect();
         if let Some(file) = &door.one_time_file {
             if let Ok((list, _)) = read_one_time(file) {
                 ports.extend(list.into_iter().flat_map(|(_, s)| s));
@@ -107,33 +133,60 @@ pub fn watched_ranges(config: &Config) -> Vec<Watch> {
         out.extend(hull(&ports));
     }
     for door in config.doors.totp.iter().filter(|d| d.enabled) {
-        out.push(Watch { proto: door.proto, low: door.first_port, high: door.first_port });
-        out.push(Watch { proto: door.proto, low: door.rule.low, high: door.rule.high });
+        out.push(Watch {
+            proto: door.proto,
+            low: door.first_port,
+            high: door.first_port,
+        });
+        out.push(Watch {
+            proto: door.proto,
+            low: door.rule.low,
+            high: door.rule.high,
+        });
     }
-    out.extend(config.doors.decoys.iter().map(|p| Watch { proto: p.proto, low: p.port, high: p.port }));
+    out.extend(config.doors.decoys.iter().map(|p| Watch {
+        proto: p.proto,
+        low: p.port,
+        high: p.port,
+    }));
     out
 }
 
 /// Whether the capture may restrict TCP to SYN-without-ACK (true unless a door asks otherwise).
 pub fn syn_only(config: &Config) -> bool {
-    config.doors.doors.iter().all(|d| d.tcp_flags == super::config::TcpFlags::SYN)
+    config
+        .doors
+        .doors
+        .iter()
+        .all(|d| d.tcp_flags == super::config::TcpFlags::SYN)
 }
 
 fn hull(ports: &[PortProto]) -> Vec<Watch> {
     let mut out = Vec::new();
     for proto in [Proto::Tcp, Proto::Udp] {
-        let of: Vec<u16> = ports.iter().filter(|p| p.proto == proto).map(|p| p.port).collect();
+        let of: Vec<u16> = ports
+            .iter()
+            .filter(|p| p.proto == proto)
+            .map(|p| p.port)
+            .collect();
         if let (Some(lo), Some(hi)) = (of.iter().min(), of.iter().max()) {
-            out.push(Watch { proto, low: *lo, high: *hi });
+            out.push(Watch {
+                proto,
+                low: *lo,
+                high: *hi,
+            });
         }
     }
     out
 }
 
+/// Unused lines of a one-time sequence file: (line index, sequence).
+pub type OneTimeLines = Vec<(usize, Vec<PortProto>)>;
+
 /// Reads a knockd one-time sequence file: one sequence per line (`7000,8000:udp,9000` or
 /// space separated); lines starting with `#` are used or comments. Returns unused lines and a
 /// warning for lines that do not parse.
-pub fn read_one_time(path: &Path) -> std::io::Result<(Vec<(usize, Vec<PortProto>)>, Option<String>)> {
+pub fn read_one_time(path: &Path) -> std::io::Result<(OneTimeLines, Option<String>)> {
     let text = std::fs::read_to_string(path)?;
     let mut out = Vec::new();
     let mut bad = Vec::new();
@@ -142,13 +195,18 @@ pub fn read_one_time(path: &Path) -> std::io::Result<(Vec<(usize, Vec<PortProto>
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let seq: Result<Vec<PortProto>, _> = line.split([',', ' ', '\t']).filter(|p| !p.is_empty()).map(str::parse).collect();
+        let seq: Result<Vec<PortProto>, _> = line
+            .split([',', ' ', '\t'])
+            .filter(|p| !p.is_empty())
+            .map(str::parse)
+            .collect();
         match seq {
             Ok(seq) if seq.len() >= 2 => out.push((i, seq)),
             _ => bad.push(i + 1),
         }
     }
-    let warning = (!bad.is_empty()).then(|| format!("{}: ignoring unparsable lines {bad:?}", path.display()));
+    let warning =
+        (!bad.is_empty()).then(|| format!("{}: ignoring unparsable lines {bad:?}", path.display()));
     Ok((out, warning))
 }
 
@@ -220,7 +278,10 @@ impl Engine {
         self.totp = Vec::new();
         for door in d.totp.iter().filter(|t| t.enabled) {
             if door.require_enrollment && !crate::enroll::is_enrolled(&self.state_dir, door) {
-                self.warning = Some(format!("TOTP door {} is not enrolled yet; run `spad totp enroll --door {}`", door.name, door.name));
+                self.warning = Some(format!(
+                    "TOTP door {} is not enrolled yet; run `spad totp enroll --door {}`",
+                    door.name, door.name
+                ));
                 continue;
             }
             self.totp.push(door.clone());
@@ -230,8 +291,15 @@ impl Engine {
         self.blacklist_for = d.blacklist_for;
         self.max_rate = d.max_knocks_per_second;
         self.ignored = config.protected_ports();
-        self.ignored.insert(PortProto { port: config.server.port, proto: Proto::Udp });
-        self.service_timeouts = config.services.values().map(|s| (s.name.clone(), s.timeout)).collect();
+        self.ignored.insert(PortProto {
+            port: config.server.port,
+            proto: Proto::Udp,
+        });
+        self.service_timeouts = config
+            .services
+            .values()
+            .map(|s| (s.name.clone(), s.timeout))
+            .collect();
         let mut warnings = Vec::new();
         self.one_time = self
             .doors
@@ -244,8 +312,15 @@ impl Engine {
                         Some(OneTimeList { path, unused })
                     }
                     Err(e) => {
-                        warnings.push(format!("door {}: cannot read {}: {e}; the door stays shut", door.name, path.display()));
-                        Some(OneTimeList { path, unused: Vec::new() })
+                        warnings.push(format!(
+                            "door {}: cannot read {}: {e}; the door stays shut",
+                            door.name,
+                            path.display()
+                        ));
+                        Some(OneTimeList {
+                            path,
+                            unused: Vec::new(),
+                        })
                     }
                 }
             })
@@ -255,7 +330,12 @@ impl Engine {
             .iter()
             .enumerate()
             .map(|(i, door)| {
-                let mut ports: Vec<PortProto> = door.sequence.iter().chain(&door.close_sequence).copied().collect();
+                let mut ports: Vec<PortProto> = door
+                    .sequence
+                    .iter()
+                    .chain(&door.close_sequence)
+                    .copied()
+                    .collect();
                 if let Some(list) = &self.one_time[i] {
                     ports.extend(list.unused.iter().flat_map(|(_, s)| s.iter().copied()));
                 }
@@ -289,24 +369,43 @@ impl Engine {
             state.blacklisted_until = now + window;
             state.failures = 0;
             self.progress.retain(|(a, _, _), _| *a != address);
-            events.push(Event::Log(format!("{address}: blacklisted for {} (repeated knock failures)", spa_shared::duration::format(self.blacklist_for))));
-            events.push(Event::Blacklist { address, duration: self.blacklist_for });
+            events.push(Event::Log(format!(
+                "{address}: blacklisted for {} (repeated knock failures)",
+                spa_shared::duration::format(self.blacklist_for)
+            )));
+            events.push(Event::Blacklist {
+                address,
+                duration: self.blacklist_for,
+            });
         }
     }
 
     fn totp_sequence(&mut self, index: usize, step: u64) -> Option<Vec<PortProto>> {
         let door = &self.totp[index];
         let proto = door.proto;
-        if !self.totp_cache.contains_key(&(index, step)) {
-            let code = totp::code_at_step(&door.secret, &door.params, step);
-            let ports = totp::derive_ports(door.first_port, &code, &door.rule).ok()?;
-            self.totp_cache.insert((index, step), ports);
-        }
-        Some(self.totp_cache[&(index, step)].iter().map(|p| PortProto { port: *p, proto }).collect())
+        let ports = match self.totp_cache.entry((index, step)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let code = totp::code_at_step(&door.secret, &door.params, step);
+                e.insert(totp::derive_ports(door.first_port, &code, &door.rule).ok()?)
+            }
+        };
+        Some(
+            ports
+                .iter()
+                .map(|p| PortProto { port: *p, proto })
+                .collect(),
+        )
     }
 
     /// One observed knock. Returns what to do.
-    pub fn knock(&mut self, address: IpAddr, port: PortProto, tcp_flags: u8, now: Micros) -> Vec<Event> {
+    pub fn knock(
+        &mut self,
+        address: IpAddr,
+        port: PortProto,
+        tcp_flags: u8,
+        now: Micros,
+    ) -> Vec<Event> {
         let mut events = Vec::new();
         if self.ignored.contains(&port) {
             return events;
@@ -323,13 +422,18 @@ impl Engine {
         state.rate_count += 1;
         if state.rate_count > self.max_rate {
             if state.rate_count == self.max_rate + 1 {
-                events.push(Event::Log(format!("{address}: more than {} knocks per second; ignoring", self.max_rate)));
+                events.push(Event::Log(format!(
+                    "{address}: more than {} knocks per second; ignoring",
+                    self.max_rate
+                )));
                 self.fail(address, now, &mut events);
             }
             return events;
         }
         if self.decoys.contains(&port) {
-            events.push(Event::Log(format!("{address}: decoy port {port} hit; progress reset")));
+            events.push(Event::Log(format!(
+                "{address}: decoy port {port} hit; progress reset"
+            )));
             self.progress.retain(|(a, _, _), _| *a != address);
             self.fail(address, now, &mut events);
             return events;
@@ -348,10 +452,27 @@ impl Engine {
 
     /// Advances one sequence. Returns Some(true) on completion, Some(false) on a reset of real
     /// progress, None otherwise.
-    fn advance(&mut self, key: (IpAddr, usize, Which), seq: &[PortProto], port: PortProto, timeout: Duration, now: Micros, label: &str, events: &mut Vec<Event>) -> Option<bool> {
-        let mut p = self.progress.get(&key).copied().unwrap_or(Progress { matched: 0, started: now });
+    fn advance(
+        &mut self,
+        key: (IpAddr, usize, Which),
+        seq: &[PortProto],
+        hit: Hit,
+        timeout: Duration,
+        label: &str,
+        events: &mut Vec<Event>,
+    ) -> Option<bool> {
+        let Hit { port, now } = hit;
+        let mut p = self.progress.get(&key).copied().unwrap_or(Progress {
+            matched: 0,
+            started: now,
+        });
         if p.matched > 0 && now.saturating_sub(p.started) > timeout.as_micros() as Micros {
-            events.push(Event::Log(format!("{}: {label}: timed out at stage {}/{}", key.0, p.matched, seq.len())));
+            events.push(Event::Log(format!(
+                "{}: {label}: timed out at stage {}/{}",
+                key.0,
+                p.matched,
+                seq.len()
+            )));
             p.matched = 0;
         }
         let result;
@@ -364,18 +485,33 @@ impl Engine {
                 self.progress.remove(&key);
                 return Some(true);
             }
-            events.push(Event::Log(format!("{}: {label}: stage {}/{}", key.0, p.matched, seq.len())));
+            events.push(Event::Log(format!(
+                "{}: {label}: stage {}/{}",
+                key.0,
+                p.matched,
+                seq.len()
+            )));
             result = None;
         } else if p.matched > 0 && seq[p.matched - 1] == port {
             // A retransmitted or duplicated knock of the port just accepted.
             return None;
         } else if seq[0] == port {
             let reset = p.matched > 0;
-            p = Progress { matched: 1, started: now };
-            events.push(Event::Log(format!("{}: {label}: stage 1/{} (restarted)", key.0, seq.len())));
+            p = Progress {
+                matched: 1,
+                started: now,
+            };
+            events.push(Event::Log(format!(
+                "{}: {label}: stage 1/{} (restarted)",
+                key.0,
+                seq.len()
+            )));
             result = reset.then_some(false);
         } else if p.matched > 0 {
-            events.push(Event::Log(format!("{}: {label}: reset (wrong port {port})", key.0)));
+            events.push(Event::Log(format!(
+                "{}: {label}: reset (wrong port {port})",
+                key.0
+            )));
             self.progress.remove(&key);
             return Some(false);
         } else {
@@ -385,9 +521,20 @@ impl Engine {
         result
     }
 
-    fn static_door(&mut self, index: usize, address: IpAddr, port: PortProto, flags: u8, now: Micros, events: &mut Vec<Event>) {
+    fn static_door(
+        &mut self,
+        index: usize,
+        address: IpAddr,
+        port: PortProto,
+        flags: u8,
+        now: Micros,
+        events: &mut Vec<Event>,
+    ) {
         let door = self.doors[index].clone();
-        if !self.hulls[index].iter().any(|w| w.proto == port.proto && (w.low..=w.high).contains(&port.port)) {
+        if !self.hulls[index]
+            .iter()
+            .any(|w| w.proto == port.proto && (w.low..=w.high).contains(&port.port))
+        {
             return;
         }
         if port.proto == Proto::Tcp && !door.tcp_flags.matches(flags) {
@@ -404,7 +551,14 @@ impl Engine {
             None => (Which::Open, door.sequence.clone(), None),
         };
         if !seq.is_empty() {
-            match self.advance((address, index, which), &seq, port, door.seq_timeout, now, &label, events) {
+            match self.advance(
+                (address, index, which),
+                &seq,
+                Hit { port, now },
+                door.seq_timeout,
+                &label,
+                events,
+            ) {
                 Some(true) => {
                     if let (Some(line), Some(list)) = (line, self.one_time[index].as_mut()) {
                         if let Err(e) = mark_used(&list.path, line) {
@@ -413,17 +567,32 @@ impl Engine {
                         }
                         list.unused.remove(0);
                         let left = list.unused.len();
-                        events.push(Event::Log(format!("door {}: one-time sequence used, {left} left", door.name)));
+                        events.push(Event::Log(format!(
+                            "door {}: one-time sequence used, {left} left",
+                            door.name
+                        )));
                     }
                     events.push(Event::Log(format!("{address}: {label}: OPEN")));
-                    events.push(Event::Open { door: door.name.clone(), address, services: door.services.clone() });
+                    events.push(Event::Open {
+                        door: door.name.clone(),
+                        address,
+                        services: door.services.clone(),
+                    });
                     if !door.start_command.is_empty() {
                         events.push(command(&door.start_command, &door.name, address, "start"));
                     }
                     if !door.stop_command.is_empty() {
-                        let longest = door.services.iter().filter_map(|s| self.service_timeouts.get(s)).max().copied().unwrap_or_default();
-                        self.timers.retain(|(_, d, a)| !(*d == index && *a == address));
-                        self.timers.push((now + longest.as_micros() as Micros, index, address));
+                        let longest = door
+                            .services
+                            .iter()
+                            .filter_map(|s| self.service_timeouts.get(s))
+                            .max()
+                            .copied()
+                            .unwrap_or_default();
+                        self.timers
+                            .retain(|(_, d, a)| !(*d == index && *a == address));
+                        self.timers
+                            .push((now + longest.as_micros() as Micros, index, address));
                     }
                 }
                 Some(false) => failed = true,
@@ -431,12 +600,24 @@ impl Engine {
             }
         }
         if !door.close_sequence.is_empty() {
-            match self.advance((address, index, Which::Close), &door.close_sequence, port, door.seq_timeout, now, &format!("door {} close", door.name), events) {
+            match self.advance(
+                (address, index, Which::Close),
+                &door.close_sequence,
+                Hit { port, now },
+                door.seq_timeout,
+                &format!("door {} close", door.name),
+                events,
+            ) {
                 Some(true) => {
                     events.push(Event::Log(format!("{address}: {label}: CLOSE")));
-                    events.push(Event::Close { door: door.name.clone(), address, services: door.services.clone() });
+                    events.push(Event::Close {
+                        door: door.name.clone(),
+                        address,
+                        services: door.services.clone(),
+                    });
                     if !door.stop_command.is_empty() {
-                        self.timers.retain(|(_, d, a)| !(*d == index && *a == address));
+                        self.timers
+                            .retain(|(_, d, a)| !(*d == index && *a == address));
                         events.push(command(&door.stop_command, &door.name, address, "stop"));
                     }
                 }
@@ -449,9 +630,20 @@ impl Engine {
         }
     }
 
-    fn totp_door(&mut self, index: usize, address: IpAddr, port: PortProto, flags: u8, now: Micros, events: &mut Vec<Event>) {
+    fn totp_door(
+        &mut self,
+        index: usize,
+        address: IpAddr,
+        port: PortProto,
+        flags: u8,
+        now: Micros,
+        events: &mut Vec<Event>,
+    ) {
         let door = self.totp[index].clone();
-        if port.proto != door.proto || !(port.port == door.first_port || (door.rule.low..=door.rule.high).contains(&port.port)) {
+        if port.proto != door.proto
+            || !(port.port == door.first_port
+                || (door.rule.low..=door.rule.high).contains(&port.port))
+        {
             return;
         }
         if port.proto == Proto::Tcp && !super::config::TcpFlags::SYN.matches(flags) {
@@ -461,8 +653,17 @@ impl Engine {
         let label = format!("totp door {}", door.name);
         let mut failed = false;
         for step in current.saturating_sub(door.skew_steps)..=current + door.skew_steps {
-            let Some(seq) = self.totp_sequence(index, step) else { continue };
-            match self.advance((address, index, Which::Totp(step)), &seq, port, door.seq_timeout, now, &label, events) {
+            let Some(seq) = self.totp_sequence(index, step) else {
+                continue;
+            };
+            match self.advance(
+                (address, index, Which::Totp(step)),
+                &seq,
+                Hit { port, now },
+                door.seq_timeout,
+                &label,
+                events,
+            ) {
                 Some(true) => {
                     let key = (door.name.clone(), step);
                     if self.totp_used.contains(&key) {
@@ -473,15 +674,30 @@ impl Engine {
                     self.totp_used.insert(key);
                     let oldest = current.saturating_sub(door.skew_steps + 2);
                     self.totp_used.retain(|(_, s)| *s >= oldest);
-                    let text: String = self.totp_used.iter().map(|(d, s)| format!("{d} {s}\n")).collect();
+                    let text: String = self
+                        .totp_used
+                        .iter()
+                        .map(|(d, s)| format!("{d} {s}\n"))
+                        .collect();
                     if let Err(e) = crate::state::write_atomic(&self.totp_path, text.as_bytes()) {
-                        events.push(Event::Log(format!("error: cannot persist TOTP use to {}: {e}; not opening", self.totp_path.display())));
+                        events.push(Event::Log(format!(
+                            "error: cannot persist TOTP use to {}: {e}; not opening",
+                            self.totp_path.display()
+                        )));
                         continue;
                     }
                     // Other candidate steps' progress for this source is moot now.
-                    self.progress.retain(|(a, d, w), _| !(*a == address && *d == index && matches!(w, Which::Totp(_))));
-                    events.push(Event::Log(format!("{address}: {label}: OPEN (step {step})")));
-                    events.push(Event::Open { door: door.name.clone(), address, services: door.services.clone() });
+                    self.progress.retain(|(a, d, w), _| {
+                        !(*a == address && *d == index && matches!(w, Which::Totp(_)))
+                    });
+                    events.push(Event::Log(format!(
+                        "{address}: {label}: OPEN (step {step})"
+                    )));
+                    events.push(Event::Open {
+                        door: door.name.clone(),
+                        address,
+                        services: door.services.clone(),
+                    });
                     return;
                 }
                 Some(false) => failed = true,
@@ -495,22 +711,42 @@ impl Engine {
     }
 
     fn purge(&mut self, now: Micros, force: bool) {
-        let longest = self.doors.iter().map(|d| d.seq_timeout).chain(self.totp.iter().map(|d| d.seq_timeout)).max().unwrap_or_default();
+        let longest = self
+            .doors
+            .iter()
+            .map(|d| d.seq_timeout)
+            .chain(self.totp.iter().map(|d| d.seq_timeout))
+            .max()
+            .unwrap_or_default();
         let horizon = now.saturating_sub(longest.as_micros() as Micros);
         self.progress.retain(|_, p| p.started >= horizon);
         if force && self.progress.len() > MAX_PROGRESS {
             self.progress.clear();
         }
         let window = self.blacklist_for.as_micros() as Micros;
-        self.sources.retain(|_, s| s.blacklisted_until > now || (s.failures > 0 && now.saturating_sub(s.first_failure) <= window) || s.rate_second == now / 1_000_000);
-        let current_steps: Vec<u64> = self.totp.iter().map(|d| d.params.step(now / 1_000_000)).collect();
-        self.totp_cache.retain(|(i, step), _| current_steps.get(*i).is_some_and(|c| step + 3 >= *c));
+        self.sources.retain(|_, s| {
+            s.blacklisted_until > now
+                || (s.failures > 0 && now.saturating_sub(s.first_failure) <= window)
+                || s.rate_second == now / 1_000_000
+        });
+        let current_steps: Vec<u64> = self
+            .totp
+            .iter()
+            .map(|d| d.params.step(now / 1_000_000))
+            .collect();
+        self.totp_cache
+            .retain(|(i, step), _| current_steps.get(*i).is_some_and(|c| step + 3 >= *c));
     }
 
     /// Timers: stop commands due, and periodic purging of stale state.
     pub fn tick(&mut self, now: Micros) -> Vec<Event> {
         let mut events = Vec::new();
-        let due: Vec<(Micros, usize, IpAddr)> = self.timers.iter().filter(|(t, _, _)| *t <= now).copied().collect();
+        let due: Vec<(Micros, usize, IpAddr)> = self
+            .timers
+            .iter()
+            .filter(|(t, _, _)| *t <= now)
+            .copied()
+            .collect();
         self.timers.retain(|(t, _, _)| *t > now);
         for (_, index, address) in due {
             let door = &self.doors[index];
@@ -531,7 +767,10 @@ impl Engine {
 
 fn command(argv: &[String], door: &str, address: IpAddr, action: &str) -> Event {
     Event::Command {
-        argv: argv.iter().map(|a| a.replace("%IP%", &address.to_string())).collect(),
+        argv: argv
+            .iter()
+            .map(|a| a.replace("%IP%", &address.to_string()))
+            .collect(),
         env: vec![
             ("SPAD_IP".into(), address.to_string()),
             ("SPAD_DOOR".into(), door.to_string()),
