@@ -388,7 +388,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
                     ));
                 }
                 if let Some(other) = local_ports.get(&port) {
-                    return Err(at(text, format!("public port {port} is a local port of service `{other}`; pick another public port")));
+                    return Err(at(text, format!("public port {port} is a local port of service `{other}`; a port is either local or forwarded")));
                 }
             } else {
                 if let Some(other) = nat_public.get(&port) {
@@ -610,7 +610,7 @@ services = ["ssh"]
     fn errors_carry_file_line_and_a_hint() {
         let text = base().replace("services = [\"ssh\"]", "services = [\"sshh\"]");
         let err = parse(&text).unwrap_err();
-        assert_eq!((err.line, err.file.as_str()), (13, "/etc/spad/spad.toml"));
+        assert_eq!((err.line, err.file.as_str()), (12, "/etc/spad/spad.toml"));
         assert!(
             err.message
                 .contains("unknown service `sshh`; defined services: ssh"),
@@ -660,7 +660,7 @@ services = ["ssh"]
         assert!(parse(&nat("22/tcp", "192.168.1.12:22"))
             .unwrap_err()
             .message
-            .contains("local port"));
+            .contains("either local or forwarded"));
         let twice = format!(
             "{}\n[services.rdp2]\nkind = \"nat\"\nports = [\"3389/tcp\"]\ntimeout = \"1h\"\nforward-to = \"192.168.1.13:3389\"\n",
             nat("3389/tcp", "192.168.1.12:3389")

@@ -295,7 +295,7 @@ mod tests {
         // nested attribute: header len 16 (4 + 8 padded child) with NLA_F_NESTED
         assert_eq!(
             u16::from_ne_bytes(bytes[32..34].try_into().unwrap()),
-            4 + 4 + 5
+            4 + 12
         );
         assert_eq!(
             u16::from_ne_bytes(bytes[34..36].try_into().unwrap()),

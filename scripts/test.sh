@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test: unit and property tests, then the end-to-end tests in network namespaces
+# (real nftables/iptables, real spad/spa/knock/nc/nmap). Needs root for the namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo build --workspace --bins --locked
+cargo test --workspace --locked "$@"
