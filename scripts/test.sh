@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --workspace --bins --locked
-cargo test --workspace --locked "$@"
+# The end-to-end tests mostly wait on timers, so they run wider than the core count.
+cargo test --workspace --locked -- --test-threads=6 "$@"
