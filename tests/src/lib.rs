@@ -565,6 +565,7 @@ impl Lab {
             .args(["netns", "exec", &self.gw])
             .arg(binary("spad"))
             .args(["run", "-c", path.to_str().unwrap()])
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -617,6 +618,43 @@ impl Lab {
         wait_until(Duration::from_secs(10), || {
             self.log().matches(needle).count() >= count
         })
+    }
+
+    /// Enrolls TOTP door `door` of `config`, answering the prompt with `oathtool`'s code.
+    pub fn enroll(&self, config: &str, door: &str) -> Output {
+        let code = self.oathtool(&[]);
+        let mut child = Command::new(binary("spad"))
+            .args([
+                "totp",
+                "enroll",
+                "-c",
+                self.path(config).to_str().unwrap(),
+                "--door",
+                door,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{code}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `oathtool --totp -b SECRET [args]` for carol's secret: an independent TOTP implementation.
+    pub fn oathtool(&self, args: &[&str]) -> String {
+        let secret = fs::read_to_string(self.path("keys/carol.totp")).unwrap();
+        let mut full = vec!["--totp", "-b", secret.trim()];
+        full.extend_from_slice(args);
+        String::from_utf8(run("oathtool", &full).stdout)
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     /// The gateway's nftables ruleset, for assertions on elements.
