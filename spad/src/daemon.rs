@@ -500,3 +500,116 @@ fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .create(dir)
         .with_context(|| format!("creating state dir {}", dir.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::firewall::memory::Memory;
+    use spa_shared::keys::PrivateKey;
+    use spa_shared::payload::{Kind, Request};
+
+    const NOW: Micros = 1_763_726_400_000_000;
+
+    fn setup(clock: &ManualClock) -> (Pipeline<&ManualClock>, PrivateKey, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "spad-pipeline-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let client = PrivateKey::from_bytes([1; 32]);
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\nmax-timeout = \"1h\"\n[clients.alice]\npublic-key = \"{}\"\nservices = [\"ssh\"]\n",
+            dir.display(),
+            client.public_key()
+        );
+        let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
+        let server = Server::new(PrivateKey::from_bytes([2; 32]));
+        let pipeline = Pipeline::new(config, server, Box::new(Memory::default()), clock).unwrap();
+        (pipeline, client, dir)
+    }
+
+    fn packet(client: &PrivateKey, kind: Kind, timestamp: Micros, duration_secs: u32) -> Vec<u8> {
+        let request = Request {
+            kind,
+            timestamp,
+            nonce: [7; 16],
+            duration_secs,
+            address: None,
+            services: vec!["ssh".into()],
+        };
+        let server = PrivateKey::from_bytes([2; 32]).public_key();
+        spa_shared::packet::seal(&mut rand_core::OsRng, client, &server, &request).unwrap()
+    }
+
+    fn udp(payload: Vec<u8>, source: &str) -> Received {
+        Received::Udp {
+            source: source.parse().unwrap(),
+            source_port: 40000,
+            port: 62201,
+            payload,
+        }
+    }
+
+    #[test]
+    fn grants_for_the_source_with_the_requested_duration_capped() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        p.handle(&udp(packet(&client, Kind::Open, NOW, 7200), "198.51.100.7"));
+        let grants = p.firewall.list().unwrap();
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].address.to_string(), "198.51.100.7");
+        assert_eq!(
+            grants[0].remaining,
+            Duration::from_secs(3600),
+            "capped at max-timeout"
+        );
+        assert_eq!(p.stats.granted, 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn garbage_replay_and_stale_are_refused_without_grants() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        p.handle(&udp(vec![0u8; 200], "198.51.100.9"));
+        assert_eq!(p.stats.precheck_dropped, 1);
+        let good = packet(&client, Kind::Open, NOW, 0);
+        p.handle(&udp(good.clone(), "198.51.100.7"));
+        p.firewall
+            .revoke("198.51.100.7".parse().unwrap(), &["ssh".into()])
+            .unwrap();
+        p.handle(&udp(good, "198.51.100.8"));
+        clock.advance(120_000_000);
+        p.handle(&udp(packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
+        assert!(p.firewall.list().unwrap().is_empty());
+        assert_eq!((p.stats.granted, p.stats.refused), (1, 3));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn close_revokes_and_replay_state_survives_a_new_pipeline() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let open = packet(&client, Kind::Open, NOW, 0);
+        p.handle(&udp(open.clone(), "198.51.100.7"));
+        p.handle(&udp(
+            packet(&client, Kind::Close, NOW + 1, 0),
+            "198.51.100.7",
+        ));
+        assert!(p.firewall.list().unwrap().is_empty());
+        assert_eq!(p.stats.closed, 1);
+        // A fresh pipeline (a restart) on the same state directory still refuses the packet.
+        let (config, server) = (
+            p.config.clone(),
+            Server::new(PrivateKey::from_bytes([2; 32])),
+        );
+        drop(p);
+        let mut again = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
+        again.handle(&udp(open, "198.51.100.7"));
+        assert_eq!((again.stats.granted, again.stats.refused), (0, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

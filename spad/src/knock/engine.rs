@@ -778,3 +778,167 @@ fn command(argv: &[String], door: &str, address: IpAddr, action: &str) -> Event 
         ],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const NOW: Micros = 1_763_726_400_000_000;
+    const S: Micros = 1_000_000;
+
+    fn config(dir: &Path, extra: &str) -> Config {
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n\
+             [doors.d]\nsequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]\nseq-timeout = \"5s\"\nservices = [\"ssh\"]\n\
+             [knocking]\ndecoy-ports = [\"1234/tcp\"]\nblacklist-after = 2\nblacklist-for = \"60s\"\nmax-knocks-per-second = 5\n{extra}",
+            dir.display()
+        );
+        Config::parse(&dir.join("spad.toml"), &text).unwrap()
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("spad-engine-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn tcp(port: u16) -> PortProto {
+        PortProto {
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+    fn udp(port: u16) -> PortProto {
+        PortProto {
+            port,
+            proto: Proto::Udp,
+        }
+    }
+    fn opened(events: &[Event]) -> bool {
+        events.iter().any(|e| matches!(e, Event::Open { .. }))
+    }
+
+    #[test]
+    fn sequence_duplicates_timeouts_and_sources() {
+        let d = dir("seq");
+        let mut e = Engine::new(&config(&d, ""), &d, NOW);
+        let (a, b): (IpAddr, IpAddr) = (
+            "198.51.100.1".parse().unwrap(),
+            "198.51.100.2".parse().unwrap(),
+        );
+        assert!(!opened(&e.knock(a, tcp(7000), 0x02, NOW)));
+        assert!(
+            !opened(&e.knock(a, tcp(7000), 0x02, NOW + 1)),
+            "duplicate ignored"
+        );
+        assert!(!opened(&e.knock(b, tcp(7000), 0x02, NOW + 2)));
+        assert!(!opened(&e.knock(b, udp(8000), 0, NOW + 3)));
+        assert!(opened(&e.knock(b, tcp(9000), 0x02, NOW + 4)), "b completes");
+        assert!(!opened(&e.knock(a, udp(8000), 0, NOW + 5)));
+        assert!(
+            opened(&e.knock(a, tcp(9000), 0x02, NOW + 6)),
+            "a unaffected by b"
+        );
+        // SYN-ACK or ACK segments are not knocks.
+        e.knock(a, tcp(7000), 0x12, NOW + 7);
+        assert_eq!(e.progress_entries(), 0);
+        // Too slow: the sequence times out.
+        e.knock(a, tcp(7000), 0x02, NOW + 10 * S);
+        e.knock(a, udp(8000), 0, NOW + 11 * S);
+        assert!(!opened(&e.knock(a, tcp(9000), 0x02, NOW + 16 * S)));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn in_between_ports_reset_and_failures_blacklist() {
+        let d = dir("bl");
+        let mut e = Engine::new(&config(&d, ""), &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        e.knock(a, tcp(7000), 0x02, NOW);
+        let events = e.knock(a, tcp(7001), 0x02, NOW + 1);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Log(l) if l.contains("reset (wrong port 7001/tcp)"))),
+            "{events:?}"
+        );
+        let events = e.knock(a, tcp(1234), 0x02, NOW + 2);
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Blacklist { .. })),
+            "{events:?}"
+        );
+        e.knock(a, tcp(7000), 0x02, NOW + 3);
+        e.knock(a, udp(8000), 0, NOW + 4);
+        assert!(
+            !opened(&e.knock(a, tcp(9000), 0x02, NOW + 5)),
+            "blacklisted sources are ignored"
+        );
+        assert!(
+            opened(&{
+                e.knock(a, tcp(7000), 0x02, NOW + 61 * S);
+                e.knock(a, udp(8000), 0, NOW + 61 * S + 1);
+                e.knock(a, tcp(9000), 0x02, NOW + 61 * S + 2)
+            }),
+            "the blacklist expires"
+        );
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn rate_limit_and_bounded_memory() {
+        let d = dir("rate");
+        let mut e = Engine::new(&config(&d, ""), &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let mut logged = false;
+        for i in 0..10u64 {
+            let events = e.knock(a, tcp(7000), 0x02, NOW + i);
+            logged |= events
+                .iter()
+                .any(|e| matches!(e, Event::Log(l) if l.contains("knocks per second")));
+        }
+        assert!(logged);
+        // Many sources each leave progress; it is purged once their sequences time out.
+        for i in 0..1000u32 {
+            let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            e.knock(source, tcp(7000), 0x02, NOW + 2 * S);
+        }
+        assert!(e.progress_entries() >= 1000);
+        e.tick(NOW + 20 * S);
+        assert_eq!(e.progress_entries(), 0);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn totp_opens_once_per_step_and_persists_use() {
+        let d = dir("totp");
+        let secret = "JBSWY3DPEHPK3PXPJBSWY3DP";
+        let extra = format!("[totp-doors.carol]\nfirst-port = 40001\nsecret = \"{secret}\"\nservices = [\"ssh\"]\nrequire-enrollment = false\n");
+        let config = config(&d, &extra);
+        let door = config.doors.totp[0].clone();
+        let mut e = Engine::new(&config, &d, NOW);
+        let step = door.params.step(NOW / S);
+        let code = totp::code_at_step(&door.secret, &door.params, step);
+        let ports = totp::derive_ports(40001, &code, &door.rule).unwrap();
+        let knock_all = |e: &mut Engine, who: &str, at: Micros| {
+            let source: IpAddr = who.parse().unwrap();
+            ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| e.knock(source, tcp(*p), 0x02, at + i as u64))
+                .any(|ev| opened(&ev))
+        };
+        assert!(knock_all(&mut e, "198.51.100.1", NOW));
+        assert!(
+            !knock_all(&mut e, "198.51.100.2", NOW + 10),
+            "replay in the same step refused"
+        );
+        // A restarted engine remembers the used step.
+        let mut again = Engine::new(&config, &d, NOW + 20);
+        assert!(!knock_all(&mut again, "198.51.100.3", NOW + 20));
+        // Two steps later the old sequence no longer opens (skew is one step).
+        assert!(!knock_all(&mut again, "198.51.100.4", NOW + 60 * S));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
