@@ -188,6 +188,15 @@ pub type OneTimeLines = Vec<(usize, Vec<PortProto>)>;
 /// warning for lines that do not parse.
 pub fn read_one_time(path: &Path) -> std::io::Result<(OneTimeLines, Option<String>)> {
     let text = std::fs::read_to_string(path)?;
+    let (lines, bad) = parse_one_time(&text);
+    let warning =
+        (!bad.is_empty()).then(|| format!("{}: ignoring unparsable lines {bad:?}", path.display()));
+    Ok((lines, warning))
+}
+
+/// Parses one-time sequence text; returns the unused sequences and the 1-based numbers of
+/// lines that do not parse. Never panics.
+pub fn parse_one_time(text: &str) -> (OneTimeLines, Vec<usize>) {
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -205,9 +214,7 @@ pub fn read_one_time(path: &Path) -> std::io::Result<(OneTimeLines, Option<Strin
             _ => bad.push(i + 1),
         }
     }
-    let warning =
-        (!bad.is_empty()).then(|| format!("{}: ignoring unparsable lines {bad:?}", path.display()));
-    Ok((out, warning))
+    (out, bad)
 }
 
 /// Marks line `index` of a one-time file as used by prefixing `#` (as knockd does), atomically.

@@ -1,0 +1,9 @@
+//! knockd one-time sequence files.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = spad::knock::engine::parse_one_time(text);
+    }
+});
