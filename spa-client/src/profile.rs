@@ -102,3 +102,34 @@ pub fn read_private_key(path: &Path) -> anyhow::Result<PrivateKey> {
     let text = read_secret(path)?;
     PrivateKey::from_base64(&text).with_context(|| format!("{}: not a private key", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_profile_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/client.toml");
+        let profile = Profile::load(&path).unwrap();
+        assert_eq!(profile.services, vec!["ssh"]);
+        assert!(profile.server_key().is_ok());
+        assert_eq!(
+            profile.resolve("alice.key"),
+            path.parent().unwrap().join("alice.key")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("spa-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(&path, "server = \"x\"\nservcies = []\n").unwrap();
+        let err = Profile::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("p.toml:2:1") && err.contains("unknown field"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
