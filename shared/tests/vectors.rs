@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used)]
 
 use spa_shared::keys::PrivateKey;
-use spa_shared::mac::PrecheckKey;
 use spa_shared::packet::{seal_with_ephemeral, Server};
 use spa_shared::payload::{Kind, Request};
 use spa_shared::totp::{code_at_step, derive_ports, Params, PortRule, Secret};
