@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Runs every test: unit and property tests, then the end-to-end tests in network namespaces
 # (real nftables/iptables, real spad/spa/knock/nc/nmap). Needs root for the namespaces.
+# Ends with one line totalling every test binary's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --workspace --bins --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 # The end-to-end tests mostly wait on timers, so they run wider than the core count.
-cargo test --workspace --locked -- --test-threads=6 "$@"
+status=0
+cargo test --workspace --locked -- --test-threads=6 "$@" 2>&1 | tee "$log" || status=$?
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo
+echo "tests: $passed passed, $failed failed"
+exit "$status"

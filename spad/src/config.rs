@@ -687,6 +687,53 @@ services = ["ssh"]
     }
 
     #[test]
+    fn door_bad_input_is_refused_with_its_line() {
+        let door = |seq: &str| {
+            format!(
+                "{}\n[doors.d]\nsequence = [{seq}]\nservices = [\"ssh\"]\n",
+                base()
+            )
+        };
+        let err = parse(&door("\"7000/tcp\", \"70000/tcp\"")).unwrap_err();
+        assert_eq!(err.line, 15);
+        assert!(err.message.contains("out of range"), "{err}");
+        let err = parse(&door("\"7000/tcp\", \"7000/tcp\"")).unwrap_err();
+        assert!(err.message.contains("appears twice"), "{err}");
+        let err = parse(&door("\"7000/tcp\", \"62201/udp\"")).unwrap_err();
+        assert!(err.message.contains("SPA port"), "{err}");
+        let err = parse(&door("\"7000/tcp\", \"22/tcp\"")).unwrap_err();
+        assert!(err.message.contains("protected service port"), "{err}");
+        let err = parse(&door("\"7000/tcp\"")).unwrap_err();
+        assert!(err.message.contains("at least 2 ports"), "{err}");
+
+        let totp = |name: &str, port: u16, secret: &str| {
+            format!("[totp-doors.{name}]\nfirst-port = {port}\nsecret = \"{secret}\"\nservices = [\"ssh\"]\n")
+        };
+        let good = "JBSWY3DPEHPK3PXPJBSWY3DP";
+        let text = format!(
+            "{}\n{}{}",
+            base(),
+            totp("a", 40001, good),
+            totp("b", 40001, good)
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, 19);
+        assert!(err.message.contains("unique first port"), "{err}");
+        let err = parse(&format!("{}\n{}", base(), totp("a", 40001, "not base32!"))).unwrap_err();
+        assert_eq!(err.line, 16);
+        assert!(err.message.contains("base32"), "{err}");
+        let text = format!(
+            "{}\n{}port-range = \"20000-20002\"\n",
+            base(),
+            totp("a", 40001, good)
+        );
+        assert!(parse(&text)
+            .unwrap_err()
+            .message
+            .contains("widen port-range"));
+    }
+
+    #[test]
     fn line_column_counts_from_one() {
         assert_eq!(line_column("ab\ncd", 0), (1, 1));
         assert_eq!(line_column("ab\ncd", 4), (2, 2));

@@ -203,6 +203,140 @@ pub fn ipv6_knock_opens_for_that_v6_address(backend: Backend) {
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::TimedOut);
 }
 
+pub fn unprivileged_client_with_a_profile(backend: Backend) {
+    let (lab, _echo) = lab_with_ssh(backend);
+    // The client needs no privileges: run it as `nobody`, with a profile and a key it owns.
+    let home = lab.path("nobody");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::copy(lab.path("keys/alice.key"), home.join("alice.key")).unwrap();
+    let profile = format!(
+        "server = \"{GW4}\"\nserver-public-key = \"{}\"\nprivate-key = \"alice.key\"\nservices = [\"ssh\"]\nduration = \"30s\"\n",
+        lab.server_public_key()
+    );
+    std::fs::write(home.join("gw.toml"), profile).unwrap();
+    for p in ["", "/alice.key", "/gw.toml"] {
+        run(
+            "chown",
+            &["nobody:nogroup", &format!("{}{p}", home.display())],
+        );
+    }
+    let spa = binary("spa").display().to_string();
+    let out = lab.try_exec(
+        &lab.a,
+        "setpriv",
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            &spa,
+            "knock",
+            "-p",
+            &format!("{}/gw.toml", home.display()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lab.wait_log(
+            "granted owner=alice address=203.0.113.10 services=ssh(30s)",
+            1
+        ),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    // A key file others can read is refused by the client too.
+    run("chmod", &["644", &format!("{}/alice.key", home.display())]);
+    let out = lab.try_exec(
+        &lab.a,
+        "setpriv",
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            &spa,
+            "knock",
+            "-p",
+            &format!("{}/gw.toml", home.display()),
+        ],
+    );
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+}
+
+pub fn udp_listener_mode_and_interface_selection(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    // Knocks arriving on an interface spad does not capture are not seen.
+    lab.start_spad(CONF, backend);
+    let spa = binary("spa").display().to_string();
+    let mut args: Vec<String> = vec!["knock".into()];
+    args.extend(lab.knock_args("alice", false));
+    args[2] = "192.168.1.1".into();
+    args.extend(["-s".into(), "ssh".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut full = vec![spa.as_str()];
+    full.extend(refs);
+    lab.exec(&lab.lan, full[0], &full[1..]);
+    lab.knock(&lab.a, "bob", &["ssh"], &[], false);
+    assert!(lab.wait_log("granted owner=bob", 1), "{}", lab.log());
+    assert!(
+        !lab.log().contains("owner=alice"),
+        "a packet on eth1 was captured: {}",
+        lab.log()
+    );
+    lab.stop_spad(0, false);
+
+    // capture = "udp": a plain socket instead of AF_PACKET.
+    let conf = lab.path(CONF);
+    let text = std::fs::read_to_string(&conf)
+        .unwrap()
+        .replace("capture = \"af-packet\"", "capture = \"udp\"");
+    std::fs::write(&conf, text).unwrap();
+    lab.start_spad(CONF, backend);
+    assert!(lab.log().contains("capture=udp listener"));
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(
+        lab.wait_log("granted owner=alice address=203.0.113.10", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+}
+
+pub fn a_loose_server_key_is_refused_and_nothing_is_installed(backend: Backend) {
+    let lab = Lab::new(CONF);
+    run(
+        "chmod",
+        &["640", lab.path("keys/server.key").to_str().unwrap()],
+    );
+    let out = lab.try_exec(
+        &lab.gw,
+        binary("spad").to_str().unwrap(),
+        &["run", "-c", lab.path(CONF).to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("mode 0640") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!lab.nft_list().contains("spad"));
+    run("rm", &[lab.path("keys/server.key").to_str().unwrap()]);
+    let out = lab.try_exec(
+        &lab.gw,
+        binary("spad").to_str().unwrap(),
+        &["run", "-c", lab.path(CONF).to_str().unwrap()],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = backend;
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
@@ -215,4 +349,7 @@ both_backends!(
     replay_is_refused_from_another_ip_and_after_restarts,
     forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_back,
     ipv6_knock_opens_for_that_v6_address,
+    unprivileged_client_with_a_profile,
+    udp_listener_mode_and_interface_selection,
+    a_loose_server_key_is_refused_and_nothing_is_installed,
 );
