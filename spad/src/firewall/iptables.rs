@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 
 use super::netlink::{Message, Socket, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_REQUEST};
 use super::{still_allowed, Access, Firewall, LiveGrant};
-use crate::config::{CaptureMode, Config, Service, ServiceKind};
+use crate::config::{Config, Service, ServiceKind};
 use crate::net::{PortProto, Proto};
 
 const NFNL_SUBSYS_IPSET: u16 = 6;
@@ -175,25 +175,7 @@ pub fn rules(config: &Config, table: &str, v6: bool) -> String {
         t,
         "-A {input} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
     );
-    let mut hidden: Vec<PortProto> = Vec::new();
-    let mut ranges = Vec::new();
-    if config.server.capture == CaptureMode::AfPacket {
-        hidden.push(PortProto {
-            port: config.server.port,
-            proto: Proto::Udp,
-        });
-    }
-    for door in &config.doors.doors {
-        hidden.extend(door.sequence.iter().chain(&door.close_sequence).copied());
-    }
-    hidden.extend(config.doors.decoys.iter().copied());
-    for door in config.doors.totp.iter().filter(|d| d.enabled) {
-        hidden.push(PortProto {
-            port: door.first_port,
-            proto: door.proto,
-        });
-        ranges.push((door.proto, door.rule.low, door.rule.high));
-    }
+    let (hidden, ranges) = super::hidden_ports(config);
     for m in port_matches(&hidden, &ranges) {
         let _ = writeln!(t, "-A {input} {m} -j DROP");
     }
@@ -348,13 +330,22 @@ pub fn parse_save(text: &str) -> (Vec<String>, Vec<Entry>) {
     (sets, entries)
 }
 
+/// One ipset spad manages for a service.
+#[derive(Debug, Clone)]
+struct SetInfo {
+    name: String,
+    service: String,
+    idle: bool,
+    v6: bool,
+}
+
 /// The iptables backend.
 #[derive(Debug)]
 pub struct Iptables {
     table: String,
     socket: Socket,
-    /// (set name, service, idle) for the installed config, to map entries back to services.
-    sets: Vec<(String, String, bool)>,
+    /// The installed config's sets, to map entries back to services.
+    sets: Vec<SetInfo>,
 }
 
 impl Iptables {
@@ -368,21 +359,20 @@ impl Iptables {
         })
     }
 
-    fn known_sets(&self, config: &Config) -> Vec<(String, String, bool)> {
+    fn known_sets(&self, config: &Config) -> Vec<SetInfo> {
         let mut out = Vec::new();
         for s in config.services.values() {
             for v6 in [false, true] {
-                out.push((
-                    set_name(&self.table, &s.name, false, v6),
-                    s.name.clone(),
-                    false,
-                ));
-                if s.idle_timeout.is_some() {
-                    out.push((
-                        set_name(&self.table, &s.name, true, v6),
-                        s.name.clone(),
-                        true,
-                    ));
+                for idle in [false, true] {
+                    if !idle || s.idle_timeout.is_some() {
+                        let name = set_name(&self.table, &s.name, idle, v6);
+                        out.push(SetInfo {
+                            name,
+                            service: s.name.clone(),
+                            idle,
+                            v6,
+                        });
+                    }
                 }
             }
         }
@@ -432,27 +422,24 @@ impl Firewall for Iptables {
         "iptables"
     }
 
+    fn attach(&mut self, config: &Config) {
+        self.sets = self.known_sets(config);
+    }
+
     fn install(&mut self, config: &Config) -> anyhow::Result<usize> {
         let known = self.known_sets(config);
         // Sets first (rules reference them); `-exist` keeps existing sets and their entries.
         let mut create = String::new();
-        for (name, _, _) in &known {
-            let family = if name.contains("4-") || name.contains("4~") {
-                "inet"
-            } else {
-                "inet6"
-            };
+        let blacklists = [false, true].map(|v6| (blacklist_set(&self.table, v6), v6));
+        let all = known
+            .iter()
+            .map(|s| (s.name.clone(), s.v6))
+            .chain(blacklists);
+        for (name, v6) in all {
+            let family = if v6 { "inet6" } else { "inet" };
             let _ = writeln!(
                 create,
                 "create {name} hash:ip family {family} timeout 0 comment"
-            );
-        }
-        for v6 in [false, true] {
-            let _ = writeln!(
-                create,
-                "create {} hash:ip family {} timeout 0 comment",
-                blacklist_set(&self.table, v6),
-                if v6 { "inet6" } else { "inet" }
             );
         }
         tool("ipset", &["restore", "-exist"], Some(&create)).context("creating ipsets")?;
@@ -473,40 +460,29 @@ impl Firewall for Iptables {
         }
         self.sets = known;
         // Prune: entries the new config no longer allows, and sets it no longer uses.
+        let blacklist_prefix = format!("{}-bl", self.table);
         let (sets, entries) = self.saved()?;
         let mut kept = 0;
-        for e in entries {
-            if e.set
-                .starts_with(&blacklist_set(&self.table, false)[..self.table.len() + 3])
-            {
-                continue;
-            }
-            let allowed = self
-                .sets
-                .iter()
-                .find(|(name, _, _)| *name == e.set)
-                .is_some_and(|(_, service, _)| {
-                    still_allowed(
-                        config,
-                        &LiveGrant {
-                            address: e.address,
-                            service: service.clone(),
-                            remaining: e.remaining,
-                            owner: e.owner.clone(),
-                        },
-                    )
-                });
-            if allowed {
-                kept += usize::from(self.sets.iter().any(|(n, _, idle)| *n == e.set && !idle));
+        for e in entries
+            .into_iter()
+            .filter(|e| !e.set.starts_with(&blacklist_prefix))
+        {
+            let set = self.sets.iter().find(|s| s.name == e.set);
+            let live = |s: &SetInfo| LiveGrant {
+                address: e.address,
+                service: s.service.clone(),
+                remaining: e.remaining,
+                owner: e.owner.clone(),
+            };
+            if set.is_some_and(|s| still_allowed(config, &live(s))) {
+                kept += usize::from(set.is_some_and(|s| !s.idle));
             } else {
                 self.socket
                     .transact(vec![ipset_message(&e.set, e.address, None)], None)?;
             }
         }
         for set in sets {
-            let used = self.sets.iter().any(|(n, _, _)| *n == set)
-                || set.starts_with(&format!("{}-bl", self.table));
-            if !used {
+            if !self.sets.iter().any(|s| s.name == set) && !set.starts_with(&blacklist_prefix) {
                 let _ = tool("ipset", &["destroy", &set], None);
             }
         }
@@ -546,7 +522,7 @@ impl Firewall for Iptables {
                 None,
             ));
             let idle = set_name(&self.table, service, true, v6);
-            if self.sets.iter().any(|(n, _, _)| *n == idle) || self.sets.is_empty() {
+            if self.sets.iter().any(|s| s.name == idle) {
                 messages.push(ipset_message(&idle, address, None));
             }
         }

@@ -20,6 +20,7 @@ impl Firewall for Memory {
     fn name(&self) -> &'static str {
         "memory"
     }
+    fn attach(&mut self, _config: &Config) {}
     fn install(&mut self, config: &Config) -> anyhow::Result<usize> {
         self.installs += 1;
         self.grants.retain(|(_, service), a| {

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::net::{PortProto, Proto};
 
 pub mod iptables;
 pub mod memory;
@@ -39,6 +40,9 @@ pub struct LiveGrant {
 pub trait Firewall {
     /// Short name for logs (`nftables`, `iptables`, `memory`).
     fn name(&self) -> &'static str;
+    /// Learns `config`'s layout (set names, idle services) without touching the kernel: for
+    /// command-line tools acting on a running daemon's firewall.
+    fn attach(&mut self, config: &Config);
     /// Installs (or atomically replaces) the static ruleset for `config`, keeping live grants
     /// that `config` still allows and dropping the rest. Returns how many were kept.
     fn install(&mut self, config: &Config) -> anyhow::Result<usize>;
@@ -80,19 +84,54 @@ pub fn still_allowed(config: &Config, grant: &LiveGrant) -> bool {
         .is_some_and(|c| c.services.contains(&grant.service))
 }
 
+/// Ports that must look filtered besides the services: the SPA port (when sniffed), every
+/// static and one-time knock port, decoys, and each TOTP door's first port and port range.
+pub fn hidden_ports(config: &Config) -> (Vec<PortProto>, Vec<(Proto, u16, u16)>) {
+    let mut ports = Vec::new();
+    let mut ranges = Vec::new();
+    if config.server.capture == crate::config::CaptureMode::AfPacket {
+        ports.push(PortProto {
+            port: config.server.port,
+            proto: Proto::Udp,
+        });
+    }
+    for door in &config.doors.doors {
+        ports.extend(door.sequence.iter().chain(&door.close_sequence).copied());
+        if let Some(Ok((lines, _))) = door
+            .one_time_file
+            .as_deref()
+            .map(crate::knock::engine::read_one_time)
+        {
+            ports.extend(lines.into_iter().flat_map(|(_, seq)| seq));
+        }
+    }
+    ports.extend(config.doors.decoys.iter().copied());
+    for door in config.doors.totp.iter().filter(|d| d.enabled) {
+        ports.push(PortProto {
+            port: door.first_port,
+            proto: door.proto,
+        });
+        ranges.push((door.proto, door.rule.low, door.rule.high));
+    }
+    ports.sort();
+    ports.dedup();
+    (ports, ranges)
+}
+
 /// Opens the backend `config` asks for (`auto`: nftables if the kernel speaks it, else iptables).
 pub fn open(config: &Config) -> anyhow::Result<Box<dyn Firewall>> {
     use crate::config::BackendChoice;
     let table = config.server.table.clone();
-    match config.server.backend {
-        BackendChoice::Nftables => Ok(Box::new(nftables::Nftables::open(&table)?)),
-        BackendChoice::Iptables => Ok(Box::new(iptables::Iptables::open(&table)?)),
-        BackendChoice::Auto => {
-            if nftables::available() {
-                Ok(Box::new(nftables::Nftables::open(&table)?))
-            } else {
-                Ok(Box::new(iptables::Iptables::open(&table)?))
-            }
-        }
-    }
+    let nft = match config.server.backend {
+        BackendChoice::Nftables => true,
+        BackendChoice::Iptables => false,
+        BackendChoice::Auto => nftables::available(),
+    };
+    let mut firewall: Box<dyn Firewall> = if nft {
+        Box::new(nftables::Nftables::open(&table)?)
+    } else {
+        Box::new(iptables::Iptables::open(&table)?)
+    };
+    firewall.attach(config);
+    Ok(firewall)
 }

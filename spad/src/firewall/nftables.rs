@@ -140,30 +140,10 @@ fn iif(service: &Service) -> String {
         .map_or(String::new(), |i| format!("iifname \"{i}\" "))
 }
 
-/// Ports that must look filtered besides the services: the SPA port (when sniffed) and every
-/// knock, decoy and TOTP port.
 fn hidden_matches(config: &Config) -> Vec<String> {
-    let mut ports: Vec<PortProto> = Vec::new();
-    let mut ranges: Vec<(Proto, String)> = Vec::new();
-    if config.server.capture == crate::config::CaptureMode::AfPacket {
-        ports.push(PortProto {
-            port: config.server.port,
-            proto: Proto::Udp,
-        });
-    }
-    let doors = &config.doors;
-    for door in &doors.doors {
-        ports.extend(door.sequence.iter().chain(&door.close_sequence).copied());
-    }
-    ports.extend(doors.decoys.iter().copied());
-    for door in doors.totp.iter().filter(|d| d.enabled) {
-        ports.push(PortProto {
-            port: door.first_port,
-            proto: door.proto,
-        });
-        ranges.push((door.proto, format!("{}-{}", door.rule.low, door.rule.high)));
-    }
-    let list_of = |proto: Proto| -> Vec<String> {
+    let (ports, ranges) = super::hidden_ports(config);
+    let mut out = Vec::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
         let mut list: Vec<String> = ports
             .iter()
             .filter(|p| p.proto == proto)
@@ -172,18 +152,11 @@ fn hidden_matches(config: &Config) -> Vec<String> {
         list.extend(
             ranges
                 .iter()
-                .filter(|(p, _)| *p == proto)
-                .map(|(_, r)| r.clone()),
+                .filter(|r| r.0 == proto)
+                .map(|r| format!("{}-{}", r.1, r.2)),
         );
-        list.sort();
-        list.dedup();
-        list
-    };
-    let (tcp, udp) = (list_of(Proto::Tcp), list_of(Proto::Udp));
-    let mut out = Vec::new();
-    for (name, list) in [("tcp", tcp), ("udp", udp)] {
         if !list.is_empty() {
-            out.push(format!("{name} dport {{ {} }}", list.join(", ")));
+            out.push(format!("{} dport {{ {} }}", proto.name(), list.join(", ")));
         }
     }
     out
@@ -541,6 +514,15 @@ impl Nftables {
 impl Firewall for Nftables {
     fn name(&self) -> &'static str {
         "nftables"
+    }
+
+    fn attach(&mut self, config: &Config) {
+        self.idle_services = config
+            .services
+            .values()
+            .filter(|s| s.idle_timeout.is_some())
+            .map(|s| s.name.clone())
+            .collect();
     }
 
     fn install(&mut self, config: &Config) -> anyhow::Result<usize> {
