@@ -285,7 +285,8 @@ pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn resolve(base: &Path, path: &str) -> PathBuf {
+/// `path` made absolute against the config file's directory.
+pub(crate) fn resolve(base: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
     if p.is_absolute() {
         p.to_path_buf()

@@ -107,20 +107,7 @@ fn chain(table: &str, role: &str) -> String {
 /// 15 slots and a range takes two).
 fn port_matches(ports: &[PortProto], ranges: &[(Proto, u16, u16)]) -> Vec<String> {
     let mut out = Vec::new();
-    for proto in [Proto::Tcp, Proto::Udp] {
-        let mut items: Vec<String> = ports
-            .iter()
-            .filter(|p| p.proto == proto)
-            .map(|p| p.port.to_string())
-            .collect();
-        items.extend(
-            ranges
-                .iter()
-                .filter(|r| r.0 == proto)
-                .map(|r| format!("{}:{}", r.1, r.2)),
-        );
-        items.sort();
-        items.dedup();
+    for (proto, items) in super::port_items(ports, ranges, ":") {
         for chunk in items.chunks(7) {
             out.push(format!(
                 "-p {} -m multiport --dports {}",

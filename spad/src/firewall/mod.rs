@@ -118,6 +118,35 @@ pub fn hidden_ports(config: &Config) -> (Vec<PortProto>, Vec<(Proto, u16, u16)>)
     (ports, ranges)
 }
 
+/// Per protocol, the ports as text items (single ports, then `low{range_sep}high` ranges),
+/// sorted and deduplicated; protocols with nothing are left out.
+pub fn port_items(
+    ports: &[PortProto],
+    ranges: &[(Proto, u16, u16)],
+    range_sep: &str,
+) -> Vec<(Proto, Vec<String>)> {
+    let mut out = Vec::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let mut items: Vec<String> = ports
+            .iter()
+            .filter(|p| p.proto == proto)
+            .map(|p| p.port.to_string())
+            .collect();
+        items.sort_by_key(|i| i.parse::<u32>().unwrap_or(0));
+        items.dedup();
+        items.extend(
+            ranges
+                .iter()
+                .filter(|r| r.0 == proto)
+                .map(|r| format!("{}{range_sep}{}", r.1, r.2)),
+        );
+        if !items.is_empty() {
+            out.push((proto, items));
+        }
+    }
+    out
+}
+
 /// Opens the backend `config` asks for (`auto`: nftables if the kernel speaks it, else iptables).
 pub fn open(config: &Config) -> anyhow::Result<Box<dyn Firewall>> {
     use crate::config::BackendChoice;

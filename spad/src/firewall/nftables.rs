@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 use super::netlink::{Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
 use super::{still_allowed, Access, Firewall, LiveGrant};
 use crate::config::{Config, Service, ServiceKind};
-use crate::net::{PortProto, Proto};
+use crate::net::PortProto;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -119,18 +119,10 @@ fn secs(d: Duration) -> String {
 }
 
 fn port_matches(ports: &[PortProto]) -> Vec<String> {
-    let mut out = Vec::new();
-    for proto in [Proto::Tcp, Proto::Udp] {
-        let list: Vec<String> = ports
-            .iter()
-            .filter(|p| p.proto == proto)
-            .map(|p| p.port.to_string())
-            .collect();
-        if !list.is_empty() {
-            out.push(format!("{} dport {{ {} }}", proto.name(), list.join(", ")));
-        }
-    }
-    out
+    super::port_items(ports, &[], "-")
+        .into_iter()
+        .map(|(proto, items)| format!("{} dport {{ {} }}", proto.name(), items.join(", ")))
+        .collect()
 }
 
 fn iif(service: &Service) -> String {
@@ -142,24 +134,10 @@ fn iif(service: &Service) -> String {
 
 fn hidden_matches(config: &Config) -> Vec<String> {
     let (ports, ranges) = super::hidden_ports(config);
-    let mut out = Vec::new();
-    for proto in [Proto::Tcp, Proto::Udp] {
-        let mut list: Vec<String> = ports
-            .iter()
-            .filter(|p| p.proto == proto)
-            .map(|p| p.port.to_string())
-            .collect();
-        list.extend(
-            ranges
-                .iter()
-                .filter(|r| r.0 == proto)
-                .map(|r| format!("{}-{}", r.1, r.2)),
-        );
-        if !list.is_empty() {
-            out.push(format!("{} dport {{ {} }}", proto.name(), list.join(", ")));
-        }
-    }
-    out
+    super::port_items(&ports, &ranges, "-")
+        .into_iter()
+        .map(|(proto, items)| format!("{} dport {{ {} }}", proto.name(), items.join(", ")))
+        .collect()
 }
 
 /// The whole table as `nft -f` text, replacing any previous version atomically.

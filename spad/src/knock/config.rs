@@ -8,7 +8,7 @@ use serde::Deserialize;
 use spa_shared::totp::{Algorithm, Params, PortRule, Secret};
 use toml::Spanned;
 
-use crate::config::{at, Located, Seconds, Server, Service};
+use crate::config::{at, resolve, Located, Seconds, Server, Service};
 use crate::net::{PortProto, Proto};
 
 #[derive(Debug, Deserialize)]
@@ -237,15 +237,6 @@ fn service_list(
             }
         })
         .collect()
-}
-
-fn resolve(base: &Path, path: &str) -> PathBuf {
-    let p = Path::new(path);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
 }
 
 pub(crate) fn build(

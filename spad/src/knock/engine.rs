@@ -537,13 +537,13 @@ impl Engine {
         now: Micros,
         events: &mut Vec<Event>,
     ) {
-        let door = self.doors[index].clone();
         if !self.hulls[index]
             .iter()
             .any(|w| w.proto == port.proto && (w.low..=w.high).contains(&port.port))
         {
             return;
         }
+        let door = self.doors[index].clone();
         if port.proto == Proto::Tcp && !door.tcp_flags.matches(flags) {
             return;
         }
@@ -646,13 +646,13 @@ impl Engine {
         now: Micros,
         events: &mut Vec<Event>,
     ) {
-        let door = self.totp[index].clone();
-        if port.proto != door.proto
-            || !(port.port == door.first_port
-                || (door.rule.low..=door.rule.high).contains(&port.port))
+        if port.proto != self.totp[index].proto
+            || !(port.port == self.totp[index].first_port
+                || (self.totp[index].rule.low..=self.totp[index].rule.high).contains(&port.port))
         {
             return;
         }
+        let door = self.totp[index].clone();
         if port.proto == Proto::Tcp && !super::config::TcpFlags::SYN.matches(flags) {
             return;
         }
