@@ -223,10 +223,12 @@ impl<C: Clock> Pipeline<C> {
                             None => format!("{}({})", g.service, duration::format(g.timeout)),
                         })
                         .collect();
+                    let longest = grants.iter().map(|g| g.timeout).max().unwrap_or_default();
+                    let until = crate::log::timestamp(now + longest.as_micros() as Micros);
                     self.log.line(
                         now,
                         &format!(
-                            "granted owner={owner} address={address} services={}",
+                            "granted owner={owner} address={address} services={} until={until}",
                             detail.join(",")
                         ),
                     );

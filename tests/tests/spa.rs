@@ -337,6 +337,50 @@ pub fn a_loose_server_key_is_refused_and_nothing_is_installed(backend: Backend) 
     let _ = backend;
 }
 
+pub fn ssh_proxy_command_knocks_then_relays(backend: Backend) {
+    let (lab, _echo) = lab_with_ssh(backend);
+    // `ssh -o ProxyCommand='spa knock ... --connect %h:%p'`: knock, connect, relay stdio.
+    let mut args: Vec<String> = vec![
+        "netns".into(),
+        "exec".into(),
+        lab.a.clone(),
+        binary("spa").display().to_string(),
+        "knock".into(),
+    ];
+    args.extend(lab.knock_args("alice", false));
+    args.extend([
+        "-s".into(),
+        "ssh".into(),
+        "--connect".into(),
+        format!("{GW4}:22"),
+    ]);
+    let mut child = std::process::Command::new("ip")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"SSH-2.0-test\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SSH-2.0-test\n",
+        "relayed through the opened port"
+    );
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
@@ -352,4 +396,5 @@ both_backends!(
     unprivileged_client_with_a_profile,
     udp_listener_mode_and_interface_selection,
     a_loose_server_key_is_refused_and_nothing_is_installed,
+    ssh_proxy_command_knocks_then_relays,
 );
