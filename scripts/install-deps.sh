@@ -20,3 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   rm -f /usr/sbin/policy-rc.d
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+# The static client is built for musl (no C toolchain needed beyond the Rust target).
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -q x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl >/dev/null
+fi

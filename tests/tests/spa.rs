@@ -381,6 +381,42 @@ pub fn ssh_proxy_command_knocks_then_relays(backend: Backend) {
     );
 }
 
+pub fn the_static_client_knocks(backend: Backend) {
+    let (lab, _echo) = lab_with_ssh(backend);
+    let spa = workspace().join("target/x86_64-unknown-linux-musl/client/spa");
+    assert!(
+        spa.exists(),
+        "build it: cargo build --profile client -p spa-client --target x86_64-unknown-linux-musl"
+    );
+    // Static: no ELF interpreter (PT_INTERP) in the program headers.
+    let elf = std::fs::read(&spa).unwrap();
+    let (phoff, phentsize, phnum) = (
+        u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize,
+        u16::from_le_bytes(elf[54..56].try_into().unwrap()) as usize,
+        u16::from_le_bytes(elf[56..58].try_into().unwrap()) as usize,
+    );
+    let interp = (0..phnum)
+        .any(|i| u32::from_le_bytes(elf[phoff + i * phentsize..][..4].try_into().unwrap()) == 3);
+    assert!(!interp, "the client must be a static binary");
+    assert!(
+        elf.len() < 2 << 20,
+        "the client stays small: {} bytes",
+        elf.len()
+    );
+    let mut args: Vec<String> = vec!["knock".into()];
+    args.extend(lab.knock_args("alice", false));
+    args.extend(["-s".into(), "ssh".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.try_exec(&lab.a, spa.to_str().unwrap(), &refs);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
@@ -397,4 +433,5 @@ both_backends!(
     udp_listener_mode_and_interface_selection,
     a_loose_server_key_is_refused_and_nothing_is_installed,
     ssh_proxy_command_knocks_then_relays,
+    the_static_client_knocks,
 );
