@@ -365,9 +365,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .split_once('-')
                 .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
                 .context("port range is LOW-HIGH")?;
-            // The client does not know the gateway's exclusions; the gateway derives with the
-            // same rule, and exclusions only matter when a derived port collides, which the
-            // gateway's range validation makes the admin avoid (see docs/protocol.md).
+            // No exclusions needed: the gateway refuses port ranges that contain any excluded port,
+            // so its derivation never skips one and both sides compute the same sequence.
             let rule = spa_shared::totp::PortRule {
                 low,
                 high,

@@ -417,6 +417,20 @@ pub(crate) fn build(
     let mut totp_doors = Vec::new();
     for (span, mut door) in totp {
         door.rule.excluded = excluded.clone();
+        // Clients derive without knowing the exclusions, so none may fall inside the range:
+        // then gateway and client always compute the same sequence.
+        if let Some(clash) = excluded
+            .iter()
+            .find(|p| (door.rule.low..=door.rule.high).contains(p))
+        {
+            return Err(Located {
+                span,
+                message: format!(
+                    "TOTP door `{}`: port-range {}-{} contains port {clash}, which is the SPA port, a service, door or decoy port, or a TOTP first port; move the range or that port",
+                    door.name, door.rule.low, door.rule.high
+                ),
+            });
+        }
         if let Err(e) = spa_shared::totp::derive_ports(door.first_port, "000000", &door.rule) {
             return Err(Located {
                 span,
