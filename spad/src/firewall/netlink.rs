@@ -264,7 +264,12 @@ pub fn parse_replies(mut bytes: &[u8]) -> Result<Vec<Reply>, NetlinkError> {
                 return Err(NetlinkError::Malformed);
             }
             let error = i32::from_ne_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
-            out.push(Reply { seq, errno: -error });
+            // The kernel sends 0 (ack) or a negative errno; anything else is not a reply.
+            let errno = error
+                .checked_neg()
+                .filter(|e| *e >= 0)
+                .ok_or(NetlinkError::Malformed)?;
+            out.push(Reply { seq, errno });
         } else if kind == NLMSG_DONE {
             out.push(Reply { seq, errno: 0 });
         }
@@ -321,5 +326,11 @@ mod tests {
         bad[0] = 200;
         assert!(parse_replies(&bad).is_err());
         assert!(parse_replies(&[1, 2, 3]).unwrap().is_empty());
+        // Found by the netlink_replies fuzz target: i32::MIN in the error field overflowed.
+        let mut odd = ack.clone();
+        odd[16..20].copy_from_slice(&i32::MIN.to_ne_bytes());
+        assert!(parse_replies(&odd).is_err());
+        odd[16..20].copy_from_slice(&5i32.to_ne_bytes());
+        assert!(parse_replies(&odd).is_err());
     }
 }
