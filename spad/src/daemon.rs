@@ -130,7 +130,7 @@ impl<C: Clock> Pipeline<C> {
     }
 
     /// Handles one received packet.
-    pub fn handle(&mut self, received: &Received) {
+    pub fn handle(&mut self, received: &Received<'_>) {
         self.stats.packets += 1;
         match received {
             Received::Udp {
@@ -546,7 +546,7 @@ mod tests {
         spa_shared::packet::seal(&mut rand_core::OsRng, client, &server, &request).unwrap()
     }
 
-    fn udp(payload: Vec<u8>, source: &str) -> Received {
+    fn udp<'a>(payload: &'a [u8], source: &str) -> Received<'a> {
         Received::Udp {
             source: source.parse().unwrap(),
             source_port: 40000,
@@ -559,7 +559,10 @@ mod tests {
     fn grants_for_the_source_with_the_requested_duration_capped() {
         let clock = ManualClock::new(NOW);
         let (mut p, client, dir) = setup(&clock);
-        p.handle(&udp(packet(&client, Kind::Open, NOW, 7200), "198.51.100.7"));
+        p.handle(&udp(
+            &packet(&client, Kind::Open, NOW, 7200),
+            "198.51.100.7",
+        ));
         let grants = p.firewall.list().unwrap();
         assert_eq!(grants.len(), 1);
         assert_eq!(grants[0].address.to_string(), "198.51.100.7");
@@ -576,16 +579,16 @@ mod tests {
     fn garbage_replay_and_stale_are_refused_without_grants() {
         let clock = ManualClock::new(NOW);
         let (mut p, client, dir) = setup(&clock);
-        p.handle(&udp(vec![0u8; 200], "198.51.100.9"));
+        p.handle(&udp(&[0u8; 200], "198.51.100.9"));
         assert_eq!(p.stats.precheck_dropped, 1);
         let good = packet(&client, Kind::Open, NOW, 0);
-        p.handle(&udp(good.clone(), "198.51.100.7"));
+        p.handle(&udp(&good, "198.51.100.7"));
         p.firewall
             .revoke("198.51.100.7".parse().unwrap(), &["ssh".into()])
             .unwrap();
-        p.handle(&udp(good, "198.51.100.8"));
+        p.handle(&udp(&good, "198.51.100.8"));
         clock.advance(120_000_000);
-        p.handle(&udp(packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
+        p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
         assert!(p.firewall.list().unwrap().is_empty());
         assert_eq!((p.stats.granted, p.stats.refused), (1, 3));
         std::fs::remove_dir_all(dir).unwrap();
@@ -596,9 +599,9 @@ mod tests {
         let clock = ManualClock::new(NOW);
         let (mut p, client, dir) = setup(&clock);
         let open = packet(&client, Kind::Open, NOW, 0);
-        p.handle(&udp(open.clone(), "198.51.100.7"));
+        p.handle(&udp(&open, "198.51.100.7"));
         p.handle(&udp(
-            packet(&client, Kind::Close, NOW + 1, 0),
+            &packet(&client, Kind::Close, NOW + 1, 0),
             "198.51.100.7",
         ));
         assert!(p.firewall.list().unwrap().is_empty());
@@ -610,7 +613,7 @@ mod tests {
         );
         drop(p);
         let mut again = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
-        again.handle(&udp(open, "198.51.100.7"));
+        again.handle(&udp(&open, "198.51.100.7"));
         assert_eq!((again.stats.granted, again.stats.refused), (0, 1));
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -12,24 +12,24 @@ use crate::net::{canonical, Proto};
 pub mod bpf;
 pub mod frame;
 
-/// One received packet.
+/// One received packet, borrowed from the source's buffer (no copy per packet).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Received {
+pub enum Received<'a> {
     /// Network-layer bytes (IP header first) from AF_PACKET.
-    Ip(Vec<u8>),
+    Ip(&'a [u8]),
     /// A UDP payload from the plain listener, with its source.
     Udp {
         source: IpAddr,
         source_port: u16,
         port: u16,
-        payload: Vec<u8>,
+        payload: &'a [u8],
     },
 }
 
 /// A packet source.
 pub trait Source {
     /// Waits at most `timeout` for one packet.
-    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received>>;
+    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>>;
 }
 
 /// Sniffs with AF_PACKET (`SOCK_DGRAM`, all protocols) and a BPF prefilter.
@@ -136,7 +136,7 @@ impl AfPacket {
 }
 
 impl Source for AfPacket {
-    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received>> {
+    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
         let mut fds: Vec<libc::pollfd> = self
             .sockets
             .iter()
@@ -179,7 +179,7 @@ impl Source for AfPacket {
             if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
-            return Ok(Some(Received::Ip(self.buf[..n as usize].to_vec())));
+            return Ok(Some(Received::Ip(&self.buf[..n as usize])));
         }
         Ok(None)
     }
@@ -208,7 +208,7 @@ impl UdpListener {
 }
 
 impl Source for UdpListener {
-    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received>> {
+    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
         self.socket
             .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
         match self.socket.recv_from(&mut self.buf) {
@@ -216,7 +216,7 @@ impl Source for UdpListener {
                 source: canonical(from.ip()),
                 source_port: from.port(),
                 port: self.port,
-                payload: self.buf[..n].to_vec(),
+                payload: &self.buf[..n],
             })),
             Err(e)
                 if matches!(
