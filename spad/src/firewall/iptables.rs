@@ -8,12 +8,10 @@
 //! restarts, so live grants survive. Grants go over ipset netlink (no process per grant).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use super::netlink::{Message, Socket, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_REQUEST};
 use super::{still_allowed, Access, Firewall, LiveGrant};
@@ -246,29 +244,12 @@ pub fn rules(config: &Config, table: &str, v6: bool) -> String {
 }
 
 fn tool(program: &str, args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run `{program}` (install iptables and ipset)"))?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let package = if program == "ipset" {
+        "ipset"
+    } else {
+        "iptables"
+    };
+    super::run_tool(program, args, input, package)
 }
 
 /// One entry from `ipset save`.

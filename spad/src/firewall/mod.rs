@@ -147,6 +147,42 @@ pub fn port_items(
     out
 }
 
+/// Runs a firewall tool (`nft`, `iptables-restore`, `ipset`, ...) with `input` on stdin and
+/// returns its stdout. Only for install, listing and removal: grants never spawn processes.
+pub(crate) fn run_tool(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    package: &str,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{program}` (install the {package} package)"))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Opens the backend `config` asks for (`auto`: nftables if the kernel speaks it, else iptables).
 pub fn open(config: &Config) -> anyhow::Result<Box<dyn Firewall>> {
     use crate::config::BackendChoice;

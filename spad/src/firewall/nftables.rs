@@ -10,12 +10,11 @@
 //! before the conntrack shortcut. Access needs membership of both.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use super::netlink::{Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
 use super::{still_allowed, Access, Firewall, LiveGrant};
@@ -368,29 +367,7 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
 
 /// Runs `nft` with `args`, feeding `input` on stdin; returns stdout.
 fn nft(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run `nft` (install the nftables package)")?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    super::run_tool("nft", args, input, "nftables")
 }
 
 /// Parses `nft -j list table` output into set elements. Unknown shapes are skipped.
