@@ -218,34 +218,29 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
     }
     let _ = writeln!(t, "  }}");
 
-    let access = |service: &Service, ip: &str, v6: bool| -> String {
-        let mut m = format!("{ip} saddr @{}", set_name(&service.name, false, v6));
+    let ip = |v6: bool| if v6 { "ip6" } else { "ip" };
+    // `ip saddr @a4_S [ip saddr @i4_S]`: granted (and, with an idle timeout, still active).
+    let access = |service: &Service, v6: bool| -> String {
+        let mut m = format!("{} saddr @{}", ip(v6), set_name(&service.name, false, v6));
         if service.idle_timeout.is_some() {
-            let _ = write!(m, " {ip} saddr @{}", set_name(&service.name, true, v6));
+            let _ = write!(
+                m,
+                " {} saddr @{}",
+                ip(v6),
+                set_name(&service.name, true, v6)
+            );
         }
         m
     };
-    let allow_lists = |service: &Service| -> Vec<String> {
-        let v4: Vec<String> = service
+    // `ip saddr { prefixes }` for the service's allow list in one family, if it has any.
+    let allow = |service: &Service, v6: bool| -> Option<String> {
+        let list: Vec<String> = service
             .allow
             .iter()
-            .filter(|c| c.addr.is_ipv4())
+            .filter(|c| c.addr.is_ipv6() == v6)
             .map(|c| c.to_string())
             .collect();
-        let v6: Vec<String> = service
-            .allow
-            .iter()
-            .filter(|c| c.addr.is_ipv6())
-            .map(|c| c.to_string())
-            .collect();
-        let mut out = Vec::new();
-        if !v4.is_empty() {
-            out.push(format!("ip saddr {{ {} }}", v4.join(", ")));
-        }
-        if !v6.is_empty() {
-            out.push(format!("ip6 saddr {{ {} }}", v6.join(", ")));
-        }
-        out
+        (!list.is_empty()).then(|| format!("{} saddr {{ {} }}", ip(v6), list.join(", ")))
     };
 
     let _ = writeln!(
@@ -256,27 +251,17 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
     for hidden in hidden_matches(config) {
         let _ = writeln!(t, "    {hidden} drop");
     }
-    let local = config
+    for service in config
         .services
         .values()
-        .filter(|s| s.kind != ServiceKind::Nat);
-    for service in local.clone() {
+        .filter(|s| s.kind != ServiceKind::Nat)
+    {
         for ports in port_matches(&service.ports) {
-            for allow in allow_lists(service) {
-                let _ = writeln!(t, "    {}{ports} {allow} accept", iif(service));
+            for v6 in [false, true] {
+                for source in allow(service, v6).into_iter().chain([access(service, v6)]) {
+                    let _ = writeln!(t, "    {}{ports} {source} accept", iif(service));
+                }
             }
-            let _ = writeln!(
-                t,
-                "    {}{ports} {} accept",
-                iif(service),
-                access(service, "ip", false)
-            );
-            let _ = writeln!(
-                t,
-                "    {}{ports} {} accept",
-                iif(service),
-                access(service, "ip6", true)
-            );
         }
     }
     // Everything protected, NAT public ports included, looks filtered to everyone else.
@@ -300,38 +285,16 @@ pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
                 .as_ref()
                 .expect("nat services have a target");
             for ports in port_matches(&service.ports) {
-                if let Some(target) = forward.v4 {
-                    for allow in allow_lists(service)
-                        .into_iter()
-                        .filter(|a| a.starts_with("ip "))
-                    {
-                        let _ =
-                            writeln!(t, "    {}{ports} {allow} dnat ip to {target}", iif(service));
-                    }
-                    let _ = writeln!(
-                        t,
-                        "    {}{ports} {} dnat ip to {target}",
-                        iif(service),
-                        access(service, "ip", false)
-                    );
-                }
-                if let Some(target) = forward.v6 {
-                    for allow in allow_lists(service)
-                        .into_iter()
-                        .filter(|a| a.starts_with("ip6 "))
-                    {
+                for (target, v6) in [(forward.v4, false), (forward.v6, true)] {
+                    let Some(target) = target else { continue };
+                    for source in allow(service, v6).into_iter().chain([access(service, v6)]) {
                         let _ = writeln!(
                             t,
-                            "    {}{ports} {allow} dnat ip6 to {target}",
-                            iif(service)
+                            "    {}{ports} {source} dnat {} to {target}",
+                            iif(service),
+                            ip(v6)
                         );
                     }
-                    let _ = writeln!(
-                        t,
-                        "    {}{ports} {} dnat ip6 to {target}",
-                        iif(service),
-                        access(service, "ip6", true)
-                    );
                 }
             }
         }
