@@ -8,7 +8,9 @@ use serde::Deserialize;
 use spa_shared::totp::{Algorithm, Params, PortRule, Secret};
 use toml::Spanned;
 
-use crate::config::{at, resolve, Located, Seconds, Server, Service};
+use crate::config::server::Server;
+use crate::config::services::Service;
+use crate::config::span::{at, resolve, Located, Seconds};
 use crate::net::{PortProto, Proto};
 
 #[derive(Debug, Deserialize)]

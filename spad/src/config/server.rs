@@ -1,0 +1,155 @@
+//! The `[server]` section: key, port, capture, interfaces, state, firewall backend, time window.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::span::{at, resolve, Located, Seconds};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawServer {
+    private_key: Spanned<String>,
+    #[serde(default = "default_port")]
+    port: Spanned<u16>,
+    #[serde(default)]
+    capture: CaptureMode,
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    #[serde(default = "default_state_dir")]
+    state_dir: String,
+    #[serde(default)]
+    backend: BackendChoice,
+    #[serde(default = "default_table")]
+    table: Spanned<String>,
+    #[serde(default = "default_max_age")]
+    max_age: Seconds,
+    #[serde(default = "default_max_future")]
+    max_future: Seconds,
+    #[serde(default)]
+    flush_on_exit: bool,
+}
+
+fn default_port() -> Spanned<u16> {
+    Spanned::new(0..0, 62201)
+}
+fn default_state_dir() -> String {
+    "/var/lib/spad".into()
+}
+fn default_table() -> Spanned<String> {
+    Spanned::new(0..0, "spad".into())
+}
+fn default_max_age() -> Seconds {
+    Seconds(Duration::from_secs(60))
+}
+fn default_max_future() -> Seconds {
+    Seconds(Duration::from_secs(30))
+}
+
+/// How SPA packets (and knocks) are heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureMode {
+    /// Sniff with AF_PACKET and a kernel BPF prefilter; the port stays closed (filtered).
+    #[default]
+    AfPacket,
+    /// A plain UDP socket on the port (no knocks; the port is open but never answers).
+    Udp,
+}
+
+/// Which firewall to drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Nftables,
+    Iptables,
+}
+
+/// The daemon-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub private_key: PathBuf,
+    pub port: u16,
+    pub capture: CaptureMode,
+    pub interfaces: Vec<String>,
+    pub state_dir: PathBuf,
+    pub backend: BackendChoice,
+    pub table: String,
+    pub max_age: Duration,
+    pub max_future: Duration,
+    pub flush_on_exit: bool,
+}
+
+/// Checks interface names against the host's interfaces (when they can be listed).
+pub(super) struct Interfaces {
+    present: Option<BTreeSet<String>>,
+}
+
+impl Interfaces {
+    /// The interfaces present on this host now.
+    pub(super) fn of_host() -> Self {
+        Self {
+            present: crate::net::interface_names(),
+        }
+    }
+
+    /// The name, if it is a valid name of a present interface.
+    pub(super) fn check(&self, name: &Spanned<String>) -> Result<String, Located> {
+        let value = name.get_ref();
+        if value.is_empty() || value.len() > 15 || value.contains(['/', ' ']) {
+            return Err(at(name, format!("`{value}` is not an interface name")));
+        }
+        if let Some(present) = &self.present {
+            if !present.contains(value) {
+                let list = present.iter().cloned().collect::<Vec<_>>().join(", ");
+                return Err(at(
+                    name,
+                    format!("no interface `{value}` on this host; present: {list}"),
+                ));
+            }
+        }
+        Ok(value.clone())
+    }
+}
+
+/// Validates `[server]`; relative paths are taken against `base`.
+pub(super) fn build(
+    raw: &RawServer,
+    base: &Path,
+    interfaces: &Interfaces,
+) -> Result<Server, Located> {
+    let table = raw.table.get_ref();
+    if table.is_empty()
+        || table.len() > 32
+        || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(at(
+            &raw.table,
+            "table names are 1-32 of [A-Za-z0-9_]; write e.g. \"spad\"",
+        ));
+    }
+    if *raw.port.get_ref() == 0 {
+        return Err(at(&raw.port, "port 0 is not a port; the default is 62201"));
+    }
+    Ok(Server {
+        private_key: resolve(base, raw.private_key.get_ref()),
+        port: *raw.port.get_ref(),
+        capture: raw.capture,
+        interfaces: raw
+            .interfaces
+            .iter()
+            .map(|name| interfaces.check(name))
+            .collect::<Result<_, _>>()?,
+        state_dir: resolve(base, &raw.state_dir),
+        backend: raw.backend,
+        table: table.clone(),
+        max_age: raw.max_age.0,
+        max_future: raw.max_future.0,
+        flush_on_exit: raw.flush_on_exit,
+    })
+}
