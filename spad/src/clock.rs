@@ -3,7 +3,20 @@
 
 use std::cell::Cell;
 
+use std::time::Duration;
+
 use spa_shared::Micros;
+
+/// `duration` in microseconds, saturating instead of truncating (a `u128` cast to `u64`
+/// would wrap an absurd duration into a short one).
+pub fn micros(duration: Duration) -> Micros {
+    Micros::try_from(duration.as_micros()).unwrap_or(Micros::MAX)
+}
+
+/// The instant `duration` after `now`, saturating at the end of time instead of wrapping.
+pub fn after(now: Micros, duration: Duration) -> Micros {
+    now.saturating_add(micros(duration))
+}
 
 /// Wall-clock time in microseconds since the UNIX epoch.
 pub trait Clock {
@@ -18,7 +31,7 @@ impl Clock for SystemClock {
     fn now(&self) -> Micros {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as Micros)
+            .map_or(0, micros)
     }
 }
 

@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::Context;
 use spa_shared::packet::Server;
 use spa_shared::replay::Window;
-use spa_shared::Micros;
 
 use crate::capture::{self, frame, Received, Source};
 use crate::clock::Clock;
@@ -59,8 +58,8 @@ impl<C: Clock> std::fmt::Debug for Pipeline<C> {
 
 fn window(config: &Config) -> Window {
     Window {
-        max_age: config.server.max_age.as_micros() as Micros,
-        max_future: config.server.max_future.as_micros() as Micros,
+        max_age: crate::clock::micros(config.server.max_age),
+        max_future: crate::clock::micros(config.server.max_future),
     }
 }
 
@@ -87,7 +86,7 @@ impl<C: Clock> Pipeline<C> {
             .context("installing the firewall ruleset")?;
         let mut knocks = Engine::new(&config, &state_dir, now);
         for (address, remaining) in firewall.blacklisted().unwrap_or_default() {
-            knocks.restore_blacklist(address, now + remaining.as_micros() as Micros);
+            knocks.restore_blacklist(address, crate::clock::after(now, remaining));
         }
         if let Some(w) = knocks.take_warning() {
             log.line(now, &format!("warning: {w}"));
@@ -224,7 +223,7 @@ impl<C: Clock> Pipeline<C> {
                         })
                         .collect();
                     let longest = grants.iter().map(|g| g.timeout).max().unwrap_or_default();
-                    let until = crate::log::timestamp(now + longest.as_micros() as Micros);
+                    let until = crate::log::timestamp(crate::clock::after(now, longest));
                     self.log.line(
                         now,
                         &format!(
@@ -510,6 +509,7 @@ mod tests {
     use crate::firewall::memory::Memory;
     use spa_shared::keys::PrivateKey;
     use spa_shared::payload::{Kind, Request};
+    use spa_shared::Micros;
 
     const NOW: Micros = 1_763_726_400_000_000;
 

@@ -55,7 +55,9 @@ impl ReplayStore {
             Ok(bytes) => match ReplayRecord::decode(&bytes) {
                 Ok(record) => (record, None, None),
                 Err(e) => {
-                    let until = now + window.max_age + window.max_future;
+                    let until = now
+                        .saturating_add(window.max_age)
+                        .saturating_add(window.max_future);
                     (
                         ReplayRecord::new(),
                         Some(until),
@@ -69,7 +71,9 @@ impl ReplayStore {
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (ReplayRecord::new(), None, None),
             Err(e) => {
-                let until = now + window.max_age + window.max_future;
+                let until = now
+                    .saturating_add(window.max_age)
+                    .saturating_add(window.max_future);
                 (
                     ReplayRecord::new(),
                     Some(until),

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use spa_shared::keys::PublicKey;
 use toml::Spanned;
 
+use super::limits::name_problem;
 use super::services::Service;
 use super::span::{at, resolve, Located, Seconds};
 
@@ -17,7 +18,7 @@ pub(super) struct RawClient {
     public_key: Option<Spanned<String>>,
     public_key_file: Option<Spanned<String>>,
     services: Vec<Spanned<String>>,
-    max_duration: Option<Seconds>,
+    max_duration: Option<Spanned<Seconds>>,
     #[serde(default)]
     allow_address_override: bool,
 }
@@ -42,6 +43,19 @@ pub(super) fn build(
     let mut seen_keys: BTreeMap<PublicKey, String> = BTreeMap::new();
     for (name, spanned) in raw {
         let client = spanned.get_ref();
+        if let Some(problem) = name_problem(name) {
+            return Err(at(spanned, format!("client {problem}")));
+        }
+        if let Some(zero) = client
+            .max_duration
+            .as_ref()
+            .filter(|d| d.get_ref().0.is_zero())
+        {
+            return Err(at(
+                zero,
+                "max-duration = 0 would cap every grant at nothing; leave it out for the services' own max-timeout, or write e.g. \"1h\"",
+            ));
+        }
         let public_key = public_key(name, spanned, base)?;
         if let Some(other) = seen_keys.insert(public_key, name.clone()) {
             return Err(at(
@@ -69,7 +83,7 @@ pub(super) fn build(
                 name: name.clone(),
                 public_key,
                 services: wanted,
-                max_duration: client.max_duration.map(|d| d.0),
+                max_duration: client.max_duration.as_ref().map(|d| d.get_ref().0),
                 allow_address_override: client.allow_address_override,
             },
         );

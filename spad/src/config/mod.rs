@@ -17,6 +17,8 @@ use crate::knock::config::{Doors, RawDoor, RawKnocking, RawTotpDoor};
 use crate::net::PortProto;
 
 pub mod clients;
+mod knocking;
+pub mod limits;
 pub mod server;
 pub mod services;
 pub mod span;
@@ -29,14 +31,28 @@ pub use span::Seconds;
 #[allow(unused_imports)]
 pub(crate) use span::{at, line_column, resolve, Located};
 
-/// A configuration error with its location.
+/// A configuration error with its location (`line` 0: the file as a whole).
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
+#[error("{}", self.render())]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+impl ConfigError {
+    /// `file:line:col: message`, or `file: message` when no line applies.
+    fn render(&self) -> String {
+        if self.line == 0 {
+            format!("{}: {}", self.file, self.message)
+        } else {
+            format!(
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,13 +82,35 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a file.
+    /// Reads and validates a file. A file that cannot be read is reported as such (with no
+    /// line); one that is not UTF-8 at the line and column of its first bad byte.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.display().to_string(),
+        let file = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
+            file: file.clone(),
             line: 0,
             column: 0,
-            message: format!("cannot read: {e}"),
+            message: match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "no such file; check the path, or start from conf/spad.toml".to_string()
+                }
+                _ => format!("cannot read: {e}"),
+            },
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            // The valid prefix is text, so line and column count characters as elsewhere.
+            let prefix = String::from_utf8_lossy(valid);
+            let (line, column) = line_column(&prefix, prefix.len());
+            ConfigError {
+                file: file.clone(),
+                line,
+                column,
+                message: format!(
+                    "not UTF-8 (byte 0x{:02x}); save the file as UTF-8",
+                    e.as_bytes()[valid.len()]
+                ),
+            }
         })?;
         Self::parse(path, &text)
     }
@@ -114,6 +152,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
     let server = server::build(&raw.server, base, &interfaces)?;
     let services = services::build(&raw.services, &server, &interfaces)?;
     let clients = clients::build(&raw.clients, &services, base)?;
+    knocking::check(text)?;
     let doors = crate::knock::config::build(
         &raw.doors,
         &raw.totp_doors,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::limits::MAX_WINDOW;
 use super::span::{at, resolve, Located, Seconds};
 
 #[derive(Debug, Deserialize)]
@@ -26,9 +27,9 @@ pub(super) struct RawServer {
     #[serde(default = "default_table")]
     table: Spanned<String>,
     #[serde(default = "default_max_age")]
-    max_age: Seconds,
+    max_age: Spanned<Seconds>,
     #[serde(default = "default_max_future")]
-    max_future: Seconds,
+    max_future: Spanned<Seconds>,
     #[serde(default)]
     flush_on_exit: bool,
 }
@@ -42,11 +43,11 @@ fn default_state_dir() -> String {
 fn default_table() -> Spanned<String> {
     Spanned::new(0..0, "spad".into())
 }
-fn default_max_age() -> Seconds {
-    Seconds(Duration::from_secs(60))
+fn default_max_age() -> Spanned<Seconds> {
+    Spanned::new(0..0, Seconds(Duration::from_secs(60)))
 }
-fn default_max_future() -> Seconds {
-    Seconds(Duration::from_secs(30))
+fn default_max_future() -> Spanned<Seconds> {
+    Spanned::new(0..0, Seconds(Duration::from_secs(30)))
 }
 
 /// How SPA packets (and knocks) are heard.
@@ -148,8 +149,28 @@ pub(super) fn build(
         state_dir: resolve(base, &raw.state_dir),
         backend: raw.backend,
         table: table.clone(),
-        max_age: raw.max_age.0,
-        max_future: raw.max_future.0,
+        max_age: window_side(&raw.max_age, "max-age", Duration::from_secs(1))?,
+        max_future: window_side(&raw.max_future, "max-future", Duration::ZERO)?,
         flush_on_exit: raw.flush_on_exit,
     })
+}
+
+/// `max-age` or `max-future`: at least `min`, at most [`MAX_WINDOW`].
+fn window_side(value: &Spanned<Seconds>, key: &str, min: Duration) -> Result<Duration, Located> {
+    let duration = value.get_ref().0;
+    if duration < min {
+        return Err(at(
+            value,
+            format!("{key} = 0 refuses every packet; write a few seconds or minutes, e.g. {key} = \"60s\""),
+        ));
+    }
+    if duration > MAX_WINDOW {
+        return Err(at(
+            value,
+            format!("{key} of {} lets a withheld packet be used that long; write at most \"1h\" (the default is {})",
+                spa_shared::duration::format(duration),
+                if key == "max-age" { "\"60s\"" } else { "\"30s\"" }),
+        ));
+    }
+    Ok(duration)
 }

@@ -64,19 +64,22 @@ pub struct Service {
 #[derive(Default)]
 struct PortOwners {
     nat_public: BTreeMap<PortProto, String>,
-    local: BTreeMap<PortProto, String>,
+    /// Local ports, with the service and the interface it is protected on (`None`: all).
+    local: BTreeMap<PortProto, Vec<(String, Option<String>)>>,
 }
 
 impl PortOwners {
-    /// Records `port` for service `name`, refusing a port that is both local and forwarded
-    /// or forwarded twice.
+    /// Records `port` for service `name`, refusing a port that is both local and forwarded,
+    /// forwarded twice, or local to two services on one interface (a grant for one service
+    /// would then open the other's port too).
     fn claim(
         &mut self,
         port: PortProto,
-        kind: ServiceKind,
+        service: &RawService,
         name: &str,
         text: &Spanned<String>,
     ) -> Result<(), Located> {
+        let kind = service.kind;
         if kind == ServiceKind::Nat {
             if let Some(other) = self.nat_public.insert(port, name.to_string()) {
                 return Err(at(
@@ -84,14 +87,22 @@ impl PortOwners {
                     format!("public port {port} is already forwarded by service `{other}`; NAT public ports must not overlap"),
                 ));
             }
-            if let Some(other) = self.local.get(&port) {
+            if let Some((other, _)) = self.local.get(&port).and_then(|o| o.first()) {
                 return Err(at(text, format!("public port {port} is a local port of service `{other}`; a port is either local or forwarded")));
             }
         } else {
             if let Some(other) = self.nat_public.get(&port) {
                 return Err(at(text, format!("{port} is forwarded by NAT service `{other}`; a port is either local or forwarded")));
             }
-            self.local.insert(port, name.to_string());
+            let interface = service.interface.as_ref().map(|i| i.get_ref().clone());
+            let owners = self.local.entry(port).or_default();
+            let overlapping = owners
+                .iter()
+                .find(|(_, other)| other.is_none() || interface.is_none() || *other == interface);
+            if let Some((other, _)) = overlapping {
+                return Err(at(text, format!("{port} is already a port of service `{other}`: a grant for either would open it for both; keep the port in one service and list that service for the clients that need it (or protect each on its own `interface`)")));
+            }
+            owners.push((name.to_string(), interface));
         }
         Ok(())
     }
@@ -188,7 +199,7 @@ fn ports(
         if ports.contains(&port) {
             return Err(at(text, format!("{port} is listed twice in this service")));
         }
-        owners.claim(port, service.kind, name, text)?;
+        owners.claim(port, service, name, text)?;
         ports.push(port);
     }
     Ok(ports)

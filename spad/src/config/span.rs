@@ -1,6 +1,7 @@
 //! Where a configuration value came from, and the small value types every section shares.
 //!
-//! This is the leaf of the configuration: it imports nothing from the sections, so any section
+//! This is the leaf of the configuration: it imports nothing from the sections (only the
+//! bounds in `limits`), so any section
 //! (including `knock::config`) can use [`Located`], [`at`], [`resolve`] and [`Seconds`]
 //! without an import cycle.
 
@@ -43,7 +44,8 @@ pub(crate) fn resolve(base: &Path, path: &str) -> PathBuf {
     }
 }
 
-/// A duration in config: `"30s"`, `"1h"` or a number of seconds.
+/// A duration in config: `"30s"`, `"1h"` or a number of seconds, at most
+/// [`MAX_TIMEOUT`](super::limits::MAX_TIMEOUT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seconds(pub Duration);
 
@@ -55,13 +57,18 @@ impl<'de> Deserialize<'de> for Seconds {
             Number(u64),
             Text(String),
         }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(Seconds(Duration::from_secs(n))),
-            Raw::Text(t) => duration::parse(&t).map(Seconds).ok_or_else(|| {
+        let duration = match Raw::deserialize(d)? {
+            Raw::Number(n) => Duration::from_secs(n),
+            Raw::Text(t) => duration::parse(&t).ok_or_else(|| {
                 serde::de::Error::custom(format!(
                     "`{t}` is not a duration; write e.g. \"30s\", \"15m\", \"1h30m\" or a number of seconds"
                 ))
-            }),
+            })?,
+        };
+        // Every duration in the file ends up as (or bounds) a kernel set timeout.
+        match super::limits::timeout_problem(duration) {
+            Some(problem) => Err(serde::de::Error::custom(problem)),
+            None => Ok(Seconds(duration)),
         }
     }
 }

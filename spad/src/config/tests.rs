@@ -160,3 +160,148 @@ fn door_bad_input_is_refused_with_its_line() {
         .message
         .contains("widen port-range"));
 }
+
+/// The error for `base()` with `from` replaced by `to`: its (line, column) and message.
+fn refused(from: &str, to: &str) -> (usize, usize, String) {
+    let text = base().replacen(from, to, 1);
+    assert_ne!(text, base(), "`{from}` is not in the base config");
+    let err = parse(&text).unwrap_err();
+    (err.line, err.column, err.message)
+}
+
+#[test]
+fn the_replay_window_is_bounded() {
+    let server = "private-key = \"server.key\"";
+    let (line, column, message) = refused(server, &format!("{server}\nmax-age = 0"));
+    assert_eq!((line, column), (4, 11), "{message}");
+    assert!(
+        message.contains("max-age = 0 refuses every packet"),
+        "{message}"
+    );
+    // i64::MAX seconds: in microseconds this once wrapped to well under a second.
+    let (line, _, message) = refused(server, &format!("{server}\nmax-age = 9223372036854775807"));
+    assert_eq!(line, 4);
+    assert!(message.contains("longest kernel set timeout"), "{message}");
+    let (line, _, message) = refused(server, &format!("{server}\nmax-future = \"2d\""));
+    assert_eq!(line, 4);
+    assert!(message.contains("write at most \"1h\""), "{message}");
+    let (_, _, message) = refused(server, &format!("{server}\nmax-future = \"3650d\""));
+    assert!(message.contains("24d"), "{message}");
+    let config = parse(&base().replace(
+        server,
+        &format!("{server}\nmax-future = 0\nmax-age = \"1h\""),
+    ))
+    .unwrap();
+    assert_eq!(config.server.max_age, Duration::from_secs(3600));
+}
+
+#[test]
+fn timeouts_fit_the_kernel_sets_of_both_backends() {
+    let (line, column, message) = refused("timeout = \"30s\"", "timeout = \"30d\"");
+    assert_eq!((line, column), (8, 11));
+    assert!(message.contains("longest kernel set timeout"), "{message}");
+    let (line, _, _) = refused(
+        "timeout = \"30s\"",
+        "timeout = \"30s\"\nmax-timeout = 2147484",
+    );
+    assert_eq!(line, 9);
+    let (line, _, _) = refused(
+        "timeout = \"30s\"",
+        "timeout = \"30s\"\nidle-timeout = \"100d\"",
+    );
+    assert_eq!(line, 9);
+    let longest = base().replace("timeout = \"30s\"", "timeout = 2147483");
+    assert_eq!(
+        parse(&longest).unwrap().services["ssh"].timeout,
+        Duration::from_secs(2_147_483)
+    );
+    let (line, _, message) = refused(
+        "services = [\"ssh\"]",
+        "services = [\"ssh\"]\nmax-duration = 0",
+    );
+    assert_eq!(line, 13);
+    assert!(message.contains("max-duration = 0"), "{message}");
+}
+
+#[test]
+fn two_services_may_not_share_a_local_port() {
+    let other = "\n[services.ssh2]\nkind = \"management\"\nports = [\"2222/tcp\", \"22/tcp\"]\ntimeout = \"1m\"\n";
+    let err = parse(&format!("{}{other}", base())).unwrap_err();
+    assert_eq!((err.line, err.column), (16, 22), "{err}");
+    assert!(
+        err.message.contains("already a port of service `ssh`"),
+        "{err}"
+    );
+    // The same port on another protocol is another port.
+    assert!(parse(&format!(
+        "{}{}",
+        base(),
+        other.replace("\"22/tcp\"", "\"22/udp\"")
+    ))
+    .is_ok());
+}
+
+#[test]
+fn names_must_fit_the_kernel_comment() {
+    let long = "\u{1F600}".repeat(26); // 104 bytes of UTF-8
+    let (line, _, message) = refused("[clients.alice]", &format!("[clients.\"{long}\"]"));
+    assert_eq!(line, 10);
+    assert!(message.contains("104 bytes"), "{message}");
+    let door = format!(
+        "{}\n[doors.\"{long}\"]\nsequence = [\"7000/tcp\", \"8000/tcp\"]\nservices = [\"ssh\"]\n",
+        base()
+    );
+    let err = parse(&door).unwrap_err();
+    assert_eq!(err.line, 14, "{err}");
+    assert!(err.message.contains("door name"), "{err}");
+}
+
+#[test]
+fn knock_limits_that_would_break_doors_are_refused() {
+    let with = |extra: &str| {
+        let text = format!(
+            "{}\n[doors.d]\nsequence = [\"7000/tcp\", \"8000/tcp\"]\nservices = [\"ssh\"]\n{extra}",
+            base()
+        );
+        parse(&text)
+    };
+    assert!(with("").is_ok());
+    let err = with("\n[knocking]\nmax-knocks-per-second = 0\n").unwrap_err();
+    assert_eq!((err.line, err.column), (19, 25), "{err}");
+    assert!(err.message.contains("write a rate"), "{err}");
+    let err = with("\n[knocking]\nblacklist-after = 0\n").unwrap_err();
+    assert_eq!(err.line, 19, "{err}");
+    let err = with("seq-timeout = 0\n").unwrap_err();
+    assert_eq!(err.line, 17, "{err}");
+    assert!(err.message.contains("seq-timeout = 0"), "{err}");
+    let err = with("\n[knocking]\nblacklist-for = \"90d\"\n").unwrap_err();
+    assert!(err.message.contains("24d"), "{err}");
+    let totp = format!(
+        "{}\n[totp-doors.t]\nfirst-port = 40001\nsecret = \"JBSWY3DPEHPK3PXPJBSWY3DP\"\nservices = [\"ssh\"]\nskew-steps = 9\n",
+        base()
+    );
+    let err = parse(&totp).unwrap_err();
+    assert_eq!((err.line, err.column), (18, 14), "{err}");
+    assert!(err.message.contains("at most 3"), "{err}");
+}
+
+#[test]
+fn a_missing_or_non_utf8_file_says_so() {
+    let dir = std::env::temp_dir().join(format!("spad-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("absent.toml");
+    let err = Config::load(&missing).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: no such file; check the path, or start from conf/spad.toml",
+            missing.display()
+        )
+    );
+    let latin1 = dir.join("latin1.toml");
+    std::fs::write(&latin1, b"[server]\nprivate-key = \"cl\xe9.key\"\n").unwrap();
+    let err = Config::load(&latin1).unwrap_err();
+    assert_eq!((err.line, err.column), (2, 18), "{err}");
+    assert!(err.message.contains("not UTF-8 (byte 0xe9)"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -60,7 +60,8 @@ pub fn ipset_message(set: &str, address: IpAddr, add: Option<(Duration, &str)>) 
     };
     m.nest_end();
     if let Some((timeout, owner)) = add {
-        let secs = timeout.as_secs().clamp(1, u64::from(u32::MAX / 1000)) as u32;
+        // 2147483 s is the largest timeout ipset accepts; config refuses longer ones.
+        let secs = u32::try_from(timeout.as_secs().clamp(1, 2_147_483)).unwrap_or(2_147_483);
         m.attr(
             IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER,
             &secs.to_be_bytes(),

@@ -95,7 +95,9 @@ pub fn element_message(
         .attr(NFTA_DATA_VALUE, &addr_bytes(address))
         .nest_end();
     if let Some((timeout, owner)) = add {
-        let ms = timeout.as_millis().max(1) as u64;
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         m.attr(NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
         m.attr(NFTA_SET_ELEM_USERDATA, &comment_udata(owner));
     }
