@@ -80,7 +80,9 @@ struct SpaArgs {
     /// Requested duration, e.g. 30s or 1h (the gateway caps it).
     #[arg(long)]
     duration: Option<String>,
-    /// Ask for this address instead of the packet's source (needs server permission).
+    /// Name the address the packet is for: your public address as the gateway sees it
+    /// (required when the gateway sets require-address for you; another address needs
+    /// allow-address-override). Behind NAT, look it up (e.g. from your router) and pass it.
     #[arg(long)]
     address: Option<IpAddr>,
     /// After knocking, connect to HOST:PORT and relay stdin/stdout (for ssh ProxyCommand).

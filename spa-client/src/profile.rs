@@ -23,7 +23,7 @@ pub struct Profile {
     pub services: Vec<String>,
     /// Requested duration (`"30s"`, `"1h"`); the gateway caps it.
     pub duration: Option<String>,
-    /// Ask for this address instead of the packet's source (needs server permission).
+    /// The address the packet is for, as the gateway sees it (see `spa knock --address`).
     pub address: Option<String>,
     /// TOTP knocking: first port, protocol, and the secret file (base32).
     pub totp_first_port: Option<u16>,

@@ -33,6 +33,14 @@ pub enum PolicyRefusal {
         asked: IpAddr,
         source_address: IpAddr,
     },
+    #[error("client `{client}` has require-address but the packet names no address; send with `spa --address ADDRESS` (the public address the gateway sees)")]
+    AddressMissing { client: String },
+    #[error("client `{client}` has require-address; the packet is for {named} but came from {source_address} (stolen, or the client's public address changed)")]
+    AddressMismatch {
+        client: String,
+        named: IpAddr,
+        source_address: IpAddr,
+    },
     #[error("service `{0}` forwards only {1}; nothing to open for this address family")]
     Family(String, &'static str),
 }
@@ -87,6 +95,23 @@ pub fn decide(
             });
         }
     }
+    if client.require_address {
+        match request.address {
+            None => {
+                return Err(PolicyRefusal::AddressMissing {
+                    client: client.name.clone(),
+                })
+            }
+            Some(named) if named != source => {
+                return Err(PolicyRefusal::AddressMismatch {
+                    client: client.name.clone(),
+                    named,
+                    source_address: source,
+                })
+            }
+            Some(_) => {}
+        }
+    }
     let address = match request.address {
         None => source,
         Some(asked) if asked == source => source,
@@ -119,5 +144,73 @@ pub fn decide(
             }
             Ok(Decision::Open { address, grants })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spa_shared::payload::Kind;
+    use std::path::Path;
+
+    const KEY: &str = "aGVsbG8gd29ybGQgdGhpcyBpcyAzMiBieXRlcyEhISE=";
+
+    fn config(client_extra: &str) -> Config {
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{KEY}\"\nservices = [\"ssh\"]\n{client_extra}"
+        );
+        Config::parse(Path::new("/etc/spad/spad.toml"), &text).unwrap()
+    }
+
+    fn request(address: Option<IpAddr>) -> Request {
+        Request {
+            kind: Kind::Open,
+            timestamp: 1,
+            nonce: [0; 16],
+            duration_secs: 0,
+            address,
+            services: vec!["ssh".into()],
+        }
+    }
+
+    #[test]
+    fn require_address_refuses_a_packet_resent_from_elsewhere() {
+        let strict = config("require-address = true\n");
+        let alice = &strict.clients["alice"];
+        let a: IpAddr = "198.51.100.7".parse().unwrap();
+        let b: IpAddr = "203.0.113.66".parse().unwrap();
+        // The packet names a; the thief re-sends it from b.
+        assert_eq!(
+            decide(&strict, alice, &request(Some(a)), b),
+            Err(PolicyRefusal::AddressMismatch {
+                client: "alice".into(),
+                named: a,
+                source_address: b,
+            })
+        );
+        assert_eq!(
+            decide(&strict, alice, &request(None), a),
+            Err(PolicyRefusal::AddressMissing {
+                client: "alice".into()
+            })
+        );
+        let Ok(Decision::Open { address, .. }) = decide(&strict, alice, &request(Some(a)), a)
+        else {
+            panic!("a packet naming its own source opens");
+        };
+        assert_eq!(address, a);
+        // Without require-address the same unnamed packet opens for whoever sent it.
+        let loose = config("");
+        assert!(decide(&loose, &loose.clients["alice"], &request(None), b).is_ok());
+    }
+
+    #[test]
+    fn require_address_and_override_are_exclusive() {
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{KEY}\"\nservices = [\"ssh\"]\nallow-address-override = true\nrequire-address = true\n"
+        );
+        let err = Config::parse(Path::new("/etc/spad/spad.toml"), &text).unwrap_err();
+        assert_eq!((err.line, err.column), (11, 19), "{err}");
+        assert!(err.message.contains("contradicts"), "{err}");
     }
 }

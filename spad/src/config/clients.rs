@@ -21,6 +21,8 @@ pub(super) struct RawClient {
     max_duration: Option<Spanned<Seconds>>,
     #[serde(default)]
     allow_address_override: bool,
+    #[serde(default)]
+    require_address: Option<Spanned<bool>>,
 }
 
 /// One SPA client.
@@ -31,6 +33,9 @@ pub struct Client {
     pub services: Vec<String>,
     pub max_duration: Option<Duration>,
     pub allow_address_override: bool,
+    /// Every packet must name the address it is for, and that must be its observed source
+    /// (fwknop's `REQUIRE_SOURCE_ADDRESS`): a packet withheld and re-sent from elsewhere fails.
+    pub require_address: bool,
 }
 
 /// Validates every `[clients.*]` section against the services; each key belongs to one client.
@@ -54,6 +59,15 @@ pub(super) fn build(
             return Err(at(
                 zero,
                 "max-duration = 0 would cap every grant at nothing; leave it out for the services' own max-timeout, or write e.g. \"1h\"",
+            ));
+        }
+        let require_address = client.require_address.as_ref();
+        if let Some(both) =
+            require_address.filter(|r| *r.get_ref() && client.allow_address_override)
+        {
+            return Err(at(
+                both,
+                "require-address (the packet's address must be its source) contradicts allow-address-override (it may name another); keep one",
             ));
         }
         let public_key = public_key(name, spanned, base)?;
@@ -85,6 +99,7 @@ pub(super) fn build(
                 services: wanted,
                 max_duration: client.max_duration.as_ref().map(|d| d.get_ref().0),
                 allow_address_override: client.allow_address_override,
+                require_address: require_address.is_some_and(|r| *r.get_ref()),
             },
         );
     }
