@@ -66,11 +66,14 @@ pub fn ipset_message(set: &str, address: IpAddr, add: Option<(Duration, &str)>) 
             IPSET_ATTR_TIMEOUT | NLA_F_NET_BYTEORDER,
             &secs.to_be_bytes(),
         );
-        let comment: String = owner
-            .chars()
-            .filter(|c| !c.is_control() && *c != '"')
-            .take(200)
-            .collect();
+        // ipset refuses comments over 255 bytes; bound in bytes, not characters.
+        let mut comment = String::new();
+        for c in owner.chars().filter(|c| !c.is_control() && *c != '"') {
+            if comment.len() + c.len_utf8() > 200 {
+                break;
+            }
+            comment.push(c);
+        }
         m.attr_str(IPSET_ATTR_COMMENT, &comment);
     }
     m.attr(IPSET_ATTR_LINENO | NLA_F_NET_BYTEORDER, &0u32.to_be_bytes());

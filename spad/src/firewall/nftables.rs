@@ -64,11 +64,15 @@ fn addr_bytes(address: IpAddr) -> Vec<u8> {
 }
 
 fn comment_udata(owner: &str) -> Vec<u8> {
-    let text: String = owner
-        .chars()
-        .filter(|c| !c.is_control() && *c != '"')
-        .take(MAX_COMMENT - 1)
-        .collect();
+    // Bounded in bytes, not characters: the TLV length is one byte and nft refuses more than
+    // MAX_COMMENT (config keeps names far below this; this is the last line of defence).
+    let mut text = String::new();
+    for c in owner.chars().filter(|c| !c.is_control() && *c != '"') {
+        if text.len() + c.len_utf8() > MAX_COMMENT - 1 {
+            break;
+        }
+        text.push(c);
+    }
     let mut out = vec![NFTNL_UDATA_SET_ELEM_COMMENT, (text.len() + 1) as u8];
     out.extend_from_slice(text.as_bytes());
     out.push(0);
@@ -579,6 +583,14 @@ impl Firewall for Nftables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_comment_is_bounded_in_bytes_and_its_length_byte_is_right() {
+        let udata = comment_udata(&"\u{1F600}".repeat(100));
+        assert_eq!(usize::from(udata[1]), udata.len() - 2);
+        assert!(udata.len() - 2 <= MAX_COMMENT, "{}", udata.len());
+        assert_eq!(udata.last(), Some(&0));
+    }
 
     #[test]
     fn element_json_parses() {
