@@ -420,6 +420,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))?;
 
+    let mut capture_drops = capture::stats::DropWatch::default();
     while !stop.load(Ordering::Relaxed) {
         if reload.swap(false, Ordering::Relaxed) {
             match load(&config_path, &overrides) {
@@ -469,7 +470,13 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
             }
         }
         pipeline.tick();
+        if let Some(line) = capture_drops.check(&mut *source, std::time::Instant::now()) {
+            pipeline.log.line(clock.now(), &line);
+        }
     }
+    pipeline
+        .log
+        .line(clock.now(), &format!("capture: {}", source.stats()));
     let s = pipeline.stats.clone();
     pipeline.log.line(
         clock.now(),

@@ -1,6 +1,7 @@
 //! The kernel prefilter: a classic BPF program, attached to the capture socket, that passes
 //! only IPv4/IPv6 UDP and TCP packets to watched port ranges (TCP optionally only SYN-without-
-//! ACK) and drops everything else in the kernel. Userspace re-parses whatever it passes.
+//! ACK) and drops everything else in the kernel. IPv6 packets with extension headers pass
+//! whole: userspace walks the chain. Userspace re-parses whatever it passes.
 //!
 //! The socket is `SOCK_DGRAM`, so offsets count from the IP header and the ethertype comes
 //! from the `skb->protocol` ancillary load. A small interpreter lets the unit tests run the
@@ -149,7 +150,13 @@ pub fn program(watches: &[Watch], syn_only: bool) -> Result<Vec<Insn>, BpfError>
     a.place(v6);
     a.op(LD_B_ABS, 6);
     a.jump(JMP_JEQ_K, 17, Target::Label(udp6), Target::Next);
-    a.jump(JMP_JEQ_K, 6, Target::Label(tcp6), Target::Reject);
+    a.jump(JMP_JEQ_K, 6, Target::Label(tcp6), Target::Next);
+    // Extension headers before the transport header (hop-by-hop, routing, fragment,
+    // destination options): classic BPF cannot walk the chain, so userspace does.
+    a.jump(JMP_JEQ_K, 0, Target::Accept, Target::Next);
+    a.jump(JMP_JEQ_K, 43, Target::Accept, Target::Next);
+    a.jump(JMP_JEQ_K, 44, Target::Accept, Target::Next);
+    a.jump(JMP_JEQ_K, 60, Target::Accept, Target::Reject);
 
     let udp = merge(watches, Proto::Udp);
     let tcp = merge(watches, Proto::Tcp);
@@ -320,6 +327,18 @@ mod tests {
             );
         }
         assert_eq!(run(&prog, 0x0806, &[0u8; 40]), 0, "ARP");
+        let (s6, d6) = v6();
+        let plain = build::udp(s6, d6, 1, 62201, b"x");
+        for kind in [0u8, 43, 44, 60] {
+            let ext = build::with_extension(&plain, kind, &[0; 6]);
+            assert!(
+                run(&prog, 0x86dd, &ext) > 0,
+                "extension header {kind} passes"
+            );
+        }
+        let mut icmp6 = plain.clone();
+        icmp6[6] = 58;
+        assert_eq!(run(&prog, 0x86dd, &icmp6), 0, "ICMPv6");
         let (s, d) = v4();
         let mut frag = build::udp(s, d, 1, 62201, b"x");
         frag[7] = 5;

@@ -1,0 +1,197 @@
+//! Capture counters: why each captured frame was dropped before the daemon saw it, and the
+//! kernel's own counts for the capture sockets (`PACKET_STATISTICS`). Shown on exit and
+//! whenever the kernel reports new drops.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use super::Source;
+
+/// Why the capture dropped a frame that passed the kernel prefilter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// `PACKET_OTHERHOST`: sent to another machine's link-layer address.
+    OtherHost,
+    /// Broadcast or multicast at the link layer: the SPA port and knocks are unicast.
+    NotUnicast,
+    /// Inside a VLAN tag: the host only accepts it on a VLAN interface of its own, where
+    /// the capture sees it untagged.
+    ForeignVlan,
+    /// Larger than the capture buffer (no SPA packet or knock is).
+    Truncated,
+    /// Not a well-formed IPv4/IPv6 UDP or TCP packet the host would deliver locally.
+    Malformed,
+    /// Addressed to an IP address that is not one of this interface's own.
+    NotOurAddress,
+    /// Wrong IPv4 header, UDP or TCP checksum (or a zero UDP checksum over IPv6).
+    BadChecksum,
+    /// The kernel sent no `PACKET_AUXDATA`, so the VLAN tag is unknown.
+    NoAuxdata,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::OtherHost,
+        DropReason::NotUnicast,
+        DropReason::ForeignVlan,
+        DropReason::Truncated,
+        DropReason::Malformed,
+        DropReason::NotOurAddress,
+        DropReason::BadChecksum,
+        DropReason::NoAuxdata,
+    ];
+
+    /// The stable name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::OtherHost => "other-host",
+            DropReason::NotUnicast => "not-unicast",
+            DropReason::ForeignVlan => "foreign-vlan",
+            DropReason::Truncated => "truncated",
+            DropReason::Malformed => "malformed",
+            DropReason::NotOurAddress => "not-our-address",
+            DropReason::BadChecksum => "bad-checksum",
+            DropReason::NoAuxdata => "no-auxdata",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters of one packet source since it was opened.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Frames read from the sockets (own outgoing frames excluded).
+    pub received: u64,
+    /// Frames handed to the daemon.
+    pub delivered: u64,
+    /// Frames dropped in userspace, by [`DropReason`] (indexed in [`DropReason::ALL`] order).
+    dropped: [u64; DropReason::ALL.len()],
+    /// Frames the kernel passed through the prefilter (`tp_packets`, summed over sockets).
+    pub kernel_packets: u64,
+    /// Frames the kernel dropped because the socket's receive queue was full (`tp_drops`).
+    pub kernel_drops: u64,
+}
+
+impl CaptureStats {
+    pub fn count(&mut self, reason: DropReason) {
+        self.dropped[reason.index()] += 1;
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason.index()]
+    }
+
+    /// All userspace drops.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().sum()
+    }
+}
+
+impl fmt::Display for CaptureStats {
+    /// `received=… delivered=… kernel-drops=… other-host=… …` (one `key=value` per counter).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "received={} delivered={} kernel-packets={} kernel-drops={}",
+            self.received, self.delivered, self.kernel_packets, self.kernel_drops
+        )?;
+        for reason in DropReason::ALL {
+            write!(f, " {}={}", reason.name(), self.dropped(reason))?;
+        }
+        Ok(())
+    }
+}
+
+/// Watches a source's kernel drop counter from the daemon loop: at most once per
+/// [`DropWatch::EVERY`], a warning line when the kernel dropped frames since the last look.
+#[derive(Debug, Default)]
+pub struct DropWatch {
+    last_check: Option<Instant>,
+    kernel_drops: u64,
+}
+
+impl DropWatch {
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    /// Reads the counters if it is time; `Some(line)` when there are new kernel drops.
+    pub fn check(&mut self, source: &mut dyn Source, now: Instant) -> Option<String> {
+        if self
+            .last_check
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            return None;
+        }
+        self.last_check = Some(now);
+        let stats = source.stats();
+        let new = stats.kernel_drops.checked_sub(self.kernel_drops);
+        self.kernel_drops = stats.kernel_drops;
+        match new {
+            Some(0) | None => None,
+            Some(n) => Some(format!(
+                "warning: capture: the kernel dropped {n} frames (receive queue full); {stats}"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter_and_name() {
+        let mut stats = CaptureStats::default();
+        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index(), i);
+            for _ in 0..=i {
+                stats.count(reason);
+            }
+        }
+        let text = stats.to_string();
+        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(stats.dropped(reason), i as u64 + 1);
+            assert!(
+                text.contains(&format!(" {}={}", reason.name(), i + 1)),
+                "{text}"
+            );
+        }
+        assert_eq!(stats.dropped_total(), 36);
+    }
+
+    struct Fake(u64);
+    impl Source for Fake {
+        fn recv(&mut self, _: Duration) -> std::io::Result<Option<crate::capture::Received<'_>>> {
+            Ok(None)
+        }
+        fn stats(&mut self) -> CaptureStats {
+            CaptureStats {
+                kernel_drops: self.0,
+                ..CaptureStats::default()
+            }
+        }
+    }
+
+    #[test]
+    fn new_kernel_drops_are_reported_once_per_interval() {
+        let start = Instant::now();
+        let mut watch = DropWatch::default();
+        let mut source = Fake(0);
+        assert_eq!(watch.check(&mut source, start), None);
+        source.0 = 5;
+        assert_eq!(
+            watch.check(&mut source, start + Duration::from_secs(1)),
+            None,
+            "too soon"
+        );
+        let line = watch.check(&mut source, start + DropWatch::EVERY).unwrap();
+        assert!(line.contains("dropped 5 frames"), "{line}");
+        assert_eq!(
+            watch.check(&mut source, start + DropWatch::EVERY * 2),
+            None,
+            "no new drops"
+        );
+    }
+}
