@@ -101,6 +101,8 @@ struct RawServer {
     max_future: Seconds,
     #[serde(default)]
     flush_on_exit: bool,
+    metrics: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
 }
 
 fn default_port() -> Spanned<u16> {
@@ -191,6 +193,10 @@ pub struct Server {
     pub max_age: Duration,
     pub max_future: Duration,
     pub flush_on_exit: bool,
+    /// Where the Prometheus endpoint listens (opt-in).
+    pub metrics: Option<SocketAddr>,
+    /// The unprivileged user `spad run` becomes after opening its sockets.
+    pub user: Option<String>,
 }
 
 /// Where a NAT service forwards to.
@@ -346,6 +352,25 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         max_age: raw.server.max_age.0,
         max_future: raw.server.max_future.0,
         flush_on_exit: raw.server.flush_on_exit,
+        metrics: match &raw.server.metrics {
+            Some(m) => Some(m.get_ref().parse().map_err(|_| {
+                at(
+                    m,
+                    format!(
+                        "`{}` is not an address and port; write e.g. \"127.0.0.1:9712\"",
+                        m.get_ref()
+                    ),
+                )
+            })?),
+            None => None,
+        },
+        user: match &raw.server.user {
+            Some(u) if u.get_ref().is_empty() || u.get_ref().contains([':', '/', ' ']) => {
+                return Err(at(u, "not a user name; write e.g. \"spad\""))
+            }
+            Some(u) => Some(u.get_ref().clone()),
+            None => None,
+        },
     };
 
     let mut services = BTreeMap::new();
