@@ -299,10 +299,18 @@ impl ControlSocket {
             .with_context(|| format!("binding the control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         if let Some(gid) = crate::privilege::group_id(GROUP) {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-            if let Some(dir) = path.parent() {
-                std::os::unix::fs::chown(dir, None, Some(gid))?;
-                let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+            // chown only where needed: under systemd (User=spad) both already have the group
+            // and the system-call filter refuses chown.
+            use std::os::unix::fs::MetadataExt;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            for p in [path, dir] {
+                if std::fs::metadata(p)?.gid() != gid {
+                    std::os::unix::fs::chown(p, None, Some(gid))
+                        .with_context(|| format!("giving {} to group {GROUP}", p.display()))?;
+                }
+            }
+            let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+            if mode & 0o010 == 0 {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))?;
             }
         }

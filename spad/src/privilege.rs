@@ -71,7 +71,15 @@ fn find_group(group: &str, name: &str) -> Option<u32> {
 pub fn drop_to(account: &Account, state_dir: &Path) -> anyhow::Result<()> {
     use rustix::process::{Gid, Uid};
     use rustix::thread as t;
-    if !rustix::process::geteuid().is_root() {
+    let euid = rustix::process::geteuid();
+    if euid.as_raw() == account.uid && !euid.is_root() {
+        // Already started as that user (systemd's User= with ambient capabilities).
+        let sets = t::capabilities(None).context("capget")?;
+        if KEPT.contains(sets.permitted) {
+            return Ok(());
+        }
+    }
+    if !euid.is_root() {
         bail!(
             "`user = \"{}\"` needs spad to start as root (it drops to that user after opening its sockets); or start it as that user with ambient capabilities, as conf/spad.service does",
             account.name
@@ -83,7 +91,7 @@ pub fn drop_to(account: &Account, state_dir: &Path) -> anyhow::Result<()> {
     if threads != 1 {
         bail!("internal: cannot drop privileges with {threads} threads running");
     }
-    hand_over(state_dir, account.uid, account.gid)?;
+    hand_over(state_dir, account.uid)?;
 
     // The bounding set first, while CAP_SETPCAP is still held.
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -133,24 +141,26 @@ pub fn drop_to(account: &Account, state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives `dir` and everything in it (bounded depth) to `uid:gid`; nothing else is writable.
-fn hand_over(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    fn walk(path: &Path, uid: u32, gid: u32, depth: u32) -> anyhow::Result<()> {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+/// Gives `dir` and everything in it (bounded depth) to user `uid`, keeping each group (the
+/// control socket's `spad` group stays); nothing else is writable to it.
+fn hand_over(dir: &Path, uid: u32) -> anyhow::Result<()> {
+    fn walk(path: &Path, uid: u32, depth: u32) -> anyhow::Result<()> {
+        std::os::unix::fs::lchown(path, Some(uid), None)
             .with_context(|| format!("handing {} to uid {uid}", path.display()))?;
         let meta = std::fs::symlink_metadata(path)?;
         if meta.is_dir() && depth < 4 {
             for entry in std::fs::read_dir(path)? {
-                walk(&entry?.path(), uid, gid, depth + 1)?;
+                walk(&entry?.path(), uid, depth + 1)?;
             }
         }
         Ok(())
     }
-    walk(dir, uid, gid, 0)
+    walk(dir, uid, 0)
 }
 
 /// Makes `command` start without any capability, even when spad runs as root: the ambient set
-/// is cleared and, as root, the `NO_ROOT` secure bit keeps `execve` from granting them back.
+/// is cleared (enough for a non-root spad: `execve` then grants nothing) and, as root, the
+/// `NO_ROOT` secure bit keeps `execve` from granting them back and the sets are emptied.
 pub fn without_capabilities(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let as_root = rustix::process::geteuid().is_root();
@@ -164,15 +174,15 @@ pub fn without_capabilities(command: &mut std::process::Command) {
                 t::set_capabilities_secure_bits(
                     t::CapabilitiesSecureBits::NO_ROOT | t::CapabilitiesSecureBits::NO_ROOT_LOCKED,
                 )?;
+                t::set_capabilities(
+                    None,
+                    CapabilitySets {
+                        effective: CapabilitySet::empty(),
+                        permitted: CapabilitySet::empty(),
+                        inheritable: CapabilitySet::empty(),
+                    },
+                )?;
             }
-            t::set_capabilities(
-                None,
-                CapabilitySets {
-                    effective: CapabilitySet::empty(),
-                    permitted: CapabilitySet::empty(),
-                    inheritable: CapabilitySet::empty(),
-                },
-            )?;
             Ok(())
         });
     }
