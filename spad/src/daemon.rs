@@ -447,6 +447,9 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
 pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     let (config, server) = load(&config_path, &overrides)?;
     create_state_dir(&config.server.state_dir)?;
+    // Before anything is touched: refuses if another spad answers on this state directory.
+    let mut hub =
+        crate::control::Hub::bind(&config, &config_path, crate::clock::SystemClock.now())?;
     let mut source: Box<dyn Source> = match config.server.capture {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,
@@ -479,7 +482,6 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
             pipeline.config.server.port
         ),
     );
-    let mut hub = crate::control::Hub::bind(&pipeline.config, &config_path, clock.now())?;
     if let Some(user) = pipeline.config.server.user.clone() {
         let account = crate::privilege::lookup_user(&user)?;
         crate::privilege::drop_to(&account, &pipeline.config.server.state_dir)?;

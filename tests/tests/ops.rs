@@ -86,6 +86,45 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
         text.starts_with(&format!("spad is running (pid {pid}")),
         "{text}"
     );
+    let checked = json(&spad_cli(&lab, &["check", "--json"]));
+    assert_eq!(checked["ok"], true);
+    assert!(checked["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["name"] == "rdp" && s["kind"] == "nat"));
+
+    // A second daemon on the same state directory refuses before touching the firewall.
+    let mut second = Daemon(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.gw])
+            .arg(binary("spad"))
+            .args(["run", "-c", lab.path(CONF).to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || second
+            .0
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "a second spad must refuse to run"
+    );
+    let mut err = String::new();
+    second
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("another spad answers on"), "{err}");
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    assert_eq!(json(&spad_cli(&lab, &["status", "--json"]))["pid"], pid);
 
     // The operator breaks the file on disk; the daemon still answers with what it runs on.
     let path = lab.path(CONF);
