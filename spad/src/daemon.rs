@@ -370,7 +370,11 @@ impl<C: Clock> Pipeline<C> {
                         &format!("door:{door}"),
                     );
                 }
-                Event::Command { argv, env } => self.spawn(&argv, &env),
+                Event::Command {
+                    argv,
+                    env,
+                    keep_capabilities,
+                } => self.spawn(&argv, &env, keep_capabilities),
                 Event::Blacklist { address, duration } => {
                     if let Err(e) = self.firewall.blacklist(address, duration) {
                         self.log
@@ -382,7 +386,7 @@ impl<C: Clock> Pipeline<C> {
     }
 
     /// Runs a knockd-style command without a shell; its exit is reaped on a helper thread.
-    fn spawn(&mut self, argv: &[String], env: &[(String, String)]) {
+    fn spawn(&mut self, argv: &[String], env: &[(String, String)], keep_capabilities: bool) {
         let now = self.clock.now();
         let Some((program, args)) = argv.split_first() else {
             return;
@@ -392,7 +396,9 @@ impl<C: Clock> Pipeline<C> {
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null());
-        crate::privilege::without_capabilities(&mut command);
+        if !keep_capabilities {
+            crate::privilege::without_capabilities(&mut command);
+        }
         match command.spawn() {
             Ok(mut child) => {
                 self.log

@@ -463,6 +463,41 @@ pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
     assert!(!lab.log().contains("error:"), "{}", lab.log());
 }
 
+/// Starts a lab whose `ops` door runs a start command that records its own `CapEff`, knocks
+/// the door with Debian's `knock`, and returns that line. spad itself runs as root here.
+fn start_command_caps(door_extra: &str, backend: Backend) -> String {
+    let mut lab = Lab::new(CONF);
+    let out = lab.path("caps.txt");
+    let path = lab.path(CONF);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let hook = format!(
+        "[doors.ops]\nstart-command = [\"/bin/sh\", \"-c\", \"grep ^CapEff /proc/self/status > {}.tmp && mv {0}.tmp {0}\"]\n{door_extra}",
+        out.display()
+    );
+    std::fs::write(&path, text.replacen("[doors.ops]\n", &hook, 1)).unwrap();
+    lab.start_spad(CONF, backend);
+    lab.exec(&lab.a, "knock", &[GW4, "7000", "8000:udp", "9000"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || out.exists()),
+        "the start command did not run:\n{}",
+        lab.log()
+    );
+    std::fs::read_to_string(&out).unwrap().trim().to_string()
+}
+
+pub fn knock_commands_run_without_capabilities_unless_the_door_says_so(backend: Backend) {
+    assert_eq!(
+        start_command_caps("", backend),
+        "CapEff:\t0000000000000000",
+        "a root spad's knock command must have no capability"
+    );
+    assert_ne!(
+        start_command_caps("command-capabilities = true\n", backend),
+        "CapEff:\t0000000000000000",
+        "the door asked to keep them"
+    );
+}
+
 #[test]
 fn the_systemd_unit_rates_at_most_2_0_and_the_docs_say_so() {
     let unit = workspace().join("conf/spad.service");
@@ -502,4 +537,5 @@ both_backends!(
     metrics_endpoint_serves_valid_prometheus_text,
     systemd_notify_protocol_and_journal_priorities,
     runs_as_an_unprivileged_user_with_two_capabilities,
+    knock_commands_run_without_capabilities_unless_the_door_says_so,
 );

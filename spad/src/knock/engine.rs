@@ -47,6 +47,8 @@ pub enum Event {
     Command {
         argv: Vec<String>,
         env: Vec<(String, String)>,
+        /// Keep spad's capabilities (the door's `command-capabilities`); otherwise none.
+        keep_capabilities: bool,
     },
 }
 
@@ -611,7 +613,7 @@ impl Engine {
                         services: door.services.clone(),
                     });
                     if !door.start_command.is_empty() {
-                        events.push(command(&door.start_command, &door.name, address, "start"));
+                        events.push(command(&door, address, "start"));
                     }
                     if !door.stop_command.is_empty() {
                         let longest = door
@@ -650,7 +652,7 @@ impl Engine {
                     if !door.stop_command.is_empty() {
                         self.timers
                             .retain(|(_, d, a)| !(*d == index && *a == address));
-                        events.push(command(&door.stop_command, &door.name, address, "stop"));
+                        events.push(command(&door, address, "stop"));
                     }
                 }
                 Some(false) => failed = true,
@@ -782,7 +784,7 @@ impl Engine {
         self.timers.retain(|(t, _, _)| *t > now);
         for (_, index, address) in due {
             let door = &self.doors[index];
-            events.push(command(&door.stop_command, &door.name, address, "stop"));
+            events.push(command(door, address, "stop"));
         }
         if now.saturating_sub(self.last_purge) > 5_000_000 {
             self.last_purge = now;
@@ -797,8 +799,16 @@ impl Engine {
     }
 }
 
-fn command(argv: &[String], door: &str, address: IpAddr, action: &str) -> Event {
+fn command(door: &StaticDoor, address: IpAddr, action: &str) -> Event {
+    let argv = if action == "start" {
+        &door.start_command
+    } else {
+        &door.stop_command
+    };
+    let keep_capabilities = door.command_capabilities;
+    let door = &door.name;
     Event::Command {
+        keep_capabilities,
         argv: argv
             .iter()
             .map(|a| a.replace("%IP%", &address.to_string()))
