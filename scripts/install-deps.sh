@@ -2,7 +2,7 @@
 # Installs what the demo and the tests need on a fresh Debian/Ubuntu machine (as root).
 # Idempotent: packages already present are left alone.
 set -euo pipefail
-packages=(nftables iptables ipset iproute2 tcpdump nmap netcat-openbsd knockd fwknop-client oathtool procps)
+packages=(nftables iptables ipset iproute2 tcpdump nmap netcat-openbsd knockd fwknop-client oathtool procps prometheus systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -14,7 +14,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # knockd's package starts a service on install; policy-rc.d keeps it from starting here.
+  # knockd and prometheus (only its promtool is used) start services on install; policy-rc.d keeps them from starting here.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d

@@ -47,6 +47,9 @@ enum Command {
         /// Print the nftables ruleset spad would load.
         #[arg(long)]
         ruleset: bool,
+        /// Print the summary as JSON (fields in docs/operations.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Print a new private key (base64), or write it to a 0600 file with --out.
     Genkey {
@@ -55,8 +58,22 @@ enum Command {
     },
     /// Read a private key on stdin, print its public key.
     Pubkey,
-    /// List live grants (from the kernel).
-    List(ConfigArg),
+    /// Is the daemon running: pid, uptime, config, backend, capture, counters, grants.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON (fields in docs/operations.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List live grants and blacklisted sources (asks the daemon; without one, the kernel).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON (fields in docs/operations.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Close access now: every grant of an address, or of a client, or of one service.
     Revoke {
         #[command(flatten)]
@@ -68,9 +85,18 @@ enum Command {
         /// Only these services (default: all).
         #[arg(long)]
         service: Vec<String>,
+        /// Print what was removed as JSON (fields in docs/operations.md).
+        #[arg(long)]
+        json: bool,
     },
-    /// Remove spad's firewall table (closes every grant).
-    Flush(ConfigArg),
+    /// Close every grant. With a running daemon the ruleset stays; without one, the table is removed.
+    Flush {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print what was removed as JSON (with a running daemon).
+        #[arg(long)]
+        json: bool,
+    },
     /// TOTP doors: secrets, enrollment, current codes.
     #[command(subcommand)]
     Totp(TotpCommand),
@@ -133,6 +159,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Check {
             config: arg,
             ruleset,
+            json,
         } => {
             let (config, server) = daemon::load(&arg.config, &overrides(&arg))?;
             if ruleset {
@@ -140,6 +167,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     "{}",
                     crate::firewall::nftables::ruleset(&config, &config.server.table, &[])
                 );
+                return Ok(());
+            }
+            if json {
+                let checked = crate::status::Checked::new(&config, server.public_key().to_string());
+                println!("{}", serde_json::to_string_pretty(&checked)?);
                 return Ok(());
             }
             println!("{}: OK", arg.config.display());
@@ -177,72 +209,30 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}", key.public_key());
             Ok(())
         }
-        Command::List(arg) => {
-            let config = load_config(&arg)?;
-            let mut firewall = crate::firewall::open(&config)?;
-            let grants = firewall.list()?;
-            if grants.is_empty() {
-                println!("no live grants");
-            }
-            for g in grants {
-                println!(
-                    "{:<39} {:<16} {:>8} left  owner={}",
-                    g.address,
-                    g.service,
-                    spa_shared::duration::format(g.remaining),
-                    g.owner
-                );
-            }
-            for (address, left) in firewall.blacklisted()? {
-                println!(
-                    "{address:<39} {:<16} {:>8} left",
-                    "(blacklisted)",
-                    spa_shared::duration::format(left)
-                );
-            }
-            Ok(())
+        Command::Status { config: arg, json } => {
+            crate::control::status_command(&arg.config, arg.state_dir.as_deref(), json)
+        }
+        Command::List { config: arg, json } => {
+            crate::control::list_command(&arg.config, arg.state_dir.as_deref(), json)
         }
         Command::Revoke {
             config: arg,
             address,
             client,
             service,
-        } => {
-            let config = load_config(&arg)?;
-            let mut firewall = crate::firewall::open(&config)?;
-            for s in &service {
-                if !config.services.contains_key(s) {
-                    bail!("unknown service `{s}`");
-                }
+            json,
+        } => crate::control::revoke_command(
+            &arg.config,
+            arg.state_dir.as_deref(),
+            address,
+            client,
+            service,
+            json,
+        ),
+        Command::Flush { config: arg, json } => {
+            if crate::control::flush_via_daemon(&arg.config, arg.state_dir.as_deref(), json)? {
+                return Ok(());
             }
-            let all: Vec<String> = config.services.keys().cloned().collect();
-            let services = if service.is_empty() { all } else { service };
-            let targets: Vec<(IpAddr, Vec<String>)> = match (address, client) {
-                (Some(address), _) => vec![(address, services)],
-                (None, Some(client)) => {
-                    if !config.clients.contains_key(&client) {
-                        bail!("unknown client `{client}`");
-                    }
-                    firewall
-                        .list()?
-                        .into_iter()
-                        .filter(|g| g.owner == client && services.contains(&g.service))
-                        .map(|g| (g.address, vec![g.service]))
-                        .collect()
-                }
-                (None, None) => bail!("give --address or --client"),
-            };
-            // The idle sets are named from the installed config; make sure the backend knows it.
-            for (address, services) in &targets {
-                firewall.revoke(*address, services)?;
-                println!("revoked {address}: {}", services.join(","));
-            }
-            if targets.is_empty() {
-                println!("nothing to revoke");
-            }
-            Ok(())
-        }
-        Command::Flush(arg) => {
             let config = load_config(&arg)?;
             crate::firewall::open(&config)?.remove()?;
             println!("removed table {}", config.server.table);

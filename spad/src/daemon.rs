@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use spa_shared::packet::Server;
 use spa_shared::replay::Window;
+use spa_shared::Micros;
 
 use crate::capture::{self, frame, Received, Source};
 use crate::clock::Clock;
@@ -25,7 +26,7 @@ use crate::policy::{self, Decision};
 use crate::state::ReplayStore;
 use spa_shared::duration;
 
-/// Counters, logged on exit and useful in tests.
+/// Counters, logged on exit, shown by `spad status` and exported as metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
     pub packets: u64,
@@ -34,6 +35,39 @@ pub struct Stats {
     pub granted: u64,
     pub closed: u64,
     pub knocks: u64,
+    pub reloads: u64,
+    /// Grants installed per (service, service kind).
+    pub grants_by_service: std::collections::BTreeMap<(String, &'static str), u64>,
+    /// Packet heard → grant in the kernel.
+    pub grant_latency: crate::metrics::Histogram,
+}
+
+impl Stats {
+    /// Every counter as (name, value), in display order. `spad status`, its JSON and the
+    /// Prometheus endpoint render this list, so a new counter is one line here. A name may carry
+    /// Prometheus labels (`refusals{reason="replay"}`); names are stable (docs/operations.md).
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = [
+            ("packets", self.packets),
+            ("precheck_dropped", self.precheck_dropped),
+            ("refused", self.refused),
+            ("granted", self.granted),
+            ("closed", self.closed),
+            ("knocks", self.knocks),
+            ("reloads", self.reloads),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+        out.extend(self.grants_by_service.iter().map(|((service, kind), n)| {
+            let service = crate::metrics::label_value(service);
+            (
+                format!("grants_by_service{{service=\"{service}\",kind=\"{kind}\"}}"),
+                *n,
+            )
+        }));
+        out
+    }
 }
 
 /// Everything that decides; no sockets of its own.
@@ -46,6 +80,8 @@ pub struct Pipeline<C: Clock> {
     clock: C,
     pub log: Logger,
     pub stats: Stats,
+    /// When the packet being handled was heard (for the grant latency histogram).
+    received_at: Micros,
 }
 
 impl<C: Clock> std::fmt::Debug for Pipeline<C> {
@@ -111,6 +147,7 @@ impl<C: Clock> Pipeline<C> {
             clock,
             log,
             stats: Stats::default(),
+            received_at: now,
         })
     }
 
@@ -123,14 +160,21 @@ impl<C: Clock> Pipeline<C> {
         self.knocks.reconfigure(&config, now);
         self.server = server;
         self.config = config;
+        self.stats.reloads += 1;
         self.log
             .line(now, &format!("reloaded; kept {kept} live grants"));
         Ok(())
     }
 
+    /// The pipeline's clock reading.
+    pub fn now(&self) -> Micros {
+        self.clock.now()
+    }
+
     /// Handles one received packet.
     pub fn handle(&mut self, received: &Received<'_>) {
         self.stats.packets += 1;
+        self.received_at = self.clock.now();
         match received {
             Received::Udp {
                 source, payload, ..
@@ -210,6 +254,7 @@ impl<C: Clock> Pipeline<C> {
             Decision::Open { address, grants } => match self.firewall.grant(&grants) {
                 Ok(()) => {
                     self.stats.granted += 1;
+                    self.record_grant(&grants);
                     let detail: Vec<String> = grants
                         .iter()
                         .map(|g| match g.idle {
@@ -254,6 +299,26 @@ impl<C: Clock> Pipeline<C> {
                     &format!("error: close for owner={owner} address={address} failed: {e:#}"),
                 ),
             },
+        }
+    }
+
+    /// Counts a grant per service and its latency since the packet was heard.
+    fn record_grant(&mut self, grants: &[Access]) {
+        let now = self.clock.now();
+        self.stats
+            .grant_latency
+            .observe(now.saturating_sub(self.received_at));
+        for g in grants {
+            let kind = self
+                .config
+                .services
+                .get(&g.service)
+                .map_or("unknown", |s| crate::status::kind_name(s.kind));
+            *self
+                .stats
+                .grants_by_service
+                .entry((g.service.clone(), kind))
+                .or_default() += 1;
         }
     }
 
@@ -305,7 +370,11 @@ impl<C: Clock> Pipeline<C> {
                         &format!("door:{door}"),
                     );
                 }
-                Event::Command { argv, env } => self.spawn(&argv, &env),
+                Event::Command {
+                    argv,
+                    env,
+                    keep_capabilities,
+                } => self.spawn(&argv, &env, keep_capabilities),
                 Event::Blacklist { address, duration } => {
                     if let Err(e) = self.firewall.blacklist(address, duration) {
                         self.log
@@ -317,17 +386,20 @@ impl<C: Clock> Pipeline<C> {
     }
 
     /// Runs a knockd-style command without a shell; its exit is reaped on a helper thread.
-    fn spawn(&mut self, argv: &[String], env: &[(String, String)]) {
+    fn spawn(&mut self, argv: &[String], env: &[(String, String)], keep_capabilities: bool) {
         let now = self.clock.now();
         let Some((program, args)) = argv.split_first() else {
             return;
         };
-        match std::process::Command::new(program)
+        let mut command = std::process::Command::new(program);
+        command
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(std::process::Stdio::null())
-            .spawn()
-        {
+            .stdin(std::process::Stdio::null());
+        if !keep_capabilities {
+            crate::privilege::without_capabilities(&mut command);
+        }
+        match command.spawn() {
             Ok(mut child) => {
                 self.log
                     .line(now, &format!("command started: {}", argv.join(" ")));
@@ -381,6 +453,9 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
 pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     let (config, server) = load(&config_path, &overrides)?;
     create_state_dir(&config.server.state_dir)?;
+    // Before anything is touched: refuses if another spad answers on this state directory.
+    let mut hub =
+        crate::control::Hub::bind(&config, &config_path, crate::clock::SystemClock.now())?;
     let mut source: Box<dyn Source> = match config.server.capture {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,
@@ -413,16 +488,30 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
             pipeline.config.server.port
         ),
     );
+    if let Some(user) = pipeline.config.server.user.clone() {
+        let account = crate::privilege::lookup_user(&user)?;
+        crate::privilege::drop_to(&account, &pipeline.config.server.state_dir)?;
+        pipeline.log.line(
+            clock.now(),
+            &format!(
+                "running as {user} (uid {}) with CAP_NET_ADMIN and CAP_NET_RAW only",
+                account.uid
+            ),
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))?;
+    hub.start();
+    hub.ready(&pipeline);
 
     let mut capture_drops = capture::stats::DropWatch::default();
     while !stop.load(Ordering::Relaxed) {
         if reload.swap(false, Ordering::Relaxed) {
+            hub.reloading();
             match load(&config_path, &overrides) {
                 Ok((config, server)) => {
                     let recapture = config.server.capture != pipeline.config.server.capture
@@ -458,6 +547,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                     &format!("error: reload failed, keeping the running config: {e:#}"),
                 ),
             }
+            hub.reloaded(&pipeline);
         }
         match source.recv(Duration::from_millis(200)) {
             Ok(Some(received)) => pipeline.handle(&received),
@@ -473,7 +563,9 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         if let Some(line) = capture_drops.check(&mut *source, std::time::Instant::now()) {
             pipeline.log.line(clock.now(), &line);
         }
+        hub.poll(&mut pipeline);
     }
+    hub.stopping();
     pipeline
         .log
         .line(clock.now(), &format!("capture: {}", source.stats()));

@@ -1,5 +1,9 @@
 //! One line per decision on stderr (journald adds its own metadata), with a UTC timestamp.
 //! Refusals are rate-limited so a flood of garbage cannot flood the log.
+//!
+//! When stderr is the journal (`$JOURNAL_STREAM` names stderr's device and inode), each line
+//! starts with a syslog priority prefix, `<3>` for errors, `<4>` for warnings and `<6>` for the
+//! rest, so `journalctl -p warning` shows exactly the errors and warnings.
 
 use std::io::Write;
 
@@ -36,6 +40,43 @@ pub struct Logger {
     refusals_this_second: u32,
     suppressed: u64,
     pub refusals_per_second: u32,
+    /// Whether lines get journald priority prefixes.
+    pub journal: bool,
+}
+
+/// Whether stderr is connected to the journal: `$JOURNAL_STREAM` is `DEVICE:INODE` of it.
+pub fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(value) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    value == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// The syslog priority of a line: errors 3, warnings 4, everything else 6 (info).
+pub fn priority(message: &str) -> u8 {
+    if message.starts_with("error") || message.contains(": error:") {
+        3
+    } else if message.starts_with("warning") || message.contains(": warning:") {
+        4
+    } else {
+        6
+    }
+}
+
+/// A whole log line as written to stderr.
+pub fn format_line(now: Micros, message: &str, journal: bool) -> String {
+    if journal {
+        format!("<{}>{} spad: {message}", priority(message), timestamp(now))
+    } else {
+        format!("{} spad: {message}", timestamp(now))
+    }
 }
 
 impl Default for Logger {
@@ -45,6 +86,7 @@ impl Default for Logger {
             refusals_this_second: 0,
             suppressed: 0,
             refusals_per_second: 50,
+            journal: stderr_is_journal(),
         }
     }
 }
@@ -52,7 +94,7 @@ impl Default for Logger {
 impl Logger {
     pub fn line(&mut self, now: Micros, message: &str) {
         let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{} spad: {message}", timestamp(now));
+        let _ = writeln!(err, "{}", format_line(now, message, self.journal));
     }
 
     /// Logs a refusal unless this second's budget is spent.
@@ -88,5 +130,20 @@ mod tests {
         assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(timestamp(1_763_726_400_123_000), "2025-11-21T12:00:00.123Z");
         assert_eq!(timestamp(951_782_400_000_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn journal_lines_carry_the_priority() {
+        assert_eq!(
+            format_line(0, "error: capture: gone", true),
+            "<3>1970-01-01T00:00:00.000Z spad: error: capture: gone"
+        );
+        assert!(format_line(0, "warning: replay record damaged", true).starts_with("<4>"));
+        assert!(format_line(0, "granted owner=alice", true).starts_with("<6>"));
+        assert!(format_line(0, "203.0.113.9: door ops: error: x", true).starts_with("<3>"));
+        assert_eq!(
+            format_line(0, "error: x", false),
+            "1970-01-01T00:00:00.000Z spad: error: x"
+        );
     }
 }

@@ -32,6 +32,8 @@ pub(super) struct RawServer {
     max_future: Spanned<Seconds>,
     #[serde(default)]
     flush_on_exit: bool,
+    metrics: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
 }
 
 fn default_port() -> Spanned<u16> {
@@ -84,6 +86,10 @@ pub struct Server {
     pub max_age: Duration,
     pub max_future: Duration,
     pub flush_on_exit: bool,
+    /// Where the Prometheus endpoint listens (opt-in).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The unprivileged user `spad run` becomes after opening its sockets.
+    pub user: Option<String>,
 }
 
 /// Checks interface names against the host's interfaces (when they can be listed).
@@ -152,6 +158,25 @@ pub(super) fn build(
         max_age: window_side(&raw.max_age, "max-age", Duration::from_secs(1))?,
         max_future: window_side(&raw.max_future, "max-future", Duration::ZERO)?,
         flush_on_exit: raw.flush_on_exit,
+        metrics: match &raw.metrics {
+            Some(m) => Some(m.get_ref().parse().map_err(|_| {
+                at(
+                    m,
+                    format!(
+                        "`{}` is not an address and port; write e.g. \"127.0.0.1:9712\"",
+                        m.get_ref()
+                    ),
+                )
+            })?),
+            None => None,
+        },
+        user: match &raw.user {
+            Some(u) if u.get_ref().is_empty() || u.get_ref().contains([':', '/', ' ']) => {
+                return Err(at(u, "not a user name; write e.g. \"spad\""))
+            }
+            Some(u) => Some(u.get_ref().clone()),
+            None => None,
+        },
     })
 }
 

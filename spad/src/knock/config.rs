@@ -30,6 +30,8 @@ pub(crate) struct RawDoor {
     start_command: Vec<String>,
     #[serde(default)]
     stop_command: Vec<String>,
+    #[serde(default)]
+    command_capabilities: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +170,8 @@ pub struct StaticDoor {
     pub one_time_file: Option<PathBuf>,
     pub start_command: Vec<String>,
     pub stop_command: Vec<String>,
+    /// Start/stop commands keep spad's capabilities (default: they run with none).
+    pub command_capabilities: bool,
 }
 
 /// A TOTP door: first port fixed per user, the rest derived from the current code.
@@ -326,6 +330,7 @@ pub(crate) fn build(
                 .map(|p| resolve(base, p.get_ref())),
             start_command: raw.start_command.clone(),
             stop_command: raw.stop_command.clone(),
+            command_capabilities: raw.command_capabilities,
         });
     }
 

@@ -47,6 +47,8 @@ pub enum Event {
     Command {
         argv: Vec<String>,
         env: Vec<(String, String)>,
+        /// Keep spad's capabilities (the door's `command-capabilities`); otherwise none.
+        keep_capabilities: bool,
     },
 }
 
@@ -82,7 +84,6 @@ struct SourceState {
 
 #[derive(Debug, Clone)]
 struct OneTimeList {
-    path: PathBuf,
     /// (line index in the file, sequence) of unused lines, in order.
     unused: OneTimeLines,
 }
@@ -217,16 +218,33 @@ pub fn parse_one_time(text: &str) -> (OneTimeLines, Vec<usize>) {
     (out, bad)
 }
 
-/// Marks line `index` of a one-time file as used by prefixing `#` (as knockd does), atomically.
-fn mark_used(path: &Path, index: usize) -> std::io::Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    if let Some(line) = lines.get_mut(index) {
-        line.insert(0, '#');
+/// Where used one-time sequences are recorded: the state directory, so the sequence file
+/// itself stays read-only to spad (lines marked `#` by hand or by knockd count as used too).
+pub fn one_time_used_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("one-time-used")
+}
+
+/// How a used sequence of `door` is recorded: `DOOR 7100/tcp,7200/tcp,7300/tcp`.
+fn used_record(door: &str, seq: &[PortProto]) -> String {
+    let ports: Vec<String> = seq.iter().map(ToString::to_string).collect();
+    format!("{door} {}", ports.join(","))
+}
+
+fn read_used(state_dir: &Path) -> std::io::Result<BTreeSet<String>> {
+    match std::fs::read_to_string(one_time_used_path(state_dir)) {
+        Ok(text) => Ok(text.lines().map(str::to_string).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Err(e) => Err(e),
     }
-    let mut out = lines.join("\n");
-    out.push('\n');
-    crate::state::write_atomic(path, out.as_bytes())
+}
+
+/// Records `seq` of `door` as used, durably, before the door opens.
+fn mark_used(state_dir: &Path, door: &str, seq: &[PortProto]) -> std::io::Result<()> {
+    let mut used = read_used(state_dir)?;
+    used.insert(used_record(door, seq));
+    let mut out: Vec<String> = used.into_iter().collect();
+    out.push(String::new());
+    crate::state::write_atomic(&one_time_used_path(state_dir), out.join("\n").as_bytes())
 }
 
 impl Engine {
@@ -308,15 +326,27 @@ impl Engine {
             .map(|s| (s.name.clone(), s.timeout))
             .collect();
         let mut warnings = Vec::new();
+        let used = read_used(&self.state_dir).unwrap_or_else(|e| {
+            warnings.push(format!(
+                "cannot read {}: {e}; one-time doors stay shut",
+                one_time_used_path(&self.state_dir).display()
+            ));
+            // Unknown progress: treat every sequence as used (fail closed).
+            BTreeSet::from(["*".to_string()])
+        });
         self.one_time = self
             .doors
             .iter()
             .map(|door| {
                 let path = door.one_time_file.clone()?;
                 match read_one_time(&path) {
-                    Ok((unused, warning)) => {
+                    Ok((mut unused, warning)) => {
                         warnings.extend(warning);
-                        Some(OneTimeList { path, unused })
+                        if used.contains("*") {
+                            unused.clear();
+                        }
+                        unused.retain(|(_, seq)| !used.contains(&used_record(&door.name, seq)));
+                        Some(OneTimeList { unused })
                     }
                     Err(e) => {
                         warnings.push(format!(
@@ -324,10 +354,7 @@ impl Engine {
                             door.name,
                             path.display()
                         ));
-                        Some(OneTimeList {
-                            path,
-                            unused: Vec::new(),
-                        })
+                        Some(OneTimeList { unused: Vec::new() })
                     }
                 }
             })
@@ -567,9 +594,9 @@ impl Engine {
                 events,
             ) {
                 Some(true) => {
-                    if let (Some(line), Some(list)) = (line, self.one_time[index].as_mut()) {
-                        if let Err(e) = mark_used(&list.path, line) {
-                            events.push(Event::Log(format!("error: door {}: cannot mark one-time sequence used in {}: {e}; not opening", door.name, list.path.display())));
+                    if let (Some(_), Some(list)) = (line, self.one_time[index].as_mut()) {
+                        if let Err(e) = mark_used(&self.state_dir, &door.name, &seq) {
+                            events.push(Event::Log(format!("error: door {}: cannot record the one-time sequence as used in {}: {e}; not opening", door.name, one_time_used_path(&self.state_dir).display())));
                             return;
                         }
                         list.unused.remove(0);
@@ -586,7 +613,7 @@ impl Engine {
                         services: door.services.clone(),
                     });
                     if !door.start_command.is_empty() {
-                        events.push(command(&door.start_command, &door.name, address, "start"));
+                        events.push(command(&door, address, "start"));
                     }
                     if !door.stop_command.is_empty() {
                         let longest = door
@@ -625,7 +652,7 @@ impl Engine {
                     if !door.stop_command.is_empty() {
                         self.timers
                             .retain(|(_, d, a)| !(*d == index && *a == address));
-                        events.push(command(&door.stop_command, &door.name, address, "stop"));
+                        events.push(command(&door, address, "stop"));
                     }
                 }
                 Some(false) => failed = true,
@@ -757,7 +784,7 @@ impl Engine {
         self.timers.retain(|(t, _, _)| *t > now);
         for (_, index, address) in due {
             let door = &self.doors[index];
-            events.push(command(&door.stop_command, &door.name, address, "stop"));
+            events.push(command(door, address, "stop"));
         }
         if now.saturating_sub(self.last_purge) > 5_000_000 {
             self.last_purge = now;
@@ -772,8 +799,16 @@ impl Engine {
     }
 }
 
-fn command(argv: &[String], door: &str, address: IpAddr, action: &str) -> Event {
+fn command(door: &StaticDoor, address: IpAddr, action: &str) -> Event {
+    let argv = if action == "start" {
+        &door.start_command
+    } else {
+        &door.stop_command
+    };
+    let keep_capabilities = door.command_capabilities;
+    let door = &door.name;
     Event::Command {
+        keep_capabilities,
         argv: argv
             .iter()
             .map(|a| a.replace("%IP%", &address.to_string()))
@@ -825,6 +860,57 @@ mod tests {
     }
     fn opened(events: &[Event]) -> bool {
         events.iter().any(|e| matches!(e, Event::Open { .. }))
+    }
+
+    #[test]
+    fn one_time_use_is_recorded_in_the_state_dir_and_survives_a_restart() {
+        let d = dir("onetime");
+        let file = d.join("onetime.txt");
+        std::fs::write(&file, "#7100,7200,7300\n7400,7500,7600\n7700,7800,7900\n").unwrap();
+        let extra = format!(
+            "[doors.once]\none-time-sequences = \"{}\"\nseq-timeout = \"5s\"\nservices = [\"ssh\"]\n",
+            file.display()
+        );
+        // `[knocking]` ends `config`'s text, so the door is parsed on its own and swapped in.
+        let mut c = config(&d, "");
+        let door = Config::parse(
+            &d.join("spad.toml"),
+            &format!(
+                "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n{extra}",
+                d.display()
+            ),
+        )
+        .unwrap();
+        c.doors = door.doors;
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let knock_all = |e: &mut Engine, ports: [u16; 3], t: Micros| {
+            let mut open = false;
+            for (i, p) in ports.into_iter().enumerate() {
+                open |= opened(&e.knock(a, tcp(p), 0x02, t + i as Micros));
+            }
+            open
+        };
+        let mut e = Engine::new(&c, &d, NOW);
+        assert!(
+            !knock_all(&mut e, [7100, 7200, 7300], NOW),
+            "marked # by hand"
+        );
+        assert!(knock_all(&mut e, [7400, 7500, 7600], NOW + S));
+        assert_eq!(
+            std::fs::read_to_string(one_time_used_path(&d)).unwrap(),
+            "once 7400/tcp,7500/tcp,7600/tcp\n"
+        );
+        assert!(
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .starts_with("#7100,7200,7300\n7400"),
+            "the sequence file is not written"
+        );
+        // A restart remembers: the used sequence stays shut, the next one opens.
+        let mut e = Engine::new(&c, &d, NOW + 10 * S);
+        assert!(!knock_all(&mut e, [7400, 7500, 7600], NOW + 10 * S));
+        assert!(knock_all(&mut e, [7700, 7800, 7900], NOW + 20 * S));
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

@@ -1,0 +1,857 @@
+//! The control socket: how `spad status`, `list`, `revoke` and `flush` talk to the running
+//! daemon, so they work while the config on disk is broken and keep the daemon's view in sync.
+//!
+//! Server side: a Unix stream socket `control.sock` in the state directory (mode 0660, group
+//! `spad` when that group exists; the directory gets `g+x` for it). A thread accepts one
+//! connection at a time, reads one JSON request line (at most [`MAX_REQUEST`] bytes, within
+//! [`IO_TIMEOUT`]) and forwards it over a bounded channel to the daemon's loop, which answers
+//! between packets ([`Hub::poll`]): the single-threaded pipeline is never shared. The metrics
+//! endpoint uses the same channel.
+//!
+//! Client side: the `spad` subcommands send a request and print the answer; when nothing
+//! answers they say so and read the kernel directly with the config on disk.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use spa_shared::Micros;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::daemon::Pipeline;
+use crate::firewall::{Firewall, LiveGrant};
+use crate::status::{Blacklisted, Grant, Info, Listing, Revoked, Status};
+
+/// Longest request accepted on the control socket.
+pub const MAX_REQUEST: usize = 4096;
+/// How long a client may take to send its request or read the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection waits for the daemon's loop to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where the daemon's state lives when the config cannot say.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/spad";
+/// The group whose members may use the control socket.
+pub const GROUP: &str = "spad";
+
+/// The control socket of a daemon whose state directory is `state_dir`.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// One request on the control socket (one JSON line), e.g. `{"command":"status"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    List,
+    Revoke {
+        #[serde(default)]
+        address: Option<IpAddr>,
+        #[serde(default)]
+        client: Option<String>,
+        #[serde(default)]
+        services: Vec<String>,
+    },
+    /// Removes every grant; the protection stays.
+    Flush,
+    /// The Prometheus text (used by the metrics endpoint).
+    Metrics,
+}
+
+/// A request waiting for the loop's answer.
+#[derive(Debug)]
+pub struct Call {
+    pub request: Request,
+    reply: SyncSender<String>,
+}
+
+/// Lists grants and blacklisted sources from `firewall`.
+pub fn listing(firewall: &mut dyn Firewall, source: &str) -> anyhow::Result<Listing> {
+    Ok(Listing {
+        source: source.into(),
+        grants: firewall.list()?.iter().map(Grant::from).collect(),
+        blacklist: firewall
+            .blacklisted()?
+            .into_iter()
+            .map(|(address, left)| Blacklisted {
+                address,
+                remaining_seconds: left.as_secs(),
+            })
+            .collect(),
+    })
+}
+
+/// Revokes the grants of `address` (or of `client`) for `services` (all if empty) and returns
+/// those that were live before and are gone after: what was actually removed.
+pub fn revoke(
+    firewall: &mut dyn Firewall,
+    config: &Config,
+    address: Option<IpAddr>,
+    client: Option<&str>,
+    services: &[String],
+) -> anyhow::Result<Vec<LiveGrant>> {
+    for s in services {
+        if !config.services.contains_key(s) {
+            bail!("unknown service `{s}`");
+        }
+    }
+    let wanted: Vec<String> = if services.is_empty() {
+        config.services.keys().cloned().collect()
+    } else {
+        services.to_vec()
+    };
+    let before = firewall.list()?;
+    let targets: Vec<(IpAddr, Vec<String>)> = match (address, client) {
+        (Some(address), _) => vec![(address, wanted)],
+        (None, Some(client)) => {
+            if !config.clients.contains_key(client) {
+                bail!("unknown client `{client}`");
+            }
+            before
+                .iter()
+                .filter(|g| g.owner == client && wanted.contains(&g.service))
+                .map(|g| (g.address, vec![g.service.clone()]))
+                .collect()
+        }
+        (None, None) => bail!("give --address or --client"),
+    };
+    for (address, services) in &targets {
+        firewall.revoke(*address, services)?;
+    }
+    removed(firewall, before, |g| {
+        targets
+            .iter()
+            .any(|(a, s)| *a == g.address && s.contains(&g.service))
+    })
+}
+
+/// Revokes every live grant (the ruleset, and so the protection, stays).
+pub fn flush_grants(firewall: &mut dyn Firewall) -> anyhow::Result<Vec<LiveGrant>> {
+    let before = firewall.list()?;
+    let mut by_address: Vec<(IpAddr, Vec<String>)> = Vec::new();
+    for g in &before {
+        match by_address.iter_mut().find(|(a, _)| *a == g.address) {
+            Some((_, services)) => services.push(g.service.clone()),
+            None => by_address.push((g.address, vec![g.service.clone()])),
+        }
+    }
+    for (address, services) in &by_address {
+        firewall.revoke(*address, services)?;
+    }
+    removed(firewall, before, |_| true)
+}
+
+/// The grants of `before` that `targeted` selects and that the kernel no longer has.
+fn removed(
+    firewall: &mut dyn Firewall,
+    before: Vec<LiveGrant>,
+    targeted: impl Fn(&LiveGrant) -> bool,
+) -> anyhow::Result<Vec<LiveGrant>> {
+    let after = firewall.list()?;
+    Ok(before
+        .into_iter()
+        .filter(|g| {
+            targeted(g)
+                && !after
+                    .iter()
+                    .any(|x| x.address == g.address && x.service == g.service)
+        })
+        .collect())
+}
+
+/// Answers one request with the pipeline's state: a JSON object `{"ok":true,"result":…}` or
+/// `{"ok":false,"error":"…"}` (for `Metrics`, the Prometheus text).
+pub fn answer<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Request) -> String {
+    if *request == Request::Metrics {
+        return metrics_text(pipeline, info);
+    }
+    let now = pipeline.now();
+    let result: anyhow::Result<serde_json::Value> = (|| match request {
+        Request::Status => {
+            let kernel = match (pipeline.firewall.list(), pipeline.firewall.blacklisted()) {
+                (Ok(g), Ok(b)) => Some((g.len(), b.len())),
+                _ => None,
+            };
+            let status = Status::running(
+                info,
+                &pipeline.config,
+                pipeline.firewall.name(),
+                pipeline.stats.counters(),
+                now,
+                kernel,
+            );
+            Ok(serde_json::to_value(status)?)
+        }
+        Request::List => Ok(serde_json::to_value(listing(
+            &mut *pipeline.firewall,
+            "daemon",
+        )?)?),
+        Request::Revoke {
+            address,
+            client,
+            services,
+        } => {
+            let gone = revoke(
+                &mut *pipeline.firewall,
+                &pipeline.config,
+                *address,
+                client.as_deref(),
+                services,
+            )?;
+            log_removed(pipeline, "revoked", &gone);
+            Ok(serde_json::to_value(Revoked {
+                source: "daemon".into(),
+                revoked: gone.iter().map(Grant::from).collect(),
+            })?)
+        }
+        Request::Flush => {
+            let gone = flush_grants(&mut *pipeline.firewall)?;
+            log_removed(pipeline, "flushed", &gone);
+            Ok(serde_json::to_value(Revoked {
+                source: "daemon".into(),
+                revoked: gone.iter().map(Grant::from).collect(),
+            })?)
+        }
+        Request::Metrics => unreachable!("answered above"),
+    })();
+    match result {
+        Ok(value) => serde_json::json!({ "ok": true, "result": value }),
+        Err(e) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+    }
+    .to_string()
+}
+
+fn log_removed<C: Clock>(pipeline: &mut Pipeline<C>, what: &str, gone: &[LiveGrant]) {
+    let now = pipeline.now();
+    let items: Vec<String> = gone
+        .iter()
+        .map(|g| format!("{}:{}", g.address, g.service))
+        .collect();
+    pipeline.log.line(
+        now,
+        &format!(
+            "{what} by operator: {}",
+            if items.is_empty() {
+                "nothing".to_string()
+            } else {
+                items.join(" ")
+            }
+        ),
+    );
+}
+
+fn metrics_text<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info) -> String {
+    let mut gauges = crate::metrics::Gauges {
+        start_time: info.started,
+        config_load_time: info.config_loaded,
+        ..Default::default()
+    };
+    let mut active: std::collections::BTreeMap<String, u64> = pipeline
+        .config
+        .services
+        .keys()
+        .map(|s| (s.clone(), 0))
+        .collect();
+    if let Ok(grants) = pipeline.firewall.list() {
+        for g in grants {
+            *active.entry(g.service).or_default() += 1;
+        }
+    }
+    gauges.active_grants = active.into_iter().collect();
+    gauges.blacklisted = pipeline
+        .firewall
+        .blacklisted()
+        .map_or(0, |b| b.len() as u64);
+    crate::metrics::render(
+        &pipeline.stats.counters(),
+        &pipeline.stats.grant_latency,
+        &gauges,
+    )
+}
+
+/// The bound control socket, before its thread starts.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+}
+
+impl ControlSocket {
+    /// Binds `path` (refusing if another daemon answers there), mode 0660, group `spad`.
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another spad answers on {}; stop it first (`spad status -c …` shows its pid)",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding the control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        if let Some(gid) = crate::privilege::group_id(GROUP) {
+            // chown only where needed: under systemd (User=spad) both already have the group
+            // and the system-call filter refuses chown.
+            use std::os::unix::fs::MetadataExt;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            for p in [path, dir] {
+                if std::fs::metadata(p)?.gid() != gid {
+                    std::os::unix::fs::chown(p, None, Some(gid))
+                        .with_context(|| format!("giving {} to group {GROUP}", p.display()))?;
+                }
+            }
+            let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+            if mode & 0o010 == 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))?;
+            }
+        }
+        Ok(Self { listener })
+    }
+
+    /// Serves connections one at a time on a thread, forwarding requests to `calls`.
+    pub fn spawn(self, calls: SyncSender<Call>) {
+        std::thread::spawn(move || {
+            for stream in self.listener.incoming() {
+                match stream {
+                    Ok(stream) => serve_one(stream, &calls),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+    }
+}
+
+/// Reads one request line (bounded in size and time), waits for the loop's answer, writes it.
+fn serve_one(mut stream: UnixStream, calls: &SyncSender<Call>) {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let answer = match read_request(&mut stream) {
+        Ok(request) => ask(calls, request).unwrap_or_else(|| {
+            serde_json::json!({"ok": false, "error": "the daemon did not answer in time"})
+                .to_string()
+        }),
+        Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
+    };
+    let _ = stream.write_all(answer.as_bytes());
+    let _ = stream.write_all(b"\n");
+}
+
+fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+    let mut line = Vec::with_capacity(128);
+    let mut buf = [0u8; 512];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .map_err(|e| format!("reading the request: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+        if line.len() > MAX_REQUEST {
+            return Err(format!("request longer than {MAX_REQUEST} bytes"));
+        }
+        if line.contains(&b'\n') {
+            break;
+        }
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    serde_json::from_slice(&line[..end]).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Forwards `request` to the loop and waits (bounded) for the answer.
+fn ask(calls: &SyncSender<Call>, request: Request) -> Option<String> {
+    let (reply, answer) = mpsc::sync_channel(1);
+    calls.send(Call { request, reply }).ok()?;
+    answer.recv_timeout(ANSWER_TIMEOUT).ok()
+}
+
+/// The daemon's operator interfaces, driven from its loop: control socket, metrics endpoint
+/// and systemd notifications.
+#[derive(Debug)]
+pub struct Hub {
+    calls: Receiver<Call>,
+    sender: SyncSender<Call>,
+    control: Option<ControlSocket>,
+    metrics: Option<crate::metrics::Endpoint>,
+    socket_file: PathBuf,
+    pub info: Info,
+    pub notify: crate::notify::Notifier,
+    reloads_seen: u64,
+}
+
+impl Hub {
+    /// Binds the control socket and (if configured) the metrics listener. Call while still
+    /// privileged, before [`crate::privilege`] drops, and before any thread starts.
+    pub fn bind(config: &Config, config_path: &Path, now: Micros) -> anyhow::Result<Self> {
+        let (notify, problem) = crate::notify::Notifier::from_env();
+        if let Some(p) = problem {
+            crate::log::Logger::default().line(now, &p);
+        }
+        let socket_file = socket_path(&config.server.state_dir);
+        let control = ControlSocket::bind(&socket_file)?;
+        let metrics = config
+            .server
+            .metrics
+            .map(crate::metrics::Endpoint::bind)
+            .transpose()?;
+        let (sender, calls) = mpsc::sync_channel(4);
+        Ok(Self {
+            calls,
+            sender,
+            control: Some(control),
+            metrics,
+            socket_file,
+            info: Info {
+                pid: std::process::id(),
+                started: now,
+                config_path: config_path.to_path_buf(),
+                config_loaded: now,
+            },
+            notify,
+            reloads_seen: 0,
+        })
+    }
+
+    /// Starts the socket threads (after privileges are dropped: credentials are per thread).
+    pub fn start(&mut self) {
+        if let Some(control) = self.control.take() {
+            control.spawn(self.sender.clone());
+        }
+        if let Some(metrics) = self.metrics.take() {
+            let calls = self.sender.clone();
+            metrics.spawn(move || ask(&calls, Request::Metrics));
+        }
+    }
+
+    /// Tells systemd the daemon is ready (the ruleset is installed).
+    pub fn ready<C: Clock>(&mut self, pipeline: &Pipeline<C>) {
+        self.reloads_seen = pipeline.stats.reloads;
+        self.notify.ready(&summary(pipeline));
+    }
+
+    pub fn reloading(&mut self) {
+        self.notify.reloading();
+    }
+
+    /// After a reload attempt: records the load time if it took effect; READY=1 either way.
+    pub fn reloaded<C: Clock>(&mut self, pipeline: &Pipeline<C>) {
+        let ok = pipeline.stats.reloads != self.reloads_seen;
+        self.reloads_seen = pipeline.stats.reloads;
+        if ok {
+            self.info.config_loaded = pipeline.now();
+        }
+        let status = if ok {
+            summary(pipeline)
+        } else {
+            format!(
+                "reload failed, running the previous config; {}",
+                summary(pipeline)
+            )
+        };
+        self.notify.ready(&status);
+    }
+
+    /// Answers waiting requests and pets the watchdog; call once per loop turn.
+    pub fn poll<C: Clock>(&mut self, pipeline: &mut Pipeline<C>) {
+        while let Ok(call) = self.calls.try_recv() {
+            let text = answer(pipeline, &self.info, &call.request);
+            let _ = call.reply.try_send(text);
+        }
+        self.notify.watchdog();
+    }
+
+    pub fn stopping(&mut self) {
+        self.notify.stopping();
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket_file);
+    }
+}
+
+fn summary<C: Clock>(pipeline: &Pipeline<C>) -> String {
+    format!(
+        "listening on {}/udp; {} services, {} clients; {} grants so far",
+        pipeline.config.server.port,
+        pipeline.config.services.len(),
+        pipeline.config.clients.len(),
+        pipeline.stats.granted
+    )
+}
+
+// ---- client side (the `spad` subcommands) ----
+
+/// The control socket for a config file: `--state-dir`, else the file's `state-dir` read
+/// leniently (a config that fails validation still names it), else the default.
+pub fn socket_for(config: &Path, state_dir: Option<&Path>) -> PathBuf {
+    if let Some(dir) = state_dir {
+        return socket_path(dir);
+    }
+    let dir = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .map(|table| {
+            let value = table
+                .get("server")
+                .and_then(|s| s.get("state-dir"))
+                .and_then(|v| v.as_str())
+                .unwrap_or(DEFAULT_STATE_DIR)
+                .to_string();
+            let base = config.parent().unwrap_or(Path::new(""));
+            crate::config::resolve(base, &value)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    socket_path(&dir)
+}
+
+/// Sends `request` to the daemon on `socket`. `Ok(None)`: no daemon listens there.
+pub fn request(socket: &Path, request: &Request) -> anyhow::Result<Option<serde_json::Value>> {
+    use std::io::ErrorKind;
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            return Ok(None)
+        }
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => bail!(
+            "cannot use {}: permission denied (run as root or as a member of group `{GROUP}`)",
+            socket.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+    };
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT + IO_TIMEOUT))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut text = String::new();
+    stream
+        .take(64 << 20)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading the answer on {}", socket.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("the daemon on {} sent a bad answer", socket.display()))?;
+    if value["ok"] != serde_json::Value::Bool(true) {
+        bail!(
+            "the daemon refused: {}",
+            value["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(Some(value["result"].clone()))
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn no_daemon(socket: &Path) {
+    eprintln!(
+        "spad: no daemon answers on {}; reading the kernel directly with the config on disk",
+        socket.display()
+    );
+}
+
+fn config_on_disk(config: &Path, state_dir: Option<&Path>) -> anyhow::Result<Config> {
+    let mut c = Config::load(config)?;
+    if let Some(dir) = state_dir {
+        c.server.state_dir = dir.to_path_buf();
+    }
+    Ok(c)
+}
+
+/// `spad status`.
+pub fn status_command(config: &Path, state_dir: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let socket = socket_for(config, state_dir);
+    let status = match request(&socket, &Request::Status)? {
+        Some(value) => serde_json::from_value(value)?,
+        None => {
+            let mut status = Status {
+                socket: socket.display().to_string(),
+                ..Status::default()
+            };
+            // Best effort: what the kernel holds, if the config on disk can say where.
+            if let Ok(c) = config_on_disk(config, state_dir) {
+                status.table = Some(c.server.table.clone());
+                if let Ok(mut fw) = crate::firewall::open(&c) {
+                    if let (Ok(g), Ok(b)) = (fw.list(), fw.blacklisted()) {
+                        status.live_grants = Some(g.len());
+                        status.blacklisted = Some(b.len());
+                    }
+                }
+            }
+            status
+        }
+    };
+    if json {
+        print_json(&status)
+    } else {
+        print!("{}", status.text());
+        Ok(())
+    }
+}
+
+/// `spad list`.
+pub fn list_command(config: &Path, state_dir: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let socket = socket_for(config, state_dir);
+    let listing: Listing = match request(&socket, &Request::List)? {
+        Some(value) => serde_json::from_value(value)?,
+        None => {
+            no_daemon(&socket);
+            let c = config_on_disk(config, state_dir)?;
+            listing(&mut *crate::firewall::open(&c)?, "kernel")?
+        }
+    };
+    if json {
+        print_json(&listing)
+    } else {
+        print!("{}", listing.text());
+        Ok(())
+    }
+}
+
+/// `spad revoke`.
+pub fn revoke_command(
+    config: &Path,
+    state_dir: Option<&Path>,
+    address: Option<IpAddr>,
+    client: Option<String>,
+    services: Vec<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let socket = socket_for(config, state_dir);
+    let ask = Request::Revoke {
+        address,
+        client: client.clone(),
+        services: services.clone(),
+    };
+    let revoked: Revoked = match request(&socket, &ask)? {
+        Some(value) => serde_json::from_value(value)?,
+        None => {
+            no_daemon(&socket);
+            let c = config_on_disk(config, state_dir)?;
+            let mut fw = crate::firewall::open(&c)?;
+            let gone = revoke(&mut *fw, &c, address, client.as_deref(), &services)?;
+            Revoked {
+                source: "kernel".into(),
+                revoked: gone.iter().map(Grant::from).collect(),
+            }
+        }
+    };
+    if json {
+        print_json(&revoked)
+    } else {
+        print!("{}", revoked.text());
+        Ok(())
+    }
+}
+
+/// `spad flush` through the daemon: every grant removed, protection kept. `Ok(false)` when no
+/// daemon answers (the caller then acts on the kernel itself).
+pub fn flush_via_daemon(
+    config: &Path,
+    state_dir: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let socket = socket_for(config, state_dir);
+    let Some(value) = request(&socket, &Request::Flush)? else {
+        no_daemon(&socket);
+        return Ok(false);
+    };
+    let revoked: Revoked = serde_json::from_value(value)?;
+    if json {
+        print_json(&revoked)?;
+    } else {
+        print!("{}", revoked.text());
+        println!("(the ruleset stays installed: protected ports remain closed to others)");
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::firewall::memory::Memory;
+    use crate::firewall::Access;
+    use spa_shared::keys::PrivateKey;
+    use spa_shared::packet::Server;
+
+    const NOW: Micros = 1_763_726_400_000_000;
+
+    fn pipeline<'a>(clock: &'a ManualClock, name: &str) -> (Pipeline<&'a ManualClock>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("spad-control-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[services.vpn]\nkind = \"vpn\"\nports = [\"51820/udp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{}\"\nservices = [\"ssh\", \"vpn\"]\n",
+            dir.display(),
+            PrivateKey::from_bytes([1; 32]).public_key()
+        );
+        let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
+        let server = Server::new(PrivateKey::from_bytes([2; 32]));
+        let p = Pipeline::new(config, server, Box::new(Memory::default()), clock).unwrap();
+        (p, dir)
+    }
+
+    fn grant(p: &mut Pipeline<&ManualClock>, address: &str, service: &str) {
+        p.firewall
+            .grant(&[Access {
+                address: address.parse().unwrap(),
+                service: service.into(),
+                timeout: Duration::from_secs(30),
+                idle: None,
+                owner: "alice".into(),
+            }])
+            .unwrap();
+    }
+
+    fn info() -> Info {
+        Info {
+            pid: 42,
+            started: NOW,
+            config_path: "/etc/spad/spad.toml".into(),
+            config_loaded: NOW,
+        }
+    }
+
+    fn call(p: &mut Pipeline<&ManualClock>, request: Request) -> serde_json::Value {
+        let text = answer(p, &info(), &request);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["ok"], true, "{text}");
+        v["result"].clone()
+    }
+
+    #[test]
+    fn revoke_reports_only_what_was_removed() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, dir) = pipeline(&clock, "revoke");
+        grant(&mut p, "198.51.100.7", "ssh");
+        let r = call(
+            &mut p,
+            Request::Revoke {
+                address: Some("198.51.100.7".parse().unwrap()),
+                client: None,
+                services: vec![],
+            },
+        );
+        let r: Revoked = serde_json::from_value(r).unwrap();
+        assert_eq!(r.revoked.len(), 1, "ssh was live, vpn was not: {r:?}");
+        assert_eq!(r.revoked[0].service, "ssh");
+        let again = call(
+            &mut p,
+            Request::Revoke {
+                address: Some("198.51.100.7".parse().unwrap()),
+                client: None,
+                services: vec![],
+            },
+        );
+        assert_eq!(again["revoked"].as_array().unwrap().len(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn status_and_flush_through_the_loop() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, dir) = pipeline(&clock, "status");
+        grant(&mut p, "198.51.100.7", "ssh");
+        grant(&mut p, "198.51.100.8", "vpn");
+        clock.advance(90_000_000);
+        let s: Status = serde_json::from_value(call(&mut p, Request::Status)).unwrap();
+        assert!(s.running);
+        assert_eq!((s.pid, s.uptime_seconds), (Some(42), Some(90)));
+        assert_eq!((s.live_grants, s.blacklisted), (Some(2), Some(0)));
+        assert_eq!(s.backend.as_deref(), Some("memory"));
+        assert!(s.counters.iter().any(|c| c.name == "packets"));
+        let f: Revoked = serde_json::from_value(call(&mut p, Request::Flush)).unwrap();
+        assert_eq!(f.revoked.len(), 2);
+        assert!(p.firewall.list().unwrap().is_empty());
+        let bad = answer(
+            &mut p,
+            &info(),
+            &Request::Revoke {
+                address: None,
+                client: Some("nobody".into()),
+                services: vec![],
+            },
+        );
+        assert!(
+            bad.contains("\"ok\":false") && bad.contains("unknown client"),
+            "{bad}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn requests_are_bounded_and_parsed_over_a_real_socket() {
+        let dir = std::env::temp_dir().join(format!("spad-control-sock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = socket_path(&dir);
+        let socket = ControlSocket::bind(&path).unwrap();
+        assert!(
+            ControlSocket::bind(&path).is_err(),
+            "a second daemon must not steal the socket"
+        );
+        let (tx, rx) = mpsc::sync_channel(4);
+        socket.spawn(tx);
+        // A loop stand-in that answers every call with its request's debug form.
+        std::thread::spawn(move || {
+            while let Ok(call) = rx.recv() {
+                let _ = call.reply.send(
+                    serde_json::json!({"ok": true, "result": format!("{:?}", call.request)})
+                        .to_string(),
+                );
+            }
+        });
+        let got = request(&path, &Request::List).unwrap().unwrap();
+        assert_eq!(got, "List");
+        // Oversized and malformed requests get an error, not a hang or a crash.
+        let mut s = UnixStream::connect(&path).unwrap();
+        let _ = s.write_all(&vec![b'x'; MAX_REQUEST + 10]);
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.contains("longer than"), "{text}");
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"{\"command\":\"reboot\"}\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.contains("bad request"), "{text}");
+        // No daemon: None, so the CLI falls back.
+        assert!(request(&dir.join("none.sock"), &Request::Status)
+            .unwrap()
+            .is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_socket_is_found_from_a_config_that_fails_validation() {
+        let dir = std::env::temp_dir().join(format!("spad-control-find-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("spad.toml");
+        std::fs::write(&config, "[server]\nstate-dir = \"st\"\nbogus = 1\n").unwrap();
+        assert!(Config::load(&config).is_err());
+        assert_eq!(socket_for(&config, None), dir.join("st/control.sock"));
+        std::fs::write(&config, "not toml [").unwrap();
+        assert_eq!(
+            socket_for(&config, None),
+            Path::new(DEFAULT_STATE_DIR).join("control.sock")
+        );
+        assert_eq!(
+            socket_for(&config, Some(Path::new("/x"))),
+            Path::new("/x/control.sock")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,314 @@
+//! Prometheus metrics: the text exposition format rendered from the daemon's counters, and a
+//! tiny HTTP/1.0 responder for `metrics = "ADDR:PORT"` in `[server]` (opt-in).
+//!
+//! The responder runs on its own thread and owns no state: each scrape is forwarded to the
+//! daemon's loop as a [`crate::control::Request::Metrics`] call over the same channel the control
+//! socket uses, so the single-threaded pipeline is never shared. Requests are bounded in size
+//! and time; anything but `GET /metrics` gets a 404.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use spa_shared::Micros;
+
+/// Upper bounds of the grant latency histogram, in microseconds (packet heard → grant in the
+/// kernel).
+pub const LATENCY_BUCKETS_MICROS: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// A fixed-bucket histogram of microsecond values (cumulative counts are made when rendering).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Histogram {
+    /// Per bucket of [`LATENCY_BUCKETS_MICROS`], plus one for values above the last bound.
+    counts: [u64; LATENCY_BUCKETS_MICROS.len() + 1],
+    sum_micros: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, micros: Micros) {
+        let index = LATENCY_BUCKETS_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(LATENCY_BUCKETS_MICROS.len());
+        self.counts[index] = self.counts[index].saturating_add(1);
+        self.sum_micros = self.sum_micros.saturating_add(micros);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().fold(0u64, |a, b| a.saturating_add(*b))
+    }
+}
+
+/// Escapes a Prometheus label value (`\`, `"` and newlines).
+pub fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Help text for the counters [`crate::daemon::Stats::counters`] reports; unknown ones get a
+/// generic line so a new counter is exported without touching this file.
+fn counter_help(base: &str) -> String {
+    match base {
+        "packets" => "Packets heard (SPA datagrams and knock segments).".into(),
+        "precheck_dropped" => {
+            "SPA packets dropped by the keyed pre-check (no public-key work).".into()
+        }
+        "refused" => "SPA packets refused for any reason (pre-check included).".into(),
+        "granted" => "Grants installed (SPA and knock doors).".into(),
+        "closed" => "Grants closed on request (SPA close or close sequence).".into(),
+        "knocks" => "Knock segments seen on watched ports.".into(),
+        "reloads" => "Configuration reloads that took effect.".into(),
+        "grants_by_service" => "Grants installed, per service and service kind.".into(),
+        other => format!("spad counter `{other}` (see docs/operations.md)."),
+    }
+}
+
+/// What a scrape shows besides the counters.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Live grants per service, from the kernel.
+    pub active_grants: Vec<(String, u64)>,
+    pub blacklisted: u64,
+    pub start_time: Micros,
+    pub config_load_time: Micros,
+}
+
+/// Renders the whole scrape in the Prometheus text format (version 0.0.4).
+pub fn render(counters: &[(String, u64)], latency: &Histogram, gauges: &Gauges) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP spad_build_info Build of the running spad.\n# TYPE spad_build_info gauge\nspad_build_info{{version=\"{}\"}} 1",
+        label_value(env!("CARGO_PKG_VERSION"))
+    );
+    // Counters, grouped into families by the name before any `{labels}`.
+    let mut families: Vec<(&str, Vec<(&str, u64)>)> = Vec::new();
+    for (name, value) in counters {
+        let (base, labels) = match name.find('{') {
+            Some(i) => (&name[..i], &name[i..]),
+            None => (name.as_str(), ""),
+        };
+        match families.iter_mut().find(|(b, _)| *b == base) {
+            Some((_, samples)) => samples.push((labels, *value)),
+            None => families.push((base, vec![(labels, *value)])),
+        }
+    }
+    for (base, samples) in families {
+        let _ = writeln!(
+            out,
+            "# HELP spad_{base}_total {}\n# TYPE spad_{base}_total counter",
+            counter_help(base)
+        );
+        for (labels, value) in samples {
+            let _ = writeln!(out, "spad_{base}_total{labels} {value}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP spad_grant_latency_seconds Time from hearing a packet to its grant being in the kernel.\n# TYPE spad_grant_latency_seconds histogram"
+    );
+    let mut cumulative = 0u64;
+    for (i, bound) in LATENCY_BUCKETS_MICROS.iter().enumerate() {
+        cumulative = cumulative.saturating_add(latency.counts[i]);
+        let _ = writeln!(
+            out,
+            "spad_grant_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
+            seconds(*bound)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "spad_grant_latency_seconds_bucket{{le=\"+Inf\"}} {}\nspad_grant_latency_seconds_sum {}\nspad_grant_latency_seconds_count {}",
+        latency.count(),
+        seconds(latency.sum_micros),
+        latency.count()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP spad_active_grants Grants live in the kernel now, per service.\n# TYPE spad_active_grants gauge"
+    );
+    for (service, n) in &gauges.active_grants {
+        let _ = writeln!(
+            out,
+            "spad_active_grants{{service=\"{}\"}} {n}",
+            label_value(service)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP spad_blacklisted_sources Sources on the knock blacklist now.\n# TYPE spad_blacklisted_sources gauge\nspad_blacklisted_sources {}",
+        gauges.blacklisted
+    );
+    let _ = writeln!(
+        out,
+        "# HELP spad_start_time_seconds When this spad started (Unix time).\n# TYPE spad_start_time_seconds gauge\nspad_start_time_seconds {}",
+        seconds(gauges.start_time)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP spad_config_load_time_seconds When the running configuration was loaded (Unix time).\n# TYPE spad_config_load_time_seconds gauge\nspad_config_load_time_seconds {}",
+        seconds(gauges.config_load_time)
+    );
+    out
+}
+
+/// Microseconds as decimal seconds without float rounding noise (`2500` → `0.0025`).
+fn seconds(micros: u64) -> String {
+    let whole = micros / 1_000_000;
+    let frac = micros % 1_000_000;
+    if frac == 0 {
+        return whole.to_string();
+    }
+    let digits = format!("{frac:06}");
+    format!("{whole}.{}", digits.trim_end_matches('0'))
+}
+
+/// Longest request head accepted; a scrape's is a few hundred bytes.
+const MAX_REQUEST: usize = 8 * 1024;
+/// How long one scrape may take to send its request or read the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The bound metrics listener, before its thread is started.
+#[derive(Debug)]
+pub struct Endpoint {
+    listener: TcpListener,
+}
+
+impl Endpoint {
+    /// Binds `address` (done before privileges are dropped).
+    pub fn bind(address: SocketAddr) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let listener = TcpListener::bind(address)
+            .with_context(|| format!("binding the metrics listener on {address}"))?;
+        Ok(Self { listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves scrapes one at a time on a thread; each asks `ask` for the current text.
+    pub fn spawn(self, ask: impl Fn() -> Option<String> + Send + 'static) {
+        std::thread::spawn(move || {
+            for stream in self.listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        let _ = serve_one(stream, &ask);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+    }
+}
+
+/// Reads a request head (bounded), answers `GET /metrics` with the text from `ask`.
+fn serve_one(mut stream: TcpStream, ask: &impl Fn() -> Option<String>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "413 Payload Too Large",
+                "text/plain",
+                "too large\n",
+            );
+        }
+    }
+    let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let first = String::from_utf8_lossy(first);
+    let mut parts = first.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if method != "GET" || path != "/metrics" {
+        return respond(
+            &mut stream,
+            "404 Not Found",
+            "text/plain",
+            "try GET /metrics\n",
+        );
+    }
+    match ask() {
+        Some(text) => respond(
+            &mut stream,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &text,
+        ),
+        None => respond(
+            &mut stream,
+            "503 Service Unavailable",
+            "text/plain",
+            "spad is busy or stopping\n",
+        ),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_seconds_exact() {
+        let mut h = Histogram::default();
+        for v in [50, 100, 101, 3_000, 2_000_000] {
+            h.observe(v);
+        }
+        let text = render(
+            &[
+                ("granted".into(), 3),
+                (
+                    "grants_by_service{service=\"ssh\",kind=\"management\"}".into(),
+                    2,
+                ),
+                ("grants_by_service{service=\"vpn\",kind=\"vpn\"}".into(), 1),
+            ],
+            &h,
+            &Gauges::default(),
+        );
+        assert!(
+            text.contains("spad_grant_latency_seconds_bucket{le=\"0.0001\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("spad_grant_latency_seconds_bucket{le=\"0.00025\"} 3\n"));
+        assert!(text.contains("spad_grant_latency_seconds_bucket{le=\"0.005\"} 4\n"));
+        assert!(text.contains("spad_grant_latency_seconds_bucket{le=\"1\"} 4\n"));
+        assert!(text.contains("spad_grant_latency_seconds_bucket{le=\"+Inf\"} 5\n"));
+        assert!(text.contains("spad_grant_latency_seconds_sum 2.003251\n"));
+        assert!(text.contains("spad_granted_total 3\n"));
+        // One family header for the labelled samples.
+        assert_eq!(
+            text.matches("# TYPE spad_grants_by_service_total counter")
+                .count(),
+            1
+        );
+        assert!(text.contains("spad_grants_by_service_total{service=\"vpn\",kind=\"vpn\"} 1\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

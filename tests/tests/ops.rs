@@ -1,0 +1,541 @@
+//! Issue 9 (the daemon as an operator sees it) and issue 7 item 9 (least privilege), end to end:
+//! the control socket keeps `status`/`list`/`revoke`/`flush` working with a broken config on
+//! disk, the Prometheus endpoint serves text a real parser (`promtool`) accepts, the systemd
+//! notify protocol is spoken to a listener on `NOTIFY_SOCKET`, log lines carry journald
+//! priorities, and `user = "nobody"` leaves the daemon with only CAP_NET_ADMIN + CAP_NET_RAW
+//! while knocks still open ports. Every daemon test runs on nftables and on iptables + ipset.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use spa_e2e::*;
+
+const CONF: &str = "demo.toml";
+const T: Duration = Duration::from_millis(700);
+
+/// `spad ARGS -c LAB_CONFIG` inside the gateway namespace (where the fallback reads the kernel).
+fn spad_cli(lab: &Lab, args: &[&str]) -> Output {
+    let config = lab.path(CONF);
+    let mut full: Vec<&str> = args.to_vec();
+    full.extend(["-c", config.to_str().unwrap()]);
+    let spad = binary("spad");
+    lab.try_exec(&lab.gw, spad.to_str().unwrap(), &full)
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout));
+    })
+}
+
+/// Adds `line` to the `[server]` section of the lab's copy of the config.
+fn server_option(lab: &Lab, line: &str) {
+    let path = lab.path(CONF);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("[server]\n", &format!("[server]\n{line}\n"), 1),
+    )
+    .unwrap();
+}
+
+fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no counter {name} in {status}"))["value"]
+        .as_u64()
+        .unwrap()
+}
+
+pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let daemon = lab.start_spad(CONF, backend);
+    lab.knock(&lab.a, "alice", &["ssh"], &["--duration", "60s"], false);
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+
+    let status = json(&spad_cli(&lab, &["status", "--json"]));
+    assert_eq!(status["running"], true);
+    let pid = status["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(lab.path(CONF).to_str().unwrap()),
+        "the pid must be this lab's daemon"
+    );
+    assert_eq!(status["backend"], backend.name());
+    assert_eq!(status["capture"], "af-packet");
+    assert_eq!(status["interfaces"], serde_json::json!(["eth0"]));
+    assert_eq!(status["live_grants"], 1);
+    assert_eq!(counter(&status, "granted"), 1);
+    assert!(counter(&status, "packets") >= 1);
+    let text = String::from_utf8(spad_cli(&lab, &["status"]).stdout).unwrap();
+    assert!(
+        text.starts_with(&format!("spad is running (pid {pid}")),
+        "{text}"
+    );
+    let checked = json(&spad_cli(&lab, &["check", "--json"]));
+    assert_eq!(checked["ok"], true);
+    assert!(checked["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["name"] == "rdp" && s["kind"] == "nat"));
+
+    // A second daemon on the same state directory refuses before touching the firewall.
+    let mut second = Daemon(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.gw])
+            .arg(binary("spad"))
+            .args(["run", "-c", lab.path(CONF).to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || second
+            .0
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "a second spad must refuse to run"
+    );
+    let mut err = String::new();
+    second
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("another spad answers on"), "{err}");
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    assert_eq!(json(&spad_cli(&lab, &["status", "--json"]))["pid"], pid);
+
+    // The operator breaks the file on disk; the daemon still answers with what it runs on.
+    let path = lab.path(CONF);
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{good}\n[services.broken]\nkind = \"nope\"\n"),
+    )
+    .unwrap();
+    let list = json(&spad_cli(&lab, &["list", "--json"]));
+    assert_eq!(list["source"], "daemon");
+    let grants = list["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 1, "{list}");
+    assert_eq!(grants[0]["address"], "203.0.113.10");
+    assert_eq!(grants[0]["service"], "ssh");
+    assert_eq!(grants[0]["owner"], "alice");
+    assert!(grants[0]["remaining_seconds"].as_u64().unwrap() > 30);
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+
+    // Revoke every service of the address: only ssh was live, so only ssh is reported.
+    let revoked = json(&spad_cli(
+        &lab,
+        &["revoke", "--address", "203.0.113.10", "--json"],
+    ));
+    assert_eq!(revoked["source"], "daemon");
+    assert_eq!(revoked["revoked"].as_array().unwrap().len(), 1, "{revoked}");
+    assert_eq!(revoked["revoked"][0]["service"], "ssh");
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::TimedOut);
+    let again = spad_cli(&lab, &["revoke", "--address", "203.0.113.10"]);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        "nothing to revoke\n"
+    );
+    assert!(lab.wait_log("revoked by operator: 203.0.113.10:ssh", 1));
+
+    // Flush through the daemon: grants go, the protection stays.
+    lab.knock(&lab.b, "bob", &["ssh"], &[], false);
+    assert!(lab.wait_log("granted owner=bob", 1), "{}", lab.log());
+    let flushed = json(&spad_cli(&lab, &["flush", "--json"]));
+    assert_eq!(flushed["revoked"][0]["address"], "203.0.113.20");
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
+    assert_eq!(
+        json(&spad_cli(&lab, &["status", "--json"]))["live_grants"],
+        0
+    );
+
+    // No daemon: the commands say so and read the kernel with the (repaired) config on disk.
+    lab.stop_spad(daemon, false);
+    std::fs::write(&path, good).unwrap();
+    let out = spad_cli(&lab, &["list", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no daemon answers on"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&out)["source"], "kernel");
+    let status = json(&spad_cli(&lab, &["status", "--json"]));
+    assert_eq!(status["running"], false);
+    assert!(
+        !lab.path("state/control.sock").exists(),
+        "socket removed on exit"
+    );
+}
+
+/// One HTTP/1.0 GET from inside the gateway namespace; returns (status line, body).
+fn http_get(ns: &str, port: u16, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    in_ns(ns, move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    })
+}
+
+pub fn metrics_endpoint_serves_valid_prometheus_text(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, "metrics = \"127.0.0.1:9712\"");
+    lab.start_spad(CONF, backend);
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+    // Garbage to the SPA port: a pre-check drop.
+    in_ns(&lab.b, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(&[0u8; 200], (GW4, 62201)).unwrap();
+    });
+    assert!(lab.wait_log("pre-check failed", 1), "{}", lab.log());
+
+    let (status, body) = http_get(&lab.gw, 9712, "/metrics");
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    for needle in [
+        "spad_build_info{version=\"",
+        "spad_granted_total 1\n",
+        "spad_precheck_dropped_total 1\n",
+        "spad_refused_total 1\n",
+        "spad_grants_by_service_total{service=\"ssh\",kind=\"management\"} 1\n",
+        "spad_active_grants{service=\"ssh\"} 1\n",
+        "spad_active_grants{service=\"vpn\"} 0\n",
+        "spad_blacklisted_sources 0\n",
+        "spad_grant_latency_seconds_count 1\n",
+        "spad_grant_latency_seconds_bucket{le=\"+Inf\"} 1\n",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in\n{body}");
+    }
+    // A real parser and linter accepts it.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/install-deps.sh installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let (status, _) = http_get(&lab.gw, 9712, "/");
+    assert_eq!(status, "HTTP/1.0 404 Not Found");
+    // Not reachable from outside the gateway: it listens on loopback only.
+    assert_ne!(
+        tcp_probe(&lab.a, Lab::gw4(9712), T),
+        Connect::Open,
+        "metrics must not be served on the WAN address"
+    );
+}
+
+/// A daemon started by the test itself (to control its environment); killed on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// Receives notify datagrams until one contains `needle` (bounded), returning it.
+fn expect_notify(listener: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = listener.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            seen.push(msg.clone());
+            if msg.contains(needle) {
+                return msg;
+            }
+        }
+    }
+    panic!("no notify message with {needle:?}; got {seen:?}");
+}
+
+pub fn systemd_notify_protocol_and_journal_priorities(backend: Backend) {
+    use std::os::unix::fs::MetadataExt;
+    let lab = Lab::new(CONF);
+    let config = lab.path(CONF);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen(
+            "[server]\n",
+            &format!("[server]\nbackend = \"{}\"\n", backend.name()),
+            1,
+        ),
+    )
+    .unwrap();
+    let socket = lab.path("notify.sock");
+    let listener = UnixDatagram::bind(&socket).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log_path = lab.path("journal.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let meta = log.metadata().unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.gw])
+        .arg(binary("spad"))
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &socket)
+        .env("WATCHDOG_USEC", "300000")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let daemon = Daemon(child);
+    let mut seen = Vec::new();
+    let ready = expect_notify(&listener, "READY=1", &mut seen);
+    assert!(ready.contains("STATUS=listening on 62201/udp"), "{ready}");
+    // READY comes after the ruleset is in the kernel.
+    let journal = std::fs::read_to_string(&log_path).unwrap();
+    assert!(journal.contains("ruleset installed on"), "{journal}");
+    expect_notify(&listener, "WATCHDOG=1", &mut seen);
+
+    signal(&daemon.0, libc::SIGHUP);
+    let reloading = expect_notify(&listener, "RELOADING=1", &mut seen);
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC with RELOADING=1")
+        .parse()
+        .unwrap();
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000;
+    assert!(
+        usec <= now_usec && now_usec - usec < 10_000_000,
+        "{usec} vs {now_usec}"
+    );
+    let ready = expect_notify(&listener, "READY=1", &mut seen);
+    assert!(!ready.contains("reload failed"), "{ready}");
+
+    // A broken file: the reload fails, READY=1 says so, and the error line is priority 3.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}\nbogus = 1\n")).unwrap();
+    signal(&daemon.0, libc::SIGHUP);
+    expect_notify(&listener, "RELOADING=1", &mut seen);
+    let ready = expect_notify(&listener, "READY=1", &mut seen);
+    assert!(ready.contains("STATUS=reload failed"), "{ready}");
+
+    signal(&daemon.0, libc::SIGTERM);
+    expect_notify(&listener, "STOPPING=1", &mut seen);
+    let mut daemon = daemon;
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .0
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    let journal = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = journal.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let expected = if line.contains("spad: error") {
+            "<3>"
+        } else if line.contains("spad: warning") {
+            "<4>"
+        } else {
+            "<6>"
+        };
+        assert!(line.starts_with(expected), "{line}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<3>") && l.contains("reload failed")),
+        "{journal}"
+    );
+}
+
+/// `/proc/PID/status` field value.
+fn proc_field(pid: u64, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, "user = \"nobody\"");
+    // Secrets owned by the daemon's user (0600), so a reload can read them; the config and
+    // the public keys stay root's and read-only to it.
+    let nobody = 65534;
+    for secret in ["keys/server.key", "keys/carol.totp"] {
+        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
+    }
+    let daemon = lab.start_spad(CONF, backend);
+    assert!(
+        lab.wait_log("running as nobody (uid 65534)", 1),
+        "{}",
+        lab.log()
+    );
+    let status = json(&spad_cli(&lab, &["status", "--json"]));
+    let pid = status["pid"].as_u64().unwrap();
+    assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
+    // CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only, in every set.
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(proc_field(pid, set), "0000000000003000", "{set}");
+    }
+    assert_eq!(proc_field(pid, "NoNewPrivs"), "1");
+    let state = lab.path("state");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&state).unwrap()),
+        nobody,
+        "the state directory belongs to the daemon's user"
+    );
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(lab.path(CONF)).unwrap()),
+        nobody
+    );
+
+    // It still works: a knock opens the port (netlink grant, durable replay write) ...
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    assert!(state.join("replay.bin").exists());
+    // ... a reload reinstalls the ruleset (nft / iptables-restore with the ambient caps) ...
+    lab.reload_spad(daemon);
+    assert!(
+        lab.wait_log("reloaded; kept 1 live grants", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
+    // ... and revoke through the control socket still reaches the kernel.
+    let revoked = json(&spad_cli(&lab, &["revoke", "--client", "alice", "--json"]));
+    assert_eq!(revoked["revoked"].as_array().unwrap().len(), 1, "{revoked}");
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::TimedOut);
+    assert!(!lab.log().contains("error:"), "{}", lab.log());
+}
+
+/// Starts a lab whose `ops` door runs a start command that records its own `CapEff`, knocks
+/// the door with Debian's `knock`, and returns that line. spad itself runs as root here.
+fn start_command_caps(door_extra: &str, backend: Backend) -> String {
+    let mut lab = Lab::new(CONF);
+    let out = lab.path("caps.txt");
+    let path = lab.path(CONF);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let hook = format!(
+        "[doors.ops]\nstart-command = [\"/bin/sh\", \"-c\", \"grep ^CapEff /proc/self/status > {}.tmp && mv {0}.tmp {0}\"]\n{door_extra}",
+        out.display()
+    );
+    std::fs::write(&path, text.replacen("[doors.ops]\n", &hook, 1)).unwrap();
+    lab.start_spad(CONF, backend);
+    lab.exec(&lab.a, "knock", &[GW4, "7000", "8000:udp", "9000"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || out.exists()),
+        "the start command did not run:\n{}",
+        lab.log()
+    );
+    std::fs::read_to_string(&out).unwrap().trim().to_string()
+}
+
+pub fn knock_commands_run_without_capabilities_unless_the_door_says_so(backend: Backend) {
+    assert_eq!(
+        start_command_caps("", backend),
+        "CapEff:\t0000000000000000",
+        "a root spad's knock command must have no capability"
+    );
+    assert_ne!(
+        start_command_caps("command-capabilities = true\n", backend),
+        "CapEff:\t0000000000000000",
+        "the door asked to keep them"
+    );
+}
+
+#[test]
+fn the_systemd_unit_rates_at_most_2_0_and_the_docs_say_so() {
+    let unit = workspace().join("conf/spad.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let figure = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for spad.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no overall figure in:\n{text}"));
+    let value: f64 = figure.parse().unwrap();
+    assert!(value <= 2.0, "exposure {value} > 2.0:\n{text}");
+    let docs = std::fs::read_to_string(workspace().join("docs/operations.md")).unwrap();
+    assert!(
+        docs.contains(&format!("rates it **{figure}**")),
+        "docs/operations.md must state the current figure {figure}"
+    );
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    assert!(unit_text.contains(&format!("rates this unit {figure}")));
+    assert!(Path::new(&unit).exists());
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
+        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
+    };
+}
+
+both_backends!(
+    control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed,
+    metrics_endpoint_serves_valid_prometheus_text,
+    systemd_notify_protocol_and_journal_priorities,
+    runs_as_an_unprivileged_user_with_two_capabilities,
+    knock_commands_run_without_capabilities_unless_the_door_says_so,
+);
