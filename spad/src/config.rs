@@ -77,6 +77,8 @@ struct RawConfig {
     totp_doors: BTreeMap<String, Spanned<RawTotpDoor>>,
     #[serde(default)]
     knocking: crate::knock::config::RawKnocking,
+    #[serde(default)]
+    fwknop_clients: BTreeMap<String, Spanned<crate::fwknop::config::RawFwknopClient>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +234,8 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     pub clients: BTreeMap<String, Client>,
     pub doors: Doors,
+    /// `[fwknop-clients.NAME]`: unmodified fwknop 2.x clients (see `crate::fwknop`).
+    pub fwknop_clients: BTreeMap<String, crate::fwknop::FwknopClient>,
 }
 
 impl Config {
@@ -561,12 +565,15 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         text,
     )?;
 
+    let fwknop_clients = crate::fwknop::config::build(&raw.fwknop_clients, &services, base)?;
+
     Ok(Config {
         path: path.to_path_buf(),
         server,
         services,
         clients,
         doors,
+        fwknop_clients,
     })
 }
 

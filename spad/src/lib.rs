@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod firewall;
+pub mod fwknop;
 pub mod keyfile;
 pub mod knock;
 pub mod log;
