@@ -119,6 +119,18 @@ pub fn fwknop_client_opens_ssh_for_itself_only_and_it_expires(backend: Backend) 
         Connect::Open,
         "open for the client"
     );
+    // The kernel element carries the protocol in its owner.
+    let conf = lab.path(CONF).display().to_string();
+    let list = lab.exec(
+        &lab.gw,
+        binary("spad").to_str().unwrap(),
+        &["list", "-c", &conf],
+    );
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("owner=fwknop:alice"),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
     assert_eq!(
         tcp_probe(&lab.b, ssh, T),
         Connect::TimedOut,
