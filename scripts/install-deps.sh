@@ -2,7 +2,7 @@
 # Installs what the demo and the tests need on a fresh Debian/Ubuntu machine (as root).
 # Idempotent: packages already present are left alone.
 set -euo pipefail
-packages=(nftables iptables ipset iproute2 tcpdump nmap netcat-openbsd knockd fwknop-client oathtool procps prometheus systemd)
+packages=(nftables iptables ipset iproute2 tcpdump nmap netcat-openbsd knockd fwknop-client oathtool procps prometheus systemd faketime)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,10 +4,11 @@
 //! ([`packet`]), the one-way Noise `X` handshake it rides on ([`noise`]), the cheap keyed
 //! pre-check ([`mac`]), the request payload ([`payload`]), key encoding ([`keys`]), the replay
 //! rules and their persistent record ([`replay`]) and RFC 6238 TOTP with knock-port derivation
-//! ([`totp`]). No sockets, files, threads or global clocks: the daemon and the client drive it.
+//! ([`totp`]); and the decoder for unmodified fwknop 2.x clients ([`fwknop`]). No sockets, files, threads or global clocks: the daemon and the client drive it.
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod fwknop;
 pub mod keys;
 pub mod mac;
 pub mod noise;

@@ -100,6 +100,16 @@ enum Command {
     /// TOTP doors: secrets, enrollment, current codes.
     #[command(subcommand)]
     Totp(TotpCommand),
+    /// Print fwknopd's access.conf as [services] and [fwknop-clients] TOML, with notes on what
+    /// cannot be carried over.
+    ImportFwknop {
+        /// fwknopd's access.conf.
+        #[arg(long)]
+        access: PathBuf,
+        /// fwknopd.conf, for the default access timeout and the packet max-age.
+        #[arg(long)]
+        fwknopd_conf: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,12 +193,25 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             for c in config.clients.values() {
                 println!("client {}: {}", c.name, c.services.join(","));
             }
+            for c in config.fwknop_clients.values() {
+                println!("fwknop client {}: {}", c.name, c.services.join(","));
+            }
             for d in &config.doors.doors {
                 println!("door {}: {} ports", d.name, d.sequence.len());
             }
             for d in &config.doors.totp {
                 println!("totp door {}: first port {}", d.name, d.first_port);
             }
+            Ok(())
+        }
+        Command::ImportFwknop {
+            access,
+            fwknopd_conf,
+        } => {
+            print!(
+                "{}",
+                crate::fwknop::import::run(&access, fwknopd_conf.as_deref())?
+            );
             Ok(())
         }
         Command::Genkey { out } => {

@@ -208,6 +208,10 @@ impl<C: Clock> Pipeline<C> {
         let now = self.clock.now();
         // Cheap pre-check first: garbage never reaches public-key crypto.
         if let Err(e) = self.server.precheck(payload) {
+            // Not spa v1: maybe an unmodified fwknop client (base64 text, its own HMAC pre-check).
+            if !self.config.fwknop_clients.is_empty() && crate::fwknop::looks_like(payload) {
+                return self.handle_fwknop(source, payload);
+            }
             self.stats.precheck_dropped += 1;
             return self.refuse(source, &e.to_string());
         }
@@ -246,6 +250,45 @@ impl<C: Clock> Pipeline<C> {
             return self.refuse(source, &format!("client={} {e}", client.name));
         }
         self.apply(decision, &client.name);
+    }
+
+    fn refuse_fwknop(&mut self, source: IpAddr, reason: &str) {
+        self.stats.refused += 1;
+        let now = self.clock.now();
+        self.log.refusal(
+            now,
+            &format!("refused protocol=fwknop from={source} reason=\"{reason}\""),
+        );
+    }
+
+    /// The fwknop 2.x path, step for step the spa v1 one: the client's HMAC (the cheap
+    /// pre-check) and decryption, replay, policy, durable record, then the firewall.
+    fn handle_fwknop(&mut self, source: IpAddr, payload: &[u8]) {
+        let now = self.clock.now();
+        let opened = match crate::fwknop::open(&self.config.fwknop_clients, payload, now) {
+            Ok(o) => o,
+            Err(e) => {
+                if e.is_precheck() {
+                    self.stats.precheck_dropped += 1;
+                }
+                return self.refuse_fwknop(source, &e.to_string());
+            }
+        };
+        let (client, message) = (opened.client.clone(), opened.message);
+        let (digest, keep_until) = (opened.digest, opened.keep_until);
+        if let Err(e) = self.replay.check_digest(&digest, now) {
+            return self.refuse_fwknop(source, &format!("client={} {e}", client.name));
+        }
+        let decision = match crate::fwknop::policy::decide(&self.config, &client, &message, source)
+        {
+            Ok(d) => d,
+            Err(e) => return self.refuse_fwknop(source, &format!("client={} {e}", client.name)),
+        };
+        // Durable before the door opens, as for spa v1.
+        if let Err(e) = self.replay.accept_digest(digest, keep_until, now) {
+            return self.refuse_fwknop(source, &format!("client={} {e}", client.name));
+        }
+        self.apply(decision, &crate::fwknop::policy::owner(&client));
     }
 
     fn apply(&mut self, decision: Decision, owner: &str) {

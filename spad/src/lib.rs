@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod enroll;
 pub mod firewall;
+pub mod fwknop;
 pub mod keyfile;
 pub mod knock;
 pub mod log;

@@ -170,3 +170,142 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// fwknop replay digests (issue 10). One separate block on purpose: the replay journal provides
+// the same two methods on its store, and this simple implementation gives way to it at merge.
+// Digests live in `replay-fwknop.bin` beside the replay record: a magic line, then per digest
+// 32 bytes of SHA-256 and 8 bytes (big endian) of "keep until" microseconds. Rewritten with
+// `write_atomic` (fsynced) before the grant; a damaged file fails closed for
+// `DIGEST_FAIL_CLOSED` after its last change.
+// ---------------------------------------------------------------------------------------------
+
+const DIGEST_MAGIC: &[u8] = b"spad fwknop digests v1\n";
+/// How long a damaged digest file refuses fwknop packets after its last change: longer than
+/// the largest max-age a fwknop client may have (10 minutes) plus its future tolerance.
+const DIGEST_FAIL_CLOSED: Micros = 20 * 60 * 1_000_000;
+
+impl ReplayStore {
+    fn digest_path(&self) -> PathBuf {
+        self.path.with_file_name("replay-fwknop.bin")
+    }
+
+    /// The live digests on disk, or the time until which to fail closed.
+    fn read_digests(&self, now: Micros) -> Result<Vec<([u8; 32], Micros)>, ReplayRefusal> {
+        if let Some(until) = self.closed_until {
+            if now < until {
+                return Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)));
+            }
+        }
+        let path = self.digest_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ReplayRefusal::Persist(format!("{}: {e}", path.display()))),
+        };
+        let entries = bytes
+            .strip_prefix(DIGEST_MAGIC)
+            .filter(|rest| rest.len() % 40 == 0);
+        let Some(entries) = entries else {
+            let changed = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(now, |d| d.as_micros() as Micros);
+            let until = changed.saturating_add(DIGEST_FAIL_CLOSED);
+            if now < until {
+                return Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)));
+            }
+            // Every digest it could have held has expired by now: start afresh.
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .chunks_exact(40)
+            .map(|c| {
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(&c[..32]);
+                let keep = Micros::from_be_bytes(c[32..].try_into().expect("8 bytes"));
+                (digest, keep)
+            })
+            .filter(|(_, keep)| *keep > now)
+            .collect())
+    }
+
+    /// Refuses a digest already accepted and not yet expired.
+    pub fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal> {
+        if self.read_digests(now)?.iter().any(|(d, _)| d == digest) {
+            return Err(ReplayRefusal::Rule(ReplayError::Replayed));
+        }
+        Ok(())
+    }
+
+    /// Records the digest durably before the grant; kept until `keep_until`.
+    pub fn accept_digest(
+        &mut self,
+        digest: [u8; 32],
+        keep_until: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal> {
+        let mut live = self.read_digests(now)?;
+        if live.iter().any(|(d, _)| *d == digest) {
+            return Err(ReplayRefusal::Rule(ReplayError::Replayed));
+        }
+        live.push((digest, keep_until));
+        let mut bytes = Vec::with_capacity(DIGEST_MAGIC.len() + 40 * live.len());
+        bytes.extend_from_slice(DIGEST_MAGIC);
+        for (d, keep) in &live {
+            bytes.extend_from_slice(d);
+            bytes.extend_from_slice(&keep.to_be_bytes());
+        }
+        write_atomic(&self.digest_path(), &bytes).map_err(|e| ReplayRefusal::Persist(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    #[test]
+    fn digests_survive_a_restart_expire_and_fail_closed_on_damage() {
+        let dir = std::env::temp_dir().join(format!("spad-digests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("replay.bin");
+        let now: Micros = 1_700_000_000_000_000;
+        let (mut store, _) = ReplayStore::load(path.clone(), Window::default(), now);
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        store.check_digest(&a, now).unwrap();
+        store.accept_digest(a, now + 120_000_000, now).unwrap();
+        assert!(store.accept_digest(a, now + 120_000_000, now).is_err());
+        let (mut store, _) = ReplayStore::load(path.clone(), Window::default(), now);
+        assert_eq!(
+            store.check_digest(&a, now + 1),
+            Err(ReplayRefusal::Rule(ReplayError::Replayed))
+        );
+        store.check_digest(&b, now).unwrap();
+        // Past its keep-until the digest is forgotten (the packet is stale by then anyway).
+        store.check_digest(&a, now + 121_000_000).unwrap();
+        store
+            .accept_digest(b, now + 300_000_000, now + 121_000_000)
+            .unwrap();
+        let on_disk = std::fs::read(dir.join("replay-fwknop.bin")).unwrap();
+        assert_eq!(
+            on_disk.len(),
+            DIGEST_MAGIC.len() + 40,
+            "expired entry pruned"
+        );
+        std::fs::write(dir.join("replay-fwknop.bin"), b"damaged").unwrap();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as Micros;
+        assert!(matches!(
+            store.check_digest(&[3; 32], wall),
+            Err(ReplayRefusal::FailClosed(_))
+        ));
+        store
+            .check_digest(&[3; 32], wall + DIGEST_FAIL_CLOSED + 1_000_000)
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -69,6 +69,8 @@ struct RawConfig {
     totp_doors: BTreeMap<String, Spanned<RawTotpDoor>>,
     #[serde(default)]
     knocking: RawKnocking,
+    #[serde(default)]
+    fwknop_clients: BTreeMap<String, Spanned<crate::fwknop::config::RawFwknopClient>>,
 }
 
 /// The whole validated configuration.
@@ -79,6 +81,8 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     pub clients: BTreeMap<String, Client>,
     pub doors: Doors,
+    /// `[fwknop-clients.NAME]`: unmodified fwknop 2.x clients (see `crate::fwknop`).
+    pub fwknop_clients: BTreeMap<String, crate::fwknop::FwknopClient>,
 }
 
 impl Config {
@@ -162,12 +166,14 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         base,
         text,
     )?;
+    let fwknop_clients = crate::fwknop::config::build(&raw.fwknop_clients, &services, base)?;
     Ok(Config {
         path: path.to_path_buf(),
         server,
         services,
         clients,
         doors,
+        fwknop_clients,
     })
 }
 

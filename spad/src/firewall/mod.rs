@@ -78,6 +78,12 @@ pub fn still_allowed(config: &Config, grant: &LiveGrant) -> bool {
                 .iter()
                 .any(|d| d.name == door && d.enabled && d.services.contains(&grant.service));
     }
+    if let Some(name) = grant.owner.strip_prefix("fwknop:") {
+        return config
+            .fwknop_clients
+            .get(name)
+            .is_some_and(|c| c.services.contains(&grant.service));
+    }
     config
         .clients
         .get(&grant.owner)
