@@ -36,6 +36,8 @@ pub struct Stats {
     pub closed: u64,
     pub knocks: u64,
     pub reloads: u64,
+    /// Sources put on the knock blacklist.
+    pub blacklistings: u64,
     /// Grants installed per (service, service kind).
     pub grants_by_service: std::collections::BTreeMap<(String, &'static str), u64>,
     /// Packet heard → grant in the kernel.
@@ -55,6 +57,7 @@ impl Stats {
             ("closed", self.closed),
             ("knocks", self.knocks),
             ("reloads", self.reloads),
+            ("blacklistings", self.blacklistings),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
@@ -376,6 +379,7 @@ impl<C: Clock> Pipeline<C> {
                     keep_capabilities,
                 } => self.spawn(&argv, &env, keep_capabilities),
                 Event::Blacklist { address, duration } => {
+                    self.stats.blacklistings += 1;
                     if let Err(e) = self.firewall.blacklist(address, duration) {
                         self.log
                             .line(now, &format!("error: blacklisting {address}: {e:#}"));
@@ -562,14 +566,15 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         hub.poll(&mut pipeline);
     }
     hub.stopping();
-    let s = pipeline.stats.clone();
-    pipeline.log.line(
-        clock.now(),
-        &format!(
-            "stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={}",
-            s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks
-        ),
-    );
+    let counters: Vec<String> = pipeline
+        .stats
+        .counters()
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    pipeline
+        .log
+        .line(clock.now(), &format!("stopping: {}", counters.join(" ")));
     if pipeline.config.server.flush_on_exit {
         pipeline.firewall.remove()?;
         pipeline.log.line(

@@ -63,6 +63,7 @@ fn counter_help(base: &str) -> String {
         "closed" => "Grants closed on request (SPA close or close sequence).".into(),
         "knocks" => "Knock segments seen on watched ports.".into(),
         "reloads" => "Configuration reloads that took effect.".into(),
+        "blacklistings" => "Sources put on the knock blacklist.".into(),
         "grants_by_service" => "Grants installed, per service and service kind.".into(),
         other => format!("spad counter `{other}` (see docs/operations.md)."),
     }

@@ -216,6 +216,9 @@ pub fn metrics_endpoint_serves_valid_prometheus_text(backend: Backend) {
         s.send_to(&[0u8; 200], (GW4, 62201)).unwrap();
     });
     assert!(lab.wait_log("pre-check failed", 1), "{}", lab.log());
+    // Decoy hits: the source is blacklisted (blacklist-after = 3 in the lab config).
+    lab.exec(&lab.b, "knock", &[GW4, "7001", "8999", "7001", "8999"]);
+    assert!(lab.wait_log("blacklisted for", 1), "{}", lab.log());
 
     let (status, body) = http_get(&lab.gw, 9712, "/metrics");
     assert_eq!(status, "HTTP/1.0 200 OK");
@@ -227,7 +230,8 @@ pub fn metrics_endpoint_serves_valid_prometheus_text(backend: Backend) {
         "spad_grants_by_service_total{service=\"ssh\",kind=\"management\"} 1\n",
         "spad_active_grants{service=\"ssh\"} 1\n",
         "spad_active_grants{service=\"vpn\"} 0\n",
-        "spad_blacklisted_sources 0\n",
+        "spad_blacklisted_sources 1\n",
+        "spad_blacklistings_total 1\n",
         "spad_grant_latency_seconds_count 1\n",
         "spad_grant_latency_seconds_bucket{le=\"+Inf\"} 1\n",
     ] {
