@@ -134,6 +134,18 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
         format!("{good}\n[services.broken]\nkind = \"nope\"\n"),
     )
     .unwrap();
+    lab.reload_spad(daemon);
+    assert!(
+        lab.wait_log("reload failed, keeping the running config", 1),
+        "{}",
+        lab.log()
+    );
+    let after = json(&spad_cli(&lab, &["status", "--json"]));
+    assert_eq!(
+        after["config_loaded"], status["config_loaded"],
+        "rejected: not reloaded"
+    );
+    assert_eq!(counter(&after, "reloads"), 0);
     let list = json(&spad_cli(&lab, &["list", "--json"]));
     assert_eq!(list["source"], "daemon");
     let grants = list["grants"].as_array().unwrap();
