@@ -300,17 +300,25 @@ impl ControlSocket {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         if let Some(gid) = crate::privilege::group_id(GROUP) {
             // chown only where needed: under systemd (User=spad) both already have the group
-            // and the system-call filter refuses chown.
+            // and the system-call filter refuses chown. A daemon started as another user
+            // that cannot give the group away keeps its own group: root and that group only.
             use std::os::unix::fs::MetadataExt;
             let dir = path.parent().unwrap_or(Path::new("."));
+            let mut grouped = true;
             for p in [path, dir] {
                 if std::fs::metadata(p)?.gid() != gid {
-                    std::os::unix::fs::chown(p, None, Some(gid))
-                        .with_context(|| format!("giving {} to group {GROUP}", p.display()))?;
+                    if let Err(e) = std::os::unix::fs::chown(p, None, Some(gid)) {
+                        if rustix::process::geteuid().is_root() {
+                            return Err(e).with_context(|| {
+                                format!("giving {} to group {GROUP}", p.display())
+                            });
+                        }
+                        grouped = false;
+                    }
                 }
             }
             let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
-            if mode & 0o010 == 0 {
+            if grouped && mode & 0o010 == 0 {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))?;
             }
         }
