@@ -177,7 +177,6 @@ impl<C: Clock> Pipeline<C> {
     /// Handles one received packet.
     pub fn handle(&mut self, received: &Received<'_>) {
         self.stats.packets += 1;
-        self.received_at = self.clock.now();
         match received {
             Received::Udp {
                 source, payload, ..
@@ -209,6 +208,7 @@ impl<C: Clock> Pipeline<C> {
 
     fn handle_spa(&mut self, source: IpAddr, payload: &[u8]) {
         let now = self.clock.now();
+        self.received_at = now;
         // Cheap pre-check first: garbage never reaches public-key crypto.
         if let Err(e) = self.server.precheck(payload) {
             self.stats.precheck_dropped += 1;
@@ -327,6 +327,7 @@ impl<C: Clock> Pipeline<C> {
 
     fn handle_knock(&mut self, source: IpAddr, port: PortProto, flags: u8) {
         let now = self.clock.now();
+        self.received_at = now;
         self.stats.knocks += 1;
         let events = self.knocks.knock(source, port, flags, now);
         self.apply_knock_events(events);
