@@ -801,6 +801,46 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_shows_in_the_metrics_by_service_with_its_latency() {
+        use spa_shared::payload::{Kind, Request as SpaRequest};
+        let clock = ManualClock::new(NOW);
+        let (mut p, dir) = pipeline(&clock, "metrics");
+        let request = SpaRequest {
+            kind: Kind::Open,
+            timestamp: NOW,
+            nonce: [7; 16],
+            duration_secs: 0,
+            address: None,
+            services: vec!["vpn".into()],
+        };
+        let packet = spa_shared::packet::seal(
+            &mut rand_core::OsRng,
+            &PrivateKey::from_bytes([1; 32]),
+            &PrivateKey::from_bytes([2; 32]).public_key(),
+            &request,
+        )
+        .unwrap();
+        p.handle(&crate::capture::Received::Udp {
+            source: "198.51.100.7".parse().unwrap(),
+            source_port: 40000,
+            port: 62201,
+            payload: &packet,
+        });
+        let text = answer(&mut p, &info(), &Request::Metrics);
+        for needle in [
+            "spad_granted_total 1\n",
+            "spad_grants_by_service_total{service=\"vpn\",kind=\"vpn\"} 1\n",
+            "spad_grant_latency_seconds_count 1\n",
+            "spad_active_grants{service=\"vpn\"} 1\n",
+            "spad_active_grants{service=\"ssh\"} 0\n",
+            "spad_start_time_seconds 1763726400\n",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn requests_are_bounded_and_parsed_over_a_real_socket() {
         let dir = std::env::temp_dir().join(format!("spad-control-sock-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
