@@ -38,6 +38,8 @@ pub struct Stats {
     pub reloads: u64,
     /// Sources put on the knock blacklist.
     pub blacklistings: u64,
+    /// Knock doors completed (open sequence), per door.
+    pub door_opens: std::collections::BTreeMap<String, u64>,
     /// Grants installed per (service, service kind).
     pub grants_by_service: std::collections::BTreeMap<(String, &'static str), u64>,
     /// Packet heard → grant in the kernel.
@@ -62,6 +64,10 @@ impl Stats {
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
         .collect();
+        out.extend(self.door_opens.iter().map(|(door, n)| {
+            let door = crate::metrics::label_value(door);
+            (format!("door_opens{{door=\"{door}\"}}"), *n)
+        }));
         out.extend(self.grants_by_service.iter().map(|((service, kind), n)| {
             let service = crate::metrics::label_value(service);
             (
@@ -343,6 +349,7 @@ impl<C: Clock> Pipeline<C> {
                     address,
                     services,
                 } => {
+                    *self.stats.door_opens.entry(door.clone()).or_default() += 1;
                     let mut grants = Vec::new();
                     for name in &services {
                         let Some(service) = self.config.services.get(name) else {

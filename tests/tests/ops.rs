@@ -573,6 +573,8 @@ fn start_command_caps(door_extra: &str, backend: Backend) -> String {
         "the start command did not run:\n{}",
         lab.log()
     );
+    let status = json(&spad_cli(&lab, &["status", "--json"]));
+    assert_eq!(counter(&status, "door_opens{door=\"ops\"}"), 1, "{status}");
     std::fs::read_to_string(&out).unwrap().trim().to_string()
 }
 
