@@ -421,7 +421,8 @@ impl Hub {
             info: Info {
                 pid: std::process::id(),
                 started: now,
-                config_path: config_path.to_path_buf(),
+                config_path: std::fs::canonicalize(config_path)
+                    .unwrap_or_else(|_| config_path.to_path_buf()),
                 config_loaded: now,
             },
             notify,
