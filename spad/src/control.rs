@@ -300,17 +300,25 @@ impl ControlSocket {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         if let Some(gid) = crate::privilege::group_id(GROUP) {
             // chown only where needed: under systemd (User=spad) both already have the group
-            // and the system-call filter refuses chown.
+            // and the system-call filter refuses chown. A daemon started as another user
+            // that cannot give the group away keeps its own group: root and that group only.
             use std::os::unix::fs::MetadataExt;
             let dir = path.parent().unwrap_or(Path::new("."));
+            let mut grouped = true;
             for p in [path, dir] {
                 if std::fs::metadata(p)?.gid() != gid {
-                    std::os::unix::fs::chown(p, None, Some(gid))
-                        .with_context(|| format!("giving {} to group {GROUP}", p.display()))?;
+                    if let Err(e) = std::os::unix::fs::chown(p, None, Some(gid)) {
+                        if rustix::process::geteuid().is_root() {
+                            return Err(e).with_context(|| {
+                                format!("giving {} to group {GROUP}", p.display())
+                            });
+                        }
+                        grouped = false;
+                    }
                 }
             }
             let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
-            if mode & 0o010 == 0 {
+            if grouped && mode & 0o010 == 0 {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))?;
             }
         }
@@ -413,7 +421,8 @@ impl Hub {
             info: Info {
                 pid: std::process::id(),
                 started: now,
-                config_path: config_path.to_path_buf(),
+                config_path: std::fs::canonicalize(config_path)
+                    .unwrap_or_else(|_| config_path.to_path_buf()),
                 config_loaded: now,
             },
             notify,
@@ -789,6 +798,46 @@ mod tests {
             bad.contains("\"ok\":false") && bad.contains("unknown client"),
             "{bad}"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_grant_shows_in_the_metrics_by_service_with_its_latency() {
+        use spa_shared::payload::{Kind, Request as SpaRequest};
+        let clock = ManualClock::new(NOW);
+        let (mut p, dir) = pipeline(&clock, "metrics");
+        let request = SpaRequest {
+            kind: Kind::Open,
+            timestamp: NOW,
+            nonce: [7; 16],
+            duration_secs: 0,
+            address: None,
+            services: vec!["vpn".into()],
+        };
+        let packet = spa_shared::packet::seal(
+            &mut rand_core::OsRng,
+            &PrivateKey::from_bytes([1; 32]),
+            &PrivateKey::from_bytes([2; 32]).public_key(),
+            &request,
+        )
+        .unwrap();
+        p.handle(&crate::capture::Received::Udp {
+            source: "198.51.100.7".parse().unwrap(),
+            source_port: 40000,
+            port: 62201,
+            payload: &packet,
+        });
+        let text = answer(&mut p, &info(), &Request::Metrics);
+        for needle in [
+            "spad_granted_total 1\n",
+            "spad_grants_by_service_total{service=\"vpn\",kind=\"vpn\"} 1\n",
+            "spad_grant_latency_seconds_count 1\n",
+            "spad_active_grants{service=\"vpn\"} 1\n",
+            "spad_active_grants{service=\"ssh\"} 0\n",
+            "spad_start_time_seconds 1763726400\n",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

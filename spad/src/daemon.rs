@@ -36,6 +36,10 @@ pub struct Stats {
     pub closed: u64,
     pub knocks: u64,
     pub reloads: u64,
+    /// Sources put on the knock blacklist.
+    pub blacklistings: u64,
+    /// Knock doors completed (open sequence), per door.
+    pub door_opens: std::collections::BTreeMap<String, u64>,
     /// Grants installed per (service, service kind).
     pub grants_by_service: std::collections::BTreeMap<(String, &'static str), u64>,
     /// Packet heard → grant in the kernel.
@@ -55,10 +59,15 @@ impl Stats {
             ("closed", self.closed),
             ("knocks", self.knocks),
             ("reloads", self.reloads),
+            ("blacklistings", self.blacklistings),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
         .collect();
+        out.extend(self.door_opens.iter().map(|(door, n)| {
+            let door = crate::metrics::label_value(door);
+            (format!("door_opens{{door=\"{door}\"}}"), *n)
+        }));
         out.extend(self.grants_by_service.iter().map(|((service, kind), n)| {
             let service = crate::metrics::label_value(service);
             (
@@ -174,7 +183,6 @@ impl<C: Clock> Pipeline<C> {
     /// Handles one received packet.
     pub fn handle(&mut self, received: &Received<'_>) {
         self.stats.packets += 1;
-        self.received_at = self.clock.now();
         match received {
             Received::Udp {
                 source, payload, ..
@@ -206,6 +214,7 @@ impl<C: Clock> Pipeline<C> {
 
     fn handle_spa(&mut self, source: IpAddr, payload: &[u8]) {
         let now = self.clock.now();
+        self.received_at = now;
         // Cheap pre-check first: garbage never reaches public-key crypto.
         if let Err(e) = self.server.precheck(payload) {
             // Not spa v1: maybe an unmodified fwknop client (base64 text, its own HMAC pre-check).
@@ -367,6 +376,7 @@ impl<C: Clock> Pipeline<C> {
 
     fn handle_knock(&mut self, source: IpAddr, port: PortProto, flags: u8) {
         let now = self.clock.now();
+        self.received_at = now;
         self.stats.knocks += 1;
         let events = self.knocks.knock(source, port, flags, now);
         self.apply_knock_events(events);
@@ -382,6 +392,7 @@ impl<C: Clock> Pipeline<C> {
                     address,
                     services,
                 } => {
+                    *self.stats.door_opens.entry(door.clone()).or_default() += 1;
                     let mut grants = Vec::new();
                     for name in &services {
                         let Some(service) = self.config.services.get(name) else {
@@ -419,6 +430,7 @@ impl<C: Clock> Pipeline<C> {
                     keep_capabilities,
                 } => self.spawn(&argv, &env, keep_capabilities),
                 Event::Blacklist { address, duration } => {
+                    self.stats.blacklistings += 1;
                     if let Err(e) = self.firewall.blacklist(address, duration) {
                         self.log
                             .line(now, &format!("error: blacklisting {address}: {e:#}"));
@@ -612,14 +624,15 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     pipeline
         .log
         .line(clock.now(), &format!("capture: {}", source.stats()));
-    let s = pipeline.stats.clone();
-    pipeline.log.line(
-        clock.now(),
-        &format!(
-            "stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={}",
-            s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks
-        ),
-    );
+    let counters: Vec<String> = pipeline
+        .stats
+        .counters()
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    pipeline
+        .log
+        .line(clock.now(), &format!("stopping: {}", counters.join(" ")));
     if pipeline.config.server.flush_on_exit {
         pipeline.firewall.remove()?;
         pipeline.log.line(

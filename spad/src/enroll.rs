@@ -43,7 +43,9 @@ pub fn record(state_dir: &Path, door: &TotpDoor) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path.parent().unwrap_or(state_dir))?;
-    crate::state::write_atomic(&path, fingerprint(&door.secret).as_bytes())
+    crate::state::write_atomic(&path, fingerprint(&door.secret).as_bytes())?;
+    // Run as root next to an unprivileged daemon: what it must read belongs to it.
+    crate::privilege::owned_like_state_dir(state_dir, &path)
 }
 
 /// A terminal QR code of `text` (two rows per character line).

@@ -63,6 +63,8 @@ fn counter_help(base: &str) -> String {
         "closed" => "Grants closed on request (SPA close or close sequence).".into(),
         "knocks" => "Knock segments seen on watched ports.".into(),
         "reloads" => "Configuration reloads that took effect.".into(),
+        "blacklistings" => "Sources put on the knock blacklist.".into(),
+        "door_opens" => "Knock doors completed (open sequence heard), per door.".into(),
         "grants_by_service" => "Grants installed, per service and service kind.".into(),
         other => format!("spad counter `{other}` (see docs/operations.md)."),
     }

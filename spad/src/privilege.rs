@@ -158,6 +158,22 @@ fn hand_over(dir: &Path, uid: u32) -> anyhow::Result<()> {
     walk(dir, uid, 0)
 }
 
+/// Gives `path` and its parents up to `state_dir` the owner of `state_dir` when they differ,
+/// so files a root `spad` command writes there stay readable to a daemon running as a user.
+pub fn owned_like_state_dir(state_dir: &Path, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(state_dir)?;
+    let mut at = Some(path);
+    while let Some(p) = at.filter(|p| p.starts_with(state_dir) && *p != state_dir) {
+        let meta = std::fs::symlink_metadata(p)?;
+        if meta.uid() != owner.uid() || meta.gid() != owner.gid() {
+            std::os::unix::fs::lchown(p, Some(owner.uid()), Some(owner.gid()))?;
+        }
+        at = p.parent();
+    }
+    Ok(())
+}
+
 /// Makes `command` start without any capability, even when spad runs as root: the ambient set
 /// is cleared (enough for a non-root spad: `execve` then grants nothing) and, as root, the
 /// `NO_ROOT` secure bit keeps `execve` from granting them back and the sets are emptied.
@@ -208,6 +224,22 @@ mod tests {
         assert_eq!(find_user("spad:x:nope:1\n", "spad"), None);
         assert_eq!(find_group("spad:x:997:\nadm:x:4:\n", "spad"), Some(997));
         assert_eq!(find_group("adm:x:4:\n", "spad"), None);
+    }
+
+    #[test]
+    fn files_written_into_a_users_state_dir_become_that_users() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("spad-owned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/file"), "x").unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        owned_like_state_dir(&dir, &dir.join("sub/file")).unwrap();
+        for p in [dir.join("sub"), dir.join("sub/file")] {
+            let meta = std::fs::metadata(&p).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{}", p.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -134,6 +134,18 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
         format!("{good}\n[services.broken]\nkind = \"nope\"\n"),
     )
     .unwrap();
+    lab.reload_spad(daemon);
+    assert!(
+        lab.wait_log("reload failed, keeping the running config", 1),
+        "{}",
+        lab.log()
+    );
+    let after = json(&spad_cli(&lab, &["status", "--json"]));
+    assert_eq!(
+        after["config_loaded"], status["config_loaded"],
+        "rejected: not reloaded"
+    );
+    assert_eq!(counter(&after, "reloads"), 0);
     let list = json(&spad_cli(&lab, &["list", "--json"]));
     assert_eq!(list["source"], "daemon");
     let grants = list["grants"].as_array().unwrap();
@@ -216,6 +228,9 @@ pub fn metrics_endpoint_serves_valid_prometheus_text(backend: Backend) {
         s.send_to(&[0u8; 200], (GW4, 62201)).unwrap();
     });
     assert!(lab.wait_log("pre-check failed", 1), "{}", lab.log());
+    // Decoy hits: the source is blacklisted (blacklist-after = 3 in the lab config).
+    lab.exec(&lab.b, "knock", &[GW4, "7001", "8999", "7001", "8999"]);
+    assert!(lab.wait_log("blacklisted for", 1), "{}", lab.log());
 
     let (status, body) = http_get(&lab.gw, 9712, "/metrics");
     assert_eq!(status, "HTTP/1.0 200 OK");
@@ -227,7 +242,8 @@ pub fn metrics_endpoint_serves_valid_prometheus_text(backend: Backend) {
         "spad_grants_by_service_total{service=\"ssh\",kind=\"management\"} 1\n",
         "spad_active_grants{service=\"ssh\"} 1\n",
         "spad_active_grants{service=\"vpn\"} 0\n",
-        "spad_blacklisted_sources 0\n",
+        "spad_blacklisted_sources 1\n",
+        "spad_blacklistings_total 1\n",
         "spad_grant_latency_seconds_count 1\n",
         "spad_grant_latency_seconds_bucket{le=\"+Inf\"} 1\n",
     ] {
@@ -463,6 +479,81 @@ pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
     assert!(!lab.log().contains("error:"), "{}", lab.log());
 }
 
+pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: Backend) {
+    let lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let nobody = 65534;
+    // What systemd's User=, StateDirectory= and AmbientCapabilities= provide.
+    let state = lab.path("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(nobody), Some(nobody)).unwrap();
+    for secret in ["keys/server.key", "keys/carol.totp"] {
+        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
+    }
+    let config = lab.path(CONF);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen(
+            "[server]\n",
+            &format!("[server]\nbackend = \"{}\"\n", backend.name()),
+            1,
+        ),
+    )
+    .unwrap();
+    let log_path = lab.path("unit.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut daemon = Daemon(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.gw, "setpriv"])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["--inh-caps=-all,+net_admin,+net_raw"])
+            .args(["--ambient-caps=-all,+net_admin,+net_raw"])
+            .args(["--bounding-set=-all,+net_admin,+net_raw"])
+            .arg(binary("spad"))
+            .args(["run", "-c", config.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || read_log()
+            .contains("listening port=")),
+        "{}",
+        read_log()
+    );
+    let status = json(&spad_cli(&lab, &["status", "--json"]));
+    let pid = status["pid"].as_u64().unwrap();
+    assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(proc_field(pid, "CapEff"), "0000000000003000");
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_log()
+            .contains("granted owner=alice")),
+        "{}",
+        read_log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
+    signal(&daemon.0, libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_log()
+            .contains("reloaded; kept 1 live grants")),
+        "{}",
+        read_log()
+    );
+    signal(&daemon.0, libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .0
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    assert!(!read_log().contains("error:"), "{}", read_log());
+}
+
 /// Starts a lab whose `ops` door runs a start command that records its own `CapEff`, knocks
 /// the door with Debian's `knock`, and returns that line. spad itself runs as root here.
 fn start_command_caps(door_extra: &str, backend: Backend) -> String {
@@ -482,6 +573,8 @@ fn start_command_caps(door_extra: &str, backend: Backend) -> String {
         "the start command did not run:\n{}",
         lab.log()
     );
+    let status = json(&spad_cli(&lab, &["status", "--json"]));
+    assert_eq!(counter(&status, "door_opens{door=\"ops\"}"), 1, "{status}");
     std::fs::read_to_string(&out).unwrap().trim().to_string()
 }
 
@@ -538,4 +631,5 @@ both_backends!(
     systemd_notify_protocol_and_journal_priorities,
     runs_as_an_unprivileged_user_with_two_capabilities,
     knock_commands_run_without_capabilities_unless_the_door_says_so,
+    starts_unprivileged_with_ambient_capabilities_as_the_unit_does,
 );
