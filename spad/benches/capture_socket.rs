@@ -1,6 +1,6 @@
 //! Capture throughput on real sockets: garbage UDP datagrams of the SPA packet's size, sent
 //! over a veth pair between two private network namespaces, read by the AF_PACKET source
-//! (BPF prefilter, `recvmmsg` batches, host acceptance) and parsed as the daemon does.
+//! (BPF prefilter, receive ring, host acceptance) and parsed as the daemon does.
 //! Reports packets per second of the capture thread's own CPU time (`CLOCK_THREAD_CPUTIME_ID`),
 //! the kernel's drop count and the capture counters. Needs root; touches nothing outside the
 //! two namespaces it creates and deletes: `sudo cargo bench -p spad --bench capture_socket`.
@@ -71,7 +71,7 @@ fn main() {
     ip(&["-n", &client, "link", "set", "eth0", "up"]);
 
     // Bursts: the sender fills the socket's queue while the capture waits, then the capture
-    // drains it. So every `recvmmsg` finds a full batch, as under a flood, and the figure is
+    // drains it. So the ring is full of waiting frames, as under a flood, and the figure is
     // the capture's capacity, not the sender's speed.
     let (to_receiver, bursts_in) = mpsc::channel::<u64>();
     let (to_sender, drained) = mpsc::channel::<()>();
