@@ -1,8 +1,7 @@
 //! Capture cost per garbage packet in userspace: judging a batch of frames the way the
 //! AF_PACKET source does (link type, VLAN, parse, own-address, checksums), then the daemon's
 //! parse and the mac1 pre-check that drops garbage. `cargo bench -p spad --bench capture`.
-//! The kernel's share (one `recvmmsg` per 64 frames) is measured by `scripts/bench.sh`-style
-//! runs in namespaces, not here.
+//! Reading from the receive ring on real sockets is measured by the `capture_socket` bench.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;

@@ -1,124 +1,83 @@
-//! The AF_PACKET source: one capture socket per interface, read in batches (`recvmmsg`, up
-//! to [`BATCH`] frames per system call, no ring timeout), served in turn so a flood on one
-//! interface cannot starve the others, and judged by [`host::judge`] so only frames the host
-//! itself would accept reach the daemon. Every frame dropped here is counted by reason.
+//! The AF_PACKET source: one capture socket per interface, each with a receive ring the
+//! kernel fills ([`ring`](super::ring): no system call, no copy and no timeout per frame),
+//! served in turn, at most [`BATCH`] frames per ring per turn, so a flood on one interface
+//! cannot starve the others; and judged by [`host::judge`], so only frames the host itself
+//! would accept reach the daemon. Every frame dropped here is counted by reason.
 
-use std::io::{self, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd};
+use std::io;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{recvmmsg, ControlMessageOwned, LinkAddr, MsgFlags, MultiHeaders, RecvMsg};
-use socket2::Socket;
 
-use super::host::{self, HostAddresses, Meta, PACKET_OUTGOING};
+use super::host::{self, HostAddresses, PACKET_OUTGOING};
+use super::ring::Ring;
 use super::stats::{CaptureStats, DropReason};
 use super::{bpf, socket, Received, Source};
 use crate::net::Proto;
 
-/// Frames read per system call, and per turn of one interface.
+/// Frames taken from one ring before the next ring gets its turn.
 pub const BATCH: usize = 64;
-/// Bytes kept of each frame: an SPA packet or a knock is far smaller; longer frames are
-/// dropped as truncated.
-pub const SNAP: usize = 2048;
 /// How often the host's addresses are re-read.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// A frame for an unknown address re-reads them at most this often (an address just added).
 const REFRESH_ON_MISS: Duration = Duration::from_millis(100);
+/// The clock is read once per this many frames (and whenever the source waits).
+const CLOCK_EVERY: u32 = 256;
 
-/// Sniffs with AF_PACKET (`SOCK_DGRAM`, all protocols) and a BPF prefilter.
+/// Sniffs with AF_PACKET (`SOCK_DGRAM`, all protocols), a BPF prefilter and receive rings.
 #[derive(Debug)]
 pub struct AfPacket {
-    sockets: Vec<Socket>,
-    turn: Turn,
-    headers: MultiHeaders<LinkAddr>,
-    buf: Box<[u8]>,
-    batch: [(Meta, usize); BATCH],
-    batch_len: usize,
-    batch_at: usize,
+    rings: Vec<Ring>,
+    rotation: Rotation,
+    /// The ring whose head frame was handed out by the last `recv` (released by the next).
+    held: Option<usize>,
     hosts: HostAddresses,
     refreshed: Instant,
+    since_clock: u32,
     stats: CaptureStats,
 }
 
-/// Round-robin over the sockets that poll reported ready: each gets one batch per turn.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Turn {
-    ready: Vec<bool>,
-    next: usize,
+/// Fair service across rings: up to [`BATCH`] frames from the current ring, then the next
+/// ring that has a frame waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    rings: usize,
+    current: usize,
+    served: usize,
 }
 
-impl Turn {
-    pub fn new(sockets: usize) -> Self {
+impl Rotation {
+    pub fn new(rings: usize) -> Self {
         Self {
-            ready: vec![false; sockets],
-            next: 0,
+            rings,
+            current: 0,
+            served: 0,
         }
     }
 
-    /// Marks the sockets poll reported readable.
-    pub fn set_ready(&mut self, ready: impl IntoIterator<Item = bool>) {
-        for (slot, r) in self.ready.iter_mut().zip(ready) {
-            *slot = r;
+    /// The ring to take the next frame from, given which rings have one waiting.
+    pub fn pick(&mut self, waiting: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.rings == 0 {
+            return None;
         }
-    }
-
-    /// The next ready socket after the one served last, or `None` when all were served.
-    pub fn take(&mut self) -> Option<usize> {
-        let n = self.ready.len();
-        let index = (0..n)
-            .map(|k| (self.next + k) % n)
-            .find(|&i| self.ready[i])?;
-        self.ready[index] = false;
-        self.next = (index + 1) % n;
-        Some(index)
-    }
-}
-
-/// Reads `PACKET_AUXDATA` (`struct tpacket_auxdata`) from a control message's bytes.
-fn auxdata(bytes: &[u8]) -> Option<(u32, u16)> {
-    let status = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
-    let tci = u16::from_ne_bytes(bytes.get(16..18)?.try_into().ok()?);
-    Some((status, tci))
-}
-
-/// What the kernel said about one received frame; `None` without `PACKET_AUXDATA` (the
-/// VLAN tag and checksum state are then unknown).
-fn meta_of(message: &RecvMsg<'_, '_, LinkAddr>) -> Option<Meta> {
-    let address = message.address?;
-    let mut aux = None;
-    for cmsg in message.cmsgs().ok()? {
-        if let ControlMessageOwned::Unknown(u) = cmsg {
-            if u.cmsg_header.cmsg_level == libc::SOL_PACKET
-                && u.cmsg_header.cmsg_type == libc::PACKET_AUXDATA
-            {
-                aux = auxdata(&u.data_bytes);
+        for _ in 0..=self.rings {
+            if self.served < BATCH && waiting(self.current) {
+                self.served += 1;
+                return Some(self.current);
             }
+            self.current = (self.current + 1) % self.rings;
+            self.served = 0;
         }
+        None
     }
-    let (status, vlan_tci) = aux?;
-    Some(Meta {
-        ifindex: u32::try_from(address.ifindex()).unwrap_or(0),
-        pkttype: address.pkttype(),
-        status,
-        vlan_tci,
-        truncated: message.flags.contains(MsgFlags::MSG_TRUNC),
-    })
 }
-
-/// A frame without auxdata: dropped, since its VLAN tag is unknown.
-const NO_AUXDATA: Meta = Meta {
-    ifindex: 0,
-    pkttype: u8::MAX,
-    status: 0,
-    vlan_tci: 0,
-    truncated: false,
-};
 
 impl AfPacket {
     /// Opens one socket per interface (or one for all when `interfaces` is empty). The filter
-    /// is attached before the socket is bound, so no unfiltered packet is ever queued.
+    /// and the ring are set up before the socket is bound, so no unfiltered packet is ever
+    /// queued and none lands outside the ring.
     pub fn open(
         interfaces: &[String],
         watches: &[bpf::Watch],
@@ -156,57 +115,65 @@ impl AfPacket {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
-        let mut sockets = Vec::new();
+        let mut rings = Vec::new();
         for index in indexes {
-            sockets.push(
-                socket::open(index, &program)
-                    .map_err(|e| anyhow::anyhow!("AF_PACKET socket: {e} (needs CAP_NET_RAW)"))?,
-            );
+            let ring = socket::create(&program)
+                .and_then(Ring::new)
+                .and_then(|ring| socket::bind(ring.socket(), index).map(|()| ring))
+                .map_err(|e| anyhow::anyhow!("AF_PACKET socket: {e} (needs CAP_NET_RAW)"))?;
+            rings.push(ring);
         }
         let hosts = HostAddresses::read()
             .map_err(|e| anyhow::anyhow!("reading this host's addresses: {e}"))?;
         Ok(Self {
-            turn: Turn::new(sockets.len()),
-            sockets,
-            headers: MultiHeaders::preallocate(
-                BATCH,
-                Some(nix::cmsg_space!(libc::tpacket_auxdata)),
-            ),
-            buf: vec![0u8; BATCH * SNAP].into_boxed_slice(),
-            batch: [(Meta::default(), 0); BATCH],
-            batch_len: 0,
-            batch_at: 0,
+            rotation: Rotation::new(rings.len()),
+            rings,
+            held: None,
             hosts,
             refreshed: Instant::now(),
+            since_clock: 0,
             stats: CaptureStats::default(),
         })
     }
 
-    /// Re-reads the host's addresses; on failure the last table stays.
-    fn refresh(&mut self) {
-        if let Ok(hosts) = HostAddresses::read() {
-            self.hosts = hosts;
+    /// Re-reads the host's addresses if it is time; on failure the last table stays.
+    fn refresh_if_due(&mut self, after: Duration) {
+        if self.refreshed.elapsed() >= after {
+            if let Ok(hosts) = HostAddresses::read() {
+                self.hosts = hosts;
+            }
+            self.refreshed = Instant::now();
         }
-        self.refreshed = Instant::now();
     }
 
-    /// The next frame of the current batch that the host would accept, as (offset, length)
-    /// in `buf`; every other frame is counted by reason.
-    fn next_accepted(&mut self) -> Option<(usize, usize)> {
-        while self.batch_at < self.batch_len {
-            let slot = self.batch_at;
-            self.batch_at += 1;
-            let (meta, length) = self.batch[slot];
+    /// Waits up to `timeout` for any ring to have a frame.
+    fn poll(&mut self, timeout: Duration) -> io::Result<()> {
+        let mut fds: Vec<PollFd<'_>> = self
+            .rings
+            .iter()
+            .map(|r| PollFd::new(r.socket().as_fd(), PollFlags::POLLIN))
+            .collect();
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Finds the next frame the host would accept, releasing and counting the others.
+    /// Returns the ring it is in (its head frame), or `None` when no ring has one.
+    fn next_accepted(&mut self) -> Option<usize> {
+        loop {
+            let rings = &self.rings;
+            let index = self.rotation.pick(|i| rings[i].ready())?;
+            let Some((meta, packet)) = self.rings[index].peek() else {
+                continue;
+            };
             if meta.pkttype == PACKET_OUTGOING {
-                continue; // our own frames: not received
-            }
-            self.stats.received += 1;
-            if meta == NO_AUXDATA {
-                self.stats.count(DropReason::NoAuxdata);
+                self.rings[index].release(); // our own frames: not received
                 continue;
             }
-            let start = slot * SNAP;
-            let packet = &self.buf[start..start + length];
+            self.stats.received += 1;
             let mut verdict = host::judge(&meta, packet, &self.hosts).map(|_| ());
             if verdict == Err(DropReason::NotOurAddress)
                 && self.refreshed.elapsed() >= REFRESH_ON_MISS
@@ -220,92 +187,45 @@ impl AfPacket {
             match verdict {
                 Ok(()) => {
                     self.stats.delivered += 1;
-                    return Some((start, length));
+                    return Some(index);
                 }
-                Err(reason) => self.stats.count(reason),
+                Err(reason) => {
+                    self.stats.count(reason);
+                    self.rings[index].release();
+                }
             }
         }
-        None
-    }
-
-    /// Reads up to [`BATCH`] frames from socket `index` without waiting.
-    fn fill(&mut self, index: usize) -> io::Result<()> {
-        self.batch_len = 0;
-        self.batch_at = 0;
-        let fd = self.sockets[index].as_raw_fd();
-        let mut chunks = self.buf.chunks_exact_mut(SNAP);
-        let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
-            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
-        let messages = match recvmmsg(
-            fd,
-            &mut self.headers,
-            slices.iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
-            None,
-        ) {
-            Ok(m) => m,
-            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut received = 0;
-        for (slot, message) in messages.enumerate() {
-            let length = message.bytes.min(SNAP);
-            self.batch[slot] = (meta_of(&message).unwrap_or(NO_AUXDATA), length);
-            received = slot + 1;
-        }
-        self.batch_len = received;
-        Ok(())
-    }
-
-    /// Waits up to `timeout` for any socket to become readable.
-    fn poll(&mut self, timeout: Duration) -> io::Result<()> {
-        let mut fds: Vec<PollFd<'_>> = self
-            .sockets
-            .iter()
-            .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN))
-            .collect();
-        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        match nix::poll::poll(&mut fds, timeout) {
-            Ok(_) => {}
-            Err(Errno::EINTR) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        self.turn.set_ready(ready);
-        Ok(())
     }
 }
 
 impl Source for AfPacket {
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
-        if self.refreshed.elapsed() >= REFRESH_EVERY {
-            self.refresh();
+        if let Some(index) = self.held.take() {
+            self.rings[index].release();
         }
-        let mut polled = false;
-        let found = loop {
-            if let Some(found) = self.next_accepted() {
-                break Some(found);
+        self.since_clock += 1;
+        if self.since_clock >= CLOCK_EVERY {
+            self.since_clock = 0;
+            self.refresh_if_due(REFRESH_EVERY);
+        }
+        self.held = match self.next_accepted() {
+            Some(index) => Some(index),
+            None => {
+                // Nothing waiting in any ring: wait once, then give the loop back.
+                self.refresh_if_due(REFRESH_EVERY);
+                self.poll(timeout)?;
+                self.next_accepted()
             }
-            if let Some(index) = self.turn.take() {
-                self.fill(index)?;
-                continue;
-            }
-            // Every ready socket had its turn: wait once, then give the loop back.
-            if polled {
-                break None;
-            }
-            self.poll(timeout)?;
-            polled = true;
         };
-        Ok(found.map(|(start, length)| Received::Ip(&self.buf[start..start + length])))
+        Ok(self
+            .held
+            .and_then(|index| self.rings[index].peek())
+            .map(|(_, packet)| Received::Ip(packet)))
     }
 
-    fn stats(&mut self) -> super::CaptureStats {
-        for socket in &self.sockets {
-            if let Ok((packets, drops)) = socket::take_statistics(socket) {
+    fn stats(&mut self) -> CaptureStats {
+        for ring in &self.rings {
+            if let Ok((packets, drops)) = socket::take_statistics(ring.socket()) {
                 self.stats.kernel_packets += u64::from(packets);
                 self.stats.kernel_drops += u64::from(drops);
             }
@@ -319,36 +239,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_ready_socket_gets_a_turn_before_any_gets_a_second() {
-        let mut turn = Turn::new(3);
-        turn.set_ready([true, true, true]);
+    fn a_flooded_ring_cannot_starve_the_others() {
+        // Ring 0 always has frames (a flood); ring 1 has three; ring 2 none.
+        let mut rotation = Rotation::new(3);
+        let pending = std::cell::Cell::new(3);
+        let mut order = Vec::new();
+        for _ in 0..(BATCH * 3) {
+            let i = rotation
+                .pick(|i| i == 0 || (i == 1 && pending.get() > 0))
+                .unwrap();
+            if i == 1 {
+                pending.set(pending.get() - 1);
+            }
+            order.push(i);
+        }
+        let first_of_1 = order.iter().position(|&i| i == 1).unwrap();
         assert_eq!(
-            (turn.take(), turn.take(), turn.take(), turn.take()),
-            (Some(0), Some(1), Some(2), None)
+            first_of_1, BATCH,
+            "ring 1 is served right after one batch of ring 0"
         );
-        // Socket 0 is flooded and always ready; 2 becomes ready too: 2 is not starved, and
-        // the rotation resumes after the last served socket rather than at 0.
-        turn.set_ready([true, false, true]);
         assert_eq!(
-            (turn.take(), turn.take(), turn.take()),
-            (Some(0), Some(2), None)
+            order.iter().filter(|&&i| i == 1).count(),
+            3,
+            "all of ring 1 served"
         );
-        turn.set_ready([true, true, false]);
-        assert_eq!(
-            (turn.take(), turn.take(), turn.take()),
-            (Some(0), Some(1), None)
+        assert!(
+            order[BATCH + 3..].iter().all(|&i| i == 0),
+            "then ring 0 again"
         );
-        turn.set_ready([true, true, true]);
-        assert_eq!(turn.take(), Some(2), "resumes after socket 1");
     }
 
     #[test]
-    fn auxdata_fields_are_read_at_their_offsets() {
-        let mut bytes = [0u8; 20];
-        bytes[0..4].copy_from_slice(&(host::TP_STATUS_VLAN_VALID | 1).to_ne_bytes());
-        bytes[16..18].copy_from_slice(&42u16.to_ne_bytes());
-        assert_eq!(auxdata(&bytes), Some((host::TP_STATUS_VLAN_VALID | 1, 42)));
-        assert_eq!(auxdata(&bytes[..10]), None);
-        assert_eq!(std::mem::size_of::<libc::tpacket_auxdata>(), 20);
+    fn rotation_with_nothing_waiting_or_no_rings() {
+        assert_eq!(Rotation::new(2).pick(|_| false), None);
+        assert_eq!(Rotation::new(0).pick(|_| true), None);
+        let mut one = Rotation::new(1);
+        for _ in 0..BATCH * 2 + 1 {
+            assert_eq!(one.pick(|_| true), Some(0), "a single ring is never paused");
+        }
     }
 }

@@ -20,7 +20,7 @@ pub const PACKET_MULTICAST: u8 = 2;
 pub const PACKET_OTHERHOST: u8 = 3;
 pub const PACKET_OUTGOING: u8 = 4;
 
-/// `tp_status` bits of `PACKET_AUXDATA` (linux/if_packet.h).
+/// `tp_status` bits of a ring slot (linux/if_packet.h).
 /// The checksum is not filled in yet: the packet came from this host's own stack (or a
 /// namespace peer over veth) with checksum offload; the host's stack trusts it.
 pub const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
@@ -29,17 +29,17 @@ pub const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
 /// The driver or the kernel has already verified the checksum.
 pub const TP_STATUS_CSUM_VALID: u32 = 1 << 7;
 
-/// What the kernel reports about one frame besides its bytes (`sockaddr_ll` and
-/// `PACKET_AUXDATA`).
+/// What the kernel reports about one frame besides its bytes (the ring slot's
+/// `tpacket2_hdr` and `sockaddr_ll`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Meta {
     pub ifindex: u32,
     pub pkttype: u8,
-    /// `tp_status` from `PACKET_AUXDATA` (0 when the kernel sent none).
+    /// `tp_status` of the slot.
     pub status: u32,
-    /// `tp_vlan_tci` from `PACKET_AUXDATA`: the VLAN tag the kernel stripped, if any.
+    /// `tp_vlan_tci`: the VLAN tag the kernel stripped, if any.
     pub vlan_tci: u16,
-    /// The frame was longer than the receive buffer (`MSG_TRUNC`).
+    /// The frame was longer than a ring slot.
     pub truncated: bool,
 }
 

@@ -3,7 +3,7 @@
 //! bounded wait, so the loop can notice signals and timers, and count what they drop.
 //!
 //! Rooms: [`bpf`] (the kernel prefilter), [`socket`] (opening a capture socket),
-//! [`afpacket`] (batched, fair reading), [`host`] (does the host accept this frame?),
+//! [`ring`] (the receive ring shared with the kernel), [`afpacket`] (fair reading), [`host`] (does the host accept this frame?),
 //! [`frame`] (IP/UDP/TCP parsing), [`checksum`], [`stats`] (drop counters).
 
 use std::io;
@@ -17,6 +17,7 @@ pub mod bpf;
 pub mod checksum;
 pub mod frame;
 pub mod host;
+pub mod ring;
 pub mod socket;
 pub mod stats;
 

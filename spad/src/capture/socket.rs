@@ -1,9 +1,9 @@
 //! Opening one AF_PACKET capture socket, and the few socket options no safe crate covers.
 //!
-//! socket2 creates the socket, attaches the BPF program and sizes the buffer; nix forces the
-//! buffer past `rmem_max`. What is left unsafe is three small blocks, each tested below: the
-//! `sockaddr_ll` for `bind`, `PACKET_AUXDATA` (a plain int option) and `PACKET_STATISTICS`
-//! (a two-counter struct the kernel fills).
+//! socket2 creates the socket and attaches the BPF program. What is left unsafe is three
+//! small blocks, each tested below: the `sockaddr_ll` for `bind`, `setsockopt` with a plain
+//! value (the ring version and request) and `PACKET_STATISTICS` (a two-counter struct the
+//! kernel fills).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -12,35 +12,23 @@ use socket2::{Domain, SockAddr, SockFilter, Socket, Type};
 
 use super::bpf::Insn;
 
-/// Receive buffer asked for each capture socket: about 16k queued small frames (the kernel
-/// doubles the value and charges each frame's whole buffer), so a burst waits for the
-/// daemon instead of being dropped.
-pub const RECEIVE_BUFFER: usize = 8 << 20;
-
-/// Opens a `SOCK_DGRAM` packet socket for `ifindex` (0 = every interface), with `program`
-/// attached and `PACKET_AUXDATA` on. The socket is created with protocol 0, which receives
-/// nothing, and only `bind` starts the capture: so the filter is in place before the first
-/// frame is queued and no unfiltered frame ever reaches us.
-pub fn open(ifindex: u32, program: &[Insn]) -> io::Result<Socket> {
+/// Creates an unbound `SOCK_DGRAM` packet socket with `program` attached. It is created with protocol 0, which receives nothing: only
+/// [`bind`] starts the capture, after the caller has set up everything else (the ring), so
+/// the filter is in place before the first frame is queued and no unfiltered frame ever
+/// reaches us.
+pub fn create(program: &[Insn]) -> io::Result<Socket> {
     let socket = Socket::new(Domain::PACKET, Type::DGRAM.cloexec(), None)?;
     let filter: Vec<SockFilter> = program
         .iter()
         .map(|i| SockFilter::new(i.code, i.jt, i.jf, i.k))
         .collect();
     socket.attach_filter(&filter)?;
-    set_int_option(&socket, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
-    // Past rmem_max needs CAP_NET_ADMIN (which the daemon has); else take what is allowed.
-    if nix::sys::socket::setsockopt(
-        &socket,
-        nix::sys::socket::sockopt::RcvBufForce,
-        &RECEIVE_BUFFER,
-    )
-    .is_err()
-    {
-        socket.set_recv_buffer_size(RECEIVE_BUFFER)?;
-    }
-    socket.bind(&link_address(ifindex))?;
     Ok(socket)
+}
+
+/// Starts the capture: binds to every protocol on `ifindex` (0 = every interface).
+pub fn bind(socket: &Socket, ifindex: u32) -> io::Result<()> {
+    socket.bind(&link_address(ifindex))
 }
 
 /// The `sockaddr_ll` that binds a packet socket to every protocol on `ifindex`.
@@ -68,16 +56,17 @@ fn link_address(ifindex: u32) -> SockAddr {
     address
 }
 
-/// `setsockopt` for an `int` option.
-fn set_int_option(socket: &Socket, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: the pointer and length describe `value`, a live c_int, for the whole call.
+/// `setsockopt` with a plain-data value (an `int`, a `tpacket_req`).
+pub fn set_option<T: Copy>(socket: &Socket, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `value`, a live `T` of plain data (the callers
+    // pass C integers and C structs), for the whole call; the kernel only reads it.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             level,
             name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc < 0 {
@@ -133,7 +122,7 @@ mod tests {
     #[test]
     fn options_round_trip_on_a_real_packet_socket() {
         let program = crate::capture::bpf::program(&[], false).unwrap();
-        let socket = match open(0, &program) {
+        let socket = match create(&program) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 eprintln!("skipped: opening an AF_PACKET socket needs CAP_NET_RAW");
@@ -141,20 +130,27 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         };
-        let mut value: libc::c_int = 0;
+        set_option(
+            &socket,
+            libc::SOL_PACKET,
+            libc::PACKET_VERSION,
+            &1 as &libc::c_int,
+        )
+        .unwrap();
+        let mut value: libc::c_int = -1;
         let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: (test) reads back an int option into a live c_int.
         let rc = unsafe {
             libc::getsockopt(
                 socket.as_raw_fd(),
                 libc::SOL_PACKET,
-                libc::PACKET_AUXDATA,
+                libc::PACKET_VERSION,
                 (&mut value as *mut libc::c_int).cast(),
                 &mut length,
             )
         };
-        assert_eq!((rc, value), (0, 1), "PACKET_AUXDATA is on");
-        assert!(socket.recv_buffer_size().unwrap() >= RECEIVE_BUFFER);
+        assert_eq!((rc, value), (0, 1), "set_option wrote TPACKET_V2");
+        bind(&socket, 0).unwrap();
         // An empty watch list rejects everything: nothing passed, nothing dropped.
         assert_eq!(take_statistics(&socket).unwrap(), (0, 0));
     }

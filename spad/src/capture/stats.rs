@@ -25,12 +25,10 @@ pub enum DropReason {
     NotOurAddress,
     /// Wrong IPv4 header, UDP or TCP checksum (or a zero UDP checksum over IPv6).
     BadChecksum,
-    /// The kernel sent no `PACKET_AUXDATA`, so the VLAN tag is unknown.
-    NoAuxdata,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::OtherHost,
         DropReason::NotUnicast,
         DropReason::ForeignVlan,
@@ -38,7 +36,6 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::NotOurAddress,
         DropReason::BadChecksum,
-        DropReason::NoAuxdata,
     ];
 
     /// The stable name used in logs and metrics.
@@ -51,7 +48,6 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::NotOurAddress => "not-our-address",
             DropReason::BadChecksum => "bad-checksum",
-            DropReason::NoAuxdata => "no-auxdata",
         }
     }
 
@@ -158,7 +154,7 @@ mod tests {
                 "{text}"
             );
         }
-        assert_eq!(stats.dropped_total(), 36);
+        assert_eq!(stats.dropped_total(), 28);
     }
 
     struct Fake(u64);
