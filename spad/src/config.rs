@@ -101,6 +101,8 @@ struct RawServer {
     max_future: Seconds,
     #[serde(default)]
     flush_on_exit: bool,
+    #[serde(default)]
+    conceal: Conceal,
 }
 
 fn default_port() -> Spanned<u16> {
@@ -128,6 +130,17 @@ pub enum CaptureMode {
     AfPacket,
     /// A plain UDP socket on the port (no knocks; the port is open but never answers).
     Udp,
+}
+
+/// How protected, knock and watched ports answer a stranger (see docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Conceal {
+    /// No answer at all, like a host whose firewall drops unsolicited traffic.
+    #[default]
+    Drop,
+    /// Answer like a closed port of this host: TCP RST, ICMP port unreachable.
+    Closed,
 }
 
 /// Which firewall to drive.
@@ -191,6 +204,7 @@ pub struct Server {
     pub max_age: Duration,
     pub max_future: Duration,
     pub flush_on_exit: bool,
+    pub conceal: Conceal,
 }
 
 /// Where a NAT service forwards to.
@@ -346,6 +360,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         max_age: raw.server.max_age.0,
         max_future: raw.server.max_future.0,
         flush_on_exit: raw.server.flush_on_exit,
+        conceal: raw.server.conceal,
     };
 
     let mut services = BTreeMap::new();

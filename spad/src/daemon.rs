@@ -382,6 +382,8 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
 pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     let (config, server) = load(&config_path, &overrides)?;
     create_state_dir(&config.server.state_dir)?;
+    // One daemon per state directory, before anything is opened or installed.
+    let _lock = crate::firewall::lock::StateLock::acquire(&config.server.state_dir)?;
     let mut source: Box<dyn Source> = match config.server.capture {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,
@@ -414,6 +416,12 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
             pipeline.config.server.port
         ),
     );
+
+    let (mut guard, warning) =
+        crate::firewall::guard::Guard::new(&mut *pipeline.firewall, &pipeline.config);
+    if let Some(w) = warning {
+        pipeline.log.line(clock.now(), &w);
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
@@ -458,6 +466,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                     &format!("error: reload failed, keeping the running config: {e:#}"),
                 ),
             }
+            guard.rearm(&mut *pipeline.firewall);
         }
         match source.recv(Duration::from_millis(200)) {
             Ok(Some(received)) => pipeline.handle(&received),
@@ -470,6 +479,9 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
             }
         }
         pipeline.tick();
+        for line in guard.poll(&mut *pipeline.firewall, &pipeline.config) {
+            pipeline.log.line(clock.now(), &line);
+        }
     }
     let s = pipeline.stats.clone();
     pipeline.log.line(
@@ -480,10 +492,10 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         ),
     );
     if pipeline.config.server.flush_on_exit {
-        pipeline.firewall.remove()?;
+        pipeline.firewall.flush()?;
         pipeline.log.line(
             clock.now(),
-            "flush-on-exit: table removed, all grants closed",
+            "flush-on-exit: all grants closed; the protection stays (`spad uninstall` removes it)",
         );
     } else {
         pipeline.log.line(

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::established::Observed;
 use super::netlink::{Message, Socket, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_REQUEST};
 use super::{still_allowed, Access, Firewall, LiveGrant};
 use crate::config::{Config, Service, ServiceKind};
@@ -103,14 +104,17 @@ fn chain(table: &str, role: &str) -> String {
 
 /// `-p tcp -m multiport --dports ...` fragments, at most 7 entries each (multiport's limit is
 /// 15 slots and a range takes two).
-fn port_matches(ports: &[PortProto], ranges: &[(Proto, u16, u16)]) -> Vec<String> {
+fn port_matches(ports: &[PortProto], ranges: &[(Proto, u16, u16)]) -> Vec<(Proto, String)> {
     let mut out = Vec::new();
     for (proto, items) in super::port_items(ports, ranges, ":") {
         for chunk in items.chunks(7) {
-            out.push(format!(
-                "-p {} -m multiport --dports {}",
-                proto.name(),
-                chunk.join(",")
+            out.push((
+                proto,
+                format!(
+                    "-p {} -m multiport --dports {}",
+                    proto.name(),
+                    chunk.join(",")
+                ),
             ));
         }
     }
@@ -124,8 +128,10 @@ fn iif(service: &Service) -> String {
         .map_or(String::new(), |i| format!("-i {i} "))
 }
 
-/// The `iptables-restore --noflush` input for one family.
-pub fn rules(config: &Config, table: &str, v6: bool) -> String {
+/// The `iptables-restore --noflush` input for one family, for the host as `observed`
+/// (established flows admitted, listeners in watched ranges spared).
+pub fn rules(config: &Config, table: &str, v6: bool, observed: &Observed) -> String {
+    let conceal = |proto| super::conceal_verdict(config.server.conceal, proto, false);
     let (input, forward, refresh, nat) = (
         chain(table, "INPUT"),
         chain(table, "FORWARD"),
@@ -160,25 +166,38 @@ pub fn rules(config: &Config, table: &str, v6: bool) -> String {
         t,
         "-A {input} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
     );
-    let (hidden, ranges) = super::hidden_ports(config);
-    for m in port_matches(&hidden, &ranges) {
-        let _ = writeln!(t, "-A {input} {m} -j DROP");
+    // Connections that existed before the ruleset (conntrack may not have seen them).
+    for f in observed.flows.iter().filter(|f| f.remote.is_ipv6() == v6) {
+        let _ = writeln!(
+            t,
+            "-A {input} -s {} -d {} -p tcp --sport {} --dport {} -j ACCEPT",
+            f.remote.ip(),
+            f.local.ip(),
+            f.remote.port(),
+            f.local.port()
+        );
     }
     for s in config
         .services
         .values()
         .filter(|s| s.kind != ServiceKind::Nat)
     {
-        for m in port_matches(&s.ports, &[]) {
+        for (_, m) in port_matches(&s.ports, &[]) {
             for a in allow(s) {
                 let _ = writeln!(t, "-A {input} {}{m} {a} -j ACCEPT", iif(s));
             }
             let _ = writeln!(t, "-A {input} {}{m} {} -j ACCEPT", iif(s), access(s));
         }
     }
+    // Knock and watched ports, then everything protected, answer strangers alike. After the
+    // accepts: a service port inside a door's range stays usable.
+    let (hidden, ranges) = super::hidden_ports(config, &observed.listening);
+    for (proto, m) in port_matches(&hidden, &ranges) {
+        let _ = writeln!(t, "-A {input} {m} {}", conceal(proto));
+    }
     for s in config.services.values() {
-        for m in port_matches(&s.ports, &[]) {
-            let _ = writeln!(t, "-A {input} {}{m} -j DROP", iif(s));
+        for (proto, m) in port_matches(&s.ports, &[]) {
+            let _ = writeln!(t, "-A {input} {}{m} {}", iif(s), conceal(proto));
         }
     }
     let _ = writeln!(
@@ -213,7 +232,7 @@ pub fn rules(config: &Config, table: &str, v6: bool) -> String {
     for s in config.services.values() {
         let Some(idle) = s.idle_timeout else { continue };
         let set = set_name(table, &s.name, true, v6);
-        for m in port_matches(&s.ports, &[]) {
+        for (_, m) in port_matches(&s.ports, &[]) {
             let _ = writeln!(t, "-A {refresh} {}{m} -m set --match-set {set} src -j SET --add-set {set} src --exist --timeout {}", iif(s), idle.as_secs().max(1));
         }
     }
@@ -223,7 +242,7 @@ pub fn rules(config: &Config, table: &str, v6: bool) -> String {
         let Some(target) = (if v6 { f.v6 } else { f.v4 }) else {
             continue;
         };
-        for m in port_matches(&s.ports, &[]) {
+        for (_, m) in port_matches(&s.ports, &[]) {
             for a in allow(s) {
                 let _ = writeln!(
                     t,
@@ -347,6 +366,27 @@ impl Iptables {
         out
     }
 
+    /// Grant entries that are live as the kernel enforces them: in a grant set of a known
+    /// service and, where that service has an idle set, in the idle set too.
+    fn live<'a>(&'a self, entries: &'a [Entry]) -> Vec<(&'a Entry, &'a SetInfo)> {
+        entries
+            .iter()
+            .filter_map(|e| {
+                let set = self.sets.iter().find(|s| s.name == e.set && !s.idle)?;
+                let idle = self
+                    .sets
+                    .iter()
+                    .find(|s| s.idle && s.v6 == set.v6 && s.service == set.service);
+                let active = idle.map_or(true, |i| {
+                    entries
+                        .iter()
+                        .any(|x| x.set == i.name && x.address == e.address)
+                });
+                active.then_some((e, set))
+            })
+            .collect()
+    }
+
     fn ours(&self, set: &str) -> bool {
         set.starts_with(&format!("{}-", self.table))
     }
@@ -411,9 +451,10 @@ impl Firewall for Iptables {
             );
         }
         tool("ipset", &["restore", "-exist"], Some(&create)).context("creating ipsets")?;
+        let observed = Observed::read(config);
         let (v4, v6) = (
-            rules(config, &self.table, false),
-            rules(config, &self.table, true),
+            rules(config, &self.table, false, &observed),
+            rules(config, &self.table, true, &observed),
         );
         tool("iptables-restore", &["--test", "--noflush"], Some(&v4))
             .context("checking IPv4 rules")?;
@@ -427,23 +468,35 @@ impl Firewall for Iptables {
             }
         }
         self.sets = known;
-        // Prune: entries the new config no longer allows, and sets it no longer uses.
+        // Prune: entries the new config no longer allows, grants whose idle timer lapsed,
+        // and sets the config no longer uses.
         let blacklist_prefix = format!("{}-bl", self.table);
         let (sets, entries) = self.saved()?;
+        let live: Vec<Entry> = self
+            .live(&entries)
+            .into_iter()
+            .map(|(e, _)| e.clone())
+            .collect();
         let mut kept = 0;
         for e in entries
-            .into_iter()
+            .iter()
             .filter(|e| !e.set.starts_with(&blacklist_prefix))
         {
             let set = self.sets.iter().find(|s| s.name == e.set);
-            let live = |s: &SetInfo| LiveGrant {
-                address: e.address,
-                service: s.service.clone(),
-                remaining: e.remaining,
-                owner: e.owner.clone(),
-            };
-            if set.is_some_and(|s| still_allowed(config, &live(s))) {
-                kept += usize::from(set.is_some_and(|s| !s.idle));
+            let allowed = set.is_some_and(|s| {
+                still_allowed(
+                    config,
+                    &LiveGrant {
+                        address: e.address,
+                        service: s.service.clone(),
+                        remaining: e.remaining,
+                        owner: e.owner.clone(),
+                    },
+                )
+            });
+            let grant = set.is_some_and(|s| !s.idle);
+            if allowed && (!grant || live.contains(e)) {
+                kept += usize::from(grant);
             } else {
                 self.socket
                     .transact(vec![ipset_message(&e.set, e.address, None)], None)?;
@@ -503,22 +556,14 @@ impl Firewall for Iptables {
 
     fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>> {
         let (_, entries) = self.saved()?;
-        let prefix4 = format!("{}-a4-", self.table);
-        let prefix6 = format!("{}-a6-", self.table);
-        Ok(entries
+        Ok(self
+            .live(&entries)
             .into_iter()
-            .filter_map(|e| {
-                let service = e
-                    .set
-                    .strip_prefix(&prefix4)
-                    .or_else(|| e.set.strip_prefix(&prefix6))?
-                    .to_string();
-                Some(LiveGrant {
-                    address: e.address,
-                    service,
-                    remaining: e.remaining,
-                    owner: e.owner,
-                })
+            .map(|(e, set)| LiveGrant {
+                address: e.address,
+                service: set.service.clone(),
+                remaining: e.remaining,
+                owner: e.owner.clone(),
             })
             .collect())
     }
@@ -542,6 +587,35 @@ impl Firewall for Iptables {
             .filter(|e| e.set.starts_with(&prefix))
             .map(|e| (e.address, e.remaining))
             .collect())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let blacklist_prefix = format!("{}-bl", self.table);
+        for set in self.saved()?.0 {
+            if !set.starts_with(&blacklist_prefix) {
+                tool("ipset", &["flush", &set], None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn protection(&mut self) -> anyhow::Result<String> {
+        // Our chains, their rules and the jumps into them, in both families, and our sets.
+        let prefix = chain(&self.table, "");
+        let mut out = String::new();
+        for program in ["iptables-save", "ip6tables-save"] {
+            for table in ["filter", "mangle", "nat"] {
+                let text = tool(program, &["-t", table], None)?;
+                for line in text.lines().filter(|l| l.contains(&prefix)) {
+                    let _ = writeln!(out, "{program} {table} {line}");
+                }
+            }
+        }
+        let names = tool("ipset", &["list", "-n"], None)?;
+        for name in names.lines().filter(|n| self.ours(n)) {
+            let _ = writeln!(out, "ipset {name}");
+        }
+        Ok(out)
     }
 
     fn remove(&mut self) -> anyhow::Result<()> {
