@@ -183,6 +183,11 @@ pub fn a_reload_storm_never_extends_a_grant(backend: Backend) {
     eprintln!("{}: {reloaded} reloads completed", backend.name());
     assert!(reloaded >= 3, "reloads ran: {reloaded}");
     assert!(!lab.log().contains("reload failed"), "{}", lab.log());
+    assert!(
+        !lab.log().contains("outside spad"),
+        "the guard mistook spad's own reloads for tampering:\n{}",
+        lab.log()
+    );
 }
 
 pub fn an_idle_lapsed_grant_is_neither_listed_nor_kept(backend: Backend) {
@@ -212,6 +217,7 @@ pub fn an_idle_lapsed_grant_is_neither_listed_nor_kept(backend: Backend) {
         lab.log()
     );
     assert!(!udp_probe(&lab.a, Lab::gw4(51820), T));
+    assert!(!lab.log().contains("outside spad"), "{}", lab.log());
 }
 
 pub fn sessions_opened_before_the_first_start_survive(backend: Backend) {

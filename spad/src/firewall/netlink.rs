@@ -310,7 +310,11 @@ pub struct Monitor {
 }
 
 impl Monitor {
+    /// Subscribes to `group` (1-32).
     pub fn open(group: u32) -> io::Result<Self> {
+        if !(1..=32).contains(&group) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
         // SAFETY: plain socket(2) call; the result is checked before wrapping.
         let fd = unsafe {
             libc::socket(
@@ -324,14 +328,18 @@ impl Monitor {
         }
         // SAFETY: fd is a fresh, owned descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: valid fd; the option value is a u32 group number, as the kernel expects.
+        // Bound with the group in the legacy bitmask (groups 1-32): binding also gives the
+        // socket a port id, without which the kernel delivers no multicast to it.
+        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = 1 << (group - 1);
+        // SAFETY: valid fd; the address pointer and size match sockaddr_nl.
         let rc = unsafe {
-            libc::setsockopt(
+            libc::bind(
                 fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                (&group as *const u32).cast(),
-                std::mem::size_of::<u32>() as u32,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
             )
         };
         if rc < 0 {

@@ -919,6 +919,125 @@ impl Firewall for Nftables {
 mod tests {
     use super::*;
 
+    fn config(extra: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("t.toml"),
+            &format!("[server]\nprivate-key = \"k\"\n{extra}[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[services.vpn]\nkind = \"vpn\"\nports = [\"51820/udp\"]\ntimeout = \"1h\"\nidle-timeout = \"4s\"\n"),
+        )
+        .unwrap()
+    }
+
+    fn element(set: &str, address: &str, remaining_ms: u64) -> Carried {
+        Carried {
+            set: set.into(),
+            address: address.parse().unwrap(),
+            timeout: Duration::from_secs(3),
+            remaining: Duration::from_millis(remaining_ms),
+            owner: "alice".into(),
+        }
+    }
+
+    #[test]
+    fn carried_time_is_milliseconds_never_rounded_up() {
+        let text = ruleset(
+            &config(""),
+            "spad",
+            &[
+                element("a4_ssh", "198.51.100.7", 999),
+                element("a4_ssh", "198.51.100.8", 0),
+            ],
+        );
+        assert!(
+            text.contains("198.51.100.7 timeout 3000ms expires 999ms comment \"alice\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("198.51.100.8"),
+            "an expired element is not re-added"
+        );
+    }
+
+    #[test]
+    fn an_update_keeps_sets_flushes_chains_and_prunes() {
+        let existing = Existing {
+            chains: vec!["input".into(), "refresh".into(), "nat_prerouting".into()],
+            sets: vec!["a4_ssh".into(), "a4_old".into()],
+            elements: vec![element("a4_ssh", "198.51.100.7", 500)],
+        };
+        let prune = [element("a4_ssh", "198.51.100.7", 500)];
+        let text = update_ruleset(&config(""), "spad", &existing, &prune, &Observed::default());
+        assert!(!text.contains("delete table"), "{text}");
+        assert!(text.contains("  set a4_ssh { type ipv4_addr; flags timeout; }"));
+        assert!(text.contains("flush chain inet spad input"));
+        assert!(
+            text.contains("delete chain inet spad nat_prerouting"),
+            "{text}"
+        );
+        assert!(text.contains("delete set inet spad a4_old"));
+        assert!(text.contains("delete element inet spad a4_ssh { 198.51.100.7 }"));
+    }
+
+    #[test]
+    fn conceal_and_established_flows_render() {
+        let observed = Observed {
+            flows: vec![super::super::established::Flow {
+                local: "203.0.113.1:22".parse().unwrap(),
+                remote: "203.0.113.10:40000".parse().unwrap(),
+            }],
+            listening: Vec::new(),
+        };
+        let closed = full_ruleset(&config("conceal = \"closed\"\n"), "spad", &[], &observed);
+        assert!(closed.contains(
+            "ip saddr 203.0.113.10 tcp sport 40000 ip daddr 203.0.113.1 tcp dport 22 accept"
+        ));
+        assert!(
+            closed.contains("tcp dport { 22 } reject with tcp reset"),
+            "{closed}"
+        );
+        assert!(closed.contains("udp dport { 51820 } reject"), "{closed}");
+        let dropped = ruleset(&config(""), "spad", &[]);
+        assert!(dropped.contains("tcp dport { 22 } drop") && !dropped.contains("reject"));
+    }
+
+    #[test]
+    fn idle_lapsed_grants_are_not_live() {
+        let existing = Existing {
+            chains: Vec::new(),
+            sets: vec!["a4_vpn".into(), "i4_vpn".into(), "a4_ssh".into()],
+            elements: vec![
+                element("a4_vpn", "198.51.100.7", 3_000_000),
+                element("a4_vpn", "198.51.100.8", 3_000_000),
+                element("i4_vpn", "198.51.100.8", 2_000),
+                element("a4_ssh", "198.51.100.7", 2_000),
+            ],
+        };
+        let live: Vec<String> = live_grants(&existing)
+            .iter()
+            .map(|(c, s)| format!("{s} {}", c.address))
+            .collect();
+        assert_eq!(live, vec!["vpn 198.51.100.8", "ssh 198.51.100.7"]);
+        assert_eq!(set_kind("i6_vpn"), Some(SetKind::Idle("vpn")));
+        assert_eq!(set_kind("blacklist4"), Some(SetKind::Blacklist));
+        assert_eq!(set_kind("other"), None);
+    }
+
+    #[test]
+    fn element_dump_parses_and_garbage_is_skipped() {
+        // A NEWSETELEM body has the same layout as a dump answer: reuse the message builder.
+        let m = element_message(
+            "spad",
+            "a4_ssh",
+            "198.51.100.7".parse().unwrap(),
+            Some((Duration::from_millis(30_500), "alice")),
+        );
+        let bytes = m.finish(1);
+        let elements = parse_element_dump("a4_ssh", &[bytes[16..].to_vec()]);
+        assert_eq!(elements.len(), 1);
+        assert_eq!(elements[0].timeout, Duration::from_millis(30_500));
+        assert_eq!(elements[0].owner, "alice");
+        assert!(parse_element_dump("a4_ssh", &[vec![1, 2, 3], bytes[16..40].to_vec()]).is_empty());
+    }
+
     #[test]
     fn new_element_message_golden_layout() {
         let m = element_message(
