@@ -20,9 +20,10 @@ use super::established::Observed;
 use super::netlink::{
     attributes, Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
 };
+use super::plan::{Family, Plan, PortMatch, Rule, SetId, SetRole, Source, Verdict};
 use super::{still_allowed, Access, Firewall, LiveGrant};
-use crate::config::{Config, Service, ServiceKind};
-use crate::net::{PortProto, Proto};
+use crate::config::Config;
+use crate::net::Proto;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -52,11 +53,12 @@ pub fn available() -> bool {
 
 /// Name of the set holding grants of `service` for `address`'s family.
 pub fn set_name(service: &str, idle: bool, v6: bool) -> String {
-    format!(
-        "{}{}_{service}",
-        if idle { "i" } else { "a" },
-        if v6 { 6 } else { 4 }
-    )
+    let family = if v6 { Family::V6 } else { Family::V4 };
+    if idle {
+        SetId::idle(service, family).nft_name()
+    } else {
+        SetId::grant(service, family).nft_name()
+    }
 }
 
 fn addr_bytes(address: IpAddr) -> Vec<u8> {
@@ -121,81 +123,134 @@ fn ms(d: Duration) -> String {
     format!("{}ms", d.as_millis().max(1))
 }
 
-/// `tcp dport { 22, 443 }` per protocol.
-fn port_matches(ports: &[PortProto], ranges: &[(Proto, u16, u16)]) -> Vec<(Proto, String)> {
-    super::port_items(ports, ranges, "-")
-        .into_iter()
-        .map(|(proto, items)| {
-            (
-                proto,
-                format!("{} dport {{ {} }}", proto.name(), items.join(", ")),
-            )
-        })
-        .collect()
-}
-
-fn iif(service: &Service) -> String {
-    service
-        .interface
-        .as_ref()
-        .map_or(String::new(), |i| format!("iifname \"{i}\" "))
-}
-
-fn ip(v6: bool) -> &'static str {
-    if v6 {
-        "ip6"
-    } else {
-        "ip"
+fn ip(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
     }
 }
 
-/// `ip saddr @a4_S [ip saddr @i4_S]`: granted (and, with an idle timeout, still active).
-fn access(service: &Service, v6: bool) -> String {
-    let mut m = format!("{} saddr @{}", ip(v6), set_name(&service.name, false, v6));
-    if service.idle_timeout.is_some() {
-        let _ = write!(
-            m,
-            " {} saddr @{}",
-            ip(v6),
-            set_name(&service.name, true, v6)
-        );
-    }
-    m
+/// `tcp dport { 22, 7000-9000 }`.
+fn ports(m: &PortMatch) -> String {
+    format!("{} dport {{ {} }}", m.proto.name(), m.texts("-").join(", "))
 }
 
-/// `ip saddr { prefixes }` for the service's allow list in one family, if it has any.
-fn allow(service: &Service, v6: bool) -> Option<String> {
-    let list: Vec<String> = service
-        .allow
-        .iter()
-        .filter(|c| c.addr.is_ipv6() == v6)
-        .map(|c| c.to_string())
-        .collect();
-    (!list.is_empty()).then(|| format!("{} saddr {{ {} }}", ip(v6), list.join(", ")))
+fn iif(iif: &Option<String>) -> Option<String> {
+    iif.as_ref().map(|i| format!("iifname \"{i}\""))
 }
 
-/// One set of the table: name and `type ...; flags ...;` body.
-fn sets(config: &Config) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for service in config.services.values() {
-        for v6 in [false, true] {
-            let family = if v6 { "ipv6_addr" } else { "ipv4_addr" };
-            out.push((
-                set_name(&service.name, false, v6),
-                format!("type {family}; flags timeout;"),
-            ));
-            if service.idle_timeout.is_some() {
-                out.push((
-                    set_name(&service.name, true, v6),
-                    format!("type {family}; flags dynamic,timeout;"),
-                ));
+fn source(source: &Source, family: Option<Family>) -> Option<String> {
+    let ip = ip(family.unwrap_or(Family::V4));
+    match source {
+        Source::Any => None,
+        Source::Nets(nets) => {
+            let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+            Some(format!("{ip} saddr {{ {} }}", list.join(", ")))
+        }
+        Source::Granted { grant, idle } => {
+            let mut m = format!("{ip} saddr @{}", grant.nft_name());
+            if let Some(idle) = idle {
+                let _ = write!(m, " {ip} saddr @{}", idle.nft_name());
             }
+            Some(m)
         }
     }
-    for (name, family) in [("blacklist4", "ipv4_addr"), ("blacklist6", "ipv6_addr")] {
-        out.push((name.to_string(), format!("type {family}; flags timeout;")));
+}
+
+fn verdict(verdict: Verdict, proto: Proto) -> String {
+    match verdict {
+        Verdict::Accept => "accept".into(),
+        Verdict::Drop => "drop".into(),
+        Verdict::Conceal(conceal) => super::conceal_verdict(conceal, proto, true).into(),
+        Verdict::Dnat(target) => format!("dnat {} to {target}", ip(Family::of(target.ip()))),
     }
-    out
+}
+
+/// One plan rule as an nft rule line.
+pub fn render_rule(rule: &Rule) -> String {
+    match rule {
+        Rule::Established => "ct state established,related accept".into(),
+        Rule::Flow(f) => format!(
+            "{ip} saddr {} tcp sport {} {ip} daddr {} tcp dport {} accept",
+            f.remote.ip(),
+            f.remote.port(),
+            f.local.ip(),
+            f.local.port(),
+            ip = ip(Family::of(f.remote.ip()))
+        ),
+        Rule::Ports {
+            family,
+            iif: interface,
+            ports: m,
+            source: from,
+            verdict: v,
+        } => [
+            iif(interface),
+            Some(ports(m)),
+            source(from, *family),
+            Some(verdict(*v, m.proto)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" "),
+        Rule::Refresh {
+            family,
+            iif: interface,
+            ports: m,
+            set,
+            timeout,
+        } => {
+            let (ip, set) = (ip(*family), set.nft_name());
+            let head = [iif(interface), Some(ports(m))]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+            format!(
+                "{head} {ip} saddr @{set} update @{set} {{ {ip} saddr timeout {} }}",
+                ms(*timeout)
+            )
+        }
+        Rule::ToTarget {
+            target,
+            proto,
+            dnat_from,
+            verdict: v,
+        } => {
+            let mut line = format!(
+                "{} daddr {} {} dport {}",
+                ip(Family::of(target.ip())),
+                target.ip(),
+                proto.name(),
+                target.port()
+            );
+            if let Some(public) = dnat_from {
+                let _ = write!(line, " ct status dnat ct original proto-dst {public}");
+            }
+            let _ = write!(line, " {}", verdict(*v, *proto));
+            line
+        }
+    }
+}
+
+/// The plan's sets as (name, `type ...; flags ...;`).
+fn sets(plan: &Plan) -> Vec<(String, String)> {
+    plan.sets
+        .iter()
+        .map(|s| {
+            let family = match s.id.family {
+                Family::V4 => "ipv4_addr",
+                Family::V6 => "ipv6_addr",
+            };
+            let flags = if s.dynamic {
+                "dynamic,timeout"
+            } else {
+                "timeout"
+            };
+            (s.id.nft_name(), format!("type {family}; flags {flags};"))
+        })
+        .collect()
 }
 
 /// One chain of the table: name, `type ... hook ...;` header and rules.
@@ -217,150 +272,32 @@ const NAT_CHAINS: [(&str, &str); 2] = [
     ),
 ];
 
-/// Idle timers: refreshed by any packet of a granted source to the service's ports, before
-/// the conntrack shortcut so established flows count as activity too.
-fn refresh_rules(config: &Config) -> Vec<String> {
-    let mut rules = Vec::new();
-    for service in config.services.values() {
-        let Some(idle) = service.idle_timeout else {
-            continue;
-        };
-        for (_, ports) in port_matches(&service.ports, &[]) {
-            for v6 in [false, true] {
-                let set = set_name(&service.name, true, v6);
-                let ip = ip(v6);
-                rules.push(format!(
-                    "{}{ports} {ip} saddr @{set} update @{set} {{ {ip} saddr timeout {} }}",
-                    iif(service),
-                    ms(idle)
-                ));
-            }
-        }
-    }
-    rules
-}
-
-fn input_rules(config: &Config, observed: &Observed) -> Vec<String> {
-    let conceal = |proto| super::conceal_verdict(config.server.conceal, proto, true);
-    let mut rules = vec!["ct state established,related accept".to_string()];
-    // Connections that existed before the ruleset (conntrack may not have seen them).
-    for f in &observed.flows {
-        let v6 = f.remote.is_ipv6();
-        rules.push(format!(
-            "{ip} saddr {} tcp sport {} {ip} daddr {} tcp dport {} accept",
-            f.remote.ip(),
-            f.remote.port(),
-            f.local.ip(),
-            f.local.port(),
-            ip = ip(v6)
-        ));
-    }
-    for service in config
-        .services
-        .values()
-        .filter(|s| s.kind != ServiceKind::Nat)
-    {
-        for (_, ports) in port_matches(&service.ports, &[]) {
-            for v6 in [false, true] {
-                for source in allow(service, v6).into_iter().chain([access(service, v6)]) {
-                    rules.push(format!("{}{ports} {source} accept", iif(service)));
-                }
-            }
-        }
-    }
-    // Knock and watched ports, then everything protected (NAT public ports included), answer
-    // strangers alike. After the accepts: a service port inside a door's range stays usable.
-    let (hidden, ranges) = super::hidden_ports(config, &observed.listening);
-    for (proto, ports) in port_matches(&hidden, &ranges) {
-        rules.push(format!("{ports} {}", conceal(proto)));
-    }
-    for service in config.services.values() {
-        for (proto, ports) in port_matches(&service.ports, &[]) {
-            rules.push(format!("{}{ports} {}", iif(service), conceal(proto)));
-        }
-    }
-    rules
-}
-
-fn nat_rules(nat: &[&Service]) -> Vec<String> {
-    let mut rules = Vec::new();
-    for service in nat {
-        let forward = service
-            .forward
-            .as_ref()
-            .expect("nat services have a target");
-        for (_, ports) in port_matches(&service.ports, &[]) {
-            for (target, v6) in [(forward.v4, false), (forward.v6, true)] {
-                let Some(target) = target else { continue };
-                for source in allow(service, v6).into_iter().chain([access(service, v6)]) {
-                    rules.push(format!(
-                        "{}{ports} {source} dnat {} to {target}",
-                        iif(service),
-                        ip(v6)
-                    ));
-                }
-            }
-        }
-    }
-    rules
-}
-
-fn forward_rules(nat: &[&Service]) -> Vec<String> {
-    let mut rules = vec!["ct state established,related accept".to_string()];
-    for service in nat {
-        let forward = service
-            .forward
-            .as_ref()
-            .expect("nat services have a target");
-        let public = service.ports[0];
-        for target in [forward.v4, forward.v6].into_iter().flatten() {
-            let proto = public.proto.name();
-            let m = format!(
-                "{} daddr {} {proto} dport {}",
-                ip(target.is_ipv6()),
-                target.ip(),
-                target.port()
-            );
-            rules.push(format!(
-                "{m} ct status dnat ct original proto-dst {} accept",
-                public.port
-            ));
-            rules.push(format!("{m} drop"));
-        }
-    }
-    rules
-}
-
-/// Every chain `config` needs, with its rules.
-fn chains(config: &Config, observed: &Observed) -> Vec<Chain> {
+/// Every chain of the plan, with its rules rendered.
+fn chains(plan: &Plan) -> Vec<Chain> {
+    let lines = |rules: &[Rule]| rules.iter().map(render_rule).collect::<Vec<_>>();
     let mut out = vec![
         Chain {
             name: "refresh",
             header: "type filter hook prerouting priority -160; policy accept;",
-            rules: refresh_rules(config),
+            rules: lines(&plan.refresh),
         },
         Chain {
             name: "input",
             header: "type filter hook input priority filter - 5; policy accept;",
-            rules: input_rules(config, observed),
+            rules: lines(&plan.input),
         },
     ];
-    let nat: Vec<&Service> = config
-        .services
-        .values()
-        .filter(|s| s.kind == ServiceKind::Nat)
-        .collect();
-    if !nat.is_empty() {
+    if plan.has_nat() {
         let [(nat_name, nat_header), (fwd_name, fwd_header)] = NAT_CHAINS;
         out.push(Chain {
             name: nat_name,
             header: nat_header,
-            rules: nat_rules(&nat),
+            rules: lines(&plan.nat),
         });
         out.push(Chain {
             name: fwd_name,
             header: fwd_header,
-            rules: forward_rules(&nat),
+            rules: lines(&plan.forward),
         });
     }
     out
@@ -381,22 +318,17 @@ fn write_chains(t: &mut String, table: &str, chains: &[Chain]) {
 /// The whole table as `nft -f` text, replacing any previous version atomically, with
 /// `carried` elements re-added with the time they have left (in milliseconds, never more).
 pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
-    full_ruleset(config, table, carried, &Observed::default())
+    full_ruleset(&Plan::build(config, &Observed::default()), table, carried)
 }
 
-/// [`ruleset`] for the host as `observed` (established flows admitted, listeners spared).
-pub fn full_ruleset(
-    config: &Config,
-    table: &str,
-    carried: &[Carried],
-    observed: &Observed,
-) -> String {
+/// [`ruleset`] for a built plan.
+pub fn full_ruleset(plan: &Plan, table: &str, carried: &[Carried]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
         "table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{"
     );
-    for (name, body) in sets(config) {
+    for (name, body) in sets(plan) {
         let list: Vec<String> = carried
             .iter()
             .filter(|c| c.set == name && !c.remaining.is_zero())
@@ -418,7 +350,7 @@ pub fn full_ruleset(
         let _ = writeln!(t, "  set {name} {{ {body}{elements} }}");
     }
     let _ = writeln!(t, "}}");
-    write_chains(&mut t, table, &chains(config, observed));
+    write_chains(&mut t, table, &chains(plan));
     t
 }
 
@@ -426,15 +358,9 @@ pub fn full_ruleset(
 /// are added if missing (existing ones keep their elements untouched, so a reload never
 /// changes a grant's expiry), spad's chains are flushed and refilled, chains and sets
 /// `config` no longer needs are deleted, and `prune` elements are removed.
-pub fn update_ruleset(
-    config: &Config,
-    table: &str,
-    existing: &Existing,
-    prune: &[Carried],
-    observed: &Observed,
-) -> String {
-    let wanted_sets = sets(config);
-    let wanted_chains = chains(config, observed);
+pub fn update_ruleset(plan: &Plan, table: &str, existing: &Existing, prune: &[Carried]) -> String {
+    let wanted_sets = sets(plan);
+    let wanted_chains = chains(plan);
     let mut t = String::new();
     let _ = writeln!(t, "table inet {table} {{");
     for (name, body) in &wanted_sets {
@@ -487,43 +413,19 @@ pub struct Existing {
     pub elements: Vec<Carried>,
 }
 
-/// What a set name stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetKind<'a> {
-    /// Grants of a service (`a4_S`/`a6_S`).
-    Grant(&'a str),
-    /// Idle timers of a service (`i4_S`/`i6_S`).
-    Idle(&'a str),
-    Blacklist,
-}
-
-/// Decodes a set name made by [`set_name`] or the blacklist; `None` for anything else.
-pub fn set_kind(name: &str) -> Option<SetKind<'_>> {
-    if name == "blacklist4" || name == "blacklist6" {
-        return Some(SetKind::Blacklist);
-    }
-    let (prefix, service) = name.split_once('_')?;
-    match prefix {
-        "a4" | "a6" => Some(SetKind::Grant(service)),
-        "i4" | "i6" => Some(SetKind::Idle(service)),
-        _ => None,
-    }
-}
-
 /// Grant elements that are live as the kernel enforces them: in the grant set and, where the
 /// service has an idle set in the table, in the idle set too (an idle timer that lapsed ends
 /// access although the grant element still counts down).
-pub fn live_grants(existing: &Existing) -> Vec<(&Carried, &str)> {
+pub fn live_grants(existing: &Existing) -> Vec<(&Carried, SetId)> {
     existing
         .elements
         .iter()
-        .filter_map(|c| match set_kind(&c.set) {
-            Some(SetKind::Grant(service)) => Some((c, service)),
-            _ => None,
+        .filter_map(|c| {
+            let id = SetId::parse_nft(&c.set)?;
+            (id.role == SetRole::Grant).then_some((c, id))
         })
-        .filter(|(c, service)| {
-            let v6 = c.address.is_ipv6();
-            let idle = set_name(service, true, v6);
+        .filter(|(c, id)| {
+            let idle = SetId::idle(&id.service, id.family).nft_name();
             !existing.sets.contains(&idle)
                 || existing
                     .elements
@@ -704,25 +606,36 @@ impl Nftables {
         existing
             .elements
             .iter()
-            .filter(|c| match set_kind(&c.set) {
-                Some(SetKind::Blacklist) => false,
-                Some(SetKind::Grant(service)) => {
+            .filter(|c| match SetId::parse_nft(&c.set) {
+                Some(SetId {
+                    role: SetRole::Grant,
+                    service,
+                    ..
+                }) => {
                     !live.iter().any(|(l, _)| l == c)
                         || !still_allowed(
                             config,
                             &LiveGrant {
                                 address: c.address,
-                                service: service.to_string(),
+                                service,
                                 remaining: c.remaining,
                                 owner: c.owner.clone(),
                             },
                         )
                 }
-                Some(SetKind::Idle(service)) => !config
+                Some(SetId {
+                    role: SetRole::Idle,
+                    service,
+                    ..
+                }) => !config
                     .services
-                    .get(service)
+                    .get(&service)
                     .is_some_and(|s| s.idle_timeout.is_some()),
-                None => false,
+                Some(SetId {
+                    role: SetRole::Blacklist,
+                    ..
+                })
+                | None => false,
             })
             .cloned()
             .collect()
@@ -757,8 +670,8 @@ impl Firewall for Nftables {
     fn install(&mut self, config: &Config) -> anyhow::Result<usize> {
         let existing = self.existing()?;
         let prune = Self::prune(config, &existing);
-        let observed = Observed::read(config);
-        let text = update_ruleset(config, &self.table, &existing, &prune, &observed);
+        let plan = Plan::build(config, &Observed::read(config));
+        let text = update_ruleset(&plan, &self.table, &existing, &prune);
         if nft(&["-f", "-"], Some(&text)).is_err() {
             // The table holds something an in-place update cannot reconcile (a set or chain
             // of another shape): replace it whole, carrying the grants.
@@ -772,7 +685,7 @@ impl Firewall for Nftables {
         let read_at = std::time::Instant::now();
         let existing = self.existing()?;
         let prune = Self::prune(config, &existing);
-        let observed = Observed::read(config);
+        let plan = Plan::build(config, &Observed::read(config));
         // Time passes between reading and loading: take it off, so nothing is extended.
         let elapsed = read_at.elapsed();
         let carried: Vec<Carried> = existing
@@ -784,7 +697,7 @@ impl Firewall for Nftables {
                 ..c.clone()
             })
             .collect();
-        let text = full_ruleset(config, &self.table, &carried, &observed);
+        let text = full_ruleset(&plan, &self.table, &carried);
         nft(&["-f", "-"], Some(&text)).context("loading the ruleset")?;
         self.learn(config);
         Ok(Self::kept(&existing, &prune))
@@ -851,9 +764,9 @@ impl Firewall for Nftables {
         let existing = self.existing()?;
         Ok(live_grants(&existing)
             .into_iter()
-            .map(|(c, service)| LiveGrant {
+            .map(|(c, id)| LiveGrant {
                 address: c.address,
-                service: service.to_string(),
+                service: id.service,
                 remaining: c.remaining,
                 owner: c.owner.clone(),
             })
@@ -881,7 +794,7 @@ impl Firewall for Nftables {
             .existing()?
             .elements
             .into_iter()
-            .filter(|c| set_kind(&c.set) == Some(SetKind::Blacklist))
+            .filter(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist))
             .map(|c| (c.address, c.remaining))
             .collect())
     }
@@ -890,7 +803,7 @@ impl Firewall for Nftables {
         let existing = self.existing()?;
         let mut text = String::new();
         for set in &existing.sets {
-            if matches!(set_kind(set), Some(SetKind::Grant(_) | SetKind::Idle(_))) {
+            if SetId::parse_nft(set).is_some_and(|id| id.role != SetRole::Blacklist) {
                 let _ = writeln!(text, "flush set inet {} {set}", self.table);
             }
         }
@@ -965,7 +878,12 @@ mod tests {
             elements: vec![element("a4_ssh", "198.51.100.7", 500)],
         };
         let prune = [element("a4_ssh", "198.51.100.7", 500)];
-        let text = update_ruleset(&config(""), "spad", &existing, &prune, &Observed::default());
+        let text = update_ruleset(
+            &Plan::build(&config(""), &Observed::default()),
+            "spad",
+            &existing,
+            &prune,
+        );
         assert!(!text.contains("delete table"), "{text}");
         assert!(text.contains("  set a4_ssh { type ipv4_addr; flags timeout; }"));
         assert!(text.contains("flush chain inet spad input"));
@@ -986,7 +904,11 @@ mod tests {
             }],
             listening: Vec::new(),
         };
-        let closed = full_ruleset(&config("conceal = \"closed\"\n"), "spad", &[], &observed);
+        let closed = full_ruleset(
+            &Plan::build(&config("conceal = \"closed\"\n"), &observed),
+            "spad",
+            &[],
+        );
         assert!(closed.contains(
             "ip saddr 203.0.113.10 tcp sport 40000 ip daddr 203.0.113.1 tcp dport 22 accept"
         ));
@@ -1013,12 +935,9 @@ mod tests {
         };
         let live: Vec<String> = live_grants(&existing)
             .iter()
-            .map(|(c, s)| format!("{s} {}", c.address))
+            .map(|(c, id)| format!("{} {}", id.service, c.address))
             .collect();
         assert_eq!(live, vec!["vpn 198.51.100.8", "ssh 198.51.100.7"]);
-        assert_eq!(set_kind("i6_vpn"), Some(SetKind::Idle("vpn")));
-        assert_eq!(set_kind("blacklist4"), Some(SetKind::Blacklist));
-        assert_eq!(set_kind("other"), None);
     }
 
     #[test]
