@@ -382,8 +382,11 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
 pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     let (config, server) = load(&config_path, &overrides)?;
     create_state_dir(&config.server.state_dir)?;
-    // One daemon per state directory, before anything is opened or installed.
-    let _lock = crate::firewall::lock::StateLock::acquire(&config.server.state_dir)?;
+    // One daemon per state directory and table, before anything is opened or installed.
+    let _locks = (
+        crate::firewall::lock::StateLock::acquire(&config.server.state_dir)?,
+        crate::firewall::lock::StateLock::acquire_table(&config.server.table)?,
+    );
     let mut source: Box<dyn Source> = match config.server.capture {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,

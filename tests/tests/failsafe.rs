@@ -143,6 +143,28 @@ pub fn a_second_daemon_refuses_and_names_the_first(backend: Backend) {
         err.contains(&format!("another spad (pid {})", lab.spad_pid(first))),
         "{err}"
     );
+    // Nor on the same table with another state directory.
+    let other = lab.path("other-state");
+    let out = lab.try_exec(
+        &lab.gw,
+        "timeout",
+        &[
+            "10",
+            spad.to_str().unwrap(),
+            "run",
+            "-c",
+            conf.to_str().unwrap(),
+            "--state-dir",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "second daemon started: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("another spad (pid {})", lab.spad_pid(first)))
+            && err.contains("firewall table spad"),
+        "{err}"
+    );
     // The first one is unharmed and still grants.
     lab.knock(&lab.a, "alice", &["ssh"], &[], false);
     assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());

@@ -1,8 +1,10 @@
-//! One daemon per state directory: an exclusive `flock` on `STATE_DIR/spad.lock`, held for the
-//! daemon's lifetime, with the holder's PID written inside so a refusal can name it.
+//! One daemon per state directory and per firewall table: exclusive `flock`s on
+//! `STATE_DIR/spad.lock` and on `/run/lock/spad-table-TABLE-NETNS.lock` (NETNS: the network
+//! namespace's inode, since a table exists once per namespace), held for the daemon's
+//! lifetime, with the holder's PID written inside so a refusal can name it.
 //!
-//! The lock guards everything a daemon owns: the replay record, knock state and the firewall
-//! table it (re)installs. The kernel drops the lock when the process dies, even by `kill -9`,
+//! The locks guard everything a daemon owns: the replay record, knock state and the firewall
+//! table it (re)installs. The kernel drops a lock when the process dies, even by `kill -9`,
 //! so a stale file never blocks a restart.
 
 use std::fs::{File, OpenOptions};
@@ -16,8 +18,8 @@ pub const LOCK_FILE: &str = "spad.lock";
 /// Why the lock was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("another spad (pid {pid}) is running on state directory {dir}: stop it first (only one daemon may own a state directory and its firewall table)")]
-    Held { pid: String, dir: PathBuf },
+    #[error("another spad (pid {pid}) is running on {what}: stop it first (only one daemon may own a state directory and a firewall table)")]
+    Held { pid: String, what: String },
     #[error("cannot lock {path}: {source}")]
     Io {
         path: PathBuf,
@@ -34,9 +36,31 @@ pub struct StateLock {
 impl StateLock {
     /// Takes the lock on `state_dir` (which must exist) and writes our PID into it.
     pub fn acquire(state_dir: &Path) -> Result<Self, LockError> {
-        let path = state_dir.join(LOCK_FILE);
+        Self::lock(
+            &state_dir.join(LOCK_FILE),
+            format!("state directory {}", state_dir.display()),
+        )
+    }
+
+    /// Takes the lock on firewall table `table` of this network namespace.
+    pub fn acquire_table(table: &str) -> Result<Self, LockError> {
+        use std::os::unix::fs::MetadataExt;
+        let netns = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
+        let run = Path::new("/run/lock");
+        let dir = if run.is_dir() {
+            run.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        Self::lock(
+            &dir.join(format!("spad-table-{table}-{netns}.lock")),
+            format!("firewall table {table} of this network namespace"),
+        )
+    }
+
+    fn lock(path: &Path, what: String) -> Result<Self, LockError> {
         let io = |source| LockError::Io {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         };
         // Opened without truncation: the holder's PID must stay readable until we own the lock.
@@ -45,7 +69,7 @@ impl StateLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)
+            .open(path)
             .map_err(io)?;
         // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -59,7 +83,7 @@ impl StateLock {
             let pid = pid.trim();
             return Err(LockError::Held {
                 pid: if pid.is_empty() { "unknown" } else { pid }.to_string(),
-                dir: state_dir.to_path_buf(),
+                what,
             });
         }
         file.set_len(0).map_err(io)?;
@@ -68,12 +92,14 @@ impl StateLock {
         Ok(Self { _file: file })
     }
 
-    /// The PID of the daemon holding `state_dir`, if one does.
-    pub fn holder(state_dir: &Path) -> Option<String> {
-        match Self::acquire(state_dir) {
-            Err(LockError::Held { pid, .. }) => Some(pid),
-            _ => None,
-        }
+    /// The PID of a daemon holding `state_dir` or `table`, if one does.
+    pub fn holder(state_dir: &Path, table: &str) -> Option<String> {
+        [Self::acquire(state_dir), Self::acquire_table(table)]
+            .into_iter()
+            .find_map(|attempt| match attempt {
+                Err(LockError::Held { pid, .. }) => Some(pid),
+                _ => None,
+            })
     }
 }
 
@@ -94,7 +120,7 @@ mod tests {
             "{err}"
         );
         assert_eq!(
-            StateLock::holder(&dir),
+            StateLock::holder(&dir, "spad-lock-test"),
             Some(std::process::id().to_string())
         );
         drop(first);

@@ -257,10 +257,11 @@ pub(crate) fn run_tool(
 /// `spad uninstall`: removes the protection for good, loudly. Refused while a daemon holds
 /// the state directory, since it would (rightly) put the protection back at once.
 pub fn uninstall(config: &Config) -> anyhow::Result<()> {
-    if let Some(pid) = lock::StateLock::holder(&config.server.state_dir) {
+    if let Some(pid) = lock::StateLock::holder(&config.server.state_dir, &config.server.table) {
         anyhow::bail!(
-            "spad (pid {pid}) is running on {} and keeps the protection in place: stop it first",
-            config.server.state_dir.display()
+            "spad (pid {pid}) is running on {} (table {}) and keeps the protection in place: stop it first",
+            config.server.state_dir.display(),
+            config.server.table
         );
     }
     open(config)?.remove()?;
