@@ -97,6 +97,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove spad's protection for good: protected ports become reachable by everyone.
+    /// Refused while a daemon runs on the state directory (it would reinstall it).
+    Uninstall(ConfigArg),
     /// TOTP doors: secrets, enrollment, current codes.
     #[command(subcommand)]
     Totp(TotpCommand),
@@ -257,10 +260,14 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 return Ok(());
             }
             let config = load_config(&arg)?;
-            crate::firewall::open(&config)?.remove()?;
-            println!("removed table {}", config.server.table);
+            crate::firewall::open(&config)?.flush()?;
+            println!(
+                "closed every grant in table {}; protected ports stay protected",
+                config.server.table
+            );
             Ok(())
         }
+        Command::Uninstall(arg) => crate::firewall::uninstall(&load_config(&arg)?),
         Command::Totp(TotpCommand::NewSecret { out }) => {
             let mut bytes = [0u8; 20];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);

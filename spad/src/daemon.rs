@@ -508,6 +508,11 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
 pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     let (config, server) = load(&config_path, &overrides)?;
     create_state_dir(&config.server.state_dir)?;
+    // One daemon per state directory and table, before anything is opened or installed.
+    let _locks = (
+        crate::firewall::lock::StateLock::acquire(&config.server.state_dir)?,
+        crate::firewall::lock::StateLock::acquire_table(&config.server.table)?,
+    );
     // Before anything is touched: refuses if another spad answers on this state directory.
     let mut hub =
         crate::control::Hub::bind(&config, &config_path, crate::clock::SystemClock.now())?;
@@ -553,6 +558,12 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                 account.uid
             ),
         );
+    }
+
+    let (mut guard, warning) =
+        crate::firewall::guard::Guard::new(&mut *pipeline.firewall, &pipeline.config);
+    if let Some(w) = warning {
+        pipeline.log.line(clock.now(), &w);
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -603,6 +614,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                 ),
             }
             hub.reloaded(&pipeline);
+            guard.rearm(&mut *pipeline.firewall);
         }
         match source.recv(Duration::from_millis(200)) {
             Ok(Some(received)) => pipeline.handle(&received),
@@ -619,6 +631,9 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
             pipeline.log.line(clock.now(), &line);
         }
         hub.poll(&mut pipeline);
+        for line in guard.poll(&mut *pipeline.firewall, &pipeline.config) {
+            pipeline.log.line(clock.now(), &line);
+        }
     }
     hub.stopping();
     pipeline
@@ -634,10 +649,10 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         .log
         .line(clock.now(), &format!("stopping: {}", counters.join(" ")));
     if pipeline.config.server.flush_on_exit {
-        pipeline.firewall.remove()?;
+        pipeline.firewall.flush()?;
         pipeline.log.line(
             clock.now(),
-            "flush-on-exit: table removed, all grants closed",
+            "flush-on-exit: all grants closed; the protection stays (`spad uninstall` removes it)",
         );
     } else {
         pipeline.log.line(

@@ -602,6 +602,19 @@ impl Lab {
         panic!("spad did not stop");
     }
 
+    /// The process id of a started `spad`.
+    pub fn spad_pid(&self, index: usize) -> u32 {
+        self.children[index].id()
+    }
+
+    /// Runs `spad ARGS -c CONFIG` inside the gateway namespace, whatever the exit status.
+    pub fn spad_gw(&self, args: &[&str], config: &str) -> Output {
+        let path = self.path(config);
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["-c", path.to_str().unwrap()]);
+        self.try_exec(&self.gw, binary("spad").to_str().unwrap(), &full)
+    }
+
     /// Sends SIGHUP to a started `spad`.
     pub fn reload_spad(&mut self, index: usize) {
         // SAFETY: signalling our own child.

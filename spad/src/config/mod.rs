@@ -24,7 +24,7 @@ pub mod services;
 pub mod span;
 
 pub use clients::Client;
-pub use server::{BackendChoice, CaptureMode, Server};
+pub use server::{BackendChoice, CaptureMode, Conceal, Server};
 pub use services::{Forward, Service, ServiceKind};
 // `crate::config::{at, resolve, Located}` keep working for code written before the split.
 pub use span::Seconds;

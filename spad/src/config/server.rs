@@ -32,6 +32,8 @@ pub(super) struct RawServer {
     max_future: Spanned<Seconds>,
     #[serde(default)]
     flush_on_exit: bool,
+    #[serde(default)]
+    conceal: Conceal,
     metrics: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
 }
@@ -63,6 +65,17 @@ pub enum CaptureMode {
     Udp,
 }
 
+/// How protected, knock and watched ports answer a stranger (see docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Conceal {
+    /// No answer at all, like a host whose firewall drops unsolicited traffic.
+    #[default]
+    Drop,
+    /// Answer like a closed port of this host: TCP RST, ICMP port unreachable.
+    Closed,
+}
+
 /// Which firewall to drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -86,6 +99,7 @@ pub struct Server {
     pub max_age: Duration,
     pub max_future: Duration,
     pub flush_on_exit: bool,
+    pub conceal: Conceal,
     /// Where the Prometheus endpoint listens (opt-in).
     pub metrics: Option<std::net::SocketAddr>,
     /// The unprivileged user `spad run` becomes after opening its sockets.
@@ -158,6 +172,7 @@ pub(super) fn build(
         max_age: window_side(&raw.max_age, "max-age", Duration::from_secs(1))?,
         max_future: window_side(&raw.max_future, "max-future", Duration::ZERO)?,
         flush_on_exit: raw.flush_on_exit,
+        conceal: raw.conceal,
         metrics: match &raw.metrics {
             Some(m) => Some(m.get_ref().parse().map_err(|_| {
                 at(

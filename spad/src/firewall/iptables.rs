@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::established::Observed;
 use super::netlink::{Message, Socket, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_REQUEST};
+use super::plan::{Family, Plan, PortMatch, Rule, SetId, SetRole, Source, Verdict};
 use super::{still_allowed, Access, Firewall, LiveGrant};
-use crate::config::{Config, Service, ServiceKind};
-use crate::net::{PortProto, Proto};
+use crate::config::Config;
+use crate::net::Proto;
 
 const NFNL_SUBSYS_IPSET: u16 = 6;
 const IPSET_CMD_ADD: u16 = 9;
@@ -83,22 +85,17 @@ pub fn ipset_message(set: &str, address: IpAddr, add: Option<(Duration, &str)>) 
 
 /// Set name for a service (ipset names are at most 31 bytes).
 pub fn set_name(table: &str, service: &str, idle: bool, v6: bool) -> String {
-    let name = format!(
-        "{table}-{}{}-{service}",
-        if idle { 'i' } else { 'a' },
-        if v6 { 6 } else { 4 }
-    );
-    if name.len() <= 31 {
-        return name;
-    }
-    let hash = service
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    format!("{}~{hash:08x}", &name[..22])
+    let family = if v6 { Family::V6 } else { Family::V4 };
+    let id = if idle {
+        SetId::idle(service, family)
+    } else {
+        SetId::grant(service, family)
+    };
+    id.ipset_name(table)
 }
 
 fn blacklist_set(table: &str, v6: bool) -> String {
-    format!("{table}-bl{}", if v6 { 6 } else { 4 })
+    SetId::blacklist(if v6 { Family::V6 } else { Family::V4 }).ipset_name(table)
 }
 
 fn chain(table: &str, role: &str) -> String {
@@ -107,142 +104,146 @@ fn chain(table: &str, role: &str) -> String {
 
 /// `-p tcp -m multiport --dports ...` fragments, at most 7 entries each (multiport's limit is
 /// 15 slots and a range takes two).
-fn port_matches(ports: &[PortProto], ranges: &[(Proto, u16, u16)]) -> Vec<String> {
-    let mut out = Vec::new();
-    for (proto, items) in super::port_items(ports, ranges, ":") {
-        for chunk in items.chunks(7) {
-            out.push(format!(
+fn multiport(m: &PortMatch) -> Vec<String> {
+    m.texts(":")
+        .chunks(7)
+        .map(|chunk| {
+            format!(
                 "-p {} -m multiport --dports {}",
-                proto.name(),
+                m.proto.name(),
                 chunk.join(",")
-            ));
+            )
+        })
+        .collect()
+}
+
+fn iif(iif: &Option<String>) -> Option<String> {
+    iif.as_ref().map(|i| format!("-i {i}"))
+}
+
+fn sources(table: &str, source: &Source) -> Vec<Option<String>> {
+    match source {
+        Source::Any => vec![None],
+        Source::Nets(nets) => nets.iter().map(|c| Some(format!("-s {c}"))).collect(),
+        Source::Granted { grant, idle } => {
+            let mut m = format!("-m set --match-set {} src", grant.ipset_name(table));
+            if let Some(idle) = idle {
+                let _ = write!(m, " -m set --match-set {} src", idle.ipset_name(table));
+            }
+            vec![Some(m)]
         }
     }
-    out
 }
 
-fn iif(service: &Service) -> String {
-    service
-        .interface
-        .as_ref()
-        .map_or(String::new(), |i| format!("-i {i} "))
+fn target(verdict: Verdict, proto: Proto) -> String {
+    match verdict {
+        Verdict::Accept => "-j ACCEPT".into(),
+        Verdict::Drop => "-j DROP".into(),
+        Verdict::Conceal(conceal) => super::conceal_verdict(conceal, proto, false).into(),
+        Verdict::Dnat(to) => format!("-j DNAT --to-destination {to}"),
+    }
 }
 
-/// The `iptables-restore --noflush` input for one family.
-pub fn rules(config: &Config, table: &str, v6: bool) -> String {
+fn join(parts: impl IntoIterator<Item = Option<String>>) -> String {
+    parts.into_iter().flatten().collect::<Vec<_>>().join(" ")
+}
+
+/// One plan rule as iptables rule specifications (without `-A CHAIN`); a rule may need
+/// several (one per allowed prefix, one per multiport chunk).
+pub fn render_rule(table: &str, rule: &Rule) -> Vec<String> {
+    match rule {
+        Rule::Established => vec!["-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT".into()],
+        Rule::Flow(f) => vec![format!(
+            "-s {} -d {} -p tcp --sport {} --dport {} -j ACCEPT",
+            f.remote.ip(),
+            f.local.ip(),
+            f.remote.port(),
+            f.local.port()
+        )],
+        Rule::Ports {
+            iif: interface,
+            ports,
+            source,
+            verdict,
+            ..
+        } => {
+            let mut out = Vec::new();
+            for from in sources(table, source) {
+                for m in multiport(ports) {
+                    out.push(join([
+                        iif(interface),
+                        Some(m),
+                        from.clone(),
+                        Some(target(*verdict, ports.proto)),
+                    ]));
+                }
+            }
+            out
+        }
+        Rule::Refresh {
+            iif: interface,
+            ports,
+            set,
+            timeout,
+            ..
+        } => {
+            let set = set.ipset_name(table);
+            multiport(ports)
+                .into_iter()
+                .map(|m| {
+                    join([
+                        iif(interface),
+                        Some(m),
+                        Some(format!(
+                            "-m set --match-set {set} src -j SET --add-set {set} src --exist --timeout {}",
+                            timeout.as_secs().max(1)
+                        )),
+                    ])
+                })
+                .collect()
+        }
+        Rule::ToTarget {
+            target: to,
+            proto,
+            dnat_from,
+            verdict,
+        } => {
+            let mut line = format!("-d {} -p {} --dport {}", to.ip(), proto.name(), to.port());
+            if let Some(public) = dnat_from {
+                let _ = write!(
+                    line,
+                    " -m conntrack --ctstate DNAT --ctorigdstport {public}"
+                );
+            }
+            let _ = write!(line, " {}", target(*verdict, *proto));
+            vec![line]
+        }
+    }
+}
+
+/// The `iptables-restore --noflush` input for one family of `plan`.
+pub fn rules(plan: &Plan, table: &str, family: Family) -> String {
+    let mut t = String::new();
+    let chain_rules = |t: &mut String, chain: &str, rules: &[Rule]| {
+        for rule in rules.iter().filter(|r| r.in_family(family)) {
+            for spec in render_rule(table, rule) {
+                let _ = writeln!(t, "-A {chain} {spec}");
+            }
+        }
+    };
     let (input, forward, refresh, nat) = (
         chain(table, "INPUT"),
         chain(table, "FORWARD"),
         chain(table, "REFRESH"),
         chain(table, "NAT"),
     );
-    let access = |s: &Service| {
-        let mut m = format!(
-            "-m set --match-set {} src",
-            set_name(table, &s.name, false, v6)
-        );
-        if s.idle_timeout.is_some() {
-            let _ = write!(
-                m,
-                " -m set --match-set {} src",
-                set_name(table, &s.name, true, v6)
-            );
-        }
-        m
-    };
-    let allow = |s: &Service| -> Vec<String> {
-        s.allow
-            .iter()
-            .filter(|c| c.addr.is_ipv6() == v6)
-            .map(|c| format!("-s {c}"))
-            .collect()
-    };
-
-    let mut t = String::new();
     let _ = writeln!(t, "*filter\n:{input} - [0:0]\n:{forward} - [0:0]");
-    let _ = writeln!(
-        t,
-        "-A {input} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-    );
-    let (hidden, ranges) = super::hidden_ports(config);
-    for m in port_matches(&hidden, &ranges) {
-        let _ = writeln!(t, "-A {input} {m} -j DROP");
-    }
-    for s in config
-        .services
-        .values()
-        .filter(|s| s.kind != ServiceKind::Nat)
-    {
-        for m in port_matches(&s.ports, &[]) {
-            for a in allow(s) {
-                let _ = writeln!(t, "-A {input} {}{m} {a} -j ACCEPT", iif(s));
-            }
-            let _ = writeln!(t, "-A {input} {}{m} {} -j ACCEPT", iif(s), access(s));
-        }
-    }
-    for s in config.services.values() {
-        for m in port_matches(&s.ports, &[]) {
-            let _ = writeln!(t, "-A {input} {}{m} -j DROP", iif(s));
-        }
-    }
-    let _ = writeln!(
-        t,
-        "-A {forward} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-    );
-    let nat_services: Vec<&Service> = config
-        .services
-        .values()
-        .filter(|s| s.kind == ServiceKind::Nat)
-        .collect();
-    for s in &nat_services {
-        let f = s.forward.as_ref().expect("nat services have a target");
-        let target = if v6 { f.v6 } else { f.v4 };
-        if let Some(target) = target {
-            let public = s.ports[0];
-            let m = format!(
-                "-d {} -p {} --dport {}",
-                target.ip(),
-                public.proto.name(),
-                target.port()
-            );
-            let _ = writeln!(
-                t,
-                "-A {forward} {m} -m conntrack --ctstate DNAT --ctorigdstport {} -j ACCEPT",
-                public.port
-            );
-            let _ = writeln!(t, "-A {forward} {m} -j DROP");
-        }
-    }
+    chain_rules(&mut t, &input, &plan.input);
+    chain_rules(&mut t, &forward, &plan.forward);
     let _ = writeln!(t, "COMMIT\n*mangle\n:{refresh} - [0:0]");
-    for s in config.services.values() {
-        let Some(idle) = s.idle_timeout else { continue };
-        let set = set_name(table, &s.name, true, v6);
-        for m in port_matches(&s.ports, &[]) {
-            let _ = writeln!(t, "-A {refresh} {}{m} -m set --match-set {set} src -j SET --add-set {set} src --exist --timeout {}", iif(s), idle.as_secs().max(1));
-        }
-    }
+    chain_rules(&mut t, &refresh, &plan.refresh);
     let _ = writeln!(t, "COMMIT\n*nat\n:{nat} - [0:0]");
-    for s in &nat_services {
-        let f = s.forward.as_ref().expect("nat services have a target");
-        let Some(target) = (if v6 { f.v6 } else { f.v4 }) else {
-            continue;
-        };
-        for m in port_matches(&s.ports, &[]) {
-            for a in allow(s) {
-                let _ = writeln!(
-                    t,
-                    "-A {nat} {}{m} {a} -j DNAT --to-destination {target}",
-                    iif(s)
-                );
-            }
-            let _ = writeln!(
-                t,
-                "-A {nat} {}{m} {} -j DNAT --to-destination {target}",
-                iif(s),
-                access(s)
-            );
-        }
-    }
+    chain_rules(&mut t, &nat, &plan.nat);
     let _ = writeln!(t, "COMMIT");
     t
 }
@@ -302,22 +303,13 @@ pub fn parse_save(text: &str) -> (Vec<String>, Vec<Entry>) {
     (sets, entries)
 }
 
-/// One ipset spad manages for a service.
-#[derive(Debug, Clone)]
-struct SetInfo {
-    name: String,
-    service: String,
-    idle: bool,
-    v6: bool,
-}
-
 /// The iptables backend.
 #[derive(Debug)]
 pub struct Iptables {
     table: String,
     socket: Socket,
-    /// The installed config's sets, to map entries back to services.
-    sets: Vec<SetInfo>,
+    /// The installed plan's sets by ipset name, to map entries back to services.
+    sets: Vec<(String, SetId)>,
 }
 
 impl Iptables {
@@ -331,24 +323,32 @@ impl Iptables {
         })
     }
 
-    fn known_sets(&self, config: &Config) -> Vec<SetInfo> {
-        let mut out = Vec::new();
-        for s in config.services.values() {
-            for v6 in [false, true] {
-                for idle in [false, true] {
-                    if !idle || s.idle_timeout.is_some() {
-                        let name = set_name(&self.table, &s.name, idle, v6);
-                        out.push(SetInfo {
-                            name,
-                            service: s.name.clone(),
-                            idle,
-                            v6,
-                        });
-                    }
-                }
-            }
-        }
-        out
+    fn known_sets(&self, plan: &Plan) -> Vec<(String, SetId)> {
+        plan.sets
+            .iter()
+            .map(|s| (s.id.ipset_name(&self.table), s.id.clone()))
+            .collect()
+    }
+
+    fn set_of(&self, name: &str) -> Option<&SetId> {
+        self.sets.iter().find(|(n, _)| n == name).map(|(_, id)| id)
+    }
+
+    /// Grant entries that are live as the kernel enforces them: in a grant set of a known
+    /// service and, where that service has an idle set, in the idle set too.
+    fn live<'a>(&'a self, entries: &'a [Entry]) -> Vec<(&'a Entry, &'a SetId)> {
+        entries
+            .iter()
+            .filter_map(|e| {
+                let id = self.set_of(&e.set).filter(|id| id.role == SetRole::Grant)?;
+                let idle = SetId::idle(&id.service, id.family);
+                let active = !self.sets.iter().any(|(_, s)| *s == idle)
+                    || entries
+                        .iter()
+                        .any(|x| x.address == e.address && self.set_of(&x.set) == Some(&idle));
+                active.then_some((e, id))
+            })
+            .collect()
     }
 
     fn ours(&self, set: &str) -> bool {
@@ -395,20 +395,19 @@ impl Firewall for Iptables {
     }
 
     fn attach(&mut self, config: &Config) {
-        self.sets = self.known_sets(config);
+        self.sets = self.known_sets(&Plan::build(config, &Observed::default()));
     }
 
     fn install(&mut self, config: &Config) -> anyhow::Result<usize> {
-        let known = self.known_sets(config);
+        let plan = Plan::build(config, &Observed::read(config));
+        let known = self.known_sets(&plan);
         // Sets first (rules reference them); `-exist` keeps existing sets and their entries.
         let mut create = String::new();
-        let blacklists = [false, true].map(|v6| (blacklist_set(&self.table, v6), v6));
-        let all = known
-            .iter()
-            .map(|s| (s.name.clone(), s.v6))
-            .chain(blacklists);
-        for (name, v6) in all {
-            let family = if v6 { "inet6" } else { "inet" };
+        for (name, id) in &known {
+            let family = match id.family {
+                Family::V4 => "inet",
+                Family::V6 => "inet6",
+            };
             let _ = writeln!(
                 create,
                 "create {name} hash:ip family {family} timeout 0 comment"
@@ -416,8 +415,8 @@ impl Firewall for Iptables {
         }
         tool("ipset", &["restore", "-exist"], Some(&create)).context("creating ipsets")?;
         let (v4, v6) = (
-            rules(config, &self.table, false),
-            rules(config, &self.table, true),
+            rules(&plan, &self.table, Family::V4),
+            rules(&plan, &self.table, Family::V6),
         );
         tool("iptables-restore", &["--test", "--noflush"], Some(&v4))
             .context("checking IPv4 rules")?;
@@ -431,30 +430,41 @@ impl Firewall for Iptables {
             }
         }
         self.sets = known;
-        // Prune: entries the new config no longer allows, and sets it no longer uses.
-        let blacklist_prefix = format!("{}-bl", self.table);
+        // Prune: entries the new config no longer allows, grants whose idle timer lapsed,
+        // and sets the config no longer uses.
         let (sets, entries) = self.saved()?;
-        let mut kept = 0;
-        for e in entries
+        let live: Vec<Entry> = self
+            .live(&entries)
             .into_iter()
-            .filter(|e| !e.set.starts_with(&blacklist_prefix))
-        {
-            let set = self.sets.iter().find(|s| s.name == e.set);
-            let live = |s: &SetInfo| LiveGrant {
-                address: e.address,
-                service: s.service.clone(),
-                remaining: e.remaining,
-                owner: e.owner.clone(),
-            };
-            if set.is_some_and(|s| still_allowed(config, &live(s))) {
-                kept += usize::from(set.is_some_and(|s| !s.idle));
+            .map(|(e, _)| e.clone())
+            .collect();
+        let mut kept = 0;
+        for e in &entries {
+            let set = self.set_of(&e.set);
+            if set.is_some_and(|id| id.role == SetRole::Blacklist) {
+                continue;
+            }
+            let allowed = set.is_some_and(|id| {
+                still_allowed(
+                    config,
+                    &LiveGrant {
+                        address: e.address,
+                        service: id.service.clone(),
+                        remaining: e.remaining,
+                        owner: e.owner.clone(),
+                    },
+                )
+            });
+            let grant = set.is_some_and(|id| id.role == SetRole::Grant);
+            if allowed && (!grant || live.contains(e)) {
+                kept += usize::from(grant);
             } else {
                 self.socket
                     .transact(vec![ipset_message(&e.set, e.address, None)], None)?;
             }
         }
         for set in sets {
-            if !self.sets.iter().any(|s| s.name == set) && !set.starts_with(&blacklist_prefix) {
+            if self.set_of(&set).is_none() {
                 let _ = tool("ipset", &["destroy", &set], None);
             }
         }
@@ -494,7 +504,7 @@ impl Firewall for Iptables {
                 None,
             ));
             let idle = set_name(&self.table, service, true, v6);
-            if self.sets.iter().any(|s| s.name == idle) {
+            if self.set_of(&idle).is_some() {
                 messages.push(ipset_message(&idle, address, None));
             }
         }
@@ -507,22 +517,14 @@ impl Firewall for Iptables {
 
     fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>> {
         let (_, entries) = self.saved()?;
-        let prefix4 = format!("{}-a4-", self.table);
-        let prefix6 = format!("{}-a6-", self.table);
-        Ok(entries
+        Ok(self
+            .live(&entries)
             .into_iter()
-            .filter_map(|e| {
-                let service = e
-                    .set
-                    .strip_prefix(&prefix4)
-                    .or_else(|| e.set.strip_prefix(&prefix6))?
-                    .to_string();
-                Some(LiveGrant {
-                    address: e.address,
-                    service,
-                    remaining: e.remaining,
-                    owner: e.owner,
-                })
+            .map(|(e, id)| LiveGrant {
+                address: e.address,
+                service: id.service.clone(),
+                remaining: e.remaining,
+                owner: e.owner.clone(),
             })
             .collect())
     }
@@ -546,6 +548,35 @@ impl Firewall for Iptables {
             .filter(|e| e.set.starts_with(&prefix))
             .map(|e| (e.address, e.remaining))
             .collect())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let blacklists = [false, true].map(|v6| blacklist_set(&self.table, v6));
+        for set in self.saved()?.0 {
+            if !blacklists.contains(&set) {
+                tool("ipset", &["flush", &set], None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn protection(&mut self) -> anyhow::Result<String> {
+        // Our chains, their rules and the jumps into them, in both families, and our sets.
+        let prefix = chain(&self.table, "");
+        let mut out = String::new();
+        for program in ["iptables-save", "ip6tables-save"] {
+            for table in ["filter", "mangle", "nat"] {
+                let text = tool(program, &["-t", table], None)?;
+                for line in text.lines().filter(|l| l.contains(&prefix)) {
+                    let _ = writeln!(out, "{program} {table} {line}");
+                }
+            }
+        }
+        let names = tool("ipset", &["list", "-n"], None)?;
+        for name in names.lines().filter(|n| self.ours(n)) {
+            let _ = writeln!(out, "ipset {name}");
+        }
+        Ok(out)
     }
 
     fn remove(&mut self) -> anyhow::Result<()> {

@@ -71,6 +71,13 @@ impl Firewall for Memory {
     fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>> {
         Ok(self.blacklist.iter().map(|(a, d)| (*a, *d)).collect())
     }
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.grants.clear();
+        Ok(())
+    }
+    fn protection(&mut self) -> anyhow::Result<String> {
+        Ok(format!("installed {}", self.installs))
+    }
     fn remove(&mut self) -> anyhow::Result<()> {
         self.grants.clear();
         Ok(())

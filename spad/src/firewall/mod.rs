@@ -7,13 +7,17 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Conceal, Config};
 use crate::net::{PortProto, Proto};
 
+pub mod established;
+pub mod guard;
 pub mod iptables;
+pub mod lock;
 pub mod memory;
 pub mod netlink;
 pub mod nftables;
+pub mod plan;
 
 /// One grant to install: `address` may reach `service` for `timeout` (and, for services with
 /// an idle timeout, only while it keeps sending traffic).
@@ -56,7 +60,19 @@ pub trait Firewall {
     fn blacklist(&mut self, address: IpAddr, duration: Duration) -> anyhow::Result<()>;
     /// Sources currently on the blacklist with their remaining time.
     fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>>;
-    /// Removes everything this backend installed.
+    /// Removes every grant (not the blacklist); the protection stays in place.
+    fn flush(&mut self) -> anyhow::Result<()>;
+    /// A fingerprint of the protection as the kernel holds it now (tables, chains, rules, sets,
+    /// jumps; never set elements): it changes when anyone alters or removes any of it.
+    /// Empty when nothing is installed.
+    fn protection(&mut self) -> anyhow::Result<String>;
+    /// Rebuilds the protection from scratch after someone damaged it, keeping the grants that
+    /// survived and `config` still allows. Returns how many were kept.
+    fn repair(&mut self, config: &Config) -> anyhow::Result<usize> {
+        self.install(config)
+    }
+    /// Removes everything this backend installed: protected ports become reachable by all.
+    /// Only `spad uninstall` (and benchmarks) call this.
     fn remove(&mut self) -> anyhow::Result<()>;
 }
 
@@ -90,9 +106,16 @@ pub fn still_allowed(config: &Config, grant: &LiveGrant) -> bool {
         .is_some_and(|c| c.services.contains(&grant.service))
 }
 
-/// Ports that must look filtered besides the services: the SPA port (when sniffed), every
-/// static and one-time knock port, decoys, and each TOTP door's first port and port range.
-pub fn hidden_ports(config: &Config) -> (Vec<PortProto>, Vec<(Proto, u16, u16)>) {
+/// Ports that must answer like the protected ones (see `conceal`) besides the services: the
+/// SPA port (when sniffed), every static and one-time knock port, decoys, each TOTP door's
+/// first port and port range, and every port between a door's lowest and highest knock port
+/// (the capture watches those too: hits there reset progress). A scan then finds every
+/// watched port answering alike. A port in such a range that something `listening` on is
+/// left out (a public service there must not be locked out); named knock ports never are.
+pub fn hidden_ports(
+    config: &Config,
+    listening: &[PortProto],
+) -> (Vec<PortProto>, Vec<(Proto, u16, u16)>) {
     let mut ports = Vec::new();
     let mut ranges = Vec::new();
     if config.server.capture == crate::config::CaptureMode::AfPacket {
@@ -117,10 +140,43 @@ pub fn hidden_ports(config: &Config) -> (Vec<PortProto>, Vec<(Proto, u16, u16)>)
             port: door.first_port,
             proto: door.proto,
         });
-        ranges.push((door.proto, door.rule.low, door.rule.high));
+    }
+    let mut pieces = Vec::new();
+    for watch in crate::knock::engine::watched_ranges(config) {
+        if watch.low == watch.high {
+            continue; // single ports (decoys, TOTP first ports) are in `ports` already
+        }
+        let exempt = |port: u16| {
+            let p = PortProto {
+                port,
+                proto: watch.proto,
+            };
+            listening.contains(&p) && !ports.contains(&p)
+        };
+        let mut low = u32::from(watch.low);
+        for port in watch.low..=watch.high {
+            if exempt(port) {
+                if low < u32::from(port) {
+                    pieces.push((watch.proto, low as u16, port - 1));
+                }
+                low = u32::from(port) + 1;
+            }
+        }
+        if low <= u32::from(watch.high) {
+            pieces.push((watch.proto, low as u16, watch.high));
+        }
+    }
+    for (proto, low, high) in pieces {
+        if low == high {
+            ports.push(PortProto { port: low, proto });
+        } else {
+            ranges.push((proto, low, high));
+        }
     }
     ports.sort();
     ports.dedup();
+    ranges.sort();
+    ranges.dedup();
     (ports, ranges)
 }
 
@@ -151,6 +207,21 @@ pub fn port_items(
         }
     }
     out
+}
+
+/// The verdict text for a port that strangers must not reach, per `conceal` and protocol, in
+/// nftables syntax (`drop`, `reject with tcp reset`, `reject`) or iptables target syntax.
+pub fn conceal_verdict(conceal: Conceal, proto: Proto, nft: bool) -> &'static str {
+    match (conceal, proto, nft) {
+        (Conceal::Drop, _, true) => "drop",
+        (Conceal::Drop, _, false) => "-j DROP",
+        (Conceal::Closed, Proto::Tcp, true) => "reject with tcp reset",
+        (Conceal::Closed, Proto::Tcp, false) => "-j REJECT --reject-with tcp-reset",
+        // The default ICMP(v6) port unreachable: what the kernel sends for a closed UDP port,
+        // under the same rate limit (icmp_send).
+        (Conceal::Closed, Proto::Udp, true) => "reject",
+        (Conceal::Closed, Proto::Udp, false) => "-j REJECT",
+    }
 }
 
 /// Runs a firewall tool (`nft`, `iptables-restore`, `ipset`, ...) with `input` on stdin and
@@ -189,6 +260,24 @@ pub(crate) fn run_tool(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `spad uninstall`: removes the protection for good, loudly. Refused while a daemon holds
+/// the state directory, since it would (rightly) put the protection back at once.
+pub fn uninstall(config: &Config) -> anyhow::Result<()> {
+    if let Some(pid) = lock::StateLock::holder(&config.server.state_dir, &config.server.table) {
+        anyhow::bail!(
+            "spad (pid {pid}) is running on {} (table {}) and keeps the protection in place: stop it first",
+            config.server.state_dir.display(),
+            config.server.table
+        );
+    }
+    open(config)?.remove()?;
+    eprintln!(
+        "spad: WARNING: removed spad's protection (table {}): every protected port is now reachable by everyone",
+        config.server.table
+    );
+    Ok(())
+}
+
 /// Opens the backend `config` asks for (`auto`: nftables if the kernel speaks it, else iptables).
 pub fn open(config: &Config) -> anyhow::Result<Box<dyn Firewall>> {
     use crate::config::BackendChoice;
@@ -205,4 +294,33 @@ pub fn open(config: &Config) -> anyhow::Result<Box<dyn Firewall>> {
     };
     firewall.attach(config);
     Ok(firewall)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watched_ranges_are_hidden_except_ports_with_a_listener() {
+        let config = Config::parse(
+            std::path::Path::new("t.toml"),
+            "[server]\nprivate-key = \"k\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[doors.ops]\nsequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]\nservices = [\"ssh\"]\n",
+        )
+        .unwrap();
+        let tcp = |port| PortProto {
+            port,
+            proto: Proto::Tcp,
+        };
+        let (ports, ranges) = hidden_ports(&config, &[]);
+        assert!(ports.contains(&tcp(7000)) && ports.contains(&tcp(9000)));
+        assert_eq!(ranges, vec![(Proto::Tcp, 7000, 9000)]);
+        // A public service listening between the knock ports is not concealed; a knock port
+        // with a listener still is.
+        let (ports, ranges) = hidden_ports(&config, &[tcp(8080), tcp(7000), tcp(8999)]);
+        assert_eq!(
+            ranges,
+            vec![(Proto::Tcp, 7000, 8079), (Proto::Tcp, 8081, 8998)]
+        );
+        assert!(ports.contains(&tcp(9000)) && !ports.contains(&tcp(8999)));
+    }
 }

@@ -11,6 +11,7 @@ const NETLINK_NETFILTER: i32 = 12;
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_CREATE: u16 = 0x400;
+pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLA_F_NESTED: u16 = 0x8000;
 pub const NLA_F_NET_BYTEORDER: u16 = 0x4000;
 const NLMSG_ERROR: u16 = 2;
@@ -165,6 +166,45 @@ impl Socket {
         })
     }
 
+    /// Sends one datagram to the kernel.
+    fn send(&self, datagram: &[u8]) -> io::Result<()> {
+        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value (pid 0 = kernel).
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: the buffer and address are valid for the duration of the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                datagram.as_ptr().cast(),
+                datagram.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one datagram into the socket's buffer; returns its length.
+    fn recv(&mut self) -> io::Result<usize> {
+        // SAFETY: buf is a valid writable buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                self.buf.as_mut_ptr().cast(),
+                self.buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
@@ -195,37 +235,11 @@ impl Socket {
             let seq = self.next_seq();
             datagram.extend(Message::new(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, subsys).finish(seq));
         }
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: the buffer and address are valid for the duration of the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                datagram.as_ptr().cast(),
-                datagram.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
+        self.send(&datagram)?;
         let mut acked = 0usize;
         while acked < expected.len() {
-            // SAFETY: buf is a valid writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error().into());
-            }
-            for reply in parse_replies(&self.buf[..n as usize])? {
+            let n = self.recv()?;
+            for reply in parse_replies(&self.buf[..n])? {
                 let Some(index) = expected.iter().position(|s| *s == reply.seq) else {
                     continue;
                 };
@@ -240,6 +254,156 @@ impl Socket {
         }
         Ok(())
     }
+}
+
+impl Socket {
+    /// Sends one dump request and collects the bodies (after the 16-byte `nlmsghdr`) of every
+    /// answer until `NLMSG_DONE`. A kernel error (e.g. `ENOENT` for a missing table) aborts.
+    pub fn dump(&mut self, message: Message) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        let seq = self.next_seq();
+        let datagram = message.finish(seq);
+        self.send(&datagram)?;
+        let mut out = Vec::new();
+        // Bounded: a dump of a few hundred thousand elements fits in far fewer datagrams.
+        for _ in 0..1_000_000 {
+            let n = self.recv()?;
+            let mut bytes = &self.buf[..n];
+            while bytes.len() >= 16 {
+                let len = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+                if len < 16 || len > bytes.len() {
+                    return Err(NetlinkError::Malformed);
+                }
+                let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
+                let reply_seq = u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+                if reply_seq == seq {
+                    match kind {
+                        NLMSG_DONE => return Ok(out),
+                        NLMSG_ERROR => {
+                            let reply = parse_replies(&bytes[..len])?;
+                            match reply.first() {
+                                Some(r) if r.errno != 0 => {
+                                    return Err(NetlinkError::Kernel {
+                                        index: 0,
+                                        errno: r.errno,
+                                    })
+                                }
+                                _ => return Ok(out),
+                            }
+                        }
+                        _ => out.push(bytes[16..len].to_vec()),
+                    }
+                }
+                let advance = len.div_ceil(4) * 4;
+                bytes = &bytes[advance.min(bytes.len())..];
+            }
+        }
+        Err(NetlinkError::Malformed)
+    }
+}
+
+/// A socket subscribed to a netfilter multicast group (e.g. `NFNLGRP_NFTABLES`): the kernel
+/// sends it a copy of every committed ruleset change in this network namespace.
+#[derive(Debug)]
+pub struct Monitor {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Monitor {
+    /// Subscribes to `group` (1-32).
+    pub fn open(group: u32) -> io::Result<Self> {
+        if !(1..=32).contains(&group) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: plain socket(2) call; the result is checked before wrapping.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, owned descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Bound with the group in the legacy bitmask (groups 1-32): binding also gives the
+        // socket a port id, without which the kernel delivers no multicast to it.
+        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = 1 << (group - 1);
+        // SAFETY: valid fd; the address pointer and size match sockaddr_nl.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            fd,
+            buf: vec![0u8; 65536],
+        })
+    }
+
+    /// Every message queued so far as `(nlmsg type, body after the 16-byte header)`, without
+    /// blocking. `ENOBUFS` means events were lost: the caller must assume anything changed.
+    pub fn drain(&mut self) -> io::Result<Vec<(u16, Vec<u8>)>> {
+        let mut out = Vec::new();
+        // Bounded: at most this many datagrams per call; the rest waits for the next one.
+        for _ in 0..1024 {
+            // SAFETY: buf is a valid writable buffer of the given length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    break;
+                }
+                return Err(e);
+            }
+            let mut bytes = &self.buf[..n as usize];
+            while bytes.len() >= 16 {
+                let len = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+                if len < 16 || len > bytes.len() {
+                    break;
+                }
+                let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
+                out.push((kind, bytes[16..len].to_vec()));
+                let advance = len.div_ceil(4) * 4;
+                bytes = &bytes[advance.min(bytes.len())..];
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Splits attribute bytes into `(type without flags, payload)` pairs; stops at the first
+/// malformed header (a truncated tail is ignored, never read past).
+pub fn attributes(mut bytes: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while bytes.len() >= 4 {
+        let len = u16::from_ne_bytes([bytes[0], bytes[1]]) as usize;
+        let kind = u16::from_ne_bytes([bytes[2], bytes[3]]) & !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
+        if len < 4 || len > bytes.len() {
+            break;
+        }
+        out.push((kind, &bytes[4..len]));
+        let advance = len.div_ceil(4) * 4;
+        bytes = &bytes[advance.min(bytes.len())..];
+    }
+    out
 }
 
 /// One acknowledgement or error from the kernel.
@@ -306,6 +470,22 @@ mod tests {
             u16::from_ne_bytes(bytes[34..36].try_into().unwrap()),
             3 | NLA_F_NESTED
         );
+    }
+
+    #[test]
+    fn attributes_round_trip_and_truncation_stops() {
+        let mut m = Message::new(0, 0, 0, 0);
+        m.attr_str(1, "spad")
+            .nest_start(3)
+            .attr(1, &[9; 5])
+            .nest_end();
+        let bytes = m.finish(1);
+        let attrs = attributes(&bytes[20..]);
+        assert_eq!(attrs[0], (1, &b"spad\0"[..]));
+        assert_eq!(attrs[1].0, 3);
+        assert_eq!(attributes(attrs[1].1), vec![(1, &[9u8; 5][..])]);
+        assert_eq!(attributes(&bytes[20..bytes.len() - 3]).len(), 1);
+        assert!(attributes(&[0xff, 0xff, 1, 0]).is_empty());
     }
 
     #[test]

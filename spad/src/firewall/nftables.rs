@@ -16,10 +16,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::netlink::{Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
+use super::established::Observed;
+use super::netlink::{
+    attributes, Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use super::plan::{Family, Plan, PortMatch, Rule, SetId, SetRole, Source, Verdict};
 use super::{still_allowed, Access, Firewall, LiveGrant};
-use crate::config::{Config, Service, ServiceKind};
-use crate::net::PortProto;
+use crate::config::Config;
+use crate::net::Proto;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -49,11 +53,12 @@ pub fn available() -> bool {
 
 /// Name of the set holding grants of `service` for `address`'s family.
 pub fn set_name(service: &str, idle: bool, v6: bool) -> String {
-    format!(
-        "{}{}_{service}",
-        if idle { "i" } else { "a" },
-        if v6 { 6 } else { 4 }
-    )
+    let family = if v6 { Family::V6 } else { Family::V4 };
+    if idle {
+        SetId::idle(service, family).nft_name()
+    } else {
+        SetId::grant(service, family).nft_name()
+    }
 }
 
 fn addr_bytes(address: IpAddr) -> Vec<u8> {
@@ -109,7 +114,7 @@ pub fn element_message(
     m
 }
 
-/// An element carried over a reload: its set, address, timeout, time left and owner.
+/// An element as read from the kernel: its set, address, timeout, time left and owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Carried {
     pub set: String,
@@ -119,219 +124,321 @@ pub struct Carried {
     pub owner: String,
 }
 
-fn secs(d: Duration) -> String {
-    format!("{}s", d.as_secs().max(1))
+/// Milliseconds as nft text: never rounded up, so a reinstall never extends a grant.
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
 }
 
-fn port_matches(ports: &[PortProto]) -> Vec<String> {
-    super::port_items(ports, &[], "-")
+fn ip(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+/// `tcp dport { 22, 7000-9000 }`.
+fn ports(m: &PortMatch) -> String {
+    format!("{} dport {{ {} }}", m.proto.name(), m.texts("-").join(", "))
+}
+
+fn iif(iif: &Option<String>) -> Option<String> {
+    iif.as_ref().map(|i| format!("iifname \"{i}\""))
+}
+
+fn source(source: &Source, family: Option<Family>) -> Option<String> {
+    let ip = ip(family.unwrap_or(Family::V4));
+    match source {
+        Source::Any => None,
+        Source::Nets(nets) => {
+            let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+            Some(format!("{ip} saddr {{ {} }}", list.join(", ")))
+        }
+        Source::Granted { grant, idle } => {
+            let mut m = format!("{ip} saddr @{}", grant.nft_name());
+            if let Some(idle) = idle {
+                let _ = write!(m, " {ip} saddr @{}", idle.nft_name());
+            }
+            Some(m)
+        }
+    }
+}
+
+fn verdict(verdict: Verdict, proto: Proto) -> String {
+    match verdict {
+        Verdict::Accept => "accept".into(),
+        Verdict::Drop => "drop".into(),
+        Verdict::Conceal(conceal) => super::conceal_verdict(conceal, proto, true).into(),
+        Verdict::Dnat(target) => format!("dnat {} to {target}", ip(Family::of(target.ip()))),
+    }
+}
+
+/// One plan rule as an nft rule line.
+pub fn render_rule(rule: &Rule) -> String {
+    match rule {
+        Rule::Established => "ct state established,related accept".into(),
+        Rule::Flow(f) => format!(
+            "{ip} saddr {} tcp sport {} {ip} daddr {} tcp dport {} accept",
+            f.remote.ip(),
+            f.remote.port(),
+            f.local.ip(),
+            f.local.port(),
+            ip = ip(Family::of(f.remote.ip()))
+        ),
+        Rule::Ports {
+            family,
+            iif: interface,
+            ports: m,
+            source: from,
+            verdict: v,
+        } => [
+            iif(interface),
+            Some(ports(m)),
+            source(from, *family),
+            Some(verdict(*v, m.proto)),
+        ]
         .into_iter()
-        .map(|(proto, items)| format!("{} dport {{ {} }}", proto.name(), items.join(", ")))
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" "),
+        Rule::Refresh {
+            family,
+            iif: interface,
+            ports: m,
+            set,
+            timeout,
+        } => {
+            let (ip, set) = (ip(*family), set.nft_name());
+            let head = [iif(interface), Some(ports(m))]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+            format!(
+                "{head} {ip} saddr @{set} update @{set} {{ {ip} saddr timeout {} }}",
+                ms(*timeout)
+            )
+        }
+        Rule::ToTarget {
+            target,
+            proto,
+            dnat_from,
+            verdict: v,
+        } => {
+            let mut line = format!(
+                "{} daddr {} {} dport {}",
+                ip(Family::of(target.ip())),
+                target.ip(),
+                proto.name(),
+                target.port()
+            );
+            if let Some(public) = dnat_from {
+                let _ = write!(line, " ct status dnat ct original proto-dst {public}");
+            }
+            let _ = write!(line, " {}", verdict(*v, *proto));
+            line
+        }
+    }
+}
+
+/// The plan's sets as (name, `type ...; flags ...;`).
+fn sets(plan: &Plan) -> Vec<(String, String)> {
+    plan.sets
+        .iter()
+        .map(|s| {
+            let family = match s.id.family {
+                Family::V4 => "ipv4_addr",
+                Family::V6 => "ipv6_addr",
+            };
+            let flags = if s.dynamic {
+                "dynamic,timeout"
+            } else {
+                "timeout"
+            };
+            (s.id.nft_name(), format!("type {family}; flags {flags};"))
+        })
         .collect()
 }
 
-fn iif(service: &Service) -> String {
-    service
-        .interface
-        .as_ref()
-        .map_or(String::new(), |i| format!("iifname \"{i}\" "))
+/// One chain of the table: name, `type ... hook ...;` header and rules.
+#[derive(Debug)]
+struct Chain {
+    name: &'static str,
+    header: &'static str,
+    rules: Vec<String>,
 }
 
-fn hidden_matches(config: &Config) -> Vec<String> {
-    let (ports, ranges) = super::hidden_ports(config);
-    super::port_items(&ports, &ranges, "-")
-        .into_iter()
-        .map(|(proto, items)| format!("{} dport {{ {} }}", proto.name(), items.join(", ")))
-        .collect()
+const NAT_CHAINS: [(&str, &str); 2] = [
+    (
+        "nat_prerouting",
+        "type nat hook prerouting priority dstnat - 5; policy accept;",
+    ),
+    (
+        "forward",
+        "type filter hook forward priority filter - 5; policy accept;",
+    ),
+];
+
+/// Every chain of the plan, with its rules rendered.
+fn chains(plan: &Plan) -> Vec<Chain> {
+    let lines = |rules: &[Rule]| rules.iter().map(render_rule).collect::<Vec<_>>();
+    let mut out = vec![
+        Chain {
+            name: "refresh",
+            header: "type filter hook prerouting priority -160; policy accept;",
+            rules: lines(&plan.refresh),
+        },
+        Chain {
+            name: "input",
+            header: "type filter hook input priority filter - 5; policy accept;",
+            rules: lines(&plan.input),
+        },
+    ];
+    if plan.has_nat() {
+        let [(nat_name, nat_header), (fwd_name, fwd_header)] = NAT_CHAINS;
+        out.push(Chain {
+            name: nat_name,
+            header: nat_header,
+            rules: lines(&plan.nat),
+        });
+        out.push(Chain {
+            name: fwd_name,
+            header: fwd_header,
+            rules: lines(&plan.forward),
+        });
+    }
+    out
 }
 
-/// The whole table as `nft -f` text, replacing any previous version atomically.
+fn write_chains(t: &mut String, table: &str, chains: &[Chain]) {
+    let _ = writeln!(t, "table inet {table} {{");
+    for chain in chains {
+        let _ = writeln!(t, "  chain {} {{\n    {}", chain.name, chain.header);
+        for rule in &chain.rules {
+            let _ = writeln!(t, "    {rule}");
+        }
+        let _ = writeln!(t, "  }}");
+    }
+    let _ = writeln!(t, "}}");
+}
+
+/// The whole table as `nft -f` text, replacing any previous version atomically, with
+/// `carried` elements re-added with the time they have left (in milliseconds, never more).
 pub fn ruleset(config: &Config, table: &str, carried: &[Carried]) -> String {
+    full_ruleset(&Plan::build(config, &Observed::default()), table, carried)
+}
+
+/// [`ruleset`] for a built plan.
+pub fn full_ruleset(plan: &Plan, table: &str, carried: &[Carried]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
         "table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{"
     );
-    let elements_of = |set: &str| -> String {
+    for (name, body) in sets(plan) {
         let list: Vec<String> = carried
             .iter()
-            .filter(|c| c.set == set)
+            .filter(|c| c.set == name && !c.remaining.is_zero())
             .map(|c| {
                 format!(
                     "{} timeout {} expires {} comment \"{}\"",
                     c.address,
-                    secs(c.timeout),
-                    secs(c.remaining.min(c.timeout)),
+                    ms(c.timeout.max(c.remaining)),
+                    ms(c.remaining),
                     c.owner.replace('"', "")
                 )
             })
             .collect();
-        if list.is_empty() {
+        let elements = if list.is_empty() {
             String::new()
         } else {
             format!(" elements = {{ {} }};", list.join(", "))
-        }
-    };
-    for service in config.services.values() {
-        for v6 in [false, true] {
-            let family = if v6 { "ipv6_addr" } else { "ipv4_addr" };
-            let name = set_name(&service.name, false, v6);
-            let _ = writeln!(
-                t,
-                "  set {name} {{ type {family}; flags timeout;{} }}",
-                elements_of(&name)
-            );
-            if service.idle_timeout.is_some() {
-                let name = set_name(&service.name, true, v6);
-                let _ = writeln!(
-                    t,
-                    "  set {name} {{ type {family}; flags dynamic,timeout;{} }}",
-                    elements_of(&name)
-                );
-            }
-        }
-    }
-    for (v6, family) in [(false, "ipv4_addr"), (true, "ipv6_addr")] {
-        let name = if v6 { "blacklist6" } else { "blacklist4" };
-        let _ = writeln!(
-            t,
-            "  set {name} {{ type {family}; flags timeout;{} }}",
-            elements_of(name)
-        );
-    }
-
-    // Idle timers: refreshed by any packet of a granted source to the service's ports, before
-    // the conntrack shortcut so established flows count as activity too.
-    let _ = writeln!(
-        t,
-        "  chain refresh {{\n    type filter hook prerouting priority -160; policy accept;"
-    );
-    for service in config.services.values() {
-        let Some(idle) = service.idle_timeout else {
-            continue;
         };
-        for ports in port_matches(&service.ports) {
-            for (ip, v6) in [("ip", false), ("ip6", true)] {
-                let set = set_name(&service.name, true, v6);
-                let _ = writeln!(
-                    t,
-                    "    {}{ports} {ip} saddr @{set} update @{set} {{ {ip} saddr timeout {} }}",
-                    iif(service),
-                    secs(idle)
-                );
-            }
-        }
-    }
-    let _ = writeln!(t, "  }}");
-
-    let ip = |v6: bool| if v6 { "ip6" } else { "ip" };
-    // `ip saddr @a4_S [ip saddr @i4_S]`: granted (and, with an idle timeout, still active).
-    let access = |service: &Service, v6: bool| -> String {
-        let mut m = format!("{} saddr @{}", ip(v6), set_name(&service.name, false, v6));
-        if service.idle_timeout.is_some() {
-            let _ = write!(
-                m,
-                " {} saddr @{}",
-                ip(v6),
-                set_name(&service.name, true, v6)
-            );
-        }
-        m
-    };
-    // `ip saddr { prefixes }` for the service's allow list in one family, if it has any.
-    let allow = |service: &Service, v6: bool| -> Option<String> {
-        let list: Vec<String> = service
-            .allow
-            .iter()
-            .filter(|c| c.addr.is_ipv6() == v6)
-            .map(|c| c.to_string())
-            .collect();
-        (!list.is_empty()).then(|| format!("{} saddr {{ {} }}", ip(v6), list.join(", ")))
-    };
-
-    let _ = writeln!(
-        t,
-        "  chain input {{\n    type filter hook input priority filter - 5; policy accept;"
-    );
-    let _ = writeln!(t, "    ct state established,related accept");
-    for hidden in hidden_matches(config) {
-        let _ = writeln!(t, "    {hidden} drop");
-    }
-    for service in config
-        .services
-        .values()
-        .filter(|s| s.kind != ServiceKind::Nat)
-    {
-        for ports in port_matches(&service.ports) {
-            for v6 in [false, true] {
-                for source in allow(service, v6).into_iter().chain([access(service, v6)]) {
-                    let _ = writeln!(t, "    {}{ports} {source} accept", iif(service));
-                }
-            }
-        }
-    }
-    // Everything protected, NAT public ports included, looks filtered to everyone else.
-    for service in config.services.values() {
-        for ports in port_matches(&service.ports) {
-            let _ = writeln!(t, "    {}{ports} drop", iif(service));
-        }
-    }
-    let _ = writeln!(t, "  }}");
-
-    let nat: Vec<&Service> = config
-        .services
-        .values()
-        .filter(|s| s.kind == ServiceKind::Nat)
-        .collect();
-    if !nat.is_empty() {
-        let _ = writeln!(t, "  chain nat_prerouting {{\n    type nat hook prerouting priority dstnat - 5; policy accept;");
-        for service in &nat {
-            let forward = service
-                .forward
-                .as_ref()
-                .expect("nat services have a target");
-            for ports in port_matches(&service.ports) {
-                for (target, v6) in [(forward.v4, false), (forward.v6, true)] {
-                    let Some(target) = target else { continue };
-                    for source in allow(service, v6).into_iter().chain([access(service, v6)]) {
-                        let _ = writeln!(
-                            t,
-                            "    {}{ports} {source} dnat {} to {target}",
-                            iif(service),
-                            ip(v6)
-                        );
-                    }
-                }
-            }
-        }
-        let _ = writeln!(t, "  }}");
-        let _ = writeln!(
-            t,
-            "  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;"
-        );
-        let _ = writeln!(t, "    ct state established,related accept");
-        for service in &nat {
-            let forward = service
-                .forward
-                .as_ref()
-                .expect("nat services have a target");
-            let public = service.ports[0];
-            for target in [forward.v4, forward.v6].into_iter().flatten() {
-                let ip = if target.is_ipv6() { "ip6" } else { "ip" };
-                let proto = public.proto.name();
-                let m = format!("{ip} daddr {} {proto} dport {}", target.ip(), target.port());
-                let _ = writeln!(
-                    t,
-                    "    {m} ct status dnat ct original proto-dst {} accept",
-                    public.port
-                );
-                let _ = writeln!(t, "    {m} drop");
-            }
-        }
-        let _ = writeln!(t, "  }}");
+        let _ = writeln!(t, "  set {name} {{ {body}{elements} }}");
     }
     let _ = writeln!(t, "}}");
+    write_chains(&mut t, table, &chains(plan));
     t
+}
+
+/// An in-place update of an existing table, as one `nft -f` transaction: sets `config` needs
+/// are added if missing (existing ones keep their elements untouched, so a reload never
+/// changes a grant's expiry), spad's chains are flushed and refilled, chains and sets
+/// `config` no longer needs are deleted, and `prune` elements are removed.
+pub fn update_ruleset(plan: &Plan, table: &str, existing: &Existing, prune: &[Carried]) -> String {
+    let wanted_sets = sets(plan);
+    let wanted_chains = chains(plan);
+    let mut t = String::new();
+    let _ = writeln!(t, "table inet {table} {{");
+    for (name, body) in &wanted_sets {
+        let _ = writeln!(t, "  set {name} {{ {body} }}");
+    }
+    let mut declared: Vec<(&str, &str)> =
+        wanted_chains.iter().map(|c| (c.name, c.header)).collect();
+    for (name, header) in NAT_CHAINS {
+        if existing.chains.iter().any(|c| c == name) && !declared.iter().any(|d| d.0 == name) {
+            declared.push((name, header));
+        }
+    }
+    for (name, header) in &declared {
+        let _ = writeln!(t, "  chain {name} {{ {header} }}");
+    }
+    let _ = writeln!(t, "}}");
+    for (name, _) in &declared {
+        let _ = writeln!(t, "flush chain inet {table} {name}");
+    }
+    for (name, _) in &declared {
+        if !wanted_chains.iter().any(|c| c.name == *name) {
+            let _ = writeln!(t, "delete chain inet {table} {name}");
+        }
+    }
+    for set in &existing.sets {
+        if !wanted_sets.iter().any(|(name, _)| name == set) {
+            let _ = writeln!(t, "delete set inet {table} {set}");
+        }
+    }
+    for c in prune {
+        if wanted_sets.iter().any(|(name, _)| *name == c.set) {
+            // add-then-delete: succeeds even if the element expired meanwhile.
+            let _ = writeln!(
+                t,
+                "add element inet {table} {set} {{ {a} timeout 1s }}\ndelete element inet {table} {set} {{ {a} }}",
+                set = c.set,
+                a = c.address
+            );
+        }
+    }
+    write_chains(&mut t, table, &wanted_chains);
+    t
+}
+
+/// What the kernel holds of a table: chain and set names, and every set element.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+    pub elements: Vec<Carried>,
+}
+
+/// Grant elements that are live as the kernel enforces them: in the grant set and, where the
+/// service has an idle set in the table, in the idle set too (an idle timer that lapsed ends
+/// access although the grant element still counts down).
+pub fn live_grants(existing: &Existing) -> Vec<(&Carried, SetId)> {
+    existing
+        .elements
+        .iter()
+        .filter_map(|c| {
+            let id = SetId::parse_nft(&c.set)?;
+            (id.role == SetRole::Grant).then_some((c, id))
+        })
+        .filter(|(c, id)| {
+            let idle = SetId::idle(&id.service, id.family).nft_name();
+            !existing.sets.contains(&idle)
+                || existing
+                    .elements
+                    .iter()
+                    .any(|e| e.set == idle && e.address == c.address)
+        })
+        .collect()
 }
 
 /// Runs `nft` with `args`, feeding `input` on stdin; returns stdout.
@@ -339,52 +446,94 @@ fn nft(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
     super::run_tool("nft", args, input, "nftables")
 }
 
-/// Parses `nft -j list table` output into set elements. Unknown shapes are skipped.
-pub fn parse_elements(json: &str) -> anyhow::Result<Vec<Carried>> {
-    let value: serde_json::Value =
-        serde_json::from_str(json).context("nft -j output is not JSON")?;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+/// Names (attribute `name_attr`) of the objects in a GETCHAIN/GETSET dump that belong to
+/// `table` (attribute `table_attr`).
+pub fn parse_names(
+    bodies: &[Vec<u8>],
+    table: &str,
+    table_attr: u16,
+    name_attr: u16,
+) -> Vec<String> {
+    bodies
+        .iter()
+        .filter_map(|body| {
+            let attrs = attributes(body.get(4..)?);
+            let of = |kind| attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| text(v));
+            (of(table_attr)? == table).then_some(())?;
+            of(name_attr)
+        })
+        .collect()
+}
+
+/// Parses the bodies of a GETSETELEM dump of `set` into elements (times in milliseconds, as
+/// the kernel keeps them). Elements that do not parse are skipped.
+pub fn parse_element_dump(set: &str, bodies: &[Vec<u8>]) -> Vec<Carried> {
     let mut out = Vec::new();
-    let items = value
-        .get("nftables")
-        .and_then(|v| v.as_array())
-        .cloned()
-        .unwrap_or_default();
-    for item in items {
-        let Some(set) = item.get("set") else { continue };
-        let Some(name) = set.get("name").and_then(|n| n.as_str()) else {
+    for body in bodies {
+        let Some(attrs) = body.get(4..).map(attributes) else {
             continue;
         };
-        let Some(elems) = set.get("elem").and_then(|e| e.as_array()) else {
-            continue;
-        };
-        for elem in elems {
-            let Some(inner) = elem.get("elem") else {
-                continue;
-            };
-            let Some(address) = inner
-                .get("val")
-                .and_then(|v| v.as_str())
-                .and_then(|v| v.parse().ok())
-            else {
-                continue;
-            };
-            let secs = |key: &str| {
-                Duration::from_secs(inner.get(key).and_then(|v| v.as_u64()).unwrap_or(0))
-            };
-            out.push(Carried {
-                set: name.to_string(),
-                address,
-                timeout: secs("timeout"),
-                remaining: secs("expires"),
-                owner: inner
-                    .get("comment")
-                    .and_then(|c| c.as_str())
-                    .unwrap_or("")
-                    .to_string(),
-            });
+        for (_, list) in attrs
+            .iter()
+            .filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS)
+        {
+            for (_, elem) in attributes(list)
+                .iter()
+                .filter(|(k, _)| *k == NFTA_LIST_ELEM)
+            {
+                let fields = attributes(elem);
+                let get = |kind| fields.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v);
+                let address = get(NFTA_SET_ELEM_KEY)
+                    .and_then(|key| {
+                        attributes(key)
+                            .into_iter()
+                            .find(|(k, _)| *k == NFTA_DATA_VALUE)
+                    })
+                    .and_then(|(_, value)| match value.len() {
+                        4 => Some(IpAddr::from(<[u8; 4]>::try_from(value).ok()?)),
+                        16 => Some(IpAddr::from(<[u8; 16]>::try_from(value).ok()?)),
+                        _ => None,
+                    });
+                let Some(address) = address else { continue };
+                let millis = |kind| Duration::from_millis(get(kind).and_then(be_u64).unwrap_or(0));
+                // udata: TLV of (type u8, len u8, value); the comment is NUL-terminated.
+                let owner = get(NFTA_SET_ELEM_USERDATA)
+                    .and_then(|u| {
+                        let (kind, len) = (*u.first()?, usize::from(*u.get(1)?));
+                        if kind != NFTNL_UDATA_SET_ELEM_COMMENT {
+                            return None;
+                        }
+                        Some(text(u.get(2..2 + len)?))
+                    })
+                    .unwrap_or_default();
+                out.push(Carried {
+                    set: set.to_string(),
+                    address,
+                    timeout: millis(NFTA_SET_ELEM_TIMEOUT),
+                    remaining: millis(NFTA_SET_ELEM_EXPIRATION),
+                    owner,
+                });
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 /// The nftables backend.
@@ -407,31 +556,111 @@ impl Nftables {
         })
     }
 
-    fn current(&self) -> anyhow::Result<Vec<Carried>> {
-        match nft(&["-j", "list", "table", "inet", &self.table], None) {
-            Ok(json) => parse_elements(&json),
-            Err(e) if e.to_string().contains("No such file") => Ok(Vec::new()),
-            Err(e) => Err(e),
+    fn dump(&mut self, kind: u16, attrs: &[(u16, &str)]) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut m = Message::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            NFPROTO_INET,
+            0,
+        );
+        for (attr, value) in attrs {
+            m.attr_str(*attr, value);
+        }
+        match self.socket.dump(m) {
+            Ok(bodies) => Ok(bodies),
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(Vec::new()),
+            Err(e) => Err(e).context("reading the nftables table over netlink"),
         }
     }
 
-    /// Owner-annotated view of the `a*` sets.
-    fn grants_from(&self, carried: &[Carried]) -> Vec<LiveGrant> {
-        carried
+    /// Chains, sets and elements of spad's table, read over netlink (milliseconds exact).
+    pub fn existing(&mut self) -> anyhow::Result<Existing> {
+        let table = self.table.clone();
+        let chains = parse_names(
+            &self.dump(NFT_MSG_GETCHAIN, &[])?,
+            &table,
+            NFTA_CHAIN_TABLE,
+            NFTA_CHAIN_NAME,
+        );
+        let sets = parse_names(
+            &self.dump(NFT_MSG_GETSET, &[(NFTA_SET_TABLE, &table)])?,
+            &table,
+            NFTA_SET_TABLE,
+            NFTA_SET_NAME,
+        );
+        let mut elements = Vec::new();
+        for set in &sets {
+            let bodies = self.dump(
+                NFT_MSG_GETSETELEM,
+                &[
+                    (NFTA_SET_ELEM_LIST_TABLE, &table),
+                    (NFTA_SET_ELEM_LIST_SET, set),
+                ],
+            )?;
+            elements.extend(parse_element_dump(set, &bodies));
+        }
+        Ok(Existing {
+            chains,
+            sets,
+            elements,
+        })
+    }
+
+    /// Elements of `existing` that `config` no longer allows, or whose idle timer lapsed.
+    fn prune(config: &Config, existing: &Existing) -> Vec<Carried> {
+        let live = live_grants(existing);
+        existing
+            .elements
             .iter()
-            .filter_map(|c| {
-                let service = c
-                    .set
-                    .strip_prefix("a4_")
-                    .or_else(|| c.set.strip_prefix("a6_"))?;
-                Some(LiveGrant {
-                    address: c.address,
-                    service: service.to_string(),
-                    remaining: c.remaining,
-                    owner: c.owner.clone(),
+            .filter(|c| match SetId::parse_nft(&c.set) {
+                Some(SetId {
+                    role: SetRole::Grant,
+                    service,
+                    ..
+                }) => {
+                    !live.iter().any(|(l, _)| l == c)
+                        || !still_allowed(
+                            config,
+                            &LiveGrant {
+                                address: c.address,
+                                service,
+                                remaining: c.remaining,
+                                owner: c.owner.clone(),
+                            },
+                        )
+                }
+                Some(SetId {
+                    role: SetRole::Idle,
+                    service,
+                    ..
+                }) => !config
+                    .services
+                    .get(&service)
+                    .is_some_and(|s| s.idle_timeout.is_some()),
+                Some(SetId {
+                    role: SetRole::Blacklist,
+                    ..
                 })
+                | None => false,
             })
+            .cloned()
             .collect()
+    }
+
+    fn learn(&mut self, config: &Config) {
+        self.idle_services = config
+            .services
+            .values()
+            .filter(|s| s.idle_timeout.is_some())
+            .map(|s| s.name.clone())
+            .collect();
+    }
+
+    fn kept(existing: &Existing, prune: &[Carried]) -> usize {
+        live_grants(existing)
+            .into_iter()
+            .filter(|(c, _)| !prune.contains(c))
+            .count()
     }
 }
 
@@ -441,51 +670,43 @@ impl Firewall for Nftables {
     }
 
     fn attach(&mut self, config: &Config) {
-        self.idle_services = config
-            .services
-            .values()
-            .filter(|s| s.idle_timeout.is_some())
-            .map(|s| s.name.clone())
-            .collect();
+        self.learn(config);
     }
 
     fn install(&mut self, config: &Config) -> anyhow::Result<usize> {
-        let current = self.current()?;
-        let kept: Vec<Carried> = current
-            .into_iter()
-            .filter(|c| {
-                if c.set.starts_with("blacklist") {
-                    return true;
-                }
-                let Some(service) = c.set.get(3..) else {
-                    return false;
-                };
-                let idle_ok = !c.set.starts_with('i')
-                    || config
-                        .services
-                        .get(service)
-                        .is_some_and(|s| s.idle_timeout.is_some());
-                idle_ok
-                    && still_allowed(
-                        config,
-                        &LiveGrant {
-                            address: c.address,
-                            service: service.to_string(),
-                            remaining: c.remaining,
-                            owner: c.owner.clone(),
-                        },
-                    )
+        let existing = self.existing()?;
+        let prune = Self::prune(config, &existing);
+        let plan = Plan::build(config, &Observed::read(config));
+        let text = update_ruleset(&plan, &self.table, &existing, &prune);
+        if nft(&["-f", "-"], Some(&text)).is_err() {
+            // The table holds something an in-place update cannot reconcile (a set or chain
+            // of another shape): replace it whole, carrying the grants.
+            return self.repair(config);
+        }
+        self.learn(config);
+        Ok(Self::kept(&existing, &prune))
+    }
+
+    fn repair(&mut self, config: &Config) -> anyhow::Result<usize> {
+        let read_at = std::time::Instant::now();
+        let existing = self.existing()?;
+        let prune = Self::prune(config, &existing);
+        let plan = Plan::build(config, &Observed::read(config));
+        // Time passes between reading and loading: take it off, so nothing is extended.
+        let elapsed = read_at.elapsed();
+        let carried: Vec<Carried> = existing
+            .elements
+            .iter()
+            .filter(|c| !prune.contains(c) && c.remaining > elapsed)
+            .map(|c| Carried {
+                remaining: c.remaining - elapsed,
+                ..c.clone()
             })
             .collect();
-        let text = ruleset(config, &self.table, &kept);
+        let text = full_ruleset(&plan, &self.table, &carried);
         nft(&["-f", "-"], Some(&text)).context("loading the ruleset")?;
-        self.idle_services = config
-            .services
-            .values()
-            .filter(|s| s.idle_timeout.is_some())
-            .map(|s| s.name.clone())
-            .collect();
-        Ok(kept.iter().filter(|c| c.set.starts_with('a')).count())
+        self.learn(config);
+        Ok(Self::kept(&existing, &prune))
     }
 
     fn grant(&mut self, grants: &[Access]) -> anyhow::Result<()> {
@@ -546,8 +767,16 @@ impl Firewall for Nftables {
     }
 
     fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>> {
-        let current = self.current()?;
-        Ok(self.grants_from(&current))
+        let existing = self.existing()?;
+        Ok(live_grants(&existing)
+            .into_iter()
+            .map(|(c, id)| LiveGrant {
+                address: c.address,
+                service: id.service,
+                remaining: c.remaining,
+                owner: c.owner.clone(),
+            })
+            .collect())
     }
 
     fn blacklist(&mut self, address: IpAddr, duration: Duration) -> anyhow::Result<()> {
@@ -568,11 +797,36 @@ impl Firewall for Nftables {
 
     fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>> {
         Ok(self
-            .current()?
+            .existing()?
+            .elements
             .into_iter()
-            .filter(|c| c.set.starts_with("blacklist"))
+            .filter(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist))
             .map(|c| (c.address, c.remaining))
             .collect())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let existing = self.existing()?;
+        let mut text = String::new();
+        for set in &existing.sets {
+            if SetId::parse_nft(set).is_some_and(|id| id.role != SetRole::Blacklist) {
+                let _ = writeln!(text, "flush set inet {} {set}", self.table);
+            }
+        }
+        if text.is_empty() {
+            return Ok(());
+        }
+        nft(&["-f", "-"], Some(&text)).context("flushing the grant sets")?;
+        Ok(())
+    }
+
+    fn protection(&mut self) -> anyhow::Result<String> {
+        // `-t`: terse, without set elements; grants come and go, the protection must not.
+        match nft(&["-t", "list", "table", "inet", &self.table], None) {
+            Ok(text) => Ok(text),
+            Err(e) if e.to_string().contains("No such file") => Ok(String::new()),
+            Err(e) => Err(e),
+        }
     }
 
     fn remove(&mut self) -> anyhow::Result<()> {
@@ -584,6 +838,24 @@ impl Firewall for Nftables {
 mod tests {
     use super::*;
 
+    fn config(extra: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("t.toml"),
+            &format!("[server]\nprivate-key = \"k\"\n{extra}[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[services.vpn]\nkind = \"vpn\"\nports = [\"51820/udp\"]\ntimeout = \"1h\"\nidle-timeout = \"4s\"\n"),
+        )
+        .unwrap()
+    }
+
+    fn element(set: &str, address: &str, remaining_ms: u64) -> Carried {
+        Carried {
+            set: set.into(),
+            address: address.parse().unwrap(),
+            timeout: Duration::from_secs(3),
+            remaining: Duration::from_millis(remaining_ms),
+            owner: "alice".into(),
+        }
+    }
+
     #[test]
     fn a_comment_is_bounded_in_bytes_and_its_length_byte_is_right() {
         let udata = comment_udata(&"\u{1F600}".repeat(100));
@@ -593,15 +865,110 @@ mod tests {
     }
 
     #[test]
-    fn element_json_parses() {
-        let json = r#"{"nftables": [{"metainfo": {}}, {"set": {"family": "inet", "name": "a4_ssh", "table": "spad",
-            "type": "ipv4_addr", "flags": ["timeout"], "elem": [{"elem": {"val": "198.51.100.7", "timeout": 30,
-            "expires": 27, "comment": "alice"}}]}}, {"set": {"name": "a6_ssh", "elem": ["garbage"]}}]}"#;
-        let elements = parse_elements(json).unwrap();
+    fn carried_time_is_milliseconds_never_rounded_up() {
+        let text = ruleset(
+            &config(""),
+            "spad",
+            &[
+                element("a4_ssh", "198.51.100.7", 999),
+                element("a4_ssh", "198.51.100.8", 0),
+            ],
+        );
+        assert!(
+            text.contains("198.51.100.7 timeout 3000ms expires 999ms comment \"alice\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("198.51.100.8"),
+            "an expired element is not re-added"
+        );
+    }
+
+    #[test]
+    fn an_update_keeps_sets_flushes_chains_and_prunes() {
+        let existing = Existing {
+            chains: vec!["input".into(), "refresh".into(), "nat_prerouting".into()],
+            sets: vec!["a4_ssh".into(), "a4_old".into()],
+            elements: vec![element("a4_ssh", "198.51.100.7", 500)],
+        };
+        let prune = [element("a4_ssh", "198.51.100.7", 500)];
+        let text = update_ruleset(
+            &Plan::build(&config(""), &Observed::default()),
+            "spad",
+            &existing,
+            &prune,
+        );
+        assert!(!text.contains("delete table"), "{text}");
+        assert!(text.contains("  set a4_ssh { type ipv4_addr; flags timeout; }"));
+        assert!(text.contains("flush chain inet spad input"));
+        assert!(
+            text.contains("delete chain inet spad nat_prerouting"),
+            "{text}"
+        );
+        assert!(text.contains("delete set inet spad a4_old"));
+        assert!(text.contains("delete element inet spad a4_ssh { 198.51.100.7 }"));
+    }
+
+    #[test]
+    fn conceal_and_established_flows_render() {
+        let observed = Observed {
+            flows: vec![super::super::established::Flow {
+                local: "203.0.113.1:22".parse().unwrap(),
+                remote: "203.0.113.10:40000".parse().unwrap(),
+            }],
+            listening: Vec::new(),
+        };
+        let closed = full_ruleset(
+            &Plan::build(&config("conceal = \"closed\"\n"), &observed),
+            "spad",
+            &[],
+        );
+        assert!(closed.contains(
+            "ip saddr 203.0.113.10 tcp sport 40000 ip daddr 203.0.113.1 tcp dport 22 accept"
+        ));
+        assert!(
+            closed.contains("tcp dport { 22 } reject with tcp reset"),
+            "{closed}"
+        );
+        assert!(closed.contains("udp dport { 51820 } reject"), "{closed}");
+        let dropped = ruleset(&config(""), "spad", &[]);
+        assert!(dropped.contains("tcp dport { 22 } drop") && !dropped.contains("reject"));
+    }
+
+    #[test]
+    fn idle_lapsed_grants_are_not_live() {
+        let existing = Existing {
+            chains: Vec::new(),
+            sets: vec!["a4_vpn".into(), "i4_vpn".into(), "a4_ssh".into()],
+            elements: vec![
+                element("a4_vpn", "198.51.100.7", 3_000_000),
+                element("a4_vpn", "198.51.100.8", 3_000_000),
+                element("i4_vpn", "198.51.100.8", 2_000),
+                element("a4_ssh", "198.51.100.7", 2_000),
+            ],
+        };
+        let live: Vec<String> = live_grants(&existing)
+            .iter()
+            .map(|(c, id)| format!("{} {}", id.service, c.address))
+            .collect();
+        assert_eq!(live, vec!["vpn 198.51.100.8", "ssh 198.51.100.7"]);
+    }
+
+    #[test]
+    fn element_dump_parses_and_garbage_is_skipped() {
+        // A NEWSETELEM body has the same layout as a dump answer: reuse the message builder.
+        let m = element_message(
+            "spad",
+            "a4_ssh",
+            "198.51.100.7".parse().unwrap(),
+            Some((Duration::from_millis(30_500), "alice")),
+        );
+        let bytes = m.finish(1);
+        let elements = parse_element_dump("a4_ssh", &[bytes[16..].to_vec()]);
         assert_eq!(elements.len(), 1);
+        assert_eq!(elements[0].timeout, Duration::from_millis(30_500));
         assert_eq!(elements[0].owner, "alice");
-        assert_eq!(elements[0].remaining, Duration::from_secs(27));
-        assert!(parse_elements("not json").is_err());
+        assert!(parse_element_dump("a4_ssh", &[vec![1, 2, 3], bytes[16..40].to_vec()]).is_empty());
     }
 
     #[test]

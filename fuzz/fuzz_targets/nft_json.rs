@@ -1,9 +1,0 @@
-//! `nft -j list table` output parsing.
-#![no_main]
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = spad::firewall::nftables::parse_elements(text);
-    }
-});
