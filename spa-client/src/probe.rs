@@ -1,0 +1,85 @@
+//! `spa knock --wait`: feedback without a reply from the gateway. SPA never answers, so the
+//! client checks the result the way a user would: it connects to a TCP port of the granted
+//! service from this machine until it answers or the time runs out, then says what the
+//! outcome most likely means.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// How the probe ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A TCP connection was accepted this long after the probe started.
+    Answered(Duration),
+    /// The port answered with a reset: open in the firewall, but nothing listens.
+    Refused,
+    /// Nothing answered: the firewall still drops this address.
+    NoAnswer,
+}
+
+/// Connects to `to` until it answers or `limit` passes (at most 200 attempts).
+pub fn wait_for(to: SocketAddr, limit: Duration) -> Outcome {
+    let start = Instant::now();
+    let deadline = start + limit;
+    let mut last = Outcome::NoAnswer;
+    for _ in 0..200 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&to, left.min(Duration::from_millis(500))) {
+            Ok(_) => return Outcome::Answered(start.elapsed()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = Outcome::Refused;
+            }
+            Err(_) => last = Outcome::NoAnswer,
+        }
+        std::thread::sleep(Duration::from_millis(100).min(left));
+    }
+    last
+}
+
+/// The message for a failed probe: what happened and what to check.
+pub fn explain(outcome: Outcome, to: SocketAddr, limit: Duration, spa_port: u16) -> String {
+    match outcome {
+        Outcome::Answered(after) => {
+            format!("{to} answers ({} ms after the knock)", after.as_millis())
+        }
+        Outcome::Refused => format!(
+            "{to} refused the connection: the firewall lets this address through, but nothing \
+             listens on port {}; check the service on the gateway, or the probe port",
+            to.port()
+        ),
+        Outcome::NoAnswer => format!(
+            "no answer from {to} within {}s: the gateway did not open it for this address. \
+             Most likely the gateway does not know this client's key (has the admin run \
+             `spad client add`?), the service is not allowed for this client, the clocks differ \
+             by more than a minute, or UDP port {spa_port} is blocked on the way; the gateway's \
+             log says which",
+            limit.as_secs_f32()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_listening_port_answers_and_a_closed_one_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        assert!(matches!(
+            wait_for(open, Duration::from_secs(2)),
+            Outcome::Answered(_)
+        ));
+        drop(listener);
+        assert_eq!(wait_for(open, Duration::from_millis(300)), Outcome::Refused);
+        let text = explain(Outcome::NoAnswer, open, Duration::from_secs(5), 62201);
+        assert!(
+            text.contains("spad client add") && text.contains("62201"),
+            "{text}"
+        );
+    }
+}
