@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use spa_shared::keys::PrivateKey;
 
 use crate::config::Config;
 use crate::daemon::{self, Overrides};
 
-const DEFAULT_CONFIG: &str = "/etc/spad/spad.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/spad/spad.toml";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -74,6 +74,16 @@ enum Command {
     /// TOTP doors: secrets, enrollment, current codes.
     #[command(subcommand)]
     Totp(TotpCommand),
+    /// Print a spa:// enrollment URI and QR code for a new client device (no secrets in it).
+    Invite(crate::invite::InviteArgs),
+    /// Manage SPA clients in the configuration file.
+    #[command(subcommand)]
+    Client(crate::client_admin::ClientCommand),
+}
+
+/// The clap definition, for man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +140,8 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(arg) => daemon::run(arg.config.clone(), overrides(&arg)),
+        Command::Invite(args) => crate::invite::run(args),
+        Command::Client(command) => crate::client_admin::run(command),
         Command::Check {
             config: arg,
             ruleset,

@@ -6,11 +6,13 @@
 
 pub mod capture;
 pub mod cli;
+pub mod client_admin;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod firewall;
+pub mod invite;
 pub mod keyfile;
 pub mod knock;
 pub mod log;
