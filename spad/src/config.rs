@@ -19,7 +19,7 @@ use spa_shared::duration;
 
 /// A configuration error with its location.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
+#[error("{}", match line { 0 => format!("{file}: {message}"), _ => format!("{file}:{line}:{column}: {message}") })]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
@@ -241,7 +241,10 @@ impl Config {
             file: path.display().to_string(),
             line: 0,
             column: 0,
-            message: format!("cannot read: {e}"),
+            message: match e.kind() {
+                std::io::ErrorKind::NotFound => "missing: no such file; start from conf/spad.toml (README, First use) or pass -c FILE".into(),
+                _ => format!("cannot read: {e}"),
+            },
         })?;
         Self::parse(path, &text)
     }
