@@ -639,6 +639,21 @@ mod tests {
     }
 
     #[test]
+    fn genkey_out_creates_private_directories_and_never_overwrites() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("spa-genkey-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let key = root.join(".config/spa/alice.key");
+        genkey(Some(key.clone())).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(key.parent().unwrap()), 0o700);
+        assert!(crate::profile::read_private_key(&key).is_ok());
+        assert!(genkey(Some(key)).is_err(), "refuses to overwrite");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
     fn wait_takes_an_optional_value() {
         let cli = Cli::try_parse_from(["spa", "-p", "gw", "knock", "--wait"]).unwrap();
         let Command::Knock(args) = cli.command else {

@@ -280,12 +280,19 @@ fn dnsmasq(lab: &Lab) -> Guard {
 /// Runs `program` in network namespace `ns` and a private mount namespace whose /etc is an
 /// empty tmpfs: like a phone, there is no /etc/resolv.conf (nor /etc/hosts).
 fn without_etc(ns: &str, program: &Path, args: &[&str]) -> Output {
+    without_etc_env(ns, program, &[], args)
+}
+
+fn without_etc_env(ns: &str, program: &Path, env: &[(&str, &Path)], args: &[&str]) -> Output {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
     let fd = netns.as_raw_fd();
     let mut cmd = Command::new(program);
-    cmd.args(args);
+    cmd.args(args).env_remove("PREFIX");
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (unshare, mount, setns) on constant C strings and an fd the parent keeps open; it
     // allocates nothing.
@@ -377,6 +384,30 @@ pub fn names_resolve_without_resolv_conf_through_the_configured_resolver(backend
         lab.wait_log("granted owner=alice address=2001:db8:1::10", 1),
         "{}",
         lab.log()
+    );
+    // Termux keeps its resolver in $PREFIX/etc/resolv.conf: the fallback after the system's.
+    let prefix = lab.path("termux-prefix");
+    std::fs::create_dir_all(prefix.join("etc")).unwrap();
+    std::fs::write(
+        prefix.join("etc/resolv.conf"),
+        format!("nameserver {GW4}\n"),
+    )
+    .unwrap();
+    let no_resolver = std::fs::read_to_string(&profile)
+        .unwrap()
+        .replace("resolver = [\"203.0.113.1\"]\n", "");
+    std::fs::write(&profile, no_resolver).unwrap();
+    let out = without_etc_env(
+        &lab.a,
+        &spa,
+        &[("PREFIX", &prefix)],
+        &["knock", "-p", p, "-4", "-v"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("(via DNS server 203.0.113.1:53)"),
+        "{}",
+        text(&out)
     );
 }
 
