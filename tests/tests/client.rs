@@ -104,6 +104,31 @@ pub fn onboarding_invite_enroll_add_then_knock_and_wait(backend: Backend) {
         text(&listed)
     );
 
+    // $XDG_CONFIG_HOME wins over $HOME when set.
+    let xdg = |dir: &Path| {
+        let spa = binary("spa");
+        let env = format!("XDG_CONFIG_HOME={}", dir.display());
+        lab.try_exec(
+            &lab.a,
+            "env",
+            &[
+                env.as_str(),
+                spa.to_str().unwrap(),
+                "-p",
+                "phone",
+                "knock",
+                "--dry-run",
+            ],
+        )
+    };
+    assert!(xdg(&home.join(".config")).status.success());
+    let elsewhere = xdg(&lab.path("xdg-elsewhere"));
+    assert!(
+        text(&elsewhere).contains("xdg-elsewhere/spa/phone.toml does not exist"),
+        "{}",
+        text(&elsewhere)
+    );
+
     // 3. Before the admin adds the key, --wait reports that nothing opened, and exits non-zero.
     let early = spa_as(&lab, &lab.a, &home, &["-p", "phone", "knock", "--wait=1s"]);
     assert!(!early.status.success(), "{}", text(&early));
