@@ -123,9 +123,14 @@ pub fn with_client(
     Ok(new)
 }
 
-/// Replaces `path` with `text` atomically, keeping its permissions.
+/// Replaces `path` with `text` atomically, keeping its mode, owner and group (a packaged
+/// config is root:spad 0640). A symlink is followed: its target is replaced, not the link.
 fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
-    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    use std::os::unix::fs::MetadataExt;
+    let path =
+        &std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let meta = std::fs::metadata(path)?;
+    let mode = meta.permissions().mode() & 0o7777;
     let tmp = path.with_file_name(format!(
         ".{}.spad-new",
         path.file_name()
@@ -140,6 +145,10 @@ fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
             .mode(mode)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
+        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
+            .with_context(|| format!("keeping the owner of {}", path.display()))?;
+        // create_new applied the umask; set the mode exactly.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
     }
@@ -342,6 +351,36 @@ blacklist-after = 3
                 .to_string();
             assert!(err.contains(want), "{name}: {err}");
         }
+    }
+
+    #[test]
+    fn the_file_is_replaced_through_symlinks_keeping_mode_and_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("spad-client-add-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = dir.join("real.toml");
+        std::fs::write(&real, "old").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // A file we just made is ours: its owner tells whether we may chown.
+        let root = std::fs::metadata(&real).unwrap().uid() == 0;
+        if root {
+            std::os::unix::fs::chown(&real, Some(0), Some(1)).unwrap();
+        }
+        let link = dir.join("spad.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        replace_file(&link, "new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "new");
+        let meta = std::fs::metadata(&real).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        if root {
+            assert_eq!(meta.gid(), 1, "group kept");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
