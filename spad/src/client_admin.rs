@@ -1,7 +1,9 @@
 //! `spad client add NAME --public-key KEY --services …`: the last step of onboarding. Adds a
 //! `[clients.NAME]` table to the configuration file, keeping every comment and the layout
 //! (toml_edit), checks the result with the loader the daemon uses before anything is written,
-//! replaces the file atomically (same mode), and asks a running daemon to reload.
+//! replaces the file atomically (same mode and owner), and asks a running daemon to reload.
+//! `spad client remove NAME` is the reverse (a lost device): on reload the daemon drops the
+//! client's live grants, since the new config no longer allows them.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -19,6 +21,21 @@ use crate::config::Config;
 pub enum ClientCommand {
     /// Add a client to the configuration (comments and layout kept), check it, reload spad.
     Add(AddArgs),
+    /// Remove a client from the configuration and reload spad, which closes its live grants.
+    Remove(RemoveArgs),
+}
+
+/// `spad client remove` arguments.
+#[derive(Debug, clap::Args)]
+pub struct RemoveArgs {
+    /// Configuration file.
+    #[arg(short, long, default_value = crate::cli::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// The client's name.
+    pub name: String,
+    /// Only write the file; do not signal a running spad.
+    #[arg(long)]
+    pub no_reload: bool,
 }
 
 /// `spad client add` arguments.
@@ -47,6 +64,60 @@ pub struct AddArgs {
 pub fn run(command: ClientCommand) -> anyhow::Result<()> {
     match command {
         ClientCommand::Add(args) => add(args),
+        ClientCommand::Remove(args) => remove(args),
+    }
+}
+
+/// The configuration text without `[clients.NAME]` (its comment lines go with it).
+pub fn without_client(path: &Path, text: &str, name: &str) -> anyhow::Result<String> {
+    let mut doc: DocumentMut = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let clients = doc.get_mut("clients").and_then(Item::as_table_mut);
+    let removed = clients.and_then(|c| c.remove(name));
+    if removed.is_none() {
+        let known = Config::parse(path, text)
+            .map(|c| c.clients.keys().cloned().collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        bail!(
+            "no client `{name}` in {}; configured: {known}",
+            path.display()
+        );
+    }
+    let new = doc.to_string();
+    let config = Config::parse(path, &new).map_err(|e| {
+        anyhow::anyhow!(
+            "the config without client `{name}` does not check: {e}; nothing was written"
+        )
+    })?;
+    if config.clients.contains_key(name) {
+        bail!("internal error: client `{name}` is still in the config; nothing was written");
+    }
+    Ok(new)
+}
+
+fn remove(args: RemoveArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let new = without_client(&args.config, &text, &args.name)?;
+    replace_file(&args.config, &new)?;
+    println!(
+        "removed client {} from {}",
+        args.name,
+        args.config.display()
+    );
+    if !args.no_reload {
+        report_reload(&reload_daemon(&args.config)?);
+    }
+    Ok(())
+}
+
+fn report_reload(pids: &[i32]) {
+    if pids.is_empty() {
+        println!("no running spad uses this config; it will load the change when it starts");
+    }
+    for pid in pids {
+        println!("asked spad (pid {pid}) to reload; its log says whether the reload was accepted");
     }
 }
 
@@ -179,15 +250,8 @@ fn add(args: AddArgs) -> anyhow::Result<()> {
         args.services.join(","),
         args.config.display()
     );
-    if args.no_reload {
-        return Ok(());
-    }
-    let pids = reload_daemon(&args.config)?;
-    if pids.is_empty() {
-        println!("no running spad uses this config; it will load the client when it starts");
-    }
-    for pid in pids {
-        println!("asked spad (pid {pid}) to reload; its log says whether the reload was accepted");
+    if !args.no_reload {
+        report_reload(&reload_daemon(&args.config)?);
     }
     Ok(())
 }
@@ -330,6 +394,20 @@ blacklist-after = 3
         .unwrap();
         assert!(new.starts_with(&text), "{new}");
         assert!(new.trim_end().ends_with("services = [\"ssh\"]"), "{new}");
+    }
+
+    #[test]
+    fn removal_is_the_inverse_of_addition() {
+        let key = PublicKey([6; 32]);
+        let added = with_client(&path(), TEXT, "phone", &key, &["ssh".into()], None).unwrap();
+        assert_eq!(without_client(&path(), &added, "phone").unwrap(), TEXT);
+        let err = without_client(&path(), TEXT, "phone")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no client `phone`") && err.contains("configured: alice"),
+            "{err}"
+        );
     }
 
     #[test]

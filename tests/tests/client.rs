@@ -200,6 +200,27 @@ pub fn onboarding_invite_enroll_add_then_knock_and_wait(backend: Backend) {
         "{}",
         text(&refused)
     );
+
+    // 7. A lost device: removing the client restores the file and closes its grant on reload.
+    let reloads = lab.log().matches("reloaded").count();
+    let removed = lab.spad(&["client", "remove", "phone", "-c", &conf_s]);
+    assert!(
+        text(&removed).contains("asked spad (pid"),
+        "{}",
+        text(&removed)
+    );
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), before);
+    assert!(lab.wait_log("reloaded", reloads + 1), "{}", lab.log());
+    assert!(
+        wait_until(Duration::from_secs(5), || tcp_probe(
+            &lab.a,
+            Lab::gw4(22),
+            T
+        ) == Connect::TimedOut),
+        "the removed client's grant is closed"
+    );
+    let late = spa_as(&lab, &lab.a, &home, &["-p", "phone", "knock", "--wait=1s"]);
+    assert!(!late.status.success(), "{}", text(&late));
     lab.stop_spad(0, false);
 }
 
