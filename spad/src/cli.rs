@@ -50,6 +50,7 @@ enum Command {
     },
     /// Print a new private key (base64), or write it to a 0600 file with --out.
     Genkey {
+        /// Write the key to this file (mode 0600, directories created) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -61,8 +62,10 @@ enum Command {
     Revoke {
         #[command(flatten)]
         config: ConfigArg,
+        /// Close the grants of this source address.
         #[arg(long, conflicts_with = "client", required_unless_present = "client")]
         address: Option<IpAddr>,
+        /// Close the grants owned by this client (its [clients.NAME]).
         #[arg(long)]
         client: Option<String>,
         /// Only these services (default: all).
@@ -90,6 +93,7 @@ pub fn command() -> clap::Command {
 enum TotpCommand {
     /// Create a new random TOTP secret (base32) in a 0600 file.
     NewSecret {
+        /// The secret file to create (mode 0600, directories created; never overwritten).
         #[arg(long)]
         out: PathBuf,
     },
@@ -97,8 +101,10 @@ enum TotpCommand {
     Enroll {
         #[command(flatten)]
         config: ConfigArg,
+        /// The TOTP door ([totp-doors.NAME]) to enroll.
         #[arg(long)]
         door: String,
+        /// Issuer shown by the authenticator app.
         #[arg(long, default_value = "spad")]
         issuer: String,
     },
@@ -106,6 +112,7 @@ enum TotpCommand {
     Show {
         #[command(flatten)]
         config: ConfigArg,
+        /// The TOTP door ([totp-doors.NAME]) to show.
         #[arg(long)]
         door: String,
     },

@@ -76,3 +76,52 @@ fn man_pages(cmd: clap::Command, section: &str, dir: &Path) -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every argument of every command of both programs has a help line, so no man page or
+    /// completion shows a bare flag.
+    #[test]
+    fn every_flag_of_spad_and_spa_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&spad::cli::command(), "spad", &mut missing);
+        walk(&spa_client::cli::command(), "spa", &mut missing);
+        assert!(missing.is_empty(), "no help line: {missing:?}");
+    }
+
+    #[test]
+    fn dist_writes_pages_completions_and_the_packaged_unit() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = std::env::temp_dir().join(format!("spa-dist-{}", std::process::id()));
+        super::dist(&root, &dir).unwrap();
+        let page = std::fs::read_to_string(dir.join("man/spad-invite.8")).unwrap();
+        assert!(
+            page.contains("spad invite") && page.contains("\\-\\-services"),
+            "{page}"
+        );
+        let close = std::fs::read_to_string(dir.join("man/spa-close.1")).unwrap();
+        assert!(!close.to_lowercase().contains("open"), "{close}");
+        let bash = std::fs::read_to_string(dir.join("completions/spa")).unwrap();
+        assert!(bash.contains("enroll") && bash.contains("--wait"));
+        let unit = std::fs::read_to_string(dir.join("systemd/spad.service")).unwrap();
+        assert!(unit.contains("ExecStart=/usr/sbin/spad run") && !unit.contains("/usr/local/"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
