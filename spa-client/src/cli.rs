@@ -129,8 +129,9 @@ struct KnockArgs {
     /// max-timeout and the client's max-duration.
     #[arg(long)]
     duration: Option<String>,
-    /// After knocking, connect to a TCP port of the service until it answers (default 5s);
-    /// exit non-zero with the likely cause if it does not.
+    /// After knocking, connect to a TCP port of the service until it answers (default 5s),
+    /// sending a fresh packet each second without an answer (3 at most); exit non-zero with
+    /// the likely cause if it never answers.
     #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true, default_missing_value = "5s")]
     wait: Option<String>,
     /// The TCP port --wait connects to (default: the profile's probe-port).
@@ -291,11 +292,11 @@ fn knock(selected: Option<&str>, args: KnockArgs) -> anyhow::Result<()> {
             "--wait needs a TCP port to try: --probe-port PORT or probe-port in the profile",
         )?;
         let to = SocketAddr::new(sent.to.ip(), port);
-        match probe::wait_for(to, limit) {
-            Outcome::Answered(after) => {
+        match wait_resending(&sent, to, limit)? {
+            answered @ Outcome::Answered(_) => {
                 eprintln!(
                     "spa: {}",
-                    probe::explain(Outcome::Answered(after), to, limit, sent.to.port())
+                    probe::explain(answered, to, limit, sent.to.port())
                 )
             }
             other => bail!("{}", probe::explain(other, to, limit, sent.to.port())),
@@ -307,10 +308,60 @@ fn knock(selected: Option<&str>, args: KnockArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Packets `--wait` may send in all: a lost UDP datagram, or one that arrived while the
+/// gateway was still reloading, is followed by a fresh one (new nonce and time) each second.
+const MAX_PACKETS: u32 = 3;
+
+/// Probes `to` until it answers or `limit` passes, re-sending a fresh packet each second
+/// without an answer (at most [`MAX_PACKETS`] in all).
+fn wait_resending(sent: &Sent, to: SocketAddr, limit: Duration) -> anyhow::Result<Outcome> {
+    let start = Instant::now();
+    let deadline = start + limit;
+    let mut packets = 1;
+    // Each round takes up to a second: bounded by the deadline and by this count.
+    for _ in 0..limit.as_secs().saturating_add(2) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let outcome = probe::wait_for(to, left.min(Duration::from_secs(1)));
+        if let Outcome::Answered(_) = outcome {
+            return Ok(Outcome::Answered(start.elapsed()));
+        }
+        if Instant::now() >= deadline {
+            return Ok(outcome);
+        }
+        if outcome == Outcome::NoAnswer && packets < MAX_PACKETS {
+            sent.resend()?;
+            packets += 1;
+            eprintln!("spa: no answer yet; sent a fresh packet ({packets} of {MAX_PACKETS})");
+        }
+    }
+    Ok(probe::wait_for(
+        to,
+        deadline.saturating_duration_since(Instant::now()),
+    ))
+}
+
 /// What `spa` sent, for the steps after it.
 struct Sent {
     profile: Profile,
     to: SocketAddr,
+    key: PrivateKey,
+    server_key: spa_shared::keys::PublicKey,
+    request: Request,
+    time_offset: i64,
+}
+
+impl Sent {
+    /// Seals and sends the same request again with a fresh nonce and timestamp (a copy of
+    /// the first packet would be refused as a replay).
+    fn resend(&self) -> anyhow::Result<()> {
+        let mut request = self.request.clone();
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut request.nonce);
+        request.timestamp =
+            now_micros().saturating_add_signed(self.time_offset.saturating_mul(1_000_000));
+        let packet =
+            spa_shared::packet::seal(&mut rand_core::OsRng, &self.key, &self.server_key, &request)?;
+        send::datagram(self.to, &packet)
+    }
 }
 
 fn duration_secs(text: Option<String>) -> anyhow::Result<u32> {
@@ -410,17 +461,25 @@ fn spa(
             eprintln!("spa: {line}");
         }
     }
+    let sent = Sent {
+        profile,
+        to,
+        key,
+        server_key,
+        request,
+        time_offset: args.time_offset,
+    };
     if args.dry_run {
         eprintln!("spa: dry run: nothing sent");
-        return Ok(Sent { profile, to });
+        return Ok(sent);
     }
     send::datagram(to, &packet)?;
     eprintln!(
         "spa: sent {verb} request for {} to {to} ({} bytes)",
-        profile.services.join(","),
+        sent.profile.services.join(","),
         packet.len()
     );
-    Ok(Sent { profile, to })
+    Ok(sent)
 }
 
 /// Connects (retrying while the grant lands) and relays stdin/stdout: `ssh -o ProxyCommand`.

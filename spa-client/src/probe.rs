@@ -17,24 +17,29 @@ pub enum Outcome {
     NoAnswer,
 }
 
-/// Connects to `to` until it answers or `limit` passes (at most 200 attempts).
+/// Connects to `to` until it answers or `limit` passes (at most 200 attempts). Each attempt
+/// waits longer than the last (150 ms, 300 ms, … up to 1.2 s): a SYN that raced the grant is
+/// retried quickly, and a slow path still gets time to answer.
 pub fn wait_for(to: SocketAddr, limit: Duration) -> Outcome {
     let start = Instant::now();
     let deadline = start + limit;
     let mut last = Outcome::NoAnswer;
+    let mut attempt_timeout = Duration::from_millis(150);
     for _ in 0..200 {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
         }
-        match TcpStream::connect_timeout(&to, left.min(Duration::from_millis(500))) {
+        let timeout = left.min(attempt_timeout);
+        attempt_timeout = (attempt_timeout * 2).min(Duration::from_millis(1200));
+        match TcpStream::connect_timeout(&to, timeout) {
             Ok(_) => return Outcome::Answered(start.elapsed()),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 last = Outcome::Refused;
             }
             Err(_) => last = Outcome::NoAnswer,
         }
-        std::thread::sleep(Duration::from_millis(100).min(left));
+        std::thread::sleep(Duration::from_millis(50).min(left));
     }
     last
 }

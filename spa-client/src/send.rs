@@ -18,10 +18,16 @@ pub fn datagram(to: SocketAddr, payload: &[u8]) -> anyhow::Result<()> {
         "[::]:0".parse()?
     };
     let socket = UdpSocket::bind(bind).context("opening a UDP socket")?;
-    socket
-        .send_to(payload, to)
-        .with_context(|| format!("sending to {to}"))?;
-    Ok(())
+    match socket.send_to(payload, to) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(e).with_context(|| {
+            format!(
+                "sending to {to}: a firewall on this machine refuses outgoing UDP to port {}",
+                to.port()
+            )
+        }),
+        Err(e) => Err(e).with_context(|| format!("sending to {to}")),
+    }
 }
 
 /// Sends one TCP SYN to `to` without waiting for an answer: a non-blocking connect that is

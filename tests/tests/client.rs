@@ -130,11 +130,12 @@ pub fn onboarding_invite_enroll_add_then_knock_and_wait(backend: Backend) {
     );
 
     // 3. Before the admin adds the key, --wait reports that nothing opened, and exits non-zero.
-    let early = spa_as(&lab, &lab.a, &home, &["-p", "phone", "knock", "--wait=1s"]);
+    let early = spa_as(&lab, &lab.a, &home, &["-p", "phone", "knock", "--wait=3s"]);
     assert!(!early.status.success(), "{}", text(&early));
     assert!(
         text(&early).contains("no answer from 203.0.113.1:22")
-            && text(&early).contains("spad client add"),
+            && text(&early).contains("spad client add")
+            && text(&early).contains("sent a fresh packet (3 of 3)"),
         "{}",
         text(&early)
     );
@@ -178,9 +179,24 @@ pub fn onboarding_invite_enroll_add_then_knock_and_wait(backend: Backend) {
     }
     assert!(lab.wait_log("reloaded", reloads + 1), "{}", lab.log());
 
-    // 5. Now the profile found by name opens SSH, and --wait confirms it.
+    // 5. Now the profile found by name opens SSH, and --wait confirms it, even though the
+    //    first packet is lost on the wire (dropped as it leaves the client's interface: a
+    //    quota of one 204-byte packet).
+    let lossy = lab.path("lossy.nft");
+    std::fs::write(
+        &lossy,
+        "table netdev lossy {\n chain out {\n  type filter hook egress device eth0 priority 0;\n  udp dport 62201 quota until 300 bytes drop\n }\n}\n",
+    )
+    .unwrap();
+    lab.exec(&lab.a, "nft", &["-f", lossy.to_str().unwrap()]);
     let ok = spa_as(&lab, &lab.a, &home, &["-p", "phone", "knock", "--wait"]);
+    lab.exec(&lab.a, "nft", &["delete", "table", "netdev", "lossy"]);
     assert!(ok.status.success(), "{}", text(&ok));
+    assert!(
+        text(&ok).contains("sent a fresh packet (2 of 3)"),
+        "the lost packet was followed by a fresh one: {}",
+        text(&ok)
+    );
     assert!(
         text(&ok).contains("203.0.113.1:22 answers"),
         "{}",
