@@ -1,19 +1,20 @@
 //! The `spa` command line: one short function per command.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use spa_shared::invite::Invite;
 use spa_shared::keys::PrivateKey;
-use spa_shared::payload::{Kind, Request};
+use spa_shared::payload::Kind;
 
-use crate::probe::{self, Outcome};
+use crate::probe::{self, Outcome, MAX_PACKETS};
 use crate::profile::{self, Profile};
+use crate::request::Outgoing;
 use crate::resolve::{self, Family, Resolver};
 use crate::send::{self, Knock};
 
@@ -281,87 +282,34 @@ fn pubkey() -> anyhow::Result<()> {
 fn knock(selected: Option<&str>, args: KnockArgs) -> anyhow::Result<()> {
     let family = args.packet.target.family();
     let dry_run = args.packet.dry_run;
-    let sent = spa(selected, args.packet, Kind::Open, args.duration)?;
+    let (profile, outgoing) = spa(selected, args.packet, Kind::Open, args.duration)?;
     if dry_run {
         return Ok(());
     }
     if let Some(limit) = args.wait {
         let limit = spa_shared::duration::parse(&limit)
             .with_context(|| format!("--wait={limit} is not a duration (5s, 1m)"))?;
-        let port = args.probe_port.or(sent.profile.probe_port).context(
+        let port = args.probe_port.or(profile.probe_port).context(
             "--wait needs a TCP port to try: --probe-port PORT or probe-port in the profile",
         )?;
-        let to = SocketAddr::new(sent.to.ip(), port);
-        match wait_resending(&sent, to, limit)? {
-            answered @ Outcome::Answered(_) => {
-                eprintln!(
-                    "spa: {}",
-                    probe::explain(answered, to, limit, sent.to.port())
-                )
-            }
-            other => bail!("{}", probe::explain(other, to, limit, sent.to.port())),
+        let to = SocketAddr::new(outgoing.to.ip(), port);
+        let mut packets = 1;
+        let outcome = probe::wait_resending(to, limit, || {
+            outgoing.send_fresh()?;
+            packets += 1;
+            eprintln!("spa: no answer yet; sent a fresh packet ({packets} of {MAX_PACKETS})");
+            Ok(())
+        })?;
+        let said = probe::explain(outcome, to, limit, outgoing.to.port());
+        match outcome {
+            Outcome::Answered(_) => eprintln!("spa: {said}"),
+            _ => bail!("{said}"),
         }
     }
     if let Some(target) = args.connect {
-        relay(&target, family, &Target::resolver(&sent.profile)?)?;
+        crate::relay::relay(&target, family, &Target::resolver(&profile)?)?;
     }
     Ok(())
-}
-
-/// Packets `--wait` may send in all: a lost UDP datagram, or one that arrived while the
-/// gateway was still reloading, is followed by a fresh one (new nonce and time) each second.
-const MAX_PACKETS: u32 = 3;
-
-/// Probes `to` until it answers or `limit` passes, re-sending a fresh packet each second
-/// without an answer (at most [`MAX_PACKETS`] in all).
-fn wait_resending(sent: &Sent, to: SocketAddr, limit: Duration) -> anyhow::Result<Outcome> {
-    let start = Instant::now();
-    let deadline = start + limit;
-    let mut packets = 1;
-    // Each round takes up to a second: bounded by the deadline and by this count.
-    for _ in 0..limit.as_secs().saturating_add(2) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let outcome = probe::wait_for(to, left.min(Duration::from_secs(1)));
-        if let Outcome::Answered(_) = outcome {
-            return Ok(Outcome::Answered(start.elapsed()));
-        }
-        if Instant::now() >= deadline {
-            return Ok(outcome);
-        }
-        if outcome == Outcome::NoAnswer && packets < MAX_PACKETS {
-            sent.resend()?;
-            packets += 1;
-            eprintln!("spa: no answer yet; sent a fresh packet ({packets} of {MAX_PACKETS})");
-        }
-    }
-    Ok(probe::wait_for(
-        to,
-        deadline.saturating_duration_since(Instant::now()),
-    ))
-}
-
-/// What `spa` sent, for the steps after it.
-struct Sent {
-    profile: Profile,
-    to: SocketAddr,
-    key: PrivateKey,
-    server_key: spa_shared::keys::PublicKey,
-    request: Request,
-    time_offset: i64,
-}
-
-impl Sent {
-    /// Seals and sends the same request again with a fresh nonce and timestamp (a copy of
-    /// the first packet would be refused as a replay).
-    fn resend(&self) -> anyhow::Result<()> {
-        let mut request = self.request.clone();
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut request.nonce);
-        request.timestamp =
-            now_micros().saturating_add_signed(self.time_offset.saturating_mul(1_000_000));
-        let packet =
-            spa_shared::packet::seal(&mut rand_core::OsRng, &self.key, &self.server_key, &request)?;
-        send::datagram(self.to, &packet)
-    }
 }
 
 fn duration_secs(text: Option<String>) -> anyhow::Result<u32> {
@@ -374,12 +322,13 @@ fn duration_secs(text: Option<String>) -> anyhow::Result<u32> {
     })
 }
 
+/// Builds the request from the profile and flags, explains it if asked, and sends it.
 fn spa(
     selected: Option<&str>,
     args: PacketArgs,
     kind: Kind,
     duration: Option<String>,
-) -> anyhow::Result<Sent> {
+) -> anyhow::Result<(Profile, Outgoing)> {
     let mut profile = args.target.profile(selected)?;
     if let Some(k) = args.server_key {
         profile.server_public_key = Some(k);
@@ -390,7 +339,6 @@ fn spa(
     if !args.services.is_empty() {
         profile.services = args.services;
     }
-    let verb = if kind == Kind::Open { "open" } else { "close" };
     let duration_secs = duration_secs(duration.or(profile.duration.clone()))?;
     let address = match (args.address, &profile.address) {
         (Some(a), _) => Some(a),
@@ -401,6 +349,7 @@ fn spa(
         (None, None) => None,
     };
     if profile.services.is_empty() {
+        let verb = if kind == Kind::Open { "open" } else { "close" };
         bail!("no services to {verb} (use -s NAME or services = [..] in the profile)");
     }
     let server = profile
@@ -409,113 +358,39 @@ fn spa(
         .context("no server (use --server or server = \"...\" in the profile)")?;
     let port = args.port.or(profile.port).unwrap_or(62201);
     let (to, via) = Target::resolver(&profile)?.resolve_via(&server, port, args.target.family())?;
-    let key = profile.private_key()?;
-    let server_key = profile.server_key()?;
-    let mut nonce = [0u8; 16];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-    let timestamp = now_micros().saturating_add_signed(args.time_offset.saturating_mul(1_000_000));
-    let request = Request {
+    let outgoing = Outgoing {
+        server,
+        to,
+        via,
+        key: profile.private_key()?,
+        server_key: profile.server_key()?,
         kind,
-        timestamp,
-        nonce,
+        services: profile.services.clone(),
         duration_secs,
         address,
-        services: profile.services.clone(),
+        time_offset_secs: args.time_offset,
     };
-    let packet = spa_shared::packet::seal(&mut rand_core::OsRng, &key, &server_key, &request)?;
+    let (request, packet) = outgoing.seal()?;
     if let Some(path) = &args.save_packet {
         std::fs::write(path, &packet).with_context(|| format!("writing {}", path.display()))?;
     }
     if args.verbose || args.dry_run {
-        let lines = [
-            format!(
-                "gateway {server} is {} (via {via}), UDP port {port}",
-                to.ip()
-            ),
-            format!("gateway public key {server_key}"),
-            format!(
-                "this client's public key {} (the gateway's [clients.NAME] public-key must match)",
-                key.public_key()
-            ),
-            format!(
-                "request: {verb} {} for {}{}",
-                profile.services.join(","),
-                address.map_or("the packet's source address".into(), |a| a.to_string()),
-                match (kind, duration_secs) {
-                    (Kind::Close, _) => String::new(),
-                    (_, 0) => ", for the service's default time".into(),
-                    (_, s) => format!(", for {s}s (the gateway caps it at its limits)"),
-                },
-            ),
-            format!(
-                "timestamp {} (unix seconds; the gateway accepts about a minute of skew), nonce {}",
-                timestamp / 1_000_000,
-                nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            ),
-            format!(
-                "packet: {} bytes, Noise X (X25519, ChaCha20-Poly1305, BLAKE2s), no reply expected",
-                packet.len()
-            ),
-        ];
-        for line in lines {
+        for line in outgoing.explain(&request, packet.len()) {
             eprintln!("spa: {line}");
         }
     }
-    let sent = Sent {
-        profile,
-        to,
-        key,
-        server_key,
-        request,
-        time_offset: args.time_offset,
-    };
     if args.dry_run {
         eprintln!("spa: dry run: nothing sent");
-        return Ok(sent);
+        return Ok((profile, outgoing));
     }
     send::datagram(to, &packet)?;
     eprintln!(
-        "spa: sent {verb} request for {} to {to} ({} bytes)",
-        sent.profile.services.join(","),
+        "spa: sent {} request for {} to {to} ({} bytes)",
+        outgoing.verb(),
+        outgoing.services.join(","),
         packet.len()
     );
-    Ok(sent)
-}
-
-/// Connects (retrying while the grant lands) and relays stdin/stdout: `ssh -o ProxyCommand`.
-fn relay(target: &str, family: Family, resolver: &Resolver) -> anyhow::Result<()> {
-    let (host, port) = target
-        .rsplit_once(':')
-        .context("--connect takes HOST:PORT")?;
-    let to = resolver.resolve(host, port.parse().context("--connect port")?, family)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let stream = loop {
-        match TcpStream::connect_timeout(&to, Duration::from_millis(500)) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e).with_context(|| format!("connecting to {to}"))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    let mut upstream = stream.try_clone()?;
-    let copier = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut upstream);
-        let _ = upstream.shutdown(std::net::Shutdown::Write);
-    });
-    let mut downstream = stream;
-    let mut stdout = std::io::stdout().lock();
-    let mut buf = [0u8; 16384];
-    loop {
-        let n = downstream.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        stdout.write_all(&buf[..n])?;
-        stdout.flush()?;
-    }
-    drop(copier);
-    Ok(())
+    Ok((profile, outgoing))
 }
 
 fn sequence(

@@ -7,5 +7,7 @@ pub mod dns;
 pub mod enroll;
 pub mod probe;
 pub mod profile;
+pub mod relay;
+pub mod request;
 pub mod resolve;
 pub mod send;

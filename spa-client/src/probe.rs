@@ -44,6 +44,42 @@ pub fn wait_for(to: SocketAddr, limit: Duration) -> Outcome {
     last
 }
 
+/// Packets `--wait` sends in all: a lost UDP datagram, or one that arrived while the gateway
+/// was still reloading, is followed by a fresh one each second without an answer.
+pub const MAX_PACKETS: u32 = 3;
+
+/// Probes `to` until it answers or `limit` passes, calling `resend` (which sends a fresh
+/// packet) after each second without an answer, [`MAX_PACKETS`]` - 1` times at most. Not after
+/// a refusal: then the firewall already lets this address through.
+pub fn wait_resending(
+    to: SocketAddr,
+    limit: Duration,
+    mut resend: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Outcome> {
+    let start = Instant::now();
+    let deadline = start + limit;
+    let mut packets = 1;
+    // Each round takes up to a second: bounded by the deadline and by this count.
+    for _ in 0..limit.as_secs().saturating_add(2) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let outcome = wait_for(to, left.min(Duration::from_secs(1)));
+        if let Outcome::Answered(_) = outcome {
+            return Ok(Outcome::Answered(start.elapsed()));
+        }
+        if Instant::now() >= deadline {
+            return Ok(outcome);
+        }
+        if outcome == Outcome::NoAnswer && packets < MAX_PACKETS {
+            resend()?;
+            packets += 1;
+        }
+    }
+    Ok(wait_for(
+        to,
+        deadline.saturating_duration_since(Instant::now()),
+    ))
+}
+
 /// The message for a failed probe: what happened and what to check.
 pub fn explain(outcome: Outcome, to: SocketAddr, limit: Duration, spa_port: u16) -> String {
     match outcome {
@@ -81,6 +117,13 @@ mod tests {
         ));
         drop(listener);
         assert_eq!(wait_for(open, Duration::from_millis(300)), Outcome::Refused);
+        // A refusal is not answered with more packets: the firewall already lets us through.
+        let mut resent = 0;
+        let outcome = wait_resending(open, Duration::from_millis(1500), || {
+            resent += 1;
+            Ok(())
+        });
+        assert_eq!((outcome.unwrap(), resent), (Outcome::Refused, 0));
         let text = explain(Outcome::NoAnswer, open, Duration::from_secs(5), 62201);
         assert!(
             text.contains("spad client add") && text.contains("62201"),
