@@ -2,7 +2,10 @@
 # Installs what the demo and the tests need on a fresh Debian/Ubuntu machine (as root).
 # Idempotent: packages already present are left alone.
 set -euo pipefail
-packages=(nftables iptables ipset iproute2 tcpdump nmap netcat-openbsd knockd fwknop-client oathtool procps prometheus systemd faketime)
+# qemu-user-static runs the aarch64 client; dnsmasq-base is the lab's DNS server (no service);
+# prometheus brings promtool; faketime makes stale fwknop packets.
+packages=(nftables iptables ipset iproute2 tcpdump nmap netcat-openbsd knockd fwknop-client oathtool procps
+  prometheus systemd faketime qemu-user-static dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,7 +23,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   rm -f /usr/sbin/policy-rc.d
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
-# The static client is built for musl (no C toolchain needed beyond the Rust target).
-if command -v rustup >/dev/null && ! rustup target list --installed | grep -q x86_64-unknown-linux-musl; then
-  rustup target add x86_64-unknown-linux-musl >/dev/null
+# The static client is built for musl (no C toolchain needed beyond the Rust target); the
+# aarch64 one links with rust-lld (.cargo/config.toml).
+if command -v rustup >/dev/null; then
+  for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+    rustup target list --installed | grep -qx "$target" || rustup target add "$target" >/dev/null
+  done
 fi

@@ -8,6 +8,8 @@ scripts/install-deps.sh
 cargo build --workspace --bins --locked
 # The static, size-optimised client the end-to-end tests also use.
 cargo build --profile client -p spa-client --target x86_64-unknown-linux-musl --locked
+# The same client for aarch64 (phones, routers), run under qemu-user by the tests.
+cargo build --profile client -p spa-client --target aarch64-unknown-linux-musl --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # The end-to-end tests mostly wait on timers, so they run wider than the core count.

@@ -1,4 +1,5 @@
 //! Client profiles (`~/.config/spa/NAME.toml` or any path): where the gateway is and what to ask.
+//! `spa -p NAME` looks in [`profile_dir`]; a value with a `/` or ending in `.toml` is a path.
 
 use std::path::{Path, PathBuf};
 
@@ -31,12 +32,71 @@ pub struct Profile {
     pub totp_secret_file: Option<String>,
     pub totp_port_range: Option<String>,
     pub totp_derived_ports: Option<usize>,
+    /// DNS servers to ask for `server` (devices without /etc/resolv.conf).
+    #[serde(default)]
+    pub resolver: Vec<String>,
+    /// A TCP port of the granted services that `spa knock --wait` connects to.
+    pub probe_port: Option<u16>,
     #[serde(skip)]
     pub base: PathBuf,
 }
 
+/// Where profiles live: `$XDG_CONFIG_HOME/spa`, else `$HOME/.config/spa`.
+pub fn profile_dir() -> anyhow::Result<PathBuf> {
+    let non_empty = |v: std::ffi::OsString| (!v.is_empty()).then(|| PathBuf::from(v));
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").and_then(non_empty) {
+        return Ok(dir.join("spa"));
+    }
+    let home = std::env::var_os("HOME")
+        .and_then(non_empty)
+        .context("neither $XDG_CONFIG_HOME nor $HOME is set: pass the profile as a path")?;
+    Ok(home.join(".config").join("spa"))
+}
+
+/// The file a `-p` value names: a path if it has a `/` or ends in `.toml`, else a profile name.
+pub fn locate(value: &str) -> anyhow::Result<PathBuf> {
+    if value.contains('/') || value.ends_with(".toml") {
+        return Ok(PathBuf::from(value));
+    }
+    if !spa_shared::invite::valid_profile_name(value) {
+        anyhow::bail!("`{value}` is neither a profile name ([A-Za-z0-9._-]) nor a path");
+    }
+    let path = profile_dir()?.join(format!("{value}.toml"));
+    if !path.exists() {
+        anyhow::bail!(
+            "no profile `{value}`: {} does not exist (`spa profiles` lists them; `spa enroll URI` creates one)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The profile names in `dir`, sorted.
+pub fn list(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".toml")
+                .map(String::from)
+        })
+        .filter(|n| spa_shared::invite::valid_profile_name(n))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 impl Profile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
+        if !path.exists() {
+            anyhow::bail!("profile {} does not exist", path.display());
+        }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading profile {}", path.display()))?;
         let mut profile: Profile = toml::from_str(&text).map_err(|e| {

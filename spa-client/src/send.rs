@@ -2,37 +2,13 @@
 //! non-blocking connect that is abandoned at once, as knockd's `knock` does; one UDP datagram
 //! per UDP port). Unprivileged throughout.
 
-use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use anyhow::Context;
+use socket2::{Domain, Protocol, Socket, Type};
 
-/// Address family preference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Family {
-    #[default]
-    Any,
-    V4,
-    V6,
-}
-
-/// Resolves `host` to one address of the wanted family.
-pub fn resolve(host: &str, port: u16, family: Family) -> anyhow::Result<SocketAddr> {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {host}"))?
-        .collect();
-    addrs
-        .into_iter()
-        .find(|a| match family {
-            Family::Any => true,
-            Family::V4 => a.is_ipv4(),
-            Family::V6 => a.is_ipv6(),
-        })
-        .with_context(|| format!("{host} has no address of the requested family"))
-}
+pub use crate::resolve::Family;
 
 /// Sends one UDP datagram from an ephemeral port.
 pub fn datagram(to: SocketAddr, payload: &[u8]) -> anyhow::Result<()> {
@@ -42,75 +18,30 @@ pub fn datagram(to: SocketAddr, payload: &[u8]) -> anyhow::Result<()> {
         "[::]:0".parse()?
     };
     let socket = UdpSocket::bind(bind).context("opening a UDP socket")?;
-    socket
-        .send_to(payload, to)
-        .with_context(|| format!("sending to {to}"))?;
-    Ok(())
+    match socket.send_to(payload, to) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(e).with_context(|| {
+            format!(
+                "sending to {to}: a firewall on this machine refuses outgoing UDP to port {}",
+                to.port()
+            )
+        }),
+        Err(e) => Err(e).with_context(|| format!("sending to {to}")),
+    }
 }
 
-/// Sends one TCP SYN to `to` without waiting for an answer.
+/// Sends one TCP SYN to `to` without waiting for an answer: a non-blocking connect that is
+/// abandoned (the socket closes when dropped).
 pub fn syn(to: SocketAddr) -> anyhow::Result<()> {
-    let domain = if to.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket(2); checked below and owned afterwards.
-    let fd = unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a TCP socket");
-    }
-    // SAFETY: fd is fresh and owned; dropping it closes the half-open attempt.
-    let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let (storage, len) = sockaddr(to);
-    // SAFETY: storage holds a valid sockaddr of length len.
-    let rc = unsafe { libc::connect(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(e).with_context(|| format!("knocking {to}"));
-        }
-    }
-    Ok(())
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            (storage, std::mem::size_of::<libc::sockaddr_in>() as u32)
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as u16,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            (storage, std::mem::size_of::<libc::sockaddr_in6>() as u32)
-        }
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))
+        .context("opening a TCP socket")?;
+    socket
+        .set_nonblocking(true)
+        .context("making the TCP socket non-blocking")?;
+    match socket.connect(&to.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("knocking {to}")),
     }
 }
 

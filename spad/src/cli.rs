@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use spa_shared::keys::PrivateKey;
 
 use crate::config::Config;
 use crate::daemon::{self, Overrides};
 
-const DEFAULT_CONFIG: &str = "/etc/spad/spad.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/spad/spad.toml";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +53,7 @@ enum Command {
     },
     /// Print a new private key (base64), or write it to a 0600 file with --out.
     Genkey {
+        /// Write the key to this file (mode 0600, directories created) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -78,8 +79,10 @@ enum Command {
     Revoke {
         #[command(flatten)]
         config: ConfigArg,
+        /// Close the grants of this source address.
         #[arg(long, conflicts_with = "client", required_unless_present = "client")]
         address: Option<IpAddr>,
+        /// Close the grants owned by this client (its [clients.NAME]).
         #[arg(long)]
         client: Option<String>,
         /// Only these services (default: all).
@@ -113,12 +116,23 @@ enum Command {
         #[arg(long)]
         fwknopd_conf: Option<PathBuf>,
     },
+    /// Print a spa:// enrollment URI and QR code for a new client device (no secrets in it).
+    Invite(crate::invite::InviteArgs),
+    /// Manage SPA clients in the configuration file.
+    #[command(subcommand)]
+    Client(crate::client_admin::ClientCommand),
+}
+
+/// The clap definition, for man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 #[derive(Debug, Subcommand)]
 enum TotpCommand {
     /// Create a new random TOTP secret (base32) in a 0600 file.
     NewSecret {
+        /// The secret file to create (mode 0600, directories created; never overwritten).
         #[arg(long)]
         out: PathBuf,
     },
@@ -126,8 +140,10 @@ enum TotpCommand {
     Enroll {
         #[command(flatten)]
         config: ConfigArg,
+        /// The TOTP door ([totp-doors.NAME]) to enroll.
         #[arg(long)]
         door: String,
+        /// Issuer shown by the authenticator app.
         #[arg(long, default_value = "spad")]
         issuer: String,
     },
@@ -135,6 +151,7 @@ enum TotpCommand {
     Show {
         #[command(flatten)]
         config: ConfigArg,
+        /// The TOTP door ([totp-doors.NAME]) to show.
         #[arg(long)]
         door: String,
     },
@@ -169,6 +186,8 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(arg) => daemon::run(arg.config.clone(), overrides(&arg)),
+        Command::Invite(args) => crate::invite::run(args),
+        Command::Client(command) => crate::client_admin::run(command),
         Command::Check {
             config: arg,
             ruleset,

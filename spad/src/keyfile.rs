@@ -52,8 +52,16 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
     })
 }
 
-/// Writes a secret text file with mode 0600, refusing to overwrite an existing file.
+/// Writes a secret text file with mode 0600, refusing to overwrite an existing file. Missing
+/// directories are created with mode 0700 (`mkdir -p`).
 pub fn write_secret_text(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -72,8 +80,8 @@ mod tests {
     fn loose_permissions_are_refused_with_the_fix() {
         let dir = std::env::temp_dir().join(format!("spad-keyfile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("k");
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("new/dirs/k");
         let key = PrivateKey::from_bytes([3; 32]);
         write_secret_text(&path, &key.to_base64()).unwrap();
         assert_eq!(
@@ -81,6 +89,12 @@ mod tests {
             key.public_key()
         );
         assert!(write_secret_text(&path, "x").is_err(), "must not overwrite");
+        let created = std::fs::metadata(path.parent().unwrap()).unwrap();
+        assert_eq!(
+            created.permissions().mode() & 0o777,
+            0o700,
+            "mkdir -p, private"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = read_private_key(&path).unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");

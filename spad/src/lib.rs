@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod cli;
+pub mod client_admin;
 pub mod clock;
 pub mod config;
 pub mod control;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod enroll;
 pub mod firewall;
 pub mod fwknop;
+pub mod invite;
 pub mod keyfile;
 pub mod knock;
 pub mod log;

@@ -96,7 +96,8 @@ impl Config {
             column: 0,
             message: match e.kind() {
                 std::io::ErrorKind::NotFound => {
-                    "no such file; check the path, or start from conf/spad.toml".to_string()
+                    "missing: no such file; start from conf/spad.toml (README, First use) or pass -c FILE"
+                        .to_string()
                 }
                 _ => format!("cannot read: {e}"),
             },
