@@ -35,6 +35,9 @@ pub struct Stats {
     pub granted: u64,
     pub closed: u64,
     pub knocks: u64,
+    /// Of `granted` and `refused`: decisions on fwknop 2.x packets.
+    pub fwknop_granted: u64,
+    pub fwknop_refused: u64,
 }
 
 /// Everything that decides; no sockets of its own.
@@ -211,6 +214,7 @@ impl<C: Clock> Pipeline<C> {
 
     fn refuse_fwknop(&mut self, source: IpAddr, reason: &str) {
         self.stats.refused += 1;
+        self.stats.fwknop_refused += 1;
         let now = self.clock.now();
         self.log.refusal(
             now,
@@ -245,7 +249,9 @@ impl<C: Clock> Pipeline<C> {
         if let Err(e) = self.replay.accept_digest(digest, keep_until, now) {
             return self.refuse_fwknop(source, &format!("client={} {e}", client.name));
         }
+        let granted = self.stats.granted;
         self.apply(decision, &crate::fwknop::policy::owner(&client));
+        self.stats.fwknop_granted += self.stats.granted - granted;
     }
 
     fn apply(&mut self, decision: Decision, owner: &str) {
@@ -518,8 +524,8 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     pipeline.log.line(
         clock.now(),
         &format!(
-            "stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={}",
-            s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks
+            "stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={} fwknop-granted={} fwknop-refused={}",
+            s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks, s.fwknop_granted, s.fwknop_refused
         ),
     );
     if pipeline.config.server.flush_on_exit {

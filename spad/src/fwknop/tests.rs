@@ -152,6 +152,7 @@ fn a_real_client_packet_opens_ssh_for_its_address_once() {
     p.handle(&udp(format!("{packet}\n").as_bytes(), "10.0.0.9"));
     p.handle(&udp(format!("{packet}=").as_bytes(), "10.0.0.9"));
     assert_eq!((p.stats.granted, p.stats.refused), (1, 4));
+    assert_eq!((p.stats.fwknop_granted, p.stats.fwknop_refused), (1, 2));
     drop(p);
     let mut again = pipeline(&clock, &dir, "");
     again.handle(&udp(packet.as_bytes(), "10.0.0.2"));
