@@ -39,7 +39,14 @@ fn keygen() -> FwKeys {
 /// A lab with fresh fwknop keys for `alice` and `roaming` written where conf/fwknop.toml
 /// expects them, and spad started.
 fn lab(backend: Backend) -> (Lab, FwKeys, FwKeys) {
+    lab_with(backend, |text| text)
+}
+
+/// [`lab`], with the copied config edited first.
+fn lab_with(backend: Backend, edit: impl FnOnce(String) -> String) -> (Lab, FwKeys, FwKeys) {
     let mut lab = Lab::new(CONF);
+    let path = lab.path(CONF);
+    std::fs::write(&path, edit(std::fs::read_to_string(&path).unwrap())).unwrap();
     let (alice, roaming) = (keygen(), keygen());
     for (name, keys) in [("alice", &alice), ("roaming", &roaming)] {
         for (ext, value) in [("key", &keys.key), ("hmac", &keys.hmac)] {
@@ -418,6 +425,24 @@ pub fn source_address_rules_behind_nat_and_with_dash_s(backend: Backend) {
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
 }
 
+pub fn fwknop_packets_are_heard_by_the_udp_listener_too(backend: Backend) {
+    let (lab, alice, _) = lab_with(backend, |text| {
+        text.replace("capture = \"af-packet\"", "capture = \"udp\"")
+    });
+    assert!(lab.log().contains("capture=udp listener"), "{}", lab.log());
+    let _ssh = Echo::tcp(&lab.gw, "0.0.0.0:22".parse().unwrap());
+    fwknop(&lab.a, &alice, &["-A", "tcp/22", "-a", A4]);
+    assert!(
+        lab.wait_log(
+            "granted owner=fwknop:alice address=203.0.113.10 services=ssh",
+            1
+        ),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
@@ -431,4 +456,5 @@ both_backends!(
     fwknop_forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_back,
     client_timeout_is_capped_and_nat_goes_to_the_configured_target_only,
     source_address_rules_behind_nat_and_with_dash_s,
+    fwknop_packets_are_heard_by_the_udp_listener_too,
 );
