@@ -367,3 +367,22 @@ fn config_errors_name_the_line_and_the_fix() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn live_fwknop_grants_survive_a_reload_only_while_still_allowed() {
+    use crate::firewall::{still_allowed, LiveGrant};
+    let dir = dir("reload");
+    let config = Config::parse(&dir.join("spad.toml"), &config_text(&dir, "")).unwrap();
+    let grant = |owner: &str, service: &str| LiveGrant {
+        address: "10.0.0.2".parse().unwrap(),
+        service: service.into(),
+        remaining: Duration::from_secs(10),
+        owner: owner.into(),
+    };
+    assert!(still_allowed(&config, &grant("fwknop:alice", "ssh")));
+    assert!(!still_allowed(&config, &grant("fwknop:alice", "dns")));
+    assert!(!still_allowed(&config, &grant("fwknop:bob", "ssh")));
+    // A spa client of the same name is another owner.
+    assert!(!still_allowed(&config, &grant("alice", "ssh")));
+    std::fs::remove_dir_all(dir).unwrap();
+}
