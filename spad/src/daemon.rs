@@ -44,6 +44,9 @@ pub struct Stats {
     pub grants_by_service: std::collections::BTreeMap<(String, &'static str), u64>,
     /// Packet heard → grant in the kernel.
     pub grant_latency: crate::metrics::Histogram,
+    /// Of `granted` and `refused`: decisions on fwknop 2.x packets.
+    pub fwknop_granted: u64,
+    pub fwknop_refused: u64,
 }
 
 impl Stats {
@@ -60,6 +63,8 @@ impl Stats {
             ("knocks", self.knocks),
             ("reloads", self.reloads),
             ("blacklistings", self.blacklistings),
+            ("fwknop_granted", self.fwknop_granted),
+            ("fwknop_refused", self.fwknop_refused),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
@@ -263,6 +268,7 @@ impl<C: Clock> Pipeline<C> {
 
     fn refuse_fwknop(&mut self, source: IpAddr, reason: &str) {
         self.stats.refused += 1;
+        self.stats.fwknop_refused += 1;
         let now = self.clock.now();
         self.log.refusal(
             now,
@@ -297,7 +303,9 @@ impl<C: Clock> Pipeline<C> {
         if let Err(e) = self.replay.accept_digest(digest, keep_until, now) {
             return self.refuse_fwknop(source, &format!("client={} {e}", client.name));
         }
+        let granted = self.stats.granted;
         self.apply(decision, &crate::fwknop::policy::owner(&client));
+        self.stats.fwknop_granted += self.stats.granted - granted;
     }
 
     fn apply(&mut self, decision: Decision, owner: &str) {

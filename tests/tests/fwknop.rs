@@ -39,7 +39,14 @@ fn keygen() -> FwKeys {
 /// A lab with fresh fwknop keys for `alice` and `roaming` written where conf/fwknop.toml
 /// expects them, and spad started.
 fn lab(backend: Backend) -> (Lab, FwKeys, FwKeys) {
+    lab_with(backend, |text| text)
+}
+
+/// [`lab`], with the copied config edited first.
+fn lab_with(backend: Backend, edit: impl FnOnce(String) -> String) -> (Lab, FwKeys, FwKeys) {
     let mut lab = Lab::new(CONF);
+    let path = lab.path(CONF);
+    std::fs::write(&path, edit(std::fs::read_to_string(&path).unwrap())).unwrap();
     let (alice, roaming) = (keygen(), keygen());
     for (name, keys) in [("alice", &alice), ("roaming", &roaming)] {
         for (ext, value) in [("key", &keys.key), ("hmac", &keys.hmac)] {
@@ -232,7 +239,7 @@ pub fn fwknop_forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_bac
     };
     fwknop(&lab.a, &wrong_hmac, &ssh);
     refused(&lab, "no configured fwknop client's HMAC matches", 1);
-    // One flipped bit in a genuine packet (never sent as is): the HMAC fails.
+    // A genuine packet (never sent as is) with one character changed: the HMAC fails.
     let saved = lab.path("p.txt");
     fwknop(
         &lab.a,
@@ -252,7 +259,8 @@ pub fn fwknop_forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_bac
         .trim_end()
         .as_bytes()
         .to_vec();
-    flipped[20] ^= 0x01;
+    // Flip a bit of the ciphertext: another base64 character, so it is still fwknop-shaped.
+    flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
     send_raw(&lab.a, flipped);
     refused(&lab, "no configured fwknop client's HMAC matches", 2);
     // Stale: the client's clock five minutes behind.
@@ -417,6 +425,71 @@ pub fn source_address_rules_behind_nat_and_with_dash_s(backend: Backend) {
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
 }
 
+pub fn fwknop_packets_are_heard_by_the_udp_listener_too(backend: Backend) {
+    let (lab, alice, _) = lab_with(backend, |text| {
+        text.replace("capture = \"af-packet\"", "capture = \"udp\"")
+    });
+    assert!(lab.log().contains("capture=udp listener"), "{}", lab.log());
+    let _ssh = Echo::tcp(&lab.gw, "0.0.0.0:22".parse().unwrap());
+    fwknop(&lab.a, &alice, &["-A", "tcp/22", "-a", A4]);
+    assert!(
+        lab.wait_log(
+            "granted owner=fwknop:alice address=203.0.113.10 services=ssh",
+            1
+        ),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+}
+
+pub fn an_imported_access_conf_serves_the_real_client(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let keys = keygen();
+    let access = lab.path("access.conf");
+    std::fs::write(
+        &access,
+        format!(
+            "SOURCE ANY\nKEY_BASE64 {}\nHMAC_KEY_BASE64 {}\nOPEN_PORTS tcp/22\nFW_ACCESS_TIMEOUT 5\nREQUIRE_SOURCE_ADDRESS Y\nENABLE_CMD_EXEC Y\n",
+            keys.key, keys.hmac
+        ),
+    )
+    .unwrap();
+    let fwknopd = lab.path("fwknopd.conf");
+    std::fs::write(&fwknopd, "MAX_SPA_PACKET_AGE 60\n").unwrap();
+    let out = lab.spad(&[
+        "import-fwknop",
+        "--access",
+        access.to_str().unwrap(),
+        "--fwknopd-conf",
+        fwknopd.to_str().unwrap(),
+    ]);
+    let imported = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        imported.contains("ENABLE_CMD_EXEC Y: NOT carried over"),
+        "{imported}"
+    );
+    let config = format!(
+        "[server]\nprivate-key = \"keys/server.key\"\ninterfaces = [\"eth0\"]\nstate-dir = \"state\"\n{imported}"
+    );
+    let path = lab.path("imported.toml");
+    std::fs::write(&path, config).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    lab.start_spad("imported.toml", backend);
+    let _ssh = Echo::tcp(&lab.gw, "0.0.0.0:22".parse().unwrap());
+    fwknop(&lab.a, &keys, &["-A", "tcp/22", "-a", A4]);
+    assert!(
+        lab.wait_log(
+            "granted owner=fwknop:stanza-1 address=203.0.113.10 services=fwknop-tcp22-5s(5s)",
+            1
+        ),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
@@ -430,4 +503,6 @@ both_backends!(
     fwknop_forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_back,
     client_timeout_is_capped_and_nat_goes_to_the_configured_target_only,
     source_address_rules_behind_nat_and_with_dash_s,
+    fwknop_packets_are_heard_by_the_udp_listener_too,
+    an_imported_access_conf_serves_the_real_client,
 );

@@ -239,6 +239,26 @@ pub fn open(datagram: &[u8], keys: &Keys) -> Result<Message, FwknopError> {
 /// For the log only, after no client's HMAC matched: does this datagram decrypt and parse as a
 /// packet without HMAC under `keys`? Never grants anything.
 pub fn is_without_hmac(datagram: &[u8], keys: &Keys) -> bool {
+    // Cheap first: one AES block. A libfko message starts with its 16 random digits.
+    if datagram.len() < MIN_CIPHERTEXT_TEXT || datagram.len() >= GPG_MIN_TEXT {
+        return false;
+    }
+    let mut head = SALTED_PREFIX.to_vec();
+    head.extend_from_slice(&datagram[..MIN_CIPHERTEXT_TEXT]);
+    let Some(raw) = b64_decode(&head) else {
+        return false;
+    };
+    if raw.len() < 32 || &raw[..8] != b"Salted__" {
+        return false;
+    }
+    let kiv = key_and_iv(&keys.encryption, &raw[8..16]);
+    let mut decryptor =
+        Decryptor::new_from_slices(&kiv[..32], &kiv[32..]).expect("sizes are fixed");
+    let mut block = aes::Block::clone_from_slice(&raw[16..32]);
+    decryptor.decrypt_block_mut(&mut block);
+    if !block.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
     decrypt(datagram, keys).is_ok_and(|plain| message::parse(&plain).is_ok())
 }
 

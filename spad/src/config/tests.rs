@@ -294,7 +294,7 @@ fn a_missing_or_non_utf8_file_says_so() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}: no such file; check the path, or start from conf/spad.toml",
+            "{}: missing: no such file; start from conf/spad.toml (README, First use) or pass -c FILE",
             missing.display()
         )
     );

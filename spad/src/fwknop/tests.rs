@@ -152,6 +152,7 @@ fn a_real_client_packet_opens_ssh_for_its_address_once() {
     p.handle(&udp(format!("{packet}\n").as_bytes(), "10.0.0.9"));
     p.handle(&udp(format!("{packet}=").as_bytes(), "10.0.0.9"));
     assert_eq!((p.stats.granted, p.stats.refused), (1, 4));
+    assert_eq!((p.stats.fwknop_granted, p.stats.fwknop_refused), (1, 2));
     drop(p);
     let mut again = pipeline(&clock, &dir, "");
     again.handle(&udp(packet.as_bytes(), "10.0.0.2"));
@@ -364,5 +365,24 @@ fn config_errors_name_the_line_and_the_fix() {
         config.fwknop_clients["alice"].max_age,
         Duration::from_secs(120)
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn live_fwknop_grants_survive_a_reload_only_while_still_allowed() {
+    use crate::firewall::{still_allowed, LiveGrant};
+    let dir = dir("reload");
+    let config = Config::parse(&dir.join("spad.toml"), &config_text(&dir, "")).unwrap();
+    let grant = |owner: &str, service: &str| LiveGrant {
+        address: "10.0.0.2".parse().unwrap(),
+        service: service.into(),
+        remaining: Duration::from_secs(10),
+        owner: owner.into(),
+    };
+    assert!(still_allowed(&config, &grant("fwknop:alice", "ssh")));
+    assert!(!still_allowed(&config, &grant("fwknop:alice", "dns")));
+    assert!(!still_allowed(&config, &grant("fwknop:bob", "ssh")));
+    // A spa client of the same name is another owner.
+    assert!(!still_allowed(&config, &grant("alice", "ssh")));
     std::fs::remove_dir_all(dir).unwrap();
 }
