@@ -181,7 +181,7 @@ fn spad_check_names_a_missing_or_non_utf8_file_as_such() {
     let (ok, out) = check_path(&missing);
     assert!(!ok);
     assert!(
-        out.contains(&format!("{}: no such file", missing.display())),
+        out.contains(&format!("{}: missing: no such file", missing.display())),
         "{out}"
     );
     assert!(!out.contains(":0:0"), "{out}");
