@@ -9,6 +9,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = nftables::parse_element_dump("a4_ssh", &bodies);
     let _ = nftables::parse_names(&bodies, "spad", 1, 2);
     if let Some((kind, body)) = data.split_first_chunk::<2>() {
-        let _ = guard::touches_table(u16::from_ne_bytes(*kind), body, "spad");
+        let kind = u16::from_ne_bytes(*kind);
+        let _ = guard::touches_table(kind, body, "spad");
+        let _ = guard::element_changes(kind, body, "spad");
     }
 });

@@ -77,14 +77,21 @@ pub fn flush_and_tampering_never_open_protected_ports(backend: Backend) {
         assert!(lab.log().contains("outside spad; reinstalling it"));
         assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
         assert_eq!(tcp_probe(&lab.b, Lab::gw6(22), T), Connect::TimedOut);
-        // Grants whose sets survived are kept (all but a deleted nftables table).
-        let grant_kept = !(backend == Backend::Nftables && step == 1);
+        // The grant is kept, even when the whole nftables table was deleted.
         assert_eq!(
-            tcp_probe(&lab.a, Lab::gw4(22), T) == Connect::Open,
-            grant_kept,
-            "step {step}"
+            tcp_probe(&lab.a, Lab::gw4(22), T),
+            Connect::Open,
+            "grant lost at step {step}"
         );
     }
+
+    // A grant revoked by another process stays revoked through a repair.
+    let out = lab.spad_gw(&["revoke", "--address", A4], CONF);
+    assert!(out.status.success(), "{out:?}");
+    tamper(&lab, backend, 1);
+    assert!(lab.wait_log("protection reinstalled", 3), "{}", lab.log());
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::TimedOut);
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
 
     // Uninstall is refused while the daemon runs, naming it.
     let out = lab.spad_gw(&["uninstall"], CONF);

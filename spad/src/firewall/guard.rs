@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use super::netlink::Monitor;
+use super::nftables::Carried;
 use super::Firewall;
 use crate::config::Config;
 
@@ -24,9 +25,42 @@ const STRUCTURAL: [u16; 8] = [0, 2, 3, 5, 6, 8, 9, 11];
 pub const POLL_IPTABLES: Duration = Duration::from_millis(700);
 pub const POLL_NFTABLES: Duration = Duration::from_secs(5);
 
+/// `NFT_MSG_NEWSETELEM` / `NFT_MSG_DELSETELEM`: grants added or removed (by spad, or by
+/// `spad revoke` in another process).
+const NEWSETELEM: u16 = 12;
+const DELSETELEM: u16 = 14;
+/// `NFTA_SET_ELEM_LIST_SET`.
+const SET_ATTR: u16 = 2;
+
 /// Whether a monitor message is a structural change to `table` of the inet family.
 pub fn touches_table(kind: u16, body: &[u8], table: &str) -> bool {
-    if kind >> 8 != NFNL_SUBSYS_NFTABLES || !STRUCTURAL.contains(&(kind & 0xff)) {
+    STRUCTURAL.contains(&(kind & 0xff)) && of_table(kind, body, table)
+}
+
+/// The elements a monitor message adds (`true`) or removes (`false`) in `table`.
+pub fn element_changes(kind: u16, body: &[u8], table: &str) -> Option<(bool, Vec<Carried>)> {
+    let added = match kind & 0xff {
+        NEWSETELEM => true,
+        DELSETELEM => false,
+        _ => return None,
+    };
+    if !of_table(kind, body, table) {
+        return None;
+    }
+    let set = super::netlink::attributes(body.get(4..)?)
+        .into_iter()
+        .find(|(k, _)| *k == SET_ATTR)
+        .map(|(_, v)| {
+            String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+        })?;
+    Some((
+        added,
+        super::nftables::parse_element_dump(&set, &[body.to_vec()]),
+    ))
+}
+
+fn of_table(kind: u16, body: &[u8], table: &str) -> bool {
+    if kind >> 8 != NFNL_SUBSYS_NFTABLES {
         return false;
     }
     if body.first() != Some(&NFPROTO_INET) {
@@ -91,15 +125,27 @@ impl Guard {
         self.next_check = Instant::now() + self.interval;
     }
 
-    fn event_seen(&mut self) -> bool {
+    /// Drains the monitor: whether the protection must be checked now. Element changes are
+    /// passed to the backend, so what it remembers of its grants follows the kernel (a grant
+    /// revoked by another process is not restored by a later repair).
+    fn event_seen(&mut self, firewall: &mut dyn Firewall) -> bool {
         let Some(monitor) = &mut self.monitor else {
             return false;
         };
         match monitor.drain() {
-            Ok(events) => events
-                .iter()
-                .any(|(kind, body)| touches_table(*kind, body, &self.table)),
-            // Lost events (ENOBUFS) or a broken socket: check, to be safe.
+            Ok(events) => {
+                for (kind, body) in &events {
+                    if let Some((added, elements)) = element_changes(*kind, body, &self.table) {
+                        for element in &elements {
+                            firewall.observe_element(added, element);
+                        }
+                    }
+                }
+                events
+                    .iter()
+                    .any(|(kind, body)| touches_table(*kind, body, &self.table))
+            }
+            // Lost events (ENOBUFS) or a broken socket: check (which re-reads the kernel).
             Err(_) => true,
         }
     }
@@ -108,7 +154,7 @@ impl Guard {
     /// Returns the log lines to write.
     pub fn poll(&mut self, firewall: &mut dyn Firewall, config: &Config) -> Vec<String> {
         let now = Instant::now();
-        if !self.event_seen() && now < self.next_check {
+        if !self.event_seen(firewall) && now < self.next_check {
             return Vec::new();
         }
         self.next_check = now + self.interval;

@@ -71,6 +71,9 @@ pub trait Firewall {
     fn repair(&mut self, config: &Config) -> anyhow::Result<usize> {
         self.install(config)
     }
+    /// Learns of an element added or removed in the kernel by anyone (from the nftables
+    /// monitor), so a repair restores what is really granted.
+    fn observe_element(&mut self, _added: bool, _element: &nftables::Carried) {}
     /// Removes everything this backend installed: protected ports become reachable by all.
     /// Only `spad uninstall` (and benchmarks) call this.
     fn remove(&mut self) -> anyhow::Result<()>;

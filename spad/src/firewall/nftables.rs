@@ -12,7 +12,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -536,6 +536,73 @@ pub fn parse_element_dump(set: &str, bodies: &[Vec<u8>]) -> Vec<Carried> {
     out
 }
 
+/// Grants and blacklist entries this daemon knows of, with their deadlines: what a repair
+/// restores when someone deleted the whole table (the kernel's copy is gone then).
+#[derive(Debug, Default)]
+struct Remembered {
+    entries: Vec<(Carried, Instant)>,
+}
+
+impl Remembered {
+    /// Takes the kernel's view. An idle element ends with its grant here: traffic re-arms it
+    /// in the kernel unseen, so a restore gives it a fresh idle period (never past the grant).
+    fn replace_from(&mut self, existing: &Existing, now: Instant) {
+        let deadline = |c: &Carried| now + c.remaining;
+        let mut entries: Vec<(Carried, Instant)> = existing
+            .elements
+            .iter()
+            .filter(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role != SetRole::Idle))
+            .map(|c| (c.clone(), deadline(c)))
+            .collect();
+        for c in &existing.elements {
+            let Some(id) = SetId::parse_nft(&c.set).filter(|id| id.role == SetRole::Idle) else {
+                continue;
+            };
+            let grant = SetId::grant(&id.service, id.family).nft_name();
+            if let Some((_, end)) = entries
+                .iter()
+                .find(|(g, _)| g.set == grant && g.address == c.address)
+            {
+                let end = *end;
+                entries.push((c.clone(), end));
+            }
+        }
+        self.entries = entries;
+    }
+
+    fn add(&mut self, element: Carried, deadline: Instant) {
+        self.remove(&element.set, element.address);
+        self.entries.push((element, deadline));
+    }
+
+    fn remove(&mut self, set: &str, address: IpAddr) {
+        self.entries
+            .retain(|(c, _)| !(c.set == set && c.address == address));
+    }
+
+    /// What is still due at `now`, as a table's view with time left (at most each
+    /// element's own timeout).
+    fn alive(&self, now: Instant) -> Existing {
+        let elements: Vec<Carried> = self
+            .entries
+            .iter()
+            .filter(|(_, end)| *end > now)
+            .map(|(c, end)| Carried {
+                remaining: (*end - now).min(c.timeout),
+                ..c.clone()
+            })
+            .collect();
+        let mut sets: Vec<String> = elements.iter().map(|c| c.set.clone()).collect();
+        sets.sort();
+        sets.dedup();
+        Existing {
+            chains: Vec::new(),
+            sets,
+            elements,
+        }
+    }
+}
+
 /// The nftables backend.
 #[derive(Debug)]
 pub struct Nftables {
@@ -543,6 +610,7 @@ pub struct Nftables {
     socket: Socket,
     /// Services with an idle set, from the installed config.
     idle_services: Vec<String>,
+    remembered: Remembered,
 }
 
 impl Nftables {
@@ -553,6 +621,7 @@ impl Nftables {
             table: table.to_string(),
             socket,
             idle_services: Vec::new(),
+            remembered: Remembered::default(),
         })
     }
 
@@ -599,11 +668,16 @@ impl Nftables {
             )?;
             elements.extend(parse_element_dump(set, &bodies));
         }
-        Ok(Existing {
+        let existing = Existing {
             chains,
             sets,
             elements,
-        })
+        };
+        // A missing table keeps the memory: it is what a repair restores from.
+        if !existing.sets.is_empty() {
+            self.remembered.replace_from(&existing, Instant::now());
+        }
+        Ok(existing)
     }
 
     /// Elements of `existing` that `config` no longer allows, or whose idle timer lapsed.
@@ -688,8 +762,12 @@ impl Firewall for Nftables {
     }
 
     fn repair(&mut self, config: &Config) -> anyhow::Result<usize> {
-        let read_at = std::time::Instant::now();
-        let existing = self.existing()?;
+        let read_at = Instant::now();
+        let mut existing = self.existing()?;
+        if existing.sets.is_empty() {
+            // The whole table was deleted: restore what this daemon knew was granted.
+            existing = self.remembered.alive(read_at);
+        }
         let prune = Self::prune(config, &existing);
         let plan = Plan::build(config, &Observed::read(config));
         // Time passes between reading and loading: take it off, so nothing is extended.
@@ -710,6 +788,28 @@ impl Firewall for Nftables {
     }
 
     fn grant(&mut self, grants: &[Access]) -> anyhow::Result<()> {
+        let now = Instant::now();
+        for g in grants {
+            let family = if g.address.is_ipv6() {
+                Family::V6
+            } else {
+                Family::V4
+            };
+            let element = |set: SetId, timeout| Carried {
+                set: set.nft_name(),
+                address: g.address,
+                timeout,
+                remaining: timeout,
+                owner: g.owner.clone(),
+            };
+            let end = now + g.timeout;
+            self.remembered
+                .add(element(SetId::grant(&g.service, family), g.timeout), end);
+            if let Some(idle) = g.idle {
+                self.remembered
+                    .add(element(SetId::idle(&g.service, family), idle), end);
+            }
+        }
         let mut messages = Vec::with_capacity(grants.len() * 6);
         for g in grants {
             let v6 = g.address.is_ipv6();
@@ -748,6 +848,7 @@ impl Firewall for Nftables {
                 sets.push(set_name(service, true, v6));
             }
             for set in sets {
+                self.remembered.remove(&set, address);
                 // add-then-delete always succeeds, whether or not the element was there.
                 messages.push(element_message(
                     &self.table,
@@ -785,6 +886,16 @@ impl Firewall for Nftables {
         } else {
             "blacklist4"
         };
+        self.remembered.add(
+            Carried {
+                set: set.to_string(),
+                address,
+                timeout: duration,
+                remaining: duration,
+                owner: "blacklist".into(),
+            },
+            Instant::now() + duration,
+        );
         let messages = vec![
             element_message(&self.table, set, address, Some((duration, "blacklist"))),
             element_message(&self.table, set, address, None),
@@ -806,6 +917,9 @@ impl Firewall for Nftables {
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
+        self.remembered.entries.retain(|(c, _)| {
+            SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist)
+        });
         let existing = self.existing()?;
         let mut text = String::new();
         for set in &existing.sets {
@@ -820,7 +934,39 @@ impl Firewall for Nftables {
         Ok(())
     }
 
+    fn observe_element(&mut self, added: bool, element: &Carried) {
+        if !added {
+            self.remembered.remove(&element.set, element.address);
+            return;
+        }
+        let now = Instant::now();
+        let left = if element.remaining.is_zero() {
+            element.timeout
+        } else {
+            element.remaining
+        };
+        match SetId::parse_nft(&element.set) {
+            // An idle element ends with its grant (see `Remembered::replace_from`).
+            Some(id) if id.role == SetRole::Idle => {
+                let grant = SetId::grant(&id.service, id.family).nft_name();
+                let end = self
+                    .remembered
+                    .entries
+                    .iter()
+                    .find(|(c, _)| c.set == grant && c.address == element.address)
+                    .map(|(_, end)| *end);
+                if let Some(end) = end {
+                    self.remembered.add(element.clone(), end);
+                }
+            }
+            Some(_) => self.remembered.add(element.clone(), now + left),
+            None => {}
+        }
+    }
+
     fn protection(&mut self) -> anyhow::Result<String> {
+        // Refreshes the memory of grants a repair would restore.
+        self.existing()?;
         // `-t`: terse, without set elements; grants come and go, the protection must not.
         match nft(&["-t", "list", "table", "inet", &self.table], None) {
             Ok(text) => Ok(text),
@@ -969,6 +1115,40 @@ mod tests {
         assert_eq!(elements[0].timeout, Duration::from_millis(30_500));
         assert_eq!(elements[0].owner, "alice");
         assert!(parse_element_dump("a4_ssh", &[vec![1, 2, 3], bytes[16..40].to_vec()]).is_empty());
+    }
+
+    #[test]
+    fn remembered_grants_restore_with_time_left_and_idle_ends_with_its_grant() {
+        let now = Instant::now();
+        let mut memory = Remembered::default();
+        let existing = Existing {
+            chains: Vec::new(),
+            sets: vec!["a4_vpn".into(), "i4_vpn".into()],
+            elements: vec![
+                element("a4_vpn", "198.51.100.7", 2_000),
+                element("i4_vpn", "198.51.100.7", 500),
+                element("i4_vpn", "198.51.100.9", 500),
+            ],
+        };
+        memory.replace_from(&existing, now);
+        let later = memory.alive(now + Duration::from_millis(1_000));
+        let left: Vec<(String, u128)> = later
+            .elements
+            .iter()
+            .map(|c| (c.set.clone(), c.remaining.as_millis()))
+            .collect();
+        // The idle element outlives its last reading (traffic may have re-armed it) but not
+        // its grant; an idle element without a grant is not restored.
+        assert_eq!(
+            left,
+            vec![("a4_vpn".to_string(), 1_000), ("i4_vpn".to_string(), 1_000)]
+        );
+        assert!(memory
+            .alive(now + Duration::from_millis(2_000))
+            .elements
+            .is_empty());
+        memory.remove("a4_vpn", "198.51.100.7".parse().unwrap());
+        assert_eq!(memory.alive(now).elements.len(), 1);
     }
 
     #[test]
