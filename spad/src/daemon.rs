@@ -23,7 +23,7 @@ use crate::knock::engine::{Engine, Event};
 use crate::log::Logger;
 use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
-use crate::state::ReplayStore;
+use crate::state::{ReplayState, ReplayStore};
 use spa_shared::duration;
 
 /// Counters, logged on exit and useful in tests.
@@ -41,7 +41,12 @@ pub struct Stats {
 pub struct Pipeline<C: Clock> {
     pub config: Config,
     server: Server,
-    replay: ReplayStore,
+    replay: Box<dyn ReplayState>,
+    /// Client names by public key (one lookup per packet, however many clients).
+    client_names: std::collections::HashMap<spa_shared::keys::PublicKey, String>,
+    /// Decisions of the current batch, carried out in order by [`Pipeline::flush`] once the
+    /// replay journal is durable.
+    pending: Vec<Pending>,
     pub firewall: Box<dyn Firewall>,
     pub knocks: Engine,
     clock: C,
@@ -55,6 +60,27 @@ impl<C: Clock> std::fmt::Debug for Pipeline<C> {
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
+}
+
+/// A decision waiting for the end of its batch.
+#[derive(Debug)]
+struct Pending {
+    decision: Decision,
+    owner: String,
+    /// Accepted replay entries were uncommitted when it was made: it may only be carried out
+    /// if the journal commit succeeds.
+    needs_commit: bool,
+}
+
+/// Most packets decided per journal commit and firewall transaction.
+pub const BATCH: usize = 512;
+
+fn client_names(config: &Config) -> std::collections::HashMap<spa_shared::keys::PublicKey, String> {
+    config
+        .clients
+        .iter()
+        .map(|(name, c)| (c.public_key, name.clone()))
+        .collect()
 }
 
 fn window(config: &Config) -> Window {
@@ -80,8 +106,8 @@ impl<C: Clock> Pipeline<C> {
         if let Some(w) = warning {
             log.line(now, &format!("warning: {w}"));
         }
-        let keys: Vec<_> = config.clients.values().map(|c| c.public_key).collect();
-        replay.retain_clients(|k| keys.contains(k));
+        let names = client_names(&config);
+        replay.retain_clients(&|k| names.contains_key(k));
         let kept = firewall
             .install(&config)
             .context("installing the firewall ruleset")?;
@@ -106,7 +132,9 @@ impl<C: Clock> Pipeline<C> {
         Ok(Self {
             config,
             server,
-            replay,
+            replay: Box::new(replay),
+            client_names: names,
+            pending: Vec::new(),
             firewall,
             knocks,
             clock,
@@ -119,8 +147,9 @@ impl<C: Clock> Pipeline<C> {
     pub fn reload(&mut self, config: Config, server: Server) -> anyhow::Result<()> {
         let kept = self.firewall.install(&config)?;
         let now = self.clock.now();
-        let keys: Vec<_> = config.clients.values().map(|c| c.public_key).collect();
-        self.replay.retain_clients(|k| keys.contains(k));
+        let names = client_names(&config);
+        self.replay.retain_clients(&|k| names.contains_key(k));
+        self.client_names = names;
         self.knocks.reconfigure(&config, now);
         self.server = server;
         self.config = config;
@@ -129,8 +158,14 @@ impl<C: Clock> Pipeline<C> {
         Ok(())
     }
 
-    /// Handles one received packet.
+    /// Handles one received packet and carries out its decision (a batch of one).
     pub fn handle(&mut self, received: &Received<'_>) {
+        self.decide(received);
+        self.flush();
+    }
+
+    /// Decides one packet of a batch; its grant waits for [`flush`](Self::flush).
+    pub fn decide(&mut self, received: &Received<'_>) {
         self.stats.packets += 1;
         match received {
             Received::Udp {
@@ -173,10 +208,9 @@ impl<C: Clock> Pipeline<C> {
             Err(e) => return self.refuse(source, &e.to_string()),
         };
         let Some(client) = self
-            .config
-            .clients
-            .values()
-            .find(|c| c.public_key == authenticated.client)
+            .client_names
+            .get(&authenticated.client)
+            .and_then(|name| self.config.clients.get(name))
             .cloned()
         else {
             return self.refuse(
@@ -195,7 +229,8 @@ impl<C: Clock> Pipeline<C> {
             Ok(d) => d,
             Err(e) => return self.refuse(source, &e.to_string()),
         };
-        // Durable before the door opens: not even kill -9 right after lets it through twice.
+        // Recorded now (a second copy in this batch is refused); durable at the end of the
+        // batch, before the door opens: not even kill -9 right after lets it through twice.
         if let Err(e) = self
             .replay
             .accept(&client.public_key, request.timestamp, now)
@@ -205,34 +240,99 @@ impl<C: Clock> Pipeline<C> {
         self.apply(decision, &client.name);
     }
 
+    /// Queues a decision for the end of the batch (in order with the others).
     fn apply(&mut self, decision: Decision, owner: &str) {
+        self.pending.push(Pending {
+            decision,
+            owner: owner.to_string(),
+            needs_commit: self.replay.uncommitted(),
+        });
+    }
+
+    /// Ends a batch: makes the replay journal durable (one `fdatasync`), then carries out the
+    /// batch's decisions in order, each run of grants in one firewall transaction. If the
+    /// commit fails, no decision that depends on it is carried out.
+    pub fn flush(&mut self) {
+        let now = self.clock.now();
+        let durable = match self.replay.commit(now) {
+            Ok(()) => true,
+            Err(e) => {
+                self.log.line(now, &format!("error: {e}"));
+                false
+            }
+        };
+        let mut opens: Vec<(IpAddr, Vec<Access>, String)> = Vec::new();
+        for item in std::mem::take(&mut self.pending) {
+            if item.needs_commit && !durable {
+                self.stats.refused += 1;
+                self.log.line(
+                    now,
+                    &format!(
+                        "refused owner={} reason=\"cannot persist the replay record\"",
+                        item.owner
+                    ),
+                );
+                continue;
+            }
+            match item.decision {
+                Decision::Open { address, grants } => opens.push((address, grants, item.owner)),
+                close => {
+                    self.open_all(std::mem::take(&mut opens));
+                    self.execute(close, &item.owner);
+                }
+            }
+        }
+        self.open_all(opens);
+    }
+
+    /// Installs several decisions' grants in one firewall transaction (one by one if that
+    /// fails, so one bad grant does not hold back the others).
+    fn open_all(&mut self, opens: Vec<(IpAddr, Vec<Access>, String)>) {
+        if opens.len() > 1 {
+            let all: Vec<Access> = opens.iter().flat_map(|o| o.1.iter().cloned()).collect();
+            if self.firewall.grant(&all).is_ok() {
+                for (address, grants, owner) in &opens {
+                    self.granted(*address, grants, owner);
+                }
+                return;
+            }
+        }
+        for (address, grants, owner) in opens {
+            self.execute(Decision::Open { address, grants }, &owner);
+        }
+    }
+
+    fn granted(&mut self, address: IpAddr, grants: &[Access], owner: &str) {
+        let now = self.clock.now();
+        self.stats.granted += 1;
+        let detail: Vec<String> = grants
+            .iter()
+            .map(|g| match g.idle {
+                Some(idle) => format!(
+                    "{}({}, idle {})",
+                    g.service,
+                    duration::format(g.timeout),
+                    duration::format(idle)
+                ),
+                None => format!("{}({})", g.service, duration::format(g.timeout)),
+            })
+            .collect();
+        let longest = grants.iter().map(|g| g.timeout).max().unwrap_or_default();
+        let until = crate::log::timestamp(now + longest.as_micros() as Micros);
+        self.log.line(
+            now,
+            &format!(
+                "granted owner={owner} address={address} services={} until={until}",
+                detail.join(",")
+            ),
+        );
+    }
+
+    fn execute(&mut self, decision: Decision, owner: &str) {
         let now = self.clock.now();
         match decision {
             Decision::Open { address, grants } => match self.firewall.grant(&grants) {
-                Ok(()) => {
-                    self.stats.granted += 1;
-                    let detail: Vec<String> = grants
-                        .iter()
-                        .map(|g| match g.idle {
-                            Some(idle) => format!(
-                                "{}({}, idle {})",
-                                g.service,
-                                duration::format(g.timeout),
-                                duration::format(idle)
-                            ),
-                            None => format!("{}({})", g.service, duration::format(g.timeout)),
-                        })
-                        .collect();
-                    let longest = grants.iter().map(|g| g.timeout).max().unwrap_or_default();
-                    let until = crate::log::timestamp(now + longest.as_micros() as Micros);
-                    self.log.line(
-                        now,
-                        &format!(
-                            "granted owner={owner} address={address} services={} until={until}",
-                            detail.join(",")
-                        ),
-                    );
-                }
+                Ok(()) => self.granted(address, &grants, owner),
                 Err(e) => self.log.line(
                     now,
                     &format!("error: grant for owner={owner} address={address} failed: {e:#}"),
@@ -345,6 +445,7 @@ impl<C: Clock> Pipeline<C> {
         let now = self.clock.now();
         let events = self.knocks.tick(now);
         self.apply_knock_events(events);
+        self.flush();
     }
 }
 
@@ -459,8 +560,19 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                 ),
             }
         }
+        // A batch: the first packet (waiting for it), then whatever else is ready, up to BATCH;
+        // one journal commit and one firewall transaction for all of it.
         match source.recv(Duration::from_millis(200)) {
-            Ok(Some(received)) => pipeline.handle(&received),
+            Ok(Some(received)) => {
+                pipeline.decide(&received);
+                for _ in 1..BATCH {
+                    match source.recv(Duration::ZERO) {
+                        Ok(Some(received)) => pipeline.decide(&received),
+                        _ => break,
+                    }
+                }
+                pipeline.flush();
+            }
             Ok(None) => {}
             Err(e) => {
                 pipeline
@@ -615,6 +727,105 @@ mod tests {
         let mut again = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
         again.handle(&udp(&open, "198.51.100.7"));
         assert_eq!((again.stats.granted, again.stats.refused), (0, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_grants_once_per_packet_in_order_after_one_commit() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let open = packet(&client, Kind::Open, NOW, 0);
+        let close = packet(&client, Kind::Close, NOW + 1, 0);
+        let other = packet(&client, Kind::Open, NOW + 2, 0);
+        // Two copies of one packet, then a close and another open, all in one batch.
+        p.decide(&udp(&open, "198.51.100.7"));
+        p.decide(&udp(&open, "198.51.100.8"));
+        p.decide(&udp(&close, "198.51.100.7"));
+        p.decide(&udp(&other, "198.51.100.9"));
+        assert!(
+            p.firewall.list().unwrap().is_empty(),
+            "nothing before the commit"
+        );
+        p.flush();
+        let live: Vec<String> = p
+            .firewall
+            .list()
+            .unwrap()
+            .iter()
+            .map(|g| g.address.to_string())
+            .collect();
+        assert_eq!(
+            live,
+            ["198.51.100.9"],
+            "opened, closed in order, copy refused"
+        );
+        assert_eq!(
+            (p.stats.granted, p.stats.closed, p.stats.refused),
+            (2, 1, 1)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A store whose commits fail (a full disk).
+    #[derive(Debug)]
+    struct FullDisk(ReplayStore);
+    impl ReplayState for FullDisk {
+        fn window(&self) -> Window {
+            self.0.window()
+        }
+        fn check(
+            &self,
+            c: &spa_shared::keys::PublicKey,
+            t: Micros,
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.check(c, t, now)
+        }
+        fn accept(
+            &mut self,
+            c: &spa_shared::keys::PublicKey,
+            t: Micros,
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.accept(c, t, now)
+        }
+        fn check_digest(
+            &self,
+            d: &[u8; 32],
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.check_digest(d, now)
+        }
+        fn accept_digest(
+            &mut self,
+            d: [u8; 32],
+            until: Micros,
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.accept_digest(d, until, now)
+        }
+        fn uncommitted(&self) -> bool {
+            self.0.uncommitted()
+        }
+        fn commit(&mut self, _now: Micros) -> Result<(), crate::state::ReplayRefusal> {
+            Err(crate::state::ReplayRefusal::Persist(
+                "No space left on device".into(),
+            ))
+        }
+        fn retain_clients(&mut self, keep: &dyn Fn(&spa_shared::keys::PublicKey) -> bool) {
+            self.0.retain_clients(keep)
+        }
+    }
+
+    #[test]
+    fn nothing_opens_when_the_journal_cannot_be_made_durable() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let path = dir.join("other.bin");
+        p.replay = Box::new(FullDisk(ReplayStore::load(path, window(&p.config), NOW).0));
+        p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
+        assert!(p.firewall.list().unwrap().is_empty());
+        assert_eq!((p.stats.granted, p.stats.refused), (0, 1));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,10 +1,11 @@
-//! Durable daemon state: atomic, fsynced file replacement, and the replay store built on it.
+//! Durable daemon state: atomic, fsynced file replacement, and the replay store: a journal
+//! appended in groups (one `fdatasync` per batch of packets) and compacted by atomic rewrite.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use spa_shared::keys::PublicKey;
-use spa_shared::replay::{ReplayError, ReplayRecord, Window};
+use spa_shared::replay::{journal, ReplayError, Window};
 use spa_shared::Micros;
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
@@ -36,99 +37,292 @@ pub enum ReplayRefusal {
     FailClosed(String),
     #[error("cannot persist the replay record: {0}")]
     Persist(String),
+    #[error("replayed: this exact packet was accepted before")]
+    DigestReplayed,
+    #[error("too many packet digests remembered ({0}); refusing new ones until old ones expire")]
+    Full(usize),
 }
 
-/// The replay record plus where it lives on disk.
+/// The seam between the daemon and where replay state lives: a journal file on this host
+/// ([`ReplayStore`]) today; a store shared by a fleet of gateways can implement the same trait.
+///
+/// `accept*` take effect at once in memory (so a second copy in the same batch is refused) and
+/// become durable at the next [`commit`](ReplayState::commit); the caller must not act on an
+/// accepted request (open the firewall) before that commit returned `Ok`.
+pub trait ReplayState: std::fmt::Debug {
+    fn window(&self) -> Window;
+    /// Checks a client's timestamp without recording it.
+    fn check(
+        &self,
+        client: &PublicKey,
+        timestamp: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal>;
+    /// Checks and records a client's timestamp (durable at the next commit).
+    fn accept(
+        &mut self,
+        client: &PublicKey,
+        timestamp: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal>;
+    /// Checks a packet digest (protocols without per-client timestamps) without recording it.
+    fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal>;
+    /// Checks and records a packet digest until `keep_until` (durable at the next commit).
+    fn accept_digest(
+        &mut self,
+        digest: [u8; 32],
+        keep_until: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal>;
+    /// Whether accepted entries wait for a commit.
+    fn uncommitted(&self) -> bool;
+    /// Makes every accepted entry durable (one write and one `fdatasync` for all of them).
+    fn commit(&mut self, now: Micros) -> Result<(), ReplayRefusal>;
+    /// Drops clients that are no longer configured.
+    fn retain_clients(&mut self, keep: &dyn Fn(&PublicKey) -> bool);
+}
+
+/// Compact once the entries appended since the last snapshot exceed this many bytes, or twice
+/// the snapshot's size if that is larger (so compaction stays rare however many clients).
+const COMPACT_AFTER: u64 = 4 << 20;
+
+/// The replay journal in the state directory (see [`journal`] for the format).
 #[derive(Debug)]
 pub struct ReplayStore {
     path: PathBuf,
-    record: ReplayRecord,
     window: Window,
-    closed_until: Option<Micros>,
+    state: journal::State,
+    /// Open for appending; `None` when the next commit must rewrite the whole file (at start,
+    /// or after a failed write left the tail in an unknown state).
+    file: Option<std::fs::File>,
+    pending: Vec<u8>,
+    appended: u64,
+    snapshot_len: u64,
+    /// Compaction threshold for appended bytes (see [`COMPACT_AFTER`]).
+    pub compact_after: u64,
+    /// Commits and compactions done, for tests and stats.
+    pub commits: u64,
+    pub compactions: u64,
 }
 
 impl ReplayStore {
-    /// Loads the record. A damaged file means packets seen before the damage cannot be told
-    /// from new ones, so everything is refused until one whole window has passed.
+    /// Loads the journal and compacts it. A damaged file means packets seen before the damage
+    /// cannot be told from new ones, so everything is refused until one whole window has passed
+    /// (and that deadline is itself written to the new journal, so a restart cannot skip it);
+    /// the damaged file is kept beside it as `*.damaged` for inspection. A torn tail (a crash
+    /// before the last `fdatasync`) is ignored with a warning: nothing in it was acted on.
     pub fn load(path: PathBuf, window: Window, now: Micros) -> (Self, Option<String>) {
-        let (record, closed_until, warning) = match std::fs::read(&path) {
-            Ok(bytes) => match ReplayRecord::decode(&bytes) {
-                Ok(record) => (record, None, None),
-                Err(e) => {
-                    let until = now + window.max_age + window.max_future;
-                    (
-                        ReplayRecord::new(),
-                        Some(until),
-                        Some(format!(
-                            "{}: {e}; failing closed until {}",
+        let fail_closed_until = now + window.max_age + window.max_future;
+        let mut warnings = Vec::new();
+        let mut readable = true;
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => match journal::decode(&bytes, window) {
+                Ok(loaded) => {
+                    if loaded.torn_bytes > 0 {
+                        warnings.push(format!(
+                            "{}: ignored a torn tail of {} bytes (a crash before its sync; nothing in it was granted)",
                             path.display(),
-                            crate::log::timestamp(until)
-                        )),
-                    )
+                            loaded.torn_bytes
+                        ));
+                    }
+                    loaded.state
+                }
+                Err(e) => {
+                    let aside = path.with_extension("damaged");
+                    let kept = match std::fs::rename(&path, &aside) {
+                        Ok(()) => format!(" (kept as {})", aside.display()),
+                        Err(_) => String::new(),
+                    };
+                    warnings.push(format!(
+                        "{}: {e}{kept}; failing closed until {}",
+                        path.display(),
+                        crate::log::timestamp(fail_closed_until)
+                    ));
+                    journal::State {
+                        closed_until: Some(fail_closed_until),
+                        ..journal::State::default()
+                    }
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (ReplayRecord::new(), None, None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => journal::State::default(),
             Err(e) => {
-                let until = now + window.max_age + window.max_future;
-                (
-                    ReplayRecord::new(),
-                    Some(until),
-                    Some(format!(
-                        "cannot read {}: {e}; failing closed",
-                        path.display()
-                    )),
-                )
+                readable = false;
+                warnings.push(format!(
+                    "cannot read {}: {e}; failing closed until {}",
+                    path.display(),
+                    crate::log::timestamp(fail_closed_until)
+                ));
+                journal::State {
+                    closed_until: Some(fail_closed_until),
+                    ..journal::State::default()
+                }
             }
         };
-        (
-            Self {
-                path,
-                record,
-                window,
-                closed_until,
-            },
-            warning,
-        )
+        let mut store = Self {
+            path,
+            window,
+            state,
+            file: None,
+            pending: Vec::new(),
+            appended: 0,
+            snapshot_len: 0,
+            compact_after: COMPACT_AFTER,
+            commits: 0,
+            compactions: 0,
+        };
+        if store.state.closed_until.is_some_and(|until| until <= now) {
+            store.state.closed_until = None;
+        }
+        // Compaction at start; a file we could not read is left alone (the next commit, after
+        // the fail-closed window, rewrites it).
+        if readable {
+            if let Err(e) = store.compact(now) {
+                warnings.push(format!(
+                    "cannot rewrite {}: {e}; SPA grants are refused until it can be written",
+                    store.path.display()
+                ));
+            }
+        }
+        let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
+        (store, warning)
     }
 
-    pub fn window(&self) -> Window {
+    fn closed(&self, now: Micros) -> Result<(), ReplayRefusal> {
+        match self.state.closed_until {
+            Some(until) if now < until => {
+                Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Rewrites the journal as one snapshot of the current state (atomic: temp file, fsync,
+    /// rename, fsync of the directory), then appends after it.
+    fn compact(&mut self, now: Micros) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.file = None;
+        self.state.digests.prune(now);
+        let bytes = journal::encode_snapshot(&self.state);
+        write_atomic(&self.path, &bytes)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        self.file = Some(file);
+        self.pending.clear();
+        self.appended = 0;
+        self.snapshot_len = bytes.len() as u64;
+        self.compactions += 1;
+        Ok(())
+    }
+
+    fn append(&mut self) -> std::io::Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(std::io::Error::other("journal not open"));
+        };
+        file.write_all(&self.pending)?;
+        file.sync_data()?;
+        self.appended += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Entries accepted but not yet durable, in bytes.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl ReplayState for ReplayStore {
+    fn window(&self) -> Window {
         self.window
     }
 
-    /// Checks without recording.
-    pub fn check(
+    fn check(
         &self,
         client: &PublicKey,
         timestamp: Micros,
         now: Micros,
     ) -> Result<(), ReplayRefusal> {
-        if let Some(until) = self.closed_until {
-            if now < until {
-                return Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)));
-            }
-        }
-        Ok(self.record.check(self.window, client, timestamp, now)?)
+        self.closed(now)?;
+        Ok(self
+            .state
+            .record
+            .check(self.window, client, timestamp, now)?)
     }
 
-    /// Records the timestamp durably; only then may the caller open the firewall.
-    pub fn accept(
+    fn accept(
         &mut self,
         client: &PublicKey,
         timestamp: Micros,
         now: Micros,
     ) -> Result<(), ReplayRefusal> {
-        self.check(client, timestamp, now)?;
-        let mut next = self.record.clone();
-        next.accept(self.window, client, timestamp, now)?;
-        write_atomic(&self.path, &next.encode())
-            .map_err(|e| ReplayRefusal::Persist(e.to_string()))?;
-        self.record = next;
+        ReplayState::check(self, client, timestamp, now)?;
+        let entry = journal::Entry::Accept {
+            client: *client,
+            timestamp,
+            now,
+        };
+        self.state.apply(self.window, &entry);
+        entry.encode_into(&mut self.pending);
         Ok(())
     }
 
-    /// Drops clients that are no longer configured.
-    pub fn retain_clients(&mut self, keep: impl Fn(&PublicKey) -> bool) {
-        self.record.retain_clients(keep);
+    fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal> {
+        self.closed(now)?;
+        if self.state.digests.contains(digest, now) {
+            return Err(ReplayRefusal::DigestReplayed);
+        }
+        Ok(())
+    }
+
+    fn accept_digest(
+        &mut self,
+        digest: [u8; 32],
+        keep_until: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal> {
+        ReplayState::check_digest(self, &digest, now)?;
+        if self.state.digests.len() >= journal::MAX_DIGESTS {
+            self.state.digests.prune(now);
+            if self.state.digests.len() >= journal::MAX_DIGESTS {
+                return Err(ReplayRefusal::Full(journal::MAX_DIGESTS));
+            }
+        }
+        let entry = journal::Entry::Digest { digest, keep_until };
+        self.state.apply(self.window, &entry);
+        entry.encode_into(&mut self.pending);
+        Ok(())
+    }
+
+    fn uncommitted(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn commit(&mut self, now: Micros) -> Result<(), ReplayRefusal> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let grown = self.appended + self.pending.len() as u64
+            > self.compact_after.max(2 * self.snapshot_len);
+        let result = if self.file.is_none() || grown {
+            // The snapshot already holds the pending entries: one durable step either way.
+            self.compact(now)
+        } else {
+            self.append()
+        };
+        self.commits += 1;
+        result.map_err(|e| {
+            // The file's tail is now unknown: rewrite it whole on the next commit. The entries
+            // stay in memory (refused as replays), so nothing is ever accepted twice.
+            self.file = None;
+            self.pending.clear();
+            ReplayRefusal::Persist(e.to_string())
+        })
+    }
+
+    fn retain_clients(&mut self, keep: &dyn Fn(&PublicKey) -> bool) {
+        self.state.record.retain_clients(keep);
     }
 }
 
@@ -136,33 +330,203 @@ impl ReplayStore {
 mod tests {
     use super::*;
 
+    const NOW: Micros = 1_700_000_000_000_000;
+    const S: Micros = 1_000_000;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "spad-state-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        fn file(&self) -> PathBuf {
+            self.0.join("replay.bin")
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn client(n: u8) -> PublicKey {
+        PublicKey([n; 32])
+    }
+
     #[test]
     fn survives_reload_and_fails_closed_on_damage() {
-        let dir = std::env::temp_dir().join(format!("spad-state-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("replay.bin");
-        let _ = std::fs::remove_file(&path);
-        let now = 1_700_000_000_000_000;
+        let dir = TempDir::new("damage");
+        let path = dir.file();
         let w = Window::default();
-        let client = PublicKey([1; 32]);
-        let (mut store, warning) = ReplayStore::load(path.clone(), w, now);
+        let (mut store, warning) = ReplayStore::load(path.clone(), w, NOW);
         assert!(warning.is_none());
-        store.accept(&client, now, now).unwrap();
-        let (store, _) = ReplayStore::load(path.clone(), w, now);
+        store.accept(&client(1), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let (store, _) = ReplayStore::load(path.clone(), w, NOW);
         assert_eq!(
-            store.check(&client, now, now),
+            store.check(&client(1), NOW, NOW),
             Err(ReplayRefusal::Rule(ReplayError::Replayed))
         );
         std::fs::write(&path, b"damaged").unwrap();
-        let (store, warning) = ReplayStore::load(path.clone(), w, now);
+        let (store, warning) = ReplayStore::load(path.clone(), w, NOW);
         assert!(warning.unwrap().contains("failing closed"));
         assert!(matches!(
-            store.check(&client, now + 1, now),
+            store.check(&client(1), NOW + 1, NOW),
             Err(ReplayRefusal::FailClosed(_))
         ));
-        assert!(store
-            .check(&client, now + 91_000_000, now + 91_000_000)
-            .is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            std::fs::read(path.with_extension("damaged")).unwrap(),
+            b"damaged"
+        );
+        // The deadline is in the new journal: a restart inside the window still fails closed.
+        drop(store);
+        let (store, _) = ReplayStore::load(path.clone(), w, NOW + 10 * S);
+        assert!(matches!(
+            store.check(&client(1), NOW + 10 * S, NOW + 10 * S),
+            Err(ReplayRefusal::FailClosed(_))
+        ));
+        assert!(store.check(&client(1), NOW + 91 * S, NOW + 91 * S).is_ok());
+    }
+
+    /// Accepted entries are not on disk until the commit; after it they survive a restart
+    /// (what `kill -9` leaves), and one commit covers a whole batch.
+    #[test]
+    fn one_commit_makes_a_batch_durable() {
+        let dir = TempDir::new("batch");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        let before = std::fs::metadata(dir.file()).unwrap().len();
+        for n in 0..100 {
+            store.accept(&client(n), NOW, NOW).unwrap();
+        }
+        // The same request twice in one batch: refused before any commit.
+        assert_eq!(
+            store.accept(&client(7), NOW, NOW),
+            Err(ReplayRefusal::Rule(ReplayError::Replayed))
+        );
+        assert!(store.uncommitted());
+        assert_eq!(std::fs::metadata(dir.file()).unwrap().len(), before);
+        // What a restart would read now (loading a second store would compact the file).
+        let on_disk = journal::decode(&std::fs::read(dir.file()).unwrap(), w).unwrap();
+        assert!(on_disk.state.record.is_empty(), "nothing durable yet");
+        store.commit(NOW).unwrap();
+        assert_eq!((store.commits, store.uncommitted()), (1, false));
+        let reloaded = ReplayStore::load(dir.file(), w, NOW).0;
+        for n in 0..100 {
+            assert_eq!(
+                reloaded.check(&client(n), NOW, NOW),
+                Err(ReplayRefusal::Rule(ReplayError::Replayed))
+            );
+        }
+    }
+
+    /// A crash in the middle of an append: the torn tail is ignored, what was committed stays.
+    #[test]
+    fn a_torn_tail_is_ignored_and_a_damaged_middle_fails_closed() {
+        let dir = TempDir::new("torn");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        store.accept(&client(1), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let committed = std::fs::read(dir.file()).unwrap();
+        store.accept(&client(2), NOW, NOW).unwrap();
+        store.accept(&client(3), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let full = std::fs::read(dir.file()).unwrap();
+        // Half of the second batch reached the disk.
+        let torn = &full[..committed.len() + (full.len() - committed.len()) / 2 + 3];
+        std::fs::write(dir.file(), torn).unwrap();
+        let (store, warning) = ReplayStore::load(dir.file(), w, NOW);
+        assert!(warning.unwrap().contains("torn tail"));
+        assert_eq!(
+            store.check(&client(1), NOW, NOW),
+            Err(ReplayRefusal::Rule(ReplayError::Replayed))
+        );
+        assert!(
+            store.check(&client(2), NOW + 1, NOW).is_ok(),
+            "not failing closed"
+        );
+        // Compacted at start: the next load is clean.
+        assert!(ReplayStore::load(dir.file(), w, NOW).1.is_none());
+
+        // A flipped bit in the committed part, with valid entries after it.
+        let mut damaged = full.clone();
+        damaged[committed.len() - 20] ^= 1;
+        std::fs::write(dir.file(), &damaged).unwrap();
+        let (store, warning) = ReplayStore::load(dir.file(), w, NOW);
+        assert!(warning.unwrap().contains("failing closed"));
+        assert!(matches!(
+            store.check(&client(9), NOW, NOW),
+            Err(ReplayRefusal::FailClosed(_))
+        ));
+    }
+
+    #[test]
+    fn digests_are_durable_and_expire() {
+        let dir = TempDir::new("digest");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        let digest = [5u8; 32];
+        store.check_digest(&digest, NOW).unwrap();
+        store.accept_digest(digest, NOW + 60 * S, NOW).unwrap();
+        assert_eq!(
+            store.accept_digest(digest, NOW + 60 * S, NOW),
+            Err(ReplayRefusal::DigestReplayed)
+        );
+        store.commit(NOW).unwrap();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW + S);
+        assert_eq!(
+            store.check_digest(&digest, NOW + S),
+            Err(ReplayRefusal::DigestReplayed)
+        );
+        assert!(store.check_digest(&digest, NOW + 60 * S).is_ok());
+        store
+            .accept_digest(digest, NOW + 120 * S, NOW + 60 * S)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_journal_is_compacted_when_it_grows() {
+        let dir = TempDir::new("compact");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        store.compact_after = 4096;
+        for i in 0..2000 {
+            store
+                .accept(&client((i % 10) as u8), NOW + i, NOW + i)
+                .unwrap();
+            store.commit(NOW + i).unwrap();
+        }
+        assert!(store.compactions > 10, "{}", store.compactions);
+        let size = std::fs::metadata(dir.file()).unwrap().len();
+        assert!(size < 4096 + 2 * (10 * 44 + 640 * 8 + 64), "{size}");
+        let reloaded = ReplayStore::load(dir.file(), w, NOW + 2000).0;
+        assert_eq!(reloaded.state, store.state);
+    }
+
+    /// A write that fails (full disk) refuses the batch and leaves nothing accepted twice.
+    #[test]
+    fn a_failed_commit_refuses_and_the_next_rewrites() {
+        let dir = TempDir::new("fail");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        store.accept(&client(1), NOW, NOW).unwrap();
+        store.file = Some(std::fs::File::open(dir.file()).unwrap()); // read-only: write fails
+        assert!(matches!(store.commit(NOW), Err(ReplayRefusal::Persist(_))));
+        assert_eq!(
+            store.check(&client(1), NOW, NOW),
+            Err(ReplayRefusal::Rule(ReplayError::Replayed))
+        );
+        store.accept(&client(2), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let reloaded = ReplayStore::load(dir.file(), w, NOW).0;
+        assert!(reloaded.check(&client(1), NOW, NOW).is_err());
+        assert!(reloaded.check(&client(2), NOW, NOW).is_err());
     }
 }

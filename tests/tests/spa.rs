@@ -115,6 +115,94 @@ pub fn replay_is_refused_from_another_ip_and_after_restarts(backend: Backend) {
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
 }
 
+/// Packets sealed with alice's key, each asking for a different duration (so the log tells
+/// them apart), with distinct timestamps.
+fn alice_packets(lab: &Lab, count: u32) -> Vec<Vec<u8>> {
+    use spa_shared::keys::{PrivateKey, PublicKey};
+    use spa_shared::payload::{Kind, Request};
+    let read = |rel: &str| std::fs::read_to_string(lab.path(rel)).unwrap();
+    let alice = PrivateKey::from_base64(read("keys/alice.key").trim()).unwrap();
+    let server = PublicKey::from_base64(&lab.server_public_key()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    (0..count)
+        .map(|i| {
+            let request = Request {
+                kind: Kind::Open,
+                timestamp: now + u64::from(i),
+                nonce: [i as u8; 16],
+                duration_secs: 100 + i,
+                address: None,
+                services: vec!["ssh".into()],
+            };
+            spa_shared::packet::seal(&mut rand_core::OsRng, &alice, &server, &request).unwrap()
+        })
+        .collect()
+}
+
+/// `kill -9` while a stream of packets is being granted, then every packet sent again: no
+/// packet is ever granted twice, whatever instant the kill hit (after the journal commit and
+/// before the grant, in the middle of a batch, ...).
+pub fn no_packet_is_granted_twice_across_a_kill_9_mid_stream(backend: Backend) {
+    const N: u32 = 120;
+    let (mut lab, _echo) = lab_with_ssh(backend);
+    let packets = alice_packets(&lab, N);
+    let sender = {
+        let packets = packets.clone();
+        let ns = lab.a.clone();
+        std::thread::spawn(move || {
+            in_ns(&ns, move || {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                for p in &packets {
+                    s.send_to(p, Lab::gw4(62201)).unwrap();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+    };
+    assert!(lab.wait_log("granted owner=alice", 5), "{}", lab.log());
+    lab.stop_spad(0, true);
+    sender.join().unwrap();
+    let before = lab.log().matches("granted owner=alice").count();
+    assert!(
+        before < N as usize,
+        "the kill came too late to test anything"
+    );
+    lab.start_spad(CONF, backend);
+    in_ns(&lab.a.clone(), move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for p in &packets {
+            s.send_to(p, Lab::gw4(62201)).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let decided = |log: &str| {
+        let after = &log[log.rfind("listening port=").unwrap()..];
+        after.matches("granted owner=alice").count()
+            + after.matches("reason=\"client=alice ").count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || decided(&lab.log())
+            >= N as usize),
+        "{}",
+        lab.log()
+    );
+    let log = lab.log();
+    let mut granted: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("granted owner=alice ").nth(1))
+        .filter_map(|l| l.split("services=").nth(1))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let total = granted.len();
+    granted.sort_unstable();
+    granted.dedup();
+    assert_eq!(granted.len(), total, "a packet was granted twice:\n{log}");
+    assert!(total <= N as usize);
+}
+
 pub fn forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_back(backend: Backend) {
     let (lab, _echo) = lab_with_ssh(backend);
     let capture = lab.path("gw-replies.pcap");
@@ -427,6 +515,7 @@ macro_rules! both_backends {
 both_backends!(
     hidden_port_opens_for_the_knocker_only_and_expires,
     replay_is_refused_from_another_ip_and_after_restarts,
+    no_packet_is_granted_twice_across_a_kill_9_mid_stream,
     forgeries_are_refused_each_with_its_reason_and_nothing_is_sent_back,
     ipv6_knock_opens_for_that_v6_address,
     unprivileged_client_with_a_profile,
