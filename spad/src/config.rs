@@ -101,6 +101,10 @@ struct RawServer {
     max_future: Seconds,
     #[serde(default)]
     flush_on_exit: bool,
+    #[serde(default = "default_handshake_rate")]
+    handshake_rate: Spanned<u32>,
+    #[serde(default = "default_handshake_burst")]
+    handshake_burst: Spanned<u32>,
 }
 
 fn default_port() -> Spanned<u16> {
@@ -114,6 +118,12 @@ fn default_table() -> Spanned<String> {
 }
 fn default_max_age() -> Seconds {
     Seconds(Duration::from_secs(60))
+}
+fn default_handshake_rate() -> Spanned<u32> {
+    Spanned::new(0..0, 100)
+}
+fn default_handshake_burst() -> Spanned<u32> {
+    Spanned::new(0..0, 200)
 }
 fn default_max_future() -> Seconds {
     Seconds(Duration::from_secs(30))
@@ -191,6 +201,10 @@ pub struct Server {
     pub max_age: Duration,
     pub max_future: Duration,
     pub flush_on_exit: bool,
+    /// Public-key handshakes per second per source address (IPv6: per /64).
+    pub handshake_rate: u32,
+    /// Handshakes a source may make at once before `handshake_rate` applies.
+    pub handshake_burst: u32,
 }
 
 /// Where a NAT service forwards to.
@@ -324,6 +338,17 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
             "table names are 1-32 of [A-Za-z0-9_]; write e.g. \"spad\"",
         ));
     }
+    for (value, key) in [
+        (&raw.server.handshake_rate, "handshake-rate"),
+        (&raw.server.handshake_burst, "handshake-burst"),
+    ] {
+        if *value.get_ref() == 0 {
+            return Err(at(
+                value,
+                format!("{key} = 0 would refuse every SPA packet; write a number of handshakes, e.g. 100"),
+            ));
+        }
+    }
     if *raw.server.port.get_ref() == 0 {
         return Err(at(
             &raw.server.port,
@@ -346,6 +371,8 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
         max_age: raw.server.max_age.0,
         max_future: raw.server.max_future.0,
         flush_on_exit: raw.server.flush_on_exit,
+        handshake_rate: *raw.server.handshake_rate.get_ref(),
+        handshake_burst: *raw.server.handshake_burst.get_ref(),
     };
 
     let mut services = BTreeMap::new();
@@ -605,6 +632,27 @@ services = ["ssh"]
         assert_eq!(config.server.private_key, Path::new("/etc/spad/server.key"));
         assert_eq!(config.services["ssh"].timeout, Duration::from_secs(30));
         assert_eq!(config.clients["alice"].services, vec!["ssh"]);
+    }
+
+    #[test]
+    fn handshake_budget_defaults_and_zero_is_refused_with_its_location() {
+        let config = parse(&base()).unwrap();
+        assert_eq!(
+            (config.server.handshake_rate, config.server.handshake_burst),
+            (100, 200)
+        );
+        let text = base().replace(
+            "private-key = \"server.key\"",
+            "private-key = \"server.key\"\nhandshake-rate = 5\nhandshake-burst = 0",
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!((err.line, err.column), (5, 19), "{err}");
+        assert!(err.message.contains("handshake-burst = 0"), "{err}");
+        let config = parse(&text.replace("handshake-burst = 0", "handshake-burst = 7")).unwrap();
+        assert_eq!(
+            (config.server.handshake_rate, config.server.handshake_burst),
+            (5, 7)
+        );
     }
 
     #[test]

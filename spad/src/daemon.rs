@@ -19,10 +19,12 @@ use crate::capture::{self, frame, Received, Source};
 use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
 use crate::firewall::{Access, Firewall};
+use crate::flood::{RecentPackets, SourceBuckets};
 use crate::knock::engine::{Engine, Event};
 use crate::log::Logger;
 use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
+use crate::refusal::{Refusal, RefusalCounts};
 use crate::state::{ReplayState, ReplayStore};
 use spa_shared::duration;
 
@@ -35,6 +37,8 @@ pub struct Stats {
     pub granted: u64,
     pub closed: u64,
     pub knocks: u64,
+    /// Every refused SPA packet, by reason (their sum is `refused`).
+    pub refusals: RefusalCounts,
 }
 
 /// Everything that decides; no sockets of its own.
@@ -47,6 +51,10 @@ pub struct Pipeline<C: Clock> {
     /// Decisions of the current batch, carried out in order by [`Pipeline::flush`] once the
     /// replay journal is durable.
     pending: Vec<Pending>,
+    /// Packets authenticated recently: their replays are dropped before any public-key work.
+    recent: RecentPackets,
+    /// Per-source budget of public-key handshakes.
+    buckets: SourceBuckets,
     pub firewall: Box<dyn Firewall>,
     pub knocks: Engine,
     clock: C,
@@ -129,12 +137,16 @@ impl<C: Clock> Pipeline<C> {
                 config.doors.doors.len() + config.doors.totp.len()
             ),
         );
+        let buckets =
+            SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
         Ok(Self {
             config,
             server,
             replay: Box::new(replay),
             client_names: names,
             pending: Vec::new(),
+            recent: RecentPackets::default(),
+            buckets,
             firewall,
             knocks,
             clock,
@@ -150,6 +162,8 @@ impl<C: Clock> Pipeline<C> {
         let names = client_names(&config);
         self.replay.retain_clients(&|k| names.contains_key(k));
         self.client_names = names;
+        self.buckets =
+            SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
         self.knocks.reconfigure(&config, now);
         self.server = server;
         self.config = config;
@@ -189,11 +203,22 @@ impl<C: Clock> Pipeline<C> {
         }
     }
 
+    /// Refuses with a free-text reason, counted as [`Refusal::Other`]; prefer
+    /// [`refuse_as`](Self::refuse_as) with a named reason.
+    #[allow(dead_code)]
     fn refuse(&mut self, source: IpAddr, reason: &str) {
+        self.refuse_as(source, Refusal::Other, || reason.to_string());
+    }
+
+    /// Counts a refusal under `why` and logs it (the detail is only formatted if the log's
+    /// per-second budget allows the line).
+    fn refuse_as(&mut self, source: IpAddr, why: Refusal, detail: impl FnOnce() -> String) {
         self.stats.refused += 1;
+        self.stats.refusals.add(why);
         let now = self.clock.now();
-        self.log
-            .refusal(now, &format!("refused from={source} reason=\"{reason}\""));
+        self.log.refusal_with(now, || {
+            format!("refused from={source} reason=\"{}\"", detail())
+        });
     }
 
     fn handle_spa(&mut self, source: IpAddr, payload: &[u8]) {
@@ -201,33 +226,49 @@ impl<C: Clock> Pipeline<C> {
         // Cheap pre-check first: garbage never reaches public-key crypto.
         if let Err(e) = self.server.precheck(payload) {
             self.stats.precheck_dropped += 1;
-            return self.refuse(source, &e.to_string());
+            return self.refuse_as(source, Refusal::from(&e), || e.to_string());
+        }
+        // A replay of a packet authenticated recently: no public-key work either.
+        let mut ephemeral = [0u8; 32];
+        ephemeral.copy_from_slice(&payload[..32]);
+        if self.recent.contains(&ephemeral) {
+            return self.refuse_as(source, Refusal::RecentPacket, || {
+                "replayed: this exact packet was seen before (dropped before the handshake)".into()
+            });
+        }
+        if !self.buckets.take(source, now) {
+            return self.refuse_as(source, Refusal::RateLimited, || {
+                "rate limited: too many handshakes from this source (handshake-rate)".into()
+            });
         }
         let authenticated = match self.server.open(payload) {
             Ok(a) => a,
-            Err(e) => return self.refuse(source, &e.to_string()),
+            Err(e) => return self.refuse_as(source, Refusal::from(&e), || e.to_string()),
         };
+        self.recent.insert(ephemeral);
         let Some(client) = self
             .client_names
             .get(&authenticated.client)
             .and_then(|name| self.config.clients.get(name))
             .cloned()
         else {
-            return self.refuse(
-                source,
-                &format!("unknown client key {}", authenticated.client),
-            );
+            let key = authenticated.client;
+            return self.refuse_as(source, Refusal::UnknownClient, || {
+                format!("unknown client key {key}")
+            });
         };
         let request = &authenticated.request;
         if let Err(e) = self
             .replay
             .check(&client.public_key, request.timestamp, now)
         {
-            return self.refuse(source, &format!("client={} {e}", client.name));
+            return self.refuse_as(source, Refusal::from(&e), || {
+                format!("client={} {e}", client.name)
+            });
         }
         let decision = match policy::decide(&self.config, &client, request, source) {
             Ok(d) => d,
-            Err(e) => return self.refuse(source, &e.to_string()),
+            Err(e) => return self.refuse_as(source, Refusal::Policy, || e.to_string()),
         };
         // Recorded now (a second copy in this batch is refused); durable at the end of the
         // batch, before the door opens: not even kill -9 right after lets it through twice.
@@ -235,7 +276,9 @@ impl<C: Clock> Pipeline<C> {
             .replay
             .accept(&client.public_key, request.timestamp, now)
         {
-            return self.refuse(source, &format!("client={} {e}", client.name));
+            return self.refuse_as(source, Refusal::from(&e), || {
+                format!("client={} {e}", client.name)
+            });
         }
         self.apply(decision, &client.name);
     }
@@ -265,6 +308,7 @@ impl<C: Clock> Pipeline<C> {
         for item in std::mem::take(&mut self.pending) {
             if item.needs_commit && !durable {
                 self.stats.refused += 1;
+                self.stats.refusals.add(Refusal::Persist);
                 self.log.line(
                     now,
                     &format!(
@@ -587,8 +631,8 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     pipeline.log.line(
         clock.now(),
         &format!(
-            "stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={}",
-            s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks
+            "stopping: packets={} precheck-dropped={} refused={} granted={} closed={} knocks={} refusals: {}",
+            s.packets, s.precheck_dropped, s.refused, s.granted, s.closed, s.knocks, s.refusals
         ),
     );
     if pipeline.config.server.flush_on_exit {
@@ -703,6 +747,11 @@ mod tests {
         p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
         assert!(p.firewall.list().unwrap().is_empty());
         assert_eq!((p.stats.granted, p.stats.refused), (1, 3));
+        assert_eq!(
+            p.stats.refusals.to_string(),
+            "mac1=1 recent_packet=1 stale=1",
+            "each drop counted by its reason"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -826,6 +875,57 @@ mod tests {
         p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
         assert!(p.firewall.list().unwrap().is_empty());
         assert_eq!((p.stats.granted, p.stats.refused), (0, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Valid mac1 (anyone who knows the server's public key can make one), junk inside.
+    fn forged(n: u8) -> Vec<u8> {
+        let server = PrivateKey::from_bytes([2; 32]).public_key();
+        let mut body = vec![n; spa_shared::packet::MIN_LEN - spa_shared::mac::MAC_LEN];
+        body[..32].copy_from_slice(PrivateKey::from_bytes([n; 32]).public_key().as_bytes());
+        let tag = spa_shared::mac::PrecheckKey::new(&server).tag(&body);
+        body.extend_from_slice(&tag);
+        body
+    }
+
+    #[test]
+    fn a_replayed_valid_packet_is_dropped_before_the_handshake_from_any_source() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let good = packet(&client, Kind::Open, NOW, 0);
+        p.handle(&udp(&good, "198.51.100.7"));
+        for i in 0..50 {
+            p.handle(&udp(&good, &format!("198.51.100.{}", 100 + i)));
+        }
+        assert_eq!(p.stats.granted, 1);
+        assert_eq!(p.stats.refusals.get(Refusal::RecentPacket), 50);
+        assert_eq!(p.stats.refusals.get(Refusal::Handshake), 0);
+        assert_eq!(p.stats.refusals.get(Refusal::Replayed), 0);
+        // Sources that only replayed spent no handshake budget.
+        assert_eq!(p.buckets.sources(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_source_spending_its_handshake_budget_does_not_starve_another() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        p.buckets = SourceBuckets::new(10, 20);
+        for n in 0..100 {
+            p.handle(&udp(&forged(n), "198.51.100.66"));
+        }
+        assert_eq!(p.stats.refusals.get(Refusal::Handshake), 20, "the burst");
+        assert_eq!(p.stats.refusals.get(Refusal::RateLimited), 80);
+        p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
+        assert_eq!(p.stats.granted, 1, "another source is served");
+        clock.advance(100_000);
+        p.handle(&udp(&forged(200), "198.51.100.66"));
+        assert_eq!(
+            p.stats.refusals.get(Refusal::Handshake),
+            21,
+            "refilled at the rate"
+        );
+        assert_eq!(p.stats.refused, p.stats.refusals.total());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
