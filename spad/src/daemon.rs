@@ -80,8 +80,11 @@ struct Pending {
     needs_commit: bool,
 }
 
-/// Most packets decided per journal commit and firewall transaction.
+/// Most packets decided per journal commit.
 pub const BATCH: usize = 512;
+/// Most decisions whose grants go into one firewall transaction (bounds the kernel's
+/// acknowledgements waiting in the netlink socket).
+const GRANTS_PER_TRANSACTION: usize = 128;
 
 fn client_names(config: &Config) -> std::collections::HashMap<spa_shared::keys::PublicKey, String> {
     config
@@ -331,7 +334,11 @@ impl<C: Clock> Pipeline<C> {
 
     /// Installs several decisions' grants in one firewall transaction (one by one if that
     /// fails, so one bad grant does not hold back the others).
-    fn open_all(&mut self, opens: Vec<(IpAddr, Vec<Access>, String)>) {
+    fn open_all(&mut self, mut opens: Vec<(IpAddr, Vec<Access>, String)>) {
+        while opens.len() > GRANTS_PER_TRANSACTION {
+            let rest = opens.split_off(GRANTS_PER_TRANSACTION);
+            self.open_all(std::mem::replace(&mut opens, rest));
+        }
         if opens.len() > 1 {
             let all: Vec<Access> = opens.iter().flat_map(|o| o.1.iter().cloned()).collect();
             if self.firewall.grant(&all).is_ok() {
