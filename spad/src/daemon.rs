@@ -286,12 +286,18 @@ impl<C: Clock> Pipeline<C> {
         self.apply(decision, &client.name);
     }
 
-    /// Queues a decision for the end of the batch (in order with the others).
+    /// Carries out a decision, or queues it for the end of the batch if it depends on replay
+    /// entries not yet durable or must keep its place behind decisions that do.
     fn apply(&mut self, decision: Decision, owner: &str) {
+        let needs_commit = self.replay.uncommitted();
+        if !needs_commit && self.pending.is_empty() {
+            // Nothing to wait for (a knock door, say): at once, so its log lines stay in order.
+            return self.execute(decision, owner);
+        }
         self.pending.push(Pending {
             decision,
             owner: owner.to_string(),
-            needs_commit: self.replay.uncommitted(),
+            needs_commit,
         });
     }
 

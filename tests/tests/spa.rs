@@ -147,7 +147,7 @@ fn alice_packets(lab: &Lab, count: u32) -> Vec<Vec<u8>> {
 /// packet is ever granted twice, whatever instant the kill hit (after the journal commit and
 /// before the grant, in the middle of a batch, ...).
 pub fn no_packet_is_granted_twice_across_a_kill_9_mid_stream(backend: Backend) {
-    const N: u32 = 120;
+    const N: u32 = 400;
     let (mut lab, _echo) = lab_with_ssh(backend);
     let packets = alice_packets(&lab, N);
     let sender = {
@@ -158,7 +158,7 @@ pub fn no_packet_is_granted_twice_across_a_kill_9_mid_stream(backend: Backend) {
                 let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
                 for p in &packets {
                     s.send_to(p, Lab::gw4(62201)).unwrap();
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(Duration::from_millis(3));
                 }
             })
         })
@@ -179,18 +179,25 @@ pub fn no_packet_is_granted_twice_across_a_kill_9_mid_stream(backend: Backend) {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
-    let decided = |log: &str| {
-        let after = &log[log.rfind("listening port=").unwrap()..];
-        after.matches("granted owner=alice").count()
-            + after.matches("reason=\"client=alice ").count()
-    };
+    // Wait until spad has gone quiet (refusal lines are rate-limited, so they cannot be
+    // counted one by one).
+    let mut previous = String::new();
     assert!(
-        wait_until(Duration::from_secs(10), || decided(&lab.log())
-            >= N as usize),
+        wait_until(Duration::from_secs(15), || {
+            let log = lab.log();
+            let quiet = log == previous;
+            previous = log;
+            quiet
+        }),
         "{}",
         lab.log()
     );
     let log = lab.log();
+    let after_restart = &log[log.rfind("listening port=").unwrap()..];
+    assert!(
+        after_restart.contains("granted owner=alice"),
+        "packets sent while spad was down are granted after the restart:\n{log}"
+    );
     let mut granted: Vec<&str> = log
         .lines()
         .filter_map(|l| l.split("granted owner=alice ").nth(1))
@@ -210,7 +217,7 @@ pub fn no_packet_is_granted_twice_across_a_kill_9_mid_stream(backend: Backend) {
 pub fn a_replay_flood_is_dropped_before_the_handshake(backend: Backend) {
     const COPIES: usize = 3000;
     let (mut lab, _echo) = lab_with_ssh(backend);
-    let packets = alice_packets(&lab, 2);
+    let packets = alice_packets(&lab, 10);
     send_raw(&lab.a, Lab::gw4(62201), packets[0].clone());
     assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
     let captured = packets[0].clone();
@@ -220,8 +227,15 @@ pub fn a_replay_flood_is_dropped_before_the_handshake(backend: Backend) {
             s.send_to(&captured, Lab::gw4(62201)).unwrap();
         }
     });
-    send_raw(&lab.b, Lab::gw4(62201), packets[1].clone());
-    assert!(lab.wait_log("granted owner=alice", 2), "{}", lab.log());
+    // Copies still queued when the flood ends may crowd out a knock in the capture queue
+    // (the kernel drops it, which the capture counts); a knock is granted once they drain.
+    let granted = packets[1..].iter().any(|p| {
+        send_raw(&lab.b, Lab::gw4(62201), p.clone());
+        wait_until(Duration::from_millis(500), || {
+            lab.log().matches("granted owner=alice").count() >= 2
+        })
+    });
+    assert!(granted, "{}", lab.log());
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
     lab.stop_spad(0, false);
     let log = lab.log();
