@@ -227,6 +227,35 @@ impl ReplayStore {
         Ok(())
     }
 
+    /// Whether a packet digest (fwknop) may be accepted at `now`; records nothing.
+    pub fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal> {
+        self.closed(now)?;
+        if self.state.digests.contains(digest, now) {
+            return Err(ReplayRefusal::DigestReplayed);
+        }
+        Ok(())
+    }
+
+    /// Records a packet digest until `keep_until` (durable at the next commit).
+    pub fn accept_digest(
+        &mut self,
+        digest: [u8; 32],
+        keep_until: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal> {
+        self.check_digest(&digest, now)?;
+        if self.state.digests.len() >= journal::MAX_DIGESTS {
+            self.state.digests.prune(now);
+            if self.state.digests.len() >= journal::MAX_DIGESTS {
+                return Err(ReplayRefusal::Full(journal::MAX_DIGESTS));
+            }
+        }
+        let entry = journal::Entry::Digest { digest, keep_until };
+        self.state.apply(self.window, &entry);
+        entry.encode_into(&mut self.pending);
+        Ok(())
+    }
+
     /// Entries accepted but not yet durable, in bytes.
     pub fn pending_bytes(&self) -> usize {
         self.pending.len()
@@ -269,11 +298,7 @@ impl ReplayState for ReplayStore {
     }
 
     fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal> {
-        self.closed(now)?;
-        if self.state.digests.contains(digest, now) {
-            return Err(ReplayRefusal::DigestReplayed);
-        }
-        Ok(())
+        ReplayStore::check_digest(self, digest, now)
     }
 
     fn accept_digest(
@@ -282,17 +307,7 @@ impl ReplayState for ReplayStore {
         keep_until: Micros,
         now: Micros,
     ) -> Result<(), ReplayRefusal> {
-        ReplayState::check_digest(self, &digest, now)?;
-        if self.state.digests.len() >= journal::MAX_DIGESTS {
-            self.state.digests.prune(now);
-            if self.state.digests.len() >= journal::MAX_DIGESTS {
-                return Err(ReplayRefusal::Full(journal::MAX_DIGESTS));
-            }
-        }
-        let entry = journal::Entry::Digest { digest, keep_until };
-        self.state.apply(self.window, &entry);
-        entry.encode_into(&mut self.pending);
-        Ok(())
+        ReplayStore::accept_digest(self, digest, keep_until, now)
     }
 
     fn uncommitted(&self) -> bool {
