@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Performance figures quoted in the docs: packet handling (criterion) and grant cost
-# (netlink versus spawning nft/ipset, in a private network namespace; needs root).
+# Performance figures quoted in the docs: packet handling (criterion), grant cost (netlink
+# versus spawning nft/ipset, in a private network namespace) and the load benchmark
+# (loadbench: rate ladder and floods in namespaces). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench -p spa-shared --bench packet -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^(open|seal)|time:"
 cargo bench -p spa-shared --bench fwknop -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^fwknop|time:"
 cargo bench -p spad --bench grant
+cargo bench -p spad --bench pipeline -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^(pipeline|reference)|time:"
 cargo build -q --release -p spa-e2e --bin latency && target/release/latency nftables && target/release/latency iptables
+# Load: 10,000 clients, spoofed sources, an offered-rate ladder and two floods (needs root).
+cargo build -q --release -p spad --bin spad -p spa-e2e --bin loadbench
+target/release/loadbench --rates "${BENCH_RATES:-1000,2000,5000,10000,15000,20000}" --seconds "${BENCH_SECONDS:-2}"

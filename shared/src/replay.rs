@@ -7,9 +7,10 @@
 //! Timestamps that age out of the window also raise the floor, so a clock set backwards cannot
 //! revive them. Memory is bounded by `clients × PER_CLIENT`.
 //!
-//! The record is keyed by the client's public key and serialises to a small checksummed binary
-//! blob ([`ReplayRecord::encode`]); the daemon writes it atomically and durably before it opens
-//! the firewall, so not even `kill -9` between the two can let a packet through twice.
+//! The record is keyed by the client's public key. On disk it is an append-only [`journal`] of
+//! checksummed entries, made durable in groups (one `fdatasync` per batch of packets) before the
+//! firewall opens, so not even `kill -9` between the two can let a packet through twice.
+//! [`ReplayRecord::encode`] is the legacy whole-file format, still read once to migrate.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,8 @@ use blake2::{Blake2s256, Digest};
 use crate::keys::PublicKey;
 use crate::reader::Reader;
 use crate::Micros;
+
+pub mod journal;
 
 /// Timestamps remembered per client.
 pub const PER_CLIENT: usize = 64;
@@ -112,7 +115,25 @@ impl ReplayRecord {
         now: Micros,
     ) -> Result<(), ReplayError> {
         self.check(window, client, timestamp, now)?;
+        self.record_unchecked(window, client, timestamp, now);
+        Ok(())
+    }
+
+    /// Records a timestamp accepted earlier (a journal entry being replayed at start): the same
+    /// bookkeeping as [`accept`](Self::accept) without the window check, so replaying the journal
+    /// with the original clock readings rebuilds exactly the state the daemon had. A timestamp
+    /// already known (or at or below the floor) changes nothing.
+    pub(crate) fn record_unchecked(
+        &mut self,
+        window: Window,
+        client: &PublicKey,
+        timestamp: Micros,
+        now: Micros,
+    ) {
         let history = self.clients.entry(*client).or_default();
+        if timestamp <= history.floor || history.seen.binary_search(&timestamp).is_ok() {
+            return;
+        }
         let oldest = now.saturating_sub(window.max_age);
         // Aged-out entries become the floor: they can never be accepted again anyway.
         let aged = history.seen.partition_point(|&t| t < oldest);
@@ -126,7 +147,6 @@ impl ReplayRecord {
             let dropped = history.seen.remove(0);
             history.floor = history.floor.max(dropped);
         }
-        Ok(())
     }
 
     /// Forgets clients that are no longer configured (bounded memory after config changes).

@@ -19,11 +19,13 @@ use crate::capture::{self, frame, Received, Source};
 use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
 use crate::firewall::{Access, Firewall};
+use crate::flood::{RecentPackets, SourceBuckets};
 use crate::knock::engine::{Engine, Event};
 use crate::log::Logger;
 use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
-use crate::state::ReplayStore;
+use crate::refusal::{Refusal, RefusalCounts};
+use crate::state::{ReplayState, ReplayStore};
 use spa_shared::duration;
 
 /// Counters, logged on exit, shown by `spad status` and exported as metrics.
@@ -47,6 +49,8 @@ pub struct Stats {
     /// Of `granted` and `refused`: decisions on fwknop 2.x packets.
     pub fwknop_granted: u64,
     pub fwknop_refused: u64,
+    /// Every refused SPA packet, by reason (their sum is `refused`).
+    pub refusals: RefusalCounts,
 }
 
 impl Stats {
@@ -69,6 +73,11 @@ impl Stats {
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
         .collect();
+        out.extend(
+            self.refusals
+                .iter()
+                .map(|(reason, n)| (format!("refusals{{reason=\"{}\"}}", reason.name()), n)),
+        );
         out.extend(self.door_opens.iter().map(|(door, n)| {
             let door = crate::metrics::label_value(door);
             (format!("door_opens{{door=\"{door}\"}}"), *n)
@@ -88,7 +97,16 @@ impl Stats {
 pub struct Pipeline<C: Clock> {
     pub config: Config,
     server: Server,
-    replay: ReplayStore,
+    replay: Box<dyn ReplayState>,
+    /// Client names by public key (one lookup per packet, however many clients).
+    client_names: std::collections::HashMap<spa_shared::keys::PublicKey, String>,
+    /// Decisions of the current batch, carried out in order by [`Pipeline::flush`] once the
+    /// replay journal is durable.
+    pending: Vec<Pending>,
+    /// Packets authenticated recently: their replays are dropped before any public-key work.
+    recent: RecentPackets,
+    /// Per-source budget of public-key handshakes.
+    buckets: SourceBuckets,
     pub firewall: Box<dyn Firewall>,
     pub knocks: Engine,
     clock: C,
@@ -104,6 +122,30 @@ impl<C: Clock> std::fmt::Debug for Pipeline<C> {
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
+}
+
+/// A decision waiting for the end of its batch.
+#[derive(Debug)]
+struct Pending {
+    decision: Decision,
+    owner: String,
+    /// Accepted replay entries were uncommitted when it was made: it may only be carried out
+    /// if the journal commit succeeds.
+    needs_commit: bool,
+}
+
+/// Most packets decided per journal commit.
+pub const BATCH: usize = 512;
+/// Most decisions whose grants go into one firewall transaction (bounds the kernel's
+/// acknowledgements waiting in the netlink socket).
+const GRANTS_PER_TRANSACTION: usize = 128;
+
+fn client_names(config: &Config) -> std::collections::HashMap<spa_shared::keys::PublicKey, String> {
+    config
+        .clients
+        .iter()
+        .map(|(name, c)| (c.public_key, name.clone()))
+        .collect()
 }
 
 fn window(config: &Config) -> Window {
@@ -129,8 +171,8 @@ impl<C: Clock> Pipeline<C> {
         if let Some(w) = warning {
             log.line(now, &format!("warning: {w}"));
         }
-        let keys: Vec<_> = config.clients.values().map(|c| c.public_key).collect();
-        replay.retain_clients(|k| keys.contains(k));
+        let names = client_names(&config);
+        replay.retain_clients(&|k| names.contains_key(k));
         let kept = firewall
             .install(&config)
             .context("installing the firewall ruleset")?;
@@ -152,10 +194,16 @@ impl<C: Clock> Pipeline<C> {
                 config.doors.doors.len() + config.doors.totp.len()
             ),
         );
+        let buckets =
+            SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
         Ok(Self {
             config,
             server,
-            replay,
+            replay: Box::new(replay),
+            client_names: names,
+            pending: Vec::new(),
+            recent: RecentPackets::default(),
+            buckets,
             firewall,
             knocks,
             clock,
@@ -169,8 +217,11 @@ impl<C: Clock> Pipeline<C> {
     pub fn reload(&mut self, config: Config, server: Server) -> anyhow::Result<()> {
         let kept = self.firewall.install(&config)?;
         let now = self.clock.now();
-        let keys: Vec<_> = config.clients.values().map(|c| c.public_key).collect();
-        self.replay.retain_clients(|k| keys.contains(k));
+        let names = client_names(&config);
+        self.replay.retain_clients(&|k| names.contains_key(k));
+        self.client_names = names;
+        self.buckets =
+            SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
         self.knocks.reconfigure(&config, now);
         self.server = server;
         self.config = config;
@@ -185,8 +236,14 @@ impl<C: Clock> Pipeline<C> {
         self.clock.now()
     }
 
-    /// Handles one received packet.
+    /// Handles one received packet and carries out its decision (a batch of one).
     pub fn handle(&mut self, received: &Received<'_>) {
+        self.decide(received);
+        self.flush();
+    }
+
+    /// Decides one packet of a batch; its grant waits for [`flush`](Self::flush).
+    pub fn decide(&mut self, received: &Received<'_>) {
         self.stats.packets += 1;
         match received {
             Received::Udp {
@@ -210,11 +267,22 @@ impl<C: Clock> Pipeline<C> {
         }
     }
 
+    /// Refuses with a free-text reason, counted as [`Refusal::Other`]; prefer
+    /// [`refuse_as`](Self::refuse_as) with a named reason.
+    #[allow(dead_code)]
     fn refuse(&mut self, source: IpAddr, reason: &str) {
+        self.refuse_as(source, Refusal::Other, || reason.to_string());
+    }
+
+    /// Counts a refusal under `why` and logs it (the detail is only formatted if the log's
+    /// per-second budget allows the line).
+    fn refuse_as(&mut self, source: IpAddr, why: Refusal, detail: impl FnOnce() -> String) {
         self.stats.refused += 1;
+        self.stats.refusals.add(why);
         let now = self.clock.now();
-        self.log
-            .refusal(now, &format!("refused from={source} reason=\"{reason}\""));
+        self.log.refusal_with(now, || {
+            format!("refused from={source} reason=\"{}\"", detail())
+        });
     }
 
     fn handle_spa(&mut self, source: IpAddr, payload: &[u8]) {
@@ -227,53 +295,71 @@ impl<C: Clock> Pipeline<C> {
                 return self.handle_fwknop(source, payload);
             }
             self.stats.precheck_dropped += 1;
-            return self.refuse(source, &e.to_string());
+            return self.refuse_as(source, Refusal::from(&e), || e.to_string());
+        }
+        // A replay of a packet authenticated recently: no public-key work either.
+        let mut ephemeral = [0u8; 32];
+        ephemeral.copy_from_slice(&payload[..32]);
+        if self.recent.contains(&ephemeral) {
+            return self.refuse_as(source, Refusal::RecentPacket, || {
+                "replayed: this exact packet was seen before (dropped before the handshake)".into()
+            });
+        }
+        if !self.buckets.take(source, now) {
+            return self.refuse_as(source, Refusal::RateLimited, || {
+                "rate limited: too many handshakes from this source (handshake-rate)".into()
+            });
         }
         let authenticated = match self.server.open(payload) {
             Ok(a) => a,
-            Err(e) => return self.refuse(source, &e.to_string()),
+            Err(e) => return self.refuse_as(source, Refusal::from(&e), || e.to_string()),
         };
+        self.recent.insert(ephemeral);
         let Some(client) = self
-            .config
-            .clients
-            .values()
-            .find(|c| c.public_key == authenticated.client)
+            .client_names
+            .get(&authenticated.client)
+            .and_then(|name| self.config.clients.get(name))
             .cloned()
         else {
-            return self.refuse(
-                source,
-                &format!("unknown client key {}", authenticated.client),
-            );
+            let key = authenticated.client;
+            return self.refuse_as(source, Refusal::UnknownClient, || {
+                format!("unknown client key {key}")
+            });
         };
         let request = &authenticated.request;
         if let Err(e) = self
             .replay
             .check(&client.public_key, request.timestamp, now)
         {
-            return self.refuse(source, &format!("client={} {e}", client.name));
+            return self.refuse_as(source, Refusal::from(&e), || {
+                format!("client={} {e}", client.name)
+            });
         }
         let decision = match policy::decide(&self.config, &client, request, source) {
             Ok(d) => d,
-            Err(e) => return self.refuse(source, &e.to_string()),
+            Err(e) => return self.refuse_as(source, Refusal::Policy, || e.to_string()),
         };
-        // Durable before the door opens: not even kill -9 right after lets it through twice.
+        // Recorded now (a second copy in this batch is refused); durable at the end of the
+        // batch, before the door opens: not even kill -9 right after lets it through twice.
         if let Err(e) = self
             .replay
             .accept(&client.public_key, request.timestamp, now)
         {
-            return self.refuse(source, &format!("client={} {e}", client.name));
+            return self.refuse_as(source, Refusal::from(&e), || {
+                format!("client={} {e}", client.name)
+            });
         }
         self.apply(decision, &client.name);
     }
 
     fn refuse_fwknop(&mut self, source: IpAddr, reason: &str) {
         self.stats.refused += 1;
+        self.stats.refusals.add(Refusal::Fwknop);
         self.stats.fwknop_refused += 1;
         let now = self.clock.now();
-        self.log.refusal(
-            now,
-            &format!("refused protocol=fwknop from={source} reason=\"{reason}\""),
-        );
+        self.log.refusal_with(now, || {
+            format!("refused protocol=fwknop from={source} reason=\"{reason}\"")
+        });
     }
 
     /// The fwknop 2.x path, step for step the spa v1 one: the client's HMAC (the cheap
@@ -303,40 +389,118 @@ impl<C: Clock> Pipeline<C> {
         if let Err(e) = self.replay.accept_digest(digest, keep_until, now) {
             return self.refuse_fwknop(source, &format!("client={} {e}", client.name));
         }
-        let granted = self.stats.granted;
+        // Carried out with the batch, after the digest is durable; counted in `granted()`.
         self.apply(decision, &crate::fwknop::policy::owner(&client));
-        self.stats.fwknop_granted += self.stats.granted - granted;
     }
 
+    /// Carries out a decision, or queues it for the end of the batch if it depends on replay
+    /// entries not yet durable or must keep its place behind decisions that do.
     fn apply(&mut self, decision: Decision, owner: &str) {
+        let needs_commit = self.replay.uncommitted();
+        if !needs_commit && self.pending.is_empty() {
+            // Nothing to wait for (a knock door, say): at once, so its log lines stay in order.
+            return self.execute(decision, owner);
+        }
+        self.pending.push(Pending {
+            decision,
+            owner: owner.to_string(),
+            needs_commit,
+        });
+    }
+
+    /// Ends a batch: makes the replay journal durable (one `fdatasync`), then carries out the
+    /// batch's decisions in order, each run of grants in one firewall transaction. If the
+    /// commit fails, no decision that depends on it is carried out.
+    pub fn flush(&mut self) {
+        let now = self.clock.now();
+        let durable = match self.replay.commit(now) {
+            Ok(()) => true,
+            Err(e) => {
+                self.log.line(now, &format!("error: {e}"));
+                false
+            }
+        };
+        let mut opens: Vec<(IpAddr, Vec<Access>, String)> = Vec::new();
+        for item in std::mem::take(&mut self.pending) {
+            if item.needs_commit && !durable {
+                self.stats.refused += 1;
+                self.stats.refusals.add(Refusal::Persist);
+                self.log.line(
+                    now,
+                    &format!(
+                        "refused owner={} reason=\"cannot persist the replay record\"",
+                        item.owner
+                    ),
+                );
+                continue;
+            }
+            match item.decision {
+                Decision::Open { address, grants } => opens.push((address, grants, item.owner)),
+                close => {
+                    self.open_all(std::mem::take(&mut opens));
+                    self.execute(close, &item.owner);
+                }
+            }
+        }
+        self.open_all(opens);
+    }
+
+    /// Installs several decisions' grants in one firewall transaction (one by one if that
+    /// fails, so one bad grant does not hold back the others).
+    fn open_all(&mut self, mut opens: Vec<(IpAddr, Vec<Access>, String)>) {
+        while opens.len() > GRANTS_PER_TRANSACTION {
+            let rest = opens.split_off(GRANTS_PER_TRANSACTION);
+            self.open_all(std::mem::replace(&mut opens, rest));
+        }
+        if opens.len() > 1 {
+            let all: Vec<Access> = opens.iter().flat_map(|o| o.1.iter().cloned()).collect();
+            if self.firewall.grant(&all).is_ok() {
+                for (address, grants, owner) in &opens {
+                    self.granted(*address, grants, owner);
+                }
+                return;
+            }
+        }
+        for (address, grants, owner) in opens {
+            self.execute(Decision::Open { address, grants }, &owner);
+        }
+    }
+
+    fn granted(&mut self, address: IpAddr, grants: &[Access], owner: &str) {
+        let now = self.clock.now();
+        self.stats.granted += 1;
+        if owner.starts_with("fwknop:") {
+            self.stats.fwknop_granted += 1;
+        }
+        self.record_grant(grants);
+        let detail: Vec<String> = grants
+            .iter()
+            .map(|g| match g.idle {
+                Some(idle) => format!(
+                    "{}({}, idle {})",
+                    g.service,
+                    duration::format(g.timeout),
+                    duration::format(idle)
+                ),
+                None => format!("{}({})", g.service, duration::format(g.timeout)),
+            })
+            .collect();
+        let longest = grants.iter().map(|g| g.timeout).max().unwrap_or_default();
+        let until = crate::log::timestamp(crate::clock::after(now, longest));
+        self.log.line(
+            now,
+            &format!(
+                "granted owner={owner} address={address} services={} until={until}",
+                detail.join(",")
+            ),
+        );
+    }
+
+    fn execute(&mut self, decision: Decision, owner: &str) {
         let now = self.clock.now();
         match decision {
             Decision::Open { address, grants } => match self.firewall.grant(&grants) {
-                Ok(()) => {
-                    self.stats.granted += 1;
-                    self.record_grant(&grants);
-                    let detail: Vec<String> = grants
-                        .iter()
-                        .map(|g| match g.idle {
-                            Some(idle) => format!(
-                                "{}({}, idle {})",
-                                g.service,
-                                duration::format(g.timeout),
-                                duration::format(idle)
-                            ),
-                            None => format!("{}({})", g.service, duration::format(g.timeout)),
-                        })
-                        .collect();
-                    let longest = grants.iter().map(|g| g.timeout).max().unwrap_or_default();
-                    let until = crate::log::timestamp(crate::clock::after(now, longest));
-                    self.log.line(
-                        now,
-                        &format!(
-                            "granted owner={owner} address={address} services={} until={until}",
-                            detail.join(",")
-                        ),
-                    );
-                }
+                Ok(()) => self.granted(address, &grants, owner),
                 Err(e) => self.log.line(
                     now,
                     &format!("error: grant for owner={owner} address={address} failed: {e:#}"),
@@ -479,6 +643,7 @@ impl<C: Clock> Pipeline<C> {
         let now = self.clock.now();
         let events = self.knocks.tick(now);
         self.apply_knock_events(events);
+        self.flush();
     }
 }
 
@@ -624,8 +789,19 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
             hub.reloaded(&pipeline);
             guard.rearm(&mut *pipeline.firewall);
         }
+        // A batch: the first packet (waiting for it), then whatever else is ready, up to BATCH;
+        // one journal commit and one firewall transaction for all of it.
         match source.recv(Duration::from_millis(200)) {
-            Ok(Some(received)) => pipeline.handle(&received),
+            Ok(Some(received)) => {
+                pipeline.decide(&received);
+                for _ in 1..BATCH {
+                    match source.recv(Duration::ZERO) {
+                        Ok(Some(received)) => pipeline.decide(&received),
+                        _ => break,
+                    }
+                }
+                pipeline.flush();
+            }
             Ok(None) => {}
             Err(e) => {
                 pipeline
@@ -656,6 +832,10 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     pipeline
         .log
         .line(clock.now(), &format!("stopping: {}", counters.join(" ")));
+    pipeline.log.line(
+        clock.now(),
+        &format!("refusals: {}", pipeline.stats.refusals),
+    );
     if pipeline.config.server.flush_on_exit {
         pipeline.firewall.flush()?;
         pipeline.log.line(
@@ -769,6 +949,11 @@ mod tests {
         p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
         assert!(p.firewall.list().unwrap().is_empty());
         assert_eq!((p.stats.granted, p.stats.refused), (1, 3));
+        assert_eq!(
+            p.stats.refusals.to_string(),
+            "mac1=1 recent_packet=1 stale=1",
+            "each drop counted by its reason"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -793,6 +978,156 @@ mod tests {
         let mut again = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
         again.handle(&udp(&open, "198.51.100.7"));
         assert_eq!((again.stats.granted, again.stats.refused), (0, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_grants_once_per_packet_in_order_after_one_commit() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let open = packet(&client, Kind::Open, NOW, 0);
+        let close = packet(&client, Kind::Close, NOW + 1, 0);
+        let other = packet(&client, Kind::Open, NOW + 2, 0);
+        // Two copies of one packet, then a close and another open, all in one batch.
+        p.decide(&udp(&open, "198.51.100.7"));
+        p.decide(&udp(&open, "198.51.100.8"));
+        p.decide(&udp(&close, "198.51.100.7"));
+        p.decide(&udp(&other, "198.51.100.9"));
+        assert!(
+            p.firewall.list().unwrap().is_empty(),
+            "nothing before the commit"
+        );
+        p.flush();
+        let live: Vec<String> = p
+            .firewall
+            .list()
+            .unwrap()
+            .iter()
+            .map(|g| g.address.to_string())
+            .collect();
+        assert_eq!(
+            live,
+            ["198.51.100.9"],
+            "opened, closed in order, copy refused"
+        );
+        assert_eq!(
+            (p.stats.granted, p.stats.closed, p.stats.refused),
+            (2, 1, 1)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A store whose commits fail (a full disk).
+    #[derive(Debug)]
+    struct FullDisk(ReplayStore);
+    impl ReplayState for FullDisk {
+        fn window(&self) -> Window {
+            self.0.window()
+        }
+        fn check(
+            &self,
+            c: &spa_shared::keys::PublicKey,
+            t: Micros,
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.check(c, t, now)
+        }
+        fn accept(
+            &mut self,
+            c: &spa_shared::keys::PublicKey,
+            t: Micros,
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.accept(c, t, now)
+        }
+        fn check_digest(
+            &self,
+            d: &[u8; 32],
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.check_digest(d, now)
+        }
+        fn accept_digest(
+            &mut self,
+            d: [u8; 32],
+            until: Micros,
+            now: Micros,
+        ) -> Result<(), crate::state::ReplayRefusal> {
+            self.0.accept_digest(d, until, now)
+        }
+        fn uncommitted(&self) -> bool {
+            self.0.uncommitted()
+        }
+        fn commit(&mut self, _now: Micros) -> Result<(), crate::state::ReplayRefusal> {
+            Err(crate::state::ReplayRefusal::Persist(
+                "No space left on device".into(),
+            ))
+        }
+        fn retain_clients(&mut self, keep: &dyn Fn(&spa_shared::keys::PublicKey) -> bool) {
+            self.0.retain_clients(keep)
+        }
+    }
+
+    #[test]
+    fn nothing_opens_when_the_journal_cannot_be_made_durable() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let path = dir.join("other.bin");
+        p.replay = Box::new(FullDisk(ReplayStore::load(path, window(&p.config), NOW).0));
+        p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
+        assert!(p.firewall.list().unwrap().is_empty());
+        assert_eq!((p.stats.granted, p.stats.refused), (0, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Valid mac1 (anyone who knows the server's public key can make one), junk inside.
+    fn forged(n: u8) -> Vec<u8> {
+        let server = PrivateKey::from_bytes([2; 32]).public_key();
+        let mut body = vec![n; spa_shared::packet::MIN_LEN - spa_shared::mac::MAC_LEN];
+        body[..32].copy_from_slice(PrivateKey::from_bytes([n; 32]).public_key().as_bytes());
+        let tag = spa_shared::mac::PrecheckKey::new(&server).tag(&body);
+        body.extend_from_slice(&tag);
+        body
+    }
+
+    #[test]
+    fn a_replayed_valid_packet_is_dropped_before_the_handshake_from_any_source() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let good = packet(&client, Kind::Open, NOW, 0);
+        p.handle(&udp(&good, "198.51.100.7"));
+        for i in 0..50 {
+            p.handle(&udp(&good, &format!("198.51.100.{}", 100 + i)));
+        }
+        assert_eq!(p.stats.granted, 1);
+        assert_eq!(p.stats.refusals.get(Refusal::RecentPacket), 50);
+        assert_eq!(p.stats.refusals.get(Refusal::Handshake), 0);
+        assert_eq!(p.stats.refusals.get(Refusal::Replayed), 0);
+        // Sources that only replayed spent no handshake budget.
+        assert_eq!(p.buckets.sources(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_source_spending_its_handshake_budget_does_not_starve_another() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        p.buckets = SourceBuckets::new(10, 20);
+        for n in 0..100 {
+            p.handle(&udp(&forged(n), "198.51.100.66"));
+        }
+        assert_eq!(p.stats.refusals.get(Refusal::Handshake), 20, "the burst");
+        assert_eq!(p.stats.refusals.get(Refusal::RateLimited), 80);
+        p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.7"));
+        assert_eq!(p.stats.granted, 1, "another source is served");
+        clock.advance(100_000);
+        p.handle(&udp(&forged(200), "198.51.100.66"));
+        assert_eq!(
+            p.stats.refusals.get(Refusal::Handshake),
+            21,
+            "refilled at the rate"
+        );
+        assert_eq!(p.stats.refused, p.stats.refusals.total());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

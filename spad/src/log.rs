@@ -99,6 +99,12 @@ impl Logger {
 
     /// Logs a refusal unless this second's budget is spent.
     pub fn refusal(&mut self, now: Micros, message: &str) {
+        self.refusal_with(now, || message.to_string());
+    }
+
+    /// Like [`refusal`](Self::refusal), but the message is only built if it will be written:
+    /// a flood of refusals costs no formatting.
+    pub fn refusal_with(&mut self, now: Micros, message: impl FnOnce() -> String) {
         let second = now / 1_000_000;
         if second != self.second {
             if self.suppressed > 0 {
@@ -114,7 +120,7 @@ impl Logger {
         }
         if self.refusals_this_second < self.refusals_per_second {
             self.refusals_this_second += 1;
-            self.line(now, message);
+            self.line(now, &message());
         } else {
             self.suppressed += 1;
         }

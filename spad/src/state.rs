@@ -1,10 +1,11 @@
-//! Durable daemon state: atomic, fsynced file replacement, and the replay store built on it.
+//! Durable daemon state: atomic, fsynced file replacement, and the replay store: a journal
+//! appended in groups (one `fdatasync` per batch of packets) and compacted by atomic rewrite.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use spa_shared::keys::PublicKey;
-use spa_shared::replay::{ReplayError, ReplayRecord, Window};
+use spa_shared::replay::{journal, ReplayError, Window};
 use spa_shared::Micros;
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
@@ -36,103 +37,309 @@ pub enum ReplayRefusal {
     FailClosed(String),
     #[error("cannot persist the replay record: {0}")]
     Persist(String),
+    #[error("replayed: this exact packet was accepted before")]
+    DigestReplayed,
+    #[error("too many packet digests remembered ({0}); refusing new ones until old ones expire")]
+    Full(usize),
 }
 
-/// The replay record plus where it lives on disk.
+/// The seam between the daemon and where replay state lives: a journal file on this host
+/// ([`ReplayStore`]) today; a store shared by a fleet of gateways can implement the same trait.
+///
+/// `accept*` take effect at once in memory (so a second copy in the same batch is refused) and
+/// become durable at the next [`commit`](ReplayState::commit); the caller must not act on an
+/// accepted request (open the firewall) before that commit returned `Ok`.
+pub trait ReplayState: std::fmt::Debug {
+    fn window(&self) -> Window;
+    /// Checks a client's timestamp without recording it.
+    fn check(
+        &self,
+        client: &PublicKey,
+        timestamp: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal>;
+    /// Checks and records a client's timestamp (durable at the next commit).
+    fn accept(
+        &mut self,
+        client: &PublicKey,
+        timestamp: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal>;
+    /// Checks a packet digest (protocols without per-client timestamps) without recording it.
+    fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal>;
+    /// Checks and records a packet digest until `keep_until` (durable at the next commit).
+    fn accept_digest(
+        &mut self,
+        digest: [u8; 32],
+        keep_until: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal>;
+    /// Whether accepted entries wait for a commit.
+    fn uncommitted(&self) -> bool;
+    /// Makes every accepted entry durable (one write and one `fdatasync` for all of them).
+    fn commit(&mut self, now: Micros) -> Result<(), ReplayRefusal>;
+    /// Drops clients that are no longer configured.
+    fn retain_clients(&mut self, keep: &dyn Fn(&PublicKey) -> bool);
+}
+
+/// Compact once the entries appended since the last snapshot exceed this many bytes, or twice
+/// the snapshot's size if that is larger (so compaction stays rare however many clients).
+const COMPACT_AFTER: u64 = 4 << 20;
+
+/// The replay journal in the state directory (see [`journal`] for the format).
 #[derive(Debug)]
 pub struct ReplayStore {
     path: PathBuf,
-    record: ReplayRecord,
     window: Window,
-    closed_until: Option<Micros>,
+    state: journal::State,
+    /// Open for appending; `None` when the next commit must rewrite the whole file (at start,
+    /// or after a failed write left the tail in an unknown state).
+    file: Option<std::fs::File>,
+    pending: Vec<u8>,
+    appended: u64,
+    snapshot_len: u64,
+    /// Compaction threshold for appended bytes (see [`COMPACT_AFTER`]).
+    pub compact_after: u64,
+    /// Commits and compactions done, for tests and stats.
+    pub commits: u64,
+    pub compactions: u64,
 }
 
 impl ReplayStore {
-    /// Loads the record. A damaged file means packets seen before the damage cannot be told
-    /// from new ones, so everything is refused until one whole window has passed.
+    /// Loads the journal and compacts it. A damaged file means packets seen before the damage
+    /// cannot be told from new ones, so everything is refused until one whole window has passed
+    /// (and that deadline is itself written to the new journal, so a restart cannot skip it);
+    /// the damaged file is kept beside it as `*.damaged` for inspection. A torn tail (a crash
+    /// before the last `fdatasync`) is ignored with a warning: nothing in it was acted on.
     pub fn load(path: PathBuf, window: Window, now: Micros) -> (Self, Option<String>) {
-        let (record, closed_until, warning) = match std::fs::read(&path) {
-            Ok(bytes) => match ReplayRecord::decode(&bytes) {
-                Ok(record) => (record, None, None),
-                Err(e) => {
-                    let until = now
-                        .saturating_add(window.max_age)
-                        .saturating_add(window.max_future);
-                    (
-                        ReplayRecord::new(),
-                        Some(until),
-                        Some(format!(
-                            "{}: {e}; failing closed until {}",
+        let fail_closed_until = now
+            .saturating_add(window.max_age)
+            .saturating_add(window.max_future);
+        let mut warnings = Vec::new();
+        let mut readable = true;
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => match journal::decode(&bytes, window) {
+                Ok(loaded) => {
+                    if loaded.torn_bytes > 0 {
+                        warnings.push(format!(
+                            "{}: ignored a torn tail of {} bytes (a crash before its sync; nothing in it was granted)",
                             path.display(),
-                            crate::log::timestamp(until)
-                        )),
-                    )
+                            loaded.torn_bytes
+                        ));
+                    }
+                    loaded.state
+                }
+                Err(e) => {
+                    let aside = path.with_extension("damaged");
+                    let kept = match std::fs::rename(&path, &aside) {
+                        Ok(()) => format!(" (kept as {})", aside.display()),
+                        Err(_) => String::new(),
+                    };
+                    warnings.push(format!(
+                        "{}: {e}{kept}; failing closed until {}",
+                        path.display(),
+                        crate::log::timestamp(fail_closed_until)
+                    ));
+                    journal::State {
+                        closed_until: Some(fail_closed_until),
+                        ..journal::State::default()
+                    }
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (ReplayRecord::new(), None, None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => journal::State::default(),
             Err(e) => {
-                let until = now
-                    .saturating_add(window.max_age)
-                    .saturating_add(window.max_future);
-                (
-                    ReplayRecord::new(),
-                    Some(until),
-                    Some(format!(
-                        "cannot read {}: {e}; failing closed",
-                        path.display()
-                    )),
-                )
+                readable = false;
+                warnings.push(format!(
+                    "cannot read {}: {e}; failing closed until {}",
+                    path.display(),
+                    crate::log::timestamp(fail_closed_until)
+                ));
+                journal::State {
+                    closed_until: Some(fail_closed_until),
+                    ..journal::State::default()
+                }
             }
         };
-        (
-            Self {
-                path,
-                record,
-                window,
-                closed_until,
-            },
-            warning,
-        )
+        let mut store = Self {
+            path,
+            window,
+            state,
+            file: None,
+            pending: Vec::new(),
+            appended: 0,
+            snapshot_len: 0,
+            compact_after: COMPACT_AFTER,
+            commits: 0,
+            compactions: 0,
+        };
+        if store.state.closed_until.is_some_and(|until| until <= now) {
+            store.state.closed_until = None;
+        }
+        // Compaction at start; a file we could not read is left alone (the next commit, after
+        // the fail-closed window, rewrites it).
+        if readable {
+            if let Err(e) = store.compact(now) {
+                warnings.push(format!(
+                    "cannot rewrite {}: {e}; SPA grants are refused until it can be written",
+                    store.path.display()
+                ));
+            }
+        }
+        let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
+        (store, warning)
     }
 
-    pub fn window(&self) -> Window {
+    fn closed(&self, now: Micros) -> Result<(), ReplayRefusal> {
+        match self.state.closed_until {
+            Some(until) if now < until => {
+                Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Rewrites the journal as one snapshot of the current state (atomic: temp file, fsync,
+    /// rename, fsync of the directory), then appends after it.
+    fn compact(&mut self, now: Micros) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.file = None;
+        self.state.digests.prune(now);
+        let bytes = journal::encode_snapshot(&self.state);
+        write_atomic(&self.path, &bytes)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        self.file = Some(file);
+        self.pending.clear();
+        self.appended = 0;
+        self.snapshot_len = bytes.len() as u64;
+        self.compactions += 1;
+        Ok(())
+    }
+
+    fn append(&mut self) -> std::io::Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(std::io::Error::other("journal not open"));
+        };
+        file.write_all(&self.pending)?;
+        file.sync_data()?;
+        self.appended += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Whether a packet digest (fwknop) may be accepted at `now`; records nothing.
+    pub fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal> {
+        self.closed(now)?;
+        if self.state.digests.contains(digest, now) {
+            return Err(ReplayRefusal::DigestReplayed);
+        }
+        Ok(())
+    }
+
+    /// Records a packet digest until `keep_until` (durable at the next commit).
+    pub fn accept_digest(
+        &mut self,
+        digest: [u8; 32],
+        keep_until: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal> {
+        self.check_digest(&digest, now)?;
+        if self.state.digests.len() >= journal::MAX_DIGESTS {
+            self.state.digests.prune(now);
+            if self.state.digests.len() >= journal::MAX_DIGESTS {
+                return Err(ReplayRefusal::Full(journal::MAX_DIGESTS));
+            }
+        }
+        let entry = journal::Entry::Digest { digest, keep_until };
+        self.state.apply(self.window, &entry);
+        entry.encode_into(&mut self.pending);
+        Ok(())
+    }
+
+    /// Entries accepted but not yet durable, in bytes.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl ReplayState for ReplayStore {
+    fn window(&self) -> Window {
         self.window
     }
 
-    /// Checks without recording.
-    pub fn check(
+    fn check(
         &self,
         client: &PublicKey,
         timestamp: Micros,
         now: Micros,
     ) -> Result<(), ReplayRefusal> {
-        if let Some(until) = self.closed_until {
-            if now < until {
-                return Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)));
-            }
-        }
-        Ok(self.record.check(self.window, client, timestamp, now)?)
+        self.closed(now)?;
+        Ok(self
+            .state
+            .record
+            .check(self.window, client, timestamp, now)?)
     }
 
-    /// Records the timestamp durably; only then may the caller open the firewall.
-    pub fn accept(
+    fn accept(
         &mut self,
         client: &PublicKey,
         timestamp: Micros,
         now: Micros,
     ) -> Result<(), ReplayRefusal> {
-        self.check(client, timestamp, now)?;
-        let mut next = self.record.clone();
-        next.accept(self.window, client, timestamp, now)?;
-        write_atomic(&self.path, &next.encode())
-            .map_err(|e| ReplayRefusal::Persist(e.to_string()))?;
-        self.record = next;
+        ReplayState::check(self, client, timestamp, now)?;
+        let entry = journal::Entry::Accept {
+            client: *client,
+            timestamp,
+            now,
+        };
+        self.state.apply(self.window, &entry);
+        entry.encode_into(&mut self.pending);
         Ok(())
     }
 
-    /// Drops clients that are no longer configured.
-    pub fn retain_clients(&mut self, keep: impl Fn(&PublicKey) -> bool) {
-        self.record.retain_clients(keep);
+    fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal> {
+        ReplayStore::check_digest(self, digest, now)
+    }
+
+    fn accept_digest(
+        &mut self,
+        digest: [u8; 32],
+        keep_until: Micros,
+        now: Micros,
+    ) -> Result<(), ReplayRefusal> {
+        ReplayStore::accept_digest(self, digest, keep_until, now)
+    }
+
+    fn uncommitted(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn commit(&mut self, now: Micros) -> Result<(), ReplayRefusal> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let grown = self.appended + self.pending.len() as u64
+            > self.compact_after.max(2 * self.snapshot_len);
+        let result = if self.file.is_none() || grown {
+            // The snapshot already holds the pending entries: one durable step either way.
+            self.compact(now)
+        } else {
+            self.append()
+        };
+        self.commits += 1;
+        result.map_err(|e| {
+            // The file's tail is now unknown: rewrite it whole on the next commit. The entries
+            // stay in memory (refused as replays), so nothing is ever accepted twice.
+            self.file = None;
+            self.pending.clear();
+            ReplayRefusal::Persist(e.to_string())
+        })
+    }
+
+    fn retain_clients(&mut self, keep: &dyn Fn(&PublicKey) -> bool) {
+        self.state.record.retain_clients(keep);
     }
 }
 
@@ -140,172 +347,203 @@ impl ReplayStore {
 mod tests {
     use super::*;
 
+    const NOW: Micros = 1_700_000_000_000_000;
+    const S: Micros = 1_000_000;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "spad-state-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        fn file(&self) -> PathBuf {
+            self.0.join("replay.bin")
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn client(n: u8) -> PublicKey {
+        PublicKey([n; 32])
+    }
+
     #[test]
     fn survives_reload_and_fails_closed_on_damage() {
-        let dir = std::env::temp_dir().join(format!("spad-state-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("replay.bin");
-        let _ = std::fs::remove_file(&path);
-        let now = 1_700_000_000_000_000;
+        let dir = TempDir::new("damage");
+        let path = dir.file();
         let w = Window::default();
-        let client = PublicKey([1; 32]);
-        let (mut store, warning) = ReplayStore::load(path.clone(), w, now);
+        let (mut store, warning) = ReplayStore::load(path.clone(), w, NOW);
         assert!(warning.is_none());
-        store.accept(&client, now, now).unwrap();
-        let (store, _) = ReplayStore::load(path.clone(), w, now);
+        store.accept(&client(1), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let (store, _) = ReplayStore::load(path.clone(), w, NOW);
         assert_eq!(
-            store.check(&client, now, now),
+            store.check(&client(1), NOW, NOW),
             Err(ReplayRefusal::Rule(ReplayError::Replayed))
         );
         std::fs::write(&path, b"damaged").unwrap();
-        let (store, warning) = ReplayStore::load(path.clone(), w, now);
+        let (store, warning) = ReplayStore::load(path.clone(), w, NOW);
         assert!(warning.unwrap().contains("failing closed"));
         assert!(matches!(
-            store.check(&client, now + 1, now),
+            store.check(&client(1), NOW + 1, NOW),
             Err(ReplayRefusal::FailClosed(_))
         ));
-        assert!(store
-            .check(&client, now + 91_000_000, now + 91_000_000)
-            .is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// fwknop replay digests (issue 10). One separate block on purpose: the replay journal provides
-// the same two methods on its store, and this simple implementation gives way to it at merge.
-// Digests live in `replay-fwknop.bin` beside the replay record: a magic line, then per digest
-// 32 bytes of SHA-256 and 8 bytes (big endian) of "keep until" microseconds. Rewritten with
-// `write_atomic` (fsynced) before the grant; a damaged file fails closed for
-// `DIGEST_FAIL_CLOSED` after its last change.
-// ---------------------------------------------------------------------------------------------
-
-const DIGEST_MAGIC: &[u8] = b"spad fwknop digests v1\n";
-/// How long a damaged digest file refuses fwknop packets after its last change: longer than
-/// the largest max-age a fwknop client may have (10 minutes) plus its future tolerance.
-const DIGEST_FAIL_CLOSED: Micros = 20 * 60 * 1_000_000;
-
-impl ReplayStore {
-    fn digest_path(&self) -> PathBuf {
-        self.path.with_file_name("replay-fwknop.bin")
-    }
-
-    /// The live digests on disk, or the time until which to fail closed.
-    fn read_digests(&self, now: Micros) -> Result<Vec<([u8; 32], Micros)>, ReplayRefusal> {
-        if let Some(until) = self.closed_until {
-            if now < until {
-                return Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)));
-            }
-        }
-        let path = self.digest_path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(ReplayRefusal::Persist(format!("{}: {e}", path.display()))),
-        };
-        let entries = bytes
-            .strip_prefix(DIGEST_MAGIC)
-            .filter(|rest| rest.len() % 40 == 0);
-        let Some(entries) = entries else {
-            let changed = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(now, |d| d.as_micros() as Micros);
-            let until = changed.saturating_add(DIGEST_FAIL_CLOSED);
-            if now < until {
-                return Err(ReplayRefusal::FailClosed(crate::log::timestamp(until)));
-            }
-            // Every digest it could have held has expired by now: start afresh.
-            return Ok(Vec::new());
-        };
-        Ok(entries
-            .chunks_exact(40)
-            .map(|c| {
-                let mut digest = [0u8; 32];
-                digest.copy_from_slice(&c[..32]);
-                let keep = Micros::from_be_bytes(c[32..].try_into().expect("8 bytes"));
-                (digest, keep)
-            })
-            .filter(|(_, keep)| *keep > now)
-            .collect())
-    }
-
-    /// Refuses a digest already accepted and not yet expired.
-    pub fn check_digest(&self, digest: &[u8; 32], now: Micros) -> Result<(), ReplayRefusal> {
-        if self.read_digests(now)?.iter().any(|(d, _)| d == digest) {
-            return Err(ReplayRefusal::Rule(ReplayError::Replayed));
-        }
-        Ok(())
-    }
-
-    /// Records the digest durably before the grant; kept until `keep_until`.
-    pub fn accept_digest(
-        &mut self,
-        digest: [u8; 32],
-        keep_until: Micros,
-        now: Micros,
-    ) -> Result<(), ReplayRefusal> {
-        let mut live = self.read_digests(now)?;
-        if live.iter().any(|(d, _)| *d == digest) {
-            return Err(ReplayRefusal::Rule(ReplayError::Replayed));
-        }
-        live.push((digest, keep_until));
-        let mut bytes = Vec::with_capacity(DIGEST_MAGIC.len() + 40 * live.len());
-        bytes.extend_from_slice(DIGEST_MAGIC);
-        for (d, keep) in &live {
-            bytes.extend_from_slice(d);
-            bytes.extend_from_slice(&keep.to_be_bytes());
-        }
-        write_atomic(&self.digest_path(), &bytes).map_err(|e| ReplayRefusal::Persist(e.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod digest_tests {
-    use super::*;
-
-    #[test]
-    fn digests_survive_a_restart_expire_and_fail_closed_on_damage() {
-        let dir = std::env::temp_dir().join(format!("spad-digests-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("replay.bin");
-        let now: Micros = 1_700_000_000_000_000;
-        let (mut store, _) = ReplayStore::load(path.clone(), Window::default(), now);
-        let (a, b) = ([1u8; 32], [2u8; 32]);
-        store.check_digest(&a, now).unwrap();
-        store.accept_digest(a, now + 120_000_000, now).unwrap();
-        assert!(store.accept_digest(a, now + 120_000_000, now).is_err());
-        let (mut store, _) = ReplayStore::load(path.clone(), Window::default(), now);
         assert_eq!(
-            store.check_digest(&a, now + 1),
+            std::fs::read(path.with_extension("damaged")).unwrap(),
+            b"damaged"
+        );
+        // The deadline is in the new journal: a restart inside the window still fails closed.
+        drop(store);
+        let (store, _) = ReplayStore::load(path.clone(), w, NOW + 10 * S);
+        assert!(matches!(
+            store.check(&client(1), NOW + 10 * S, NOW + 10 * S),
+            Err(ReplayRefusal::FailClosed(_))
+        ));
+        assert!(store.check(&client(1), NOW + 91 * S, NOW + 91 * S).is_ok());
+    }
+
+    /// Accepted entries are not on disk until the commit; after it they survive a restart
+    /// (what `kill -9` leaves), and one commit covers a whole batch.
+    #[test]
+    fn one_commit_makes_a_batch_durable() {
+        let dir = TempDir::new("batch");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        let before = std::fs::metadata(dir.file()).unwrap().len();
+        for n in 0..100 {
+            store.accept(&client(n), NOW, NOW).unwrap();
+        }
+        // The same request twice in one batch: refused before any commit.
+        assert_eq!(
+            store.accept(&client(7), NOW, NOW),
             Err(ReplayRefusal::Rule(ReplayError::Replayed))
         );
-        store.check_digest(&b, now).unwrap();
-        // Past its keep-until the digest is forgotten (the packet is stale by then anyway).
-        store.check_digest(&a, now + 121_000_000).unwrap();
-        store
-            .accept_digest(b, now + 300_000_000, now + 121_000_000)
-            .unwrap();
-        let on_disk = std::fs::read(dir.join("replay-fwknop.bin")).unwrap();
+        assert!(store.uncommitted());
+        assert_eq!(std::fs::metadata(dir.file()).unwrap().len(), before);
+        // What a restart would read now (loading a second store would compact the file).
+        let on_disk = journal::decode(&std::fs::read(dir.file()).unwrap(), w).unwrap();
+        assert!(on_disk.state.record.is_empty(), "nothing durable yet");
+        store.commit(NOW).unwrap();
+        assert_eq!((store.commits, store.uncommitted()), (1, false));
+        let reloaded = ReplayStore::load(dir.file(), w, NOW).0;
+        for n in 0..100 {
+            assert_eq!(
+                reloaded.check(&client(n), NOW, NOW),
+                Err(ReplayRefusal::Rule(ReplayError::Replayed))
+            );
+        }
+    }
+
+    /// A crash in the middle of an append: the torn tail is ignored, what was committed stays.
+    #[test]
+    fn a_torn_tail_is_ignored_and_a_damaged_middle_fails_closed() {
+        let dir = TempDir::new("torn");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        store.accept(&client(1), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let committed = std::fs::read(dir.file()).unwrap();
+        store.accept(&client(2), NOW, NOW).unwrap();
+        store.accept(&client(3), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let full = std::fs::read(dir.file()).unwrap();
+        // Half of the second batch reached the disk.
+        let torn = &full[..committed.len() + (full.len() - committed.len()) / 2 + 3];
+        std::fs::write(dir.file(), torn).unwrap();
+        let (store, warning) = ReplayStore::load(dir.file(), w, NOW);
+        assert!(warning.unwrap().contains("torn tail"));
         assert_eq!(
-            on_disk.len(),
-            DIGEST_MAGIC.len() + 40,
-            "expired entry pruned"
+            store.check(&client(1), NOW, NOW),
+            Err(ReplayRefusal::Rule(ReplayError::Replayed))
         );
-        std::fs::write(dir.join("replay-fwknop.bin"), b"damaged").unwrap();
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros() as Micros;
+        assert!(
+            store.check(&client(2), NOW + 1, NOW).is_ok(),
+            "not failing closed"
+        );
+        // Compacted at start: the next load is clean.
+        assert!(ReplayStore::load(dir.file(), w, NOW).1.is_none());
+
+        // A flipped bit in the committed part, with valid entries after it.
+        let mut damaged = full.clone();
+        damaged[committed.len() - 20] ^= 1;
+        std::fs::write(dir.file(), &damaged).unwrap();
+        let (store, warning) = ReplayStore::load(dir.file(), w, NOW);
+        assert!(warning.unwrap().contains("failing closed"));
         assert!(matches!(
-            store.check_digest(&[3; 32], wall),
+            store.check(&client(9), NOW, NOW),
             Err(ReplayRefusal::FailClosed(_))
         ));
+    }
+
+    #[test]
+    fn digests_are_durable_and_expire() {
+        let dir = TempDir::new("digest");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        let digest = [5u8; 32];
+        store.check_digest(&digest, NOW).unwrap();
+        store.accept_digest(digest, NOW + 60 * S, NOW).unwrap();
+        assert_eq!(
+            store.accept_digest(digest, NOW + 60 * S, NOW),
+            Err(ReplayRefusal::DigestReplayed)
+        );
+        store.commit(NOW).unwrap();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW + S);
+        assert_eq!(
+            store.check_digest(&digest, NOW + S),
+            Err(ReplayRefusal::DigestReplayed)
+        );
+        assert!(store.check_digest(&digest, NOW + 60 * S).is_ok());
         store
-            .check_digest(&[3; 32], wall + DIGEST_FAIL_CLOSED + 1_000_000)
+            .accept_digest(digest, NOW + 120 * S, NOW + 60 * S)
             .unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_journal_is_compacted_when_it_grows() {
+        let dir = TempDir::new("compact");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        store.compact_after = 4096;
+        for i in 0..2000 {
+            store
+                .accept(&client((i % 10) as u8), NOW + i, NOW + i)
+                .unwrap();
+            store.commit(NOW + i).unwrap();
+        }
+        assert!(store.compactions > 10, "{}", store.compactions);
+        let size = std::fs::metadata(dir.file()).unwrap().len();
+        assert!(size < 4096 + 2 * (10 * 44 + 640 * 8 + 64), "{size}");
+        let reloaded = ReplayStore::load(dir.file(), w, NOW + 2000).0;
+        assert_eq!(reloaded.state, store.state);
+    }
+
+    /// A write that fails (full disk) refuses the batch and leaves nothing accepted twice.
+    #[test]
+    fn a_failed_commit_refuses_and_the_next_rewrites() {
+        let dir = TempDir::new("fail");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        store.accept(&client(1), NOW, NOW).unwrap();
+        store.file = Some(std::fs::File::open(dir.file()).unwrap()); // read-only: write fails
+        assert!(matches!(store.commit(NOW), Err(ReplayRefusal::Persist(_))));
+        assert_eq!(
+            store.check(&client(1), NOW, NOW),
+            Err(ReplayRefusal::Rule(ReplayError::Replayed))
+        );
+        store.accept(&client(2), NOW, NOW).unwrap();
+        store.commit(NOW).unwrap();
+        let reloaded = ReplayStore::load(dir.file(), w, NOW).0;
+        assert!(reloaded.check(&client(1), NOW, NOW).is_err());
+        assert!(reloaded.check(&client(2), NOW, NOW).is_err());
     }
 }

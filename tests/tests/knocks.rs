@@ -35,6 +35,8 @@ pub fn knockd_client_opens_a_mixed_door_and_closes_it(backend: Backend) {
         "{}",
         lab.log()
     );
+    // The grant's line follows the OPEN line; wait for it rather than race the writer.
+    lab.wait_log("granted owner=door:ops", 1);
     let log = lab.log();
     assert!(
         log.contains("door ops: stage 1/3") && log.contains("door ops: stage 2/3"),

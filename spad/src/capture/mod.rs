@@ -76,8 +76,11 @@ impl UdpListener {
 
 impl Source for UdpListener {
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
-        self.socket
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        // A zero timeout polls (the daemon drains a batch that way): no 1 ms wait per batch.
+        self.socket.set_nonblocking(timeout.is_zero())?;
+        if !timeout.is_zero() {
+            self.socket.set_read_timeout(Some(timeout))?;
+        }
         match self.socket.recv_from(&mut self.buf) {
             Ok((n, from)) => {
                 self.stats.received += 1;

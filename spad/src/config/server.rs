@@ -34,10 +34,20 @@ pub(super) struct RawServer {
     flush_on_exit: bool,
     #[serde(default)]
     conceal: Conceal,
+    #[serde(default = "default_handshake_rate")]
+    handshake_rate: Spanned<u32>,
+    #[serde(default = "default_handshake_burst")]
+    handshake_burst: Spanned<u32>,
     metrics: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
 }
 
+fn default_handshake_rate() -> Spanned<u32> {
+    Spanned::new(0..0, 100)
+}
+fn default_handshake_burst() -> Spanned<u32> {
+    Spanned::new(0..0, 200)
+}
 fn default_port() -> Spanned<u16> {
     Spanned::new(0..0, 62201)
 }
@@ -100,6 +110,10 @@ pub struct Server {
     pub max_future: Duration,
     pub flush_on_exit: bool,
     pub conceal: Conceal,
+    /// Public-key handshakes per second per source address (IPv6: per /64).
+    pub handshake_rate: u32,
+    /// Handshakes a source may make at once before `handshake_rate` applies.
+    pub handshake_burst: u32,
     /// Where the Prometheus endpoint listens (opt-in).
     pub metrics: Option<std::net::SocketAddr>,
     /// The unprivileged user `spad run` becomes after opening its sockets.
@@ -154,6 +168,17 @@ pub(super) fn build(
             "table names are 1-32 of [A-Za-z0-9_]; write e.g. \"spad\"",
         ));
     }
+    for (value, key) in [
+        (&raw.handshake_rate, "handshake-rate"),
+        (&raw.handshake_burst, "handshake-burst"),
+    ] {
+        if *value.get_ref() == 0 {
+            return Err(at(
+                value,
+                format!("{key} = 0 would refuse every SPA packet; write a number of handshakes, e.g. 100"),
+            ));
+        }
+    }
     if *raw.port.get_ref() == 0 {
         return Err(at(&raw.port, "port 0 is not a port; the default is 62201"));
     }
@@ -173,6 +198,8 @@ pub(super) fn build(
         max_future: window_side(&raw.max_future, "max-future", Duration::ZERO)?,
         flush_on_exit: raw.flush_on_exit,
         conceal: raw.conceal,
+        handshake_rate: *raw.handshake_rate.get_ref(),
+        handshake_burst: *raw.handshake_burst.get_ref(),
         metrics: match &raw.metrics {
             Some(m) => Some(m.get_ref().parse().map_err(|_| {
                 at(

@@ -305,3 +305,23 @@ fn a_missing_or_non_utf8_file_says_so() {
     assert!(err.message.contains("not UTF-8 (byte 0xe9)"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn handshake_budget_defaults_and_zero_is_refused_with_its_location() {
+    let config = parse(&base()).unwrap();
+    assert_eq!(
+        (config.server.handshake_rate, config.server.handshake_burst),
+        (100, 200)
+    );
+    let text = base().replace(
+        "private-key = \"server.key\"",
+        "private-key = \"server.key\"\nhandshake-rate = 5\nhandshake-burst = 0",
+    );
+    let err = parse(&text).unwrap_err();
+    assert!(err.message.contains("handshake-burst = 0"), "{err}");
+    let config = parse(&text.replace("handshake-burst = 0", "handshake-burst = 7")).unwrap();
+    assert_eq!(
+        (config.server.handshake_rate, config.server.handshake_burst),
+        (5, 7)
+    );
+}

@@ -156,6 +156,25 @@ impl Socket {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Room for the kernel's acknowledgements of a whole batch of grants (one per message,
+        // about 1 KiB each in the socket's accounting): with the default buffer, acks of a few
+        // hundred grants overflow it, are dropped, and the transaction waits for its timeout.
+        let bytes: libc::c_int = 8 << 20;
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: valid fd, option pointer and size match the type.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&bytes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);

@@ -1,0 +1,680 @@
+//! Load benchmark: spad under an offered-rate ladder and under floods, measured from outside.
+//!
+//! Two throwaway namespaces joined by a veth pair: a gateway running `spad` (AF_PACKET
+//! capture, nftables backend, 10,000 configured clients) and a client namespace that sends
+//! pre-built SPA packets through one raw socket, each from its own spoofed source address in
+//! 10.201.0.0/16 (routed back to the client namespace; rp_filter off on the gateway). A grant
+//! is counted when the kernel announces the new set element: a `NEWSETELEM` event on the
+//! gateway's `NFNLGRP_NFTABLES` netlink multicast group. Packet → grant latency is from just
+//! after `sendto` to that event, on the same monotonic clock.
+//!
+//! Per step it prints sent / granted / lost and latency p50 / p99; then two scenarios, each
+//! with 10 legitimate knocks sent during a flood from another source: a max-rate replay of one
+//! captured valid packet, and max-rate garbage of the real packet size. Timing lives here, in a
+//! benchmark, never in tests. Needs root. `scripts/bench.sh` builds and runs it:
+//! `target/release/loadbench [--rates 1000,2000,...] [--seconds 2]`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use spa_e2e::{in_ns, run, wait_until};
+use spa_shared::keys::{PrivateKey, PublicKey};
+use spa_shared::payload::{Kind, Request};
+
+const CLIENTS: usize = 10_000;
+const GW: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+const PORT: u16 = 62201;
+const TABLE: &str = "spadlb";
+const NFNLGRP_NFTABLES: u32 = 7;
+const NFT_MSG_NEWSETELEM: u16 = (10 << 8) | 12;
+
+/// The two namespaces and spad; everything is removed on drop.
+struct Bench {
+    gw: String,
+    client: String,
+    dir: PathBuf,
+    spad: Option<Child>,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.spad.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.gw, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let id = std::process::id() % 100_000;
+        let bench = Bench {
+            gw: format!("lbgw{id}"),
+            client: format!("lbcl{id}"),
+            dir: std::env::temp_dir().join(format!("spa-loadbench-{id}")),
+            spad: None,
+        };
+        let _ = std::fs::remove_dir_all(&bench.dir);
+        std::fs::create_dir_all(bench.dir.join("state")).unwrap();
+        for ns in [&bench.gw, &bench.client] {
+            run("ip", &["netns", "add", ns]);
+            bench.ip(ns, &["link", "set", "lo", "up"]);
+        }
+        let (g, c) = (format!("lbg{id}"), format!("lbc{id}"));
+        run(
+            "ip",
+            &["link", "add", &g, "type", "veth", "peer", "name", &c],
+        );
+        run("ip", &["link", "set", &g, "netns", &bench.gw]);
+        run("ip", &["link", "set", &c, "netns", &bench.client]);
+        bench.ip(&bench.gw, &["link", "set", &g, "name", "eth0"]);
+        bench.ip(&bench.client, &["link", "set", &c, "name", "eth0"]);
+        bench.ip(&bench.gw, &["addr", "add", "10.200.0.1/24", "dev", "eth0"]);
+        bench.ip(
+            &bench.client,
+            &["addr", "add", "10.200.0.2/24", "dev", "eth0"],
+        );
+        for ns in [&bench.gw, &bench.client] {
+            bench.ip(ns, &["link", "set", "eth0", "up"]);
+        }
+        bench.ip(
+            &bench.client,
+            &["route", "add", "default", "via", "10.200.0.1"],
+        );
+        // Spoofed sources are routed back to the client namespace, and not filtered by
+        // reverse-path checks on the gateway.
+        bench.ip(
+            &bench.gw,
+            &["route", "add", "10.201.0.0/16", "via", "10.200.0.2"],
+        );
+        for key in ["all", "default", "eth0"] {
+            let setting = format!("net.ipv4.conf.{key}.rp_filter=0");
+            run(
+                "ip",
+                &["netns", "exec", &bench.gw, "sysctl", "-qw", &setting],
+            );
+        }
+        bench
+    }
+
+    fn ip(&self, ns: &str, args: &[&str]) {
+        let mut full = vec!["-n", ns];
+        full.extend_from_slice(args);
+        run("ip", &full);
+    }
+
+    fn start_spad(&mut self, spad: &str, config: &str) {
+        let log = std::fs::File::create(self.dir.join("spad.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.gw, spad, "run", "-c", config])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.spad = Some(child);
+        assert!(
+            wait_until(Duration::from_secs(60), || self
+                .log()
+                .contains("listening port=")),
+            "spad did not start:\n{}",
+            self.log()
+        );
+    }
+
+    fn stop_spad(&mut self) {
+        if let Some(mut child) = self.spad.take() {
+            // SAFETY: signalling our own child (`ip netns exec` execs spad).
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// CPU time spad has used so far (user + system), from /proc.
+    fn cpu(&self) -> Duration {
+        let Some(child) = &self.spad else {
+            return Duration::ZERO;
+        };
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is the 12th, stime 13th.
+        let rest = stat.rsplit(") ").next().unwrap_or("");
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_micros(ticks * 1_000_000 / hz)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("spad.log")).unwrap_or_default()
+    }
+
+    fn flush_grants(&self) {
+        run(
+            "ip",
+            &[
+                "netns", "exec", &self.gw, "nft", "flush", "set", "inet", TABLE, "a4_ssh",
+            ],
+        );
+    }
+}
+
+/// The spoofed source of packet `i` of a step.
+fn source(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 201, 0, 0)) + 1 + i as u32)
+}
+
+fn client_key(i: usize) -> PrivateKey {
+    let mut bytes = [0x42u8; 32];
+    bytes[8..16].copy_from_slice(&(i as u64).to_le_bytes()); // clear of the clamped bits
+    PrivateKey::from_bytes(bytes)
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// Seals `count` packets, packet `i` with client key `i % CLIENTS`, on two threads.
+fn seal_packets(keys: &[PrivateKey], server: &PublicKey, count: usize, salt: u64) -> Vec<Vec<u8>> {
+    let base = now_micros();
+    let seal = |i: usize| {
+        let request = Request {
+            kind: Kind::Open,
+            timestamp: base + salt * 1_000 + i as u64,
+            nonce: [0; 16],
+            duration_secs: 0,
+            address: None,
+            services: vec!["ssh".into()],
+        };
+        spa_shared::packet::seal(
+            &mut rand_core::OsRng,
+            &keys[i % keys.len()],
+            server,
+            &request,
+        )
+        .unwrap()
+    };
+    let half = count / 2;
+    std::thread::scope(|s| {
+        let first = s.spawn(|| (0..half).map(seal).collect::<Vec<_>>());
+        let second: Vec<_> = (half..count).map(seal).collect();
+        let mut all = first.join().unwrap();
+        all.extend(second);
+        all
+    })
+}
+
+/// An IPv4 + UDP datagram from `from` to the gateway's SPA port (checksums: the kernel fills
+/// the IP one; a zero UDP checksum means "none" in IPv4).
+fn datagram(from: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = Vec::with_capacity(total);
+    p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&from.octets());
+    p.extend_from_slice(&GW.octets());
+    p.extend_from_slice(&40000u16.to_be_bytes());
+    p.extend_from_slice(&PORT.to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A raw IPv4 socket created inside namespace `ns`.
+fn raw_socket(ns: &str) -> OwnedFd {
+    in_ns(ns, || {
+        // SAFETY: plain socket(2) call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is fresh and owned from here on.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+}
+
+fn send(fd: &OwnedFd, packet: &[u8]) -> bool {
+    // SAFETY: a zeroed sockaddr_in is valid; fields set below.
+    let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    to.sin_family = libc::AF_INET as u16;
+    to.sin_addr.s_addr = u32::from(GW).to_be();
+    // SAFETY: packet and `to` are valid for the given lengths.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    n == packet.len() as isize
+}
+
+/// Listens for new set elements in the gateway namespace; sends (IPv4 source, when) for each.
+fn grant_listener(
+    ns: &str,
+    stop: Arc<AtomicBool>,
+) -> (mpsc::Receiver<(u32, Instant)>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let fd = in_ns(ns, || {
+        // SAFETY: plain socket(2) call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 12) };
+        assert!(fd >= 0);
+        // SAFETY: fd is fresh and owned from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: a zeroed sockaddr_nl is valid (pid 0: the kernel assigns one).
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        let size = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+        // SAFETY: addr is a valid sockaddr_nl.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size,
+            )
+        };
+        assert_eq!(rc, 0);
+        let group = NFNLGRP_NFTABLES;
+        let buffer: libc::c_int = 256 << 20;
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        for (level, name, value, len) in [
+            (270, 1, (&group as *const u32).cast::<libc::c_void>(), 4), // NETLINK_ADD_MEMBERSHIP
+            (
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&buffer as *const libc::c_int).cast(),
+                4,
+            ),
+            (
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            ),
+        ] {
+            // SAFETY: each value points to a live local of the given length.
+            let rc = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, value, len) };
+            assert_eq!(
+                rc,
+                0,
+                "setsockopt {name}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        fd
+    });
+    let handle = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let at = Instant::now();
+            if n <= 0 {
+                if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                    eprintln!("loadbench: netlink events lost (ENOBUFS)");
+                }
+                continue;
+            }
+            for address in new_elements(&buf[..n as usize]) {
+                let _ = tx.send((address, at));
+            }
+        }
+    });
+    (rx, handle)
+}
+
+fn attrs(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if bytes.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([bytes[0], bytes[1]]) as usize;
+        let kind = u16::from_ne_bytes([bytes[2], bytes[3]]) & 0x3fff;
+        if len < 4 || len > bytes.len() {
+            return None;
+        }
+        let body = &bytes[4..len];
+        bytes = &bytes[((len + 3) & !3).min(bytes.len())..];
+        Some((kind, body))
+    })
+}
+
+/// IPv4 keys of the elements in every NEWSETELEM message of a netlink datagram.
+fn new_elements(mut bytes: &[u8]) -> Vec<u32> {
+    let mut out = Vec::new();
+    while bytes.len() >= 16 {
+        let len = u32::from_ne_bytes(bytes[..4].try_into().unwrap()) as usize;
+        let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
+        if len < 16 || len > bytes.len() {
+            break;
+        }
+        if kind == NFT_MSG_NEWSETELEM && len >= 20 {
+            // nfgenmsg (4 bytes), then ELEM_LIST attributes; ELEMENTS (3) → ELEM (1) → KEY (1)
+            // → DATA_VALUE (1).
+            for (_, elements) in attrs(&bytes[20..len]).filter(|a| a.0 == 3) {
+                for (_, element) in attrs(elements).filter(|a| a.0 == 1) {
+                    for (_, key) in attrs(element).filter(|a| a.0 == 1) {
+                        for (_, value) in attrs(key).filter(|a| a.0 == 1) {
+                            if value.len() >= 4 {
+                                out.push(u32::from_be_bytes(value[..4].try_into().unwrap()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        bytes = &bytes[((len + 3) & !3).min(bytes.len())..];
+    }
+    out
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// Collects grant events until every source in `sent` is granted or `settle` passes without
+/// news.
+fn collect(
+    events: &mpsc::Receiver<(u32, Instant)>,
+    sent: &[(u32, Instant)],
+    settle: Duration,
+) -> HashMap<u32, Instant> {
+    let wanted: std::collections::HashSet<u32> = sent.iter().map(|s| s.0).collect();
+    let mut granted = HashMap::new();
+    while granted.len() < wanted.len() {
+        match events.recv_timeout(settle) {
+            Ok((address, at)) if wanted.contains(&address) => {
+                granted.entry(address).or_insert(at);
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    granted
+}
+
+/// Sends `packets` at `rate` per second, packet `i` from `source(offset + i)`; returns send times.
+fn paced(fd: &OwnedFd, packets: &[Vec<u8>], rate: u64, offset: usize) -> Vec<(u32, Instant)> {
+    let frames: Vec<Vec<u8>> = packets
+        .iter()
+        .enumerate()
+        .map(|(i, p)| datagram(source(offset + i), p))
+        .collect();
+    let start = Instant::now();
+    let mut sent = Vec::with_capacity(frames.len());
+    // Sends whatever is due, then sleeps a little: no busy wait stealing spad's CPU.
+    let mut next = 0;
+    while next < frames.len() {
+        let now = Instant::now();
+        while next < frames.len()
+            && start + Duration::from_nanos(next as u64 * 1_000_000_000 / rate) <= now
+        {
+            if send(fd, &frames[next]) {
+                sent.push((u32::from(source(offset + next)), Instant::now()));
+            }
+            next += 1;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    sent
+}
+
+struct Outcome {
+    sent: usize,
+    granted: usize,
+    p50: Duration,
+    p99: Duration,
+    wall: Duration,
+}
+
+fn outcome(sent: &[(u32, Instant)], granted: &HashMap<u32, Instant>, wall: Duration) -> Outcome {
+    let mut latencies: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(a, at)| granted.get(a).map(|g| g.saturating_duration_since(*at)))
+        .collect();
+    latencies.sort();
+    Outcome {
+        sent: sent.len(),
+        granted: latencies.len(),
+        p50: percentile(&latencies, 50),
+        p99: percentile(&latencies, 99),
+        wall,
+    }
+}
+
+/// Floods from one thread at full speed while 10 legitimate knocks go out 50 ms apart.
+fn flood_scenario(
+    bench: &Bench,
+    fd: &Arc<OwnedFd>,
+    events: &mpsc::Receiver<(u32, Instant)>,
+    flood: Vec<u8>,
+    legit: &[Vec<u8>],
+    offset: usize,
+) -> (Outcome, u64) {
+    bench.flush_grants();
+    while events.try_recv().is_ok() {}
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let (fd, stop) = (Arc::clone(fd), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut count = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if send(&fd, &flood) {
+                    count += 1;
+                }
+            }
+            count
+        })
+    };
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let frames: Vec<_> = legit
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (source(offset + i), datagram(source(offset + i), p)))
+        .collect();
+    let mut sent = Vec::new();
+    for (address, frame) in &frames {
+        if send(fd, frame) {
+            sent.push((u32::from(*address), Instant::now()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let granted = collect(events, &sent, Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let flooded = flooder.join().unwrap();
+    let wall = started.elapsed();
+    (outcome(&sent, &granted, wall), flooded)
+}
+
+fn main() {
+    assert!(
+        spa_e2e::can_run(),
+        "run as root (it creates network namespaces)"
+    );
+    let mut rates: Vec<u64> = vec![1_000, 2_000, 5_000, 10_000, 15_000, 20_000];
+    let mut seconds = 2u64;
+    let mut spad = spa_e2e::workspace()
+        .join("target/release/spad")
+        .display()
+        .to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--rates" => {
+                rates = args
+                    .next()
+                    .expect("--rates 1000,2000")
+                    .split(',')
+                    .map(|r| r.parse().expect("a rate"))
+                    .collect();
+            }
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--seconds N")
+            }
+            "--spad" => spad = args.next().expect("--spad PATH"),
+            other => panic!("unknown argument {other}; use --rates, --seconds, --spad"),
+        }
+    }
+
+    let mut bench = Bench::new();
+    eprintln!("loadbench: generating {CLIENTS} client keys");
+    let server = PrivateKey::from_bytes([0x77; 32]);
+    let server_public = server.public_key();
+    let keys: Vec<PrivateKey> = (0..CLIENTS).map(client_key).collect();
+    let mut config = format!(
+        "[server]\nprivate-key = \"server.key\"\nport = {PORT}\ncapture = \"af-packet\"\ninterfaces = [\"eth0\"]\nstate-dir = \"state\"\nbackend = \"nftables\"\ntable = \"{TABLE}\"\n\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"10m\"\n"
+    );
+    for (i, key) in keys.iter().enumerate() {
+        config.push_str(&format!(
+            "\n[clients.c{i:05}]\npublic-key = \"{}\"\nservices = [\"ssh\"]\n",
+            key.public_key()
+        ));
+    }
+    let config_path = bench.dir.join("spad.toml");
+    std::fs::write(&config_path, config).unwrap();
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(bench.dir.join("server.key"))
+            .unwrap();
+        writeln!(file, "{}", server.to_base64().as_str()).unwrap();
+    }
+    bench.start_spad(&spad, config_path.to_str().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (events, listener) = grant_listener(&bench.gw, Arc::clone(&stop));
+    let fd = Arc::new(raw_socket(&bench.client));
+
+    println!("spad load benchmark: {CLIENTS} client keys, one spoofed source per packet, grant = kernel NEWSETELEM event");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "machine: {} CPUs, load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split(' ').take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "{:>8} {:>8} {:>8} {:>6} {:>10} {:>9} {:>9} {:>14}",
+        "offered/s", "sent", "granted", "lost", "granted/s", "p50 ms", "p99 ms", "spad CPU/grant"
+    );
+    for (step, &rate) in rates.iter().enumerate() {
+        let count = (rate * seconds) as usize;
+        assert!(
+            count < 60_000,
+            "at most 60,000 packets per step (distinct sources)"
+        );
+        let packets = seal_packets(&keys, &server_public, count, step as u64 + 1);
+        bench.flush_grants();
+        while events.try_recv().is_ok() {}
+        let cpu_before = bench.cpu();
+        let started = Instant::now();
+        let sent = paced(&fd, &packets, rate, 0);
+        let granted = collect(&events, &sent, Duration::from_secs(2));
+        let last = granted.values().max().copied().unwrap_or(started);
+        let o = outcome(&sent, &granted, last.saturating_duration_since(started));
+        let cpu = bench.cpu().saturating_sub(cpu_before);
+        println!(
+            "{:>9} {:>8} {:>8} {:>6} {:>10.0} {:>9} {:>9} {:>11.0} µs",
+            rate,
+            o.sent,
+            o.granted,
+            o.sent - o.granted,
+            o.granted as f64 / o.wall.as_secs_f64().max(1e-9),
+            ms(o.p50),
+            ms(o.p99),
+            cpu.as_secs_f64() * 1e6 / o.granted.max(1) as f64
+        );
+    }
+
+    // A captured valid packet, granted once, then replayed at full speed from its source.
+    let captured = seal_packets(&keys, &server_public, 1, 90);
+    let legit = seal_packets(&keys[1..], &server_public, 10, 91);
+    let (replay_outcome, replays) = flood_scenario(
+        &bench,
+        &fd,
+        &events,
+        datagram(source(50_000), &captured[0]),
+        &legit,
+        100,
+    );
+    println!(
+        "replay flood: {replays} copies of one valid packet in {:.1} s ({:.0}/s); legit knocks granted {}/{} p50 {} ms p99 {} ms",
+        replay_outcome.wall.as_secs_f64(),
+        replays as f64 / replay_outcome.wall.as_secs_f64(),
+        replay_outcome.granted,
+        replay_outcome.sent,
+        ms(replay_outcome.p50),
+        ms(replay_outcome.p99)
+    );
+    let mut garbage = vec![0u8; captured[0].len()];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut garbage);
+    let legit = seal_packets(&keys[2..], &server_public, 10, 92);
+    let (garbage_outcome, junk) = flood_scenario(
+        &bench,
+        &fd,
+        &events,
+        datagram(source(50_001), &garbage),
+        &legit,
+        200,
+    );
+    println!(
+        "garbage flood: {junk} packets of {} bytes in {:.1} s ({:.0}/s); legit knocks granted {}/{} p50 {} ms p99 {} ms",
+        garbage.len(),
+        garbage_outcome.wall.as_secs_f64(),
+        junk as f64 / garbage_outcome.wall.as_secs_f64(),
+        garbage_outcome.granted,
+        garbage_outcome.sent,
+        ms(garbage_outcome.p50),
+        ms(garbage_outcome.p99)
+    );
+    stop.store(true, Ordering::Relaxed);
+    listener.join().unwrap();
+    bench.stop_spad();
+    let log = bench.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("error")).collect();
+    for line in errors.iter().take(3) {
+        println!("spad error ({} in all): {line}", errors.len());
+    }
+    if let Some(line) = log.lines().find(|l| l.contains("stopping:")) {
+        println!("spad: {}", line.split("spad: ").nth(1).unwrap_or(line));
+    }
+}
