@@ -65,6 +65,39 @@ struct Hit {
     now: Micros,
 }
 
+/// What one hit did to one sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Not this sequence's port (or a duplicate of the port just accepted).
+    Untouched,
+    /// Moved on, started or started over, without completing.
+    Advanced,
+    Completed,
+    /// Broke progress of at least one stage; the text says how, for the log.
+    Broken(String),
+}
+
+/// What one hit did across all sequences of its source.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// Some sequence moved on or completed: the knock is a real user's.
+    progressed: bool,
+    /// Sequences this hit broke, as log lines; a failure only if nothing progressed.
+    broken: Vec<String>,
+    /// A completed TOTP sequence whose step was already used: always a failure.
+    replayed: bool,
+}
+
+impl Verdict {
+    fn note(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Untouched => {}
+            Outcome::Advanced | Outcome::Completed => self.progressed = true,
+            Outcome::Broken(line) => self.broken.push(line),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Progress {
     matched: usize,
@@ -445,11 +478,33 @@ impl Engine {
             self.fail(address, now, &mut events);
             return events;
         }
+        let mut verdict = Verdict::default();
         for index in 0..self.doors.len() {
-            self.static_door(index, address, port, tcp_flags, now, &mut events);
+            self.static_door(
+                index,
+                address,
+                (port, tcp_flags, now),
+                &mut events,
+                &mut verdict,
+            );
         }
         for index in 0..self.totp.len() {
-            self.totp_door(index, address, port, tcp_flags, now, &mut events);
+            self.totp_door(
+                index,
+                address,
+                (port, tcp_flags, now),
+                &mut events,
+                &mut verdict,
+            );
+        }
+        // A knock that moved any sequence on is a legitimate knock, whatever other sequences it
+        // broke (a TOTP step it did not match, a close sequence that shares a port with the open
+        // one): only a knock that broke real progress and moved nothing is a guess.
+        if verdict.replayed || (!verdict.progressed && !verdict.broken.is_empty()) {
+            if !verdict.replayed {
+                events.extend(verdict.broken.into_iter().map(Event::Log));
+            }
+            self.fail(address, now, &mut events);
         }
         if self.progress.len() > MAX_PROGRESS {
             self.purge(now, true);
@@ -457,8 +512,7 @@ impl Engine {
         events
     }
 
-    /// Advances one sequence. Returns Some(true) on completion, Some(false) on a reset of real
-    /// progress, None otherwise.
+    /// Advances one sequence by one hit.
     fn advance(
         &mut self,
         key: (IpAddr, usize, Which),
@@ -467,7 +521,7 @@ impl Engine {
         timeout: Duration,
         label: &str,
         events: &mut Vec<Event>,
-    ) -> Option<bool> {
+    ) -> Outcome {
         let Hit { port, now } = hit;
         let mut p = self.progress.get(&key).copied().unwrap_or(Progress {
             matched: 0,
@@ -482,7 +536,6 @@ impl Engine {
             )));
             p.matched = 0;
         }
-        let result;
         if p.matched < seq.len() && seq[p.matched] == port {
             if p.matched == 0 {
                 p.started = now;
@@ -490,7 +543,7 @@ impl Engine {
             p.matched += 1;
             if p.matched == seq.len() {
                 self.progress.remove(&key);
-                return Some(true);
+                return Outcome::Completed;
             }
             events.push(Event::Log(format!(
                 "{}: {label}: stage {}/{}",
@@ -498,44 +551,39 @@ impl Engine {
                 p.matched,
                 seq.len()
             )));
-            result = None;
         } else if p.matched > 0 && seq[p.matched - 1] == port {
             // A retransmitted or duplicated knock of the port just accepted.
-            return None;
+            return Outcome::Untouched;
         } else if seq[0] == port {
-            let reset = p.matched > 0;
+            // Starting over is what a user does after a typo; it reveals nothing to a guesser.
+            let restarted = p.matched > 0;
             p = Progress {
                 matched: 1,
                 started: now,
             };
             events.push(Event::Log(format!(
-                "{}: {label}: stage 1/{} (restarted)",
+                "{}: {label}: stage 1/{}{}",
                 key.0,
-                seq.len()
+                seq.len(),
+                if restarted { " (started over)" } else { "" }
             )));
-            result = reset.then_some(false);
         } else if p.matched > 0 {
-            events.push(Event::Log(format!(
-                "{}: {label}: reset (wrong port {port})",
-                key.0
-            )));
             self.progress.remove(&key);
-            return Some(false);
+            return Outcome::Broken(format!("{}: {label}: reset (wrong port {port})", key.0));
         } else {
-            return None;
+            return Outcome::Untouched;
         }
         self.progress.insert(key, p);
-        result
+        Outcome::Advanced
     }
 
     fn static_door(
         &mut self,
         index: usize,
         address: IpAddr,
-        port: PortProto,
-        flags: u8,
-        now: Micros,
+        (port, flags, now): (PortProto, u8, Micros),
         events: &mut Vec<Event>,
+        verdict: &mut Verdict,
     ) {
         if !self.hulls[index]
             .iter()
@@ -548,7 +596,6 @@ impl Engine {
             return;
         }
         let label = format!("door {}", door.name);
-        let mut failed = false;
         // The open sequence: the configured one, or the current one-time sequence.
         let (which, seq, line) = match &self.one_time[index] {
             Some(list) => match list.unused.first() {
@@ -566,7 +613,8 @@ impl Engine {
                 &label,
                 events,
             ) {
-                Some(true) => {
+                Outcome::Completed => {
+                    verdict.progressed = true;
                     if let (Some(line), Some(list)) = (line, self.one_time[index].as_mut()) {
                         if let Err(e) = mark_used(&list.path, line) {
                             events.push(Event::Log(format!("error: door {}: cannot mark one-time sequence used in {}: {e}; not opening", door.name, list.path.display())));
@@ -602,8 +650,7 @@ impl Engine {
                             .push((now + longest.as_micros() as Micros, index, address));
                     }
                 }
-                Some(false) => failed = true,
-                None => {}
+                other => verdict.note(other),
             }
         }
         if !door.close_sequence.is_empty() {
@@ -615,7 +662,8 @@ impl Engine {
                 &format!("door {} close", door.name),
                 events,
             ) {
-                Some(true) => {
+                Outcome::Completed => {
+                    verdict.progressed = true;
                     events.push(Event::Log(format!("{address}: {label}: CLOSE")));
                     events.push(Event::Close {
                         door: door.name.clone(),
@@ -628,12 +676,8 @@ impl Engine {
                         events.push(command(&door.stop_command, &door.name, address, "stop"));
                     }
                 }
-                Some(false) => failed = true,
-                None => {}
+                other => verdict.note(other),
             }
-        }
-        if failed {
-            self.fail(address, now, events);
         }
     }
 
@@ -641,10 +685,9 @@ impl Engine {
         &mut self,
         index: usize,
         address: IpAddr,
-        port: PortProto,
-        flags: u8,
-        now: Micros,
+        (port, flags, now): (PortProto, u8, Micros),
         events: &mut Vec<Event>,
+        verdict: &mut Verdict,
     ) {
         if port.proto != self.totp[index].proto
             || !(port.port == self.totp[index].first_port
@@ -658,7 +701,6 @@ impl Engine {
         }
         let current = door.params.step(now / 1_000_000);
         let label = format!("totp door {}", door.name);
-        let mut failed = false;
         for step in current.saturating_sub(door.skew_steps)..=current + door.skew_steps {
             let Some(seq) = self.totp_sequence(index, step) else {
                 continue;
@@ -671,13 +713,14 @@ impl Engine {
                 &label,
                 events,
             ) {
-                Some(true) => {
+                Outcome::Completed => {
                     let key = (door.name.clone(), step);
                     if self.totp_used.contains(&key) {
                         events.push(Event::Log(format!("{address}: {label}: refused: the sequence of step {step} was already used (replay)")));
-                        failed = true;
+                        verdict.replayed = true;
                         continue;
                     }
+                    verdict.progressed = true;
                     self.totp_used.insert(key);
                     let oldest = current.saturating_sub(door.skew_steps + 2);
                     self.totp_used.retain(|(_, s)| *s >= oldest);
@@ -707,13 +750,8 @@ impl Engine {
                     });
                     return;
                 }
-                Some(false) => failed = true,
-                None => {}
+                other => verdict.note(other),
             }
-        }
-        // Only count one failure per knock even if several candidate steps reset.
-        if failed {
-            self.fail(address, now, events);
         }
     }
 
@@ -946,6 +984,94 @@ mod tests {
         assert!(!knock_all(&mut again, "198.51.100.3", NOW + 20));
         // Two steps later the old sequence no longer opens (skew is one step).
         assert!(!knock_all(&mut again, "198.51.100.4", NOW + 60 * S));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    fn logs(events: &[Event]) -> String {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Log(l) => Some(format!("{l}\n")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reknocking_a_door_whose_close_sequence_starts_with_its_last_port_is_no_failure() {
+        let d = dir("reknock");
+        let extra = "[doors.k]\nsequence = [\"10000/tcp\", \"10002/tcp\", \"10004/tcp\"]\n\
+                     close-sequence = [\"10004/tcp\", \"10002/tcp\", \"10000/tcp\"]\n\
+                     seq-timeout = \"5s\"\nservices = [\"ssh\"]\n";
+        let mut e = Engine::new(&config(&d, extra), &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let mut all = Vec::new();
+        for round in 0..5u64 {
+            let at = NOW + round * S;
+            e.knock(a, tcp(10000), 0x02, at);
+            e.knock(a, tcp(10002), 0x02, at + 1);
+            let events = e.knock(a, tcp(10004), 0x02, at + 2);
+            assert!(opened(&events), "open {round}: {events:?}");
+            all.extend(events);
+        }
+        assert!(!all.iter().any(|e| matches!(e, Event::Blacklist { .. })));
+        assert!(!logs(&all).contains("reset"), "{}", logs(&all));
+        // The close sequence still closes, and a guess after real progress still counts.
+        e.knock(a, tcp(10004), 0x02, NOW + 6 * S);
+        e.knock(a, tcp(10002), 0x02, NOW + 6 * S + 1);
+        let events = e.knock(a, tcp(10000), 0x02, NOW + 6 * S + 2);
+        assert!(events.iter().any(|e| matches!(e, Event::Close { .. })));
+        e.knock(a, tcp(10000), 0x02, NOW + 8 * S);
+        let events = e.knock(a, tcp(10003), 0x02, NOW + 8 * S + 1);
+        assert!(
+            logs(&events).contains("reset (wrong port 10003/tcp)"),
+            "{events:?}"
+        );
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn valid_totp_knocks_on_every_skew_step_are_no_failures() {
+        let d = dir("totp-skew");
+        let secret = "JBSWY3DPEHPK3PXPJBSWY3DP";
+        let extra = format!("[totp-doors.carol]\nfirst-port = 40001\nsecret = \"{secret}\"\nservices = [\"ssh\"]\nrequire-enrollment = false\n");
+        let config = config(&d, &extra);
+        let door = config.doors.totp[0].clone();
+        let mut e = Engine::new(&config, &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let step = door.params.step(NOW / S);
+        let mut all = Vec::new();
+        // Codes of the previous, current and next step: each a valid knock, none a replay
+        // (blacklist-after is 2 here).
+        for (i, knocked) in [step - 1, step, step + 1].into_iter().enumerate() {
+            let code = totp::code_at_step(&door.secret, &door.params, knocked);
+            let ports = totp::derive_ports(40001, &code, &door.rule).unwrap();
+            let at = NOW + i as u64 * S;
+            let mut open = false;
+            for (j, p) in ports.iter().enumerate() {
+                let events = e.knock(a, tcp(*p), 0x02, at + j as u64);
+                open |= opened(&events);
+                all.extend(events);
+            }
+            assert!(open, "knock with step {knocked}: {}", logs(&all));
+        }
+        assert!(!all.iter().any(|e| matches!(e, Event::Blacklist { .. })));
+        assert!(!logs(&all).contains("reset"), "{}", logs(&all));
+        // A replay of a used step is still a failure, and a wrong port after the first is too.
+        let code = totp::code_at_step(&door.secret, &door.params, step);
+        let ports = totp::derive_ports(40001, &code, &door.rule).unwrap();
+        let mut events = Vec::new();
+        for (j, p) in ports.iter().enumerate() {
+            events.extend(e.knock(a, tcp(*p), 0x02, NOW + 3 * S + j as u64));
+        }
+        assert!(logs(&events).contains("(replay)"), "{events:?}");
+        e.knock(a, tcp(40001), 0x02, NOW + 4 * S);
+        let wrong = (20000..30000).find(|p| !ports.contains(p)).unwrap();
+        let events = e.knock(a, tcp(wrong), 0x02, NOW + 4 * S + 1);
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Blacklist { .. })),
+            "{events:?}"
+        );
         std::fs::remove_dir_all(d).unwrap();
     }
 }
