@@ -1,7 +1,7 @@
 //! The knock state machine fed arbitrary (source, port, flags, time) events.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use spad::knock::engine::Engine;
+use spad::knock::Knocks;
 use spad::net::{PortProto, Proto};
 
 fuzz_target!(|data: &[u8]| {
@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
         [knocking]\ndecoy-ports = [\"7002/tcp\"]\n";
     let config = spad::config::Config::parse(&dir.join("spad.toml"), text).expect("valid");
     let mut now = 1_763_726_400_000_000u64;
-    let mut engine = Engine::new(&config, &dir, now);
+    let mut engine = Knocks::new(&config, &dir, now);
     for chunk in data.chunks(5) {
         if chunk.len() < 5 {
             break;
@@ -22,5 +22,6 @@ fuzz_target!(|data: &[u8]| {
         now += u64::from(chunk[4]) * 50_000;
         let _ = engine.knock(source, port, chunk[3], now);
         let _ = engine.tick(now);
+        assert!(engine.engine().tracked_sources() <= 16_384);
     }
 });

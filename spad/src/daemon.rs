@@ -19,7 +19,8 @@ use crate::capture::{self, frame, Received, Source};
 use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
 use crate::firewall::{Access, Firewall};
-use crate::knock::engine::{Engine, Event};
+use crate::knock::engine::Event;
+use crate::knock::Knocks;
 use crate::log::Logger;
 use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
@@ -43,7 +44,7 @@ pub struct Pipeline<C: Clock> {
     server: Server,
     replay: ReplayStore,
     pub firewall: Box<dyn Firewall>,
-    pub knocks: Engine,
+    pub knocks: Knocks,
     clock: C,
     pub log: Logger,
     pub stats: Stats,
@@ -85,7 +86,7 @@ impl<C: Clock> Pipeline<C> {
         let kept = firewall
             .install(&config)
             .context("installing the firewall ruleset")?;
-        let mut knocks = Engine::new(&config, &state_dir, now);
+        let mut knocks = Knocks::new(&config, &state_dir, now);
         for (address, remaining) in firewall.blacklisted().unwrap_or_default() {
             knocks.restore_blacklist(address, now + remaining.as_micros() as Micros);
         }
@@ -307,6 +308,8 @@ impl<C: Clock> Pipeline<C> {
                     );
                 }
                 Event::Command { argv, env } => self.spawn(&argv, &env),
+                // Made durable by the knock driver before the open they allow.
+                Event::TotpUsed { .. } | Event::OneTimeUsed { .. } => {}
                 Event::Blacklist { address, duration } => {
                     if let Err(e) = self.firewall.blacklist(address, duration) {
                         self.log
@@ -374,7 +377,7 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
         low: config.server.port,
         high: config.server.port,
     }];
-    out.extend(crate::knock::engine::watched_ranges(config));
+    out.extend(crate::knock::watched_ranges(config));
     out
 }
 
@@ -386,7 +389,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,
             &watches(&config),
-            crate::knock::engine::syn_only(&config),
+            crate::knock::syn_only(&config),
         )?),
         CaptureMode::Udp => Box::new(
             capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
@@ -436,7 +439,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                             CaptureMode::AfPacket => capture::AfPacket::open(
                                 &config.server.interfaces,
                                 &watches(&config),
-                                crate::knock::engine::syn_only(&config),
+                                crate::knock::syn_only(&config),
                             )
                             .map(|s| Some(Box::new(s) as Box<dyn Source>)),
                             CaptureMode::Udp => capture::UdpListener::open(config.server.port)

@@ -148,11 +148,15 @@ pub fn exhausted_one_time_list_is_harmless(backend: Backend) {
         "{}",
         lab.log()
     );
-    assert!(
-        std::fs::read_to_string(lab.path("onetime.txt"))
-            .unwrap()
-            .starts_with("#7100"),
-        "marked used in the file"
+    assert_eq!(
+        std::fs::read_to_string(lab.path("onetime.txt")).unwrap(),
+        "7100,7200,7300\n",
+        "the configured list stays read-only"
+    );
+    assert_eq!(
+        std::fs::read_to_string(lab.path("state/one-time-used")).unwrap(),
+        "emergency 7100/tcp,7200/tcp,7300/tcp\n",
+        "the use is recorded in the state directory"
     );
     knock(&lab, &lab.b, &["7100", "7200", "7300"]);
     std::thread::sleep(Duration::from_millis(500)); // nothing to wait for: the door must stay shut
