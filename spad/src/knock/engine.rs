@@ -125,6 +125,58 @@ fn micros(d: Duration) -> Micros {
     Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
 }
 
+/// Most routine knock log lines (stages, resets, decoys, rate trips, blacklistings) per second;
+/// opens, closes, one-time uses and refused replays are always logged. A spoofed flood must not
+/// turn into a disk-filling log or a log-bound daemon.
+pub const KNOCK_LOG_LINES_PER_SECOND: u32 = 50;
+
+/// Rations routine log lines per second and says how many were left out.
+#[derive(Debug, Default)]
+struct LogBudget {
+    second: u64,
+    used: u32,
+    suppressed: u64,
+    muted: bool,
+}
+
+impl LogBudget {
+    fn muted() -> Self {
+        Self {
+            muted: true,
+            ..Self::default()
+        }
+    }
+
+    /// Starts a knock at `now`: a new second refills the budget and reports what was left out.
+    fn clock(&mut self, now: Micros, events: &mut Vec<Event>) {
+        let second = now / 1_000_000;
+        if second != self.second {
+            self.second = second;
+            self.used = 0;
+            if self.suppressed > 0 {
+                events.push(Event::Log(format!(
+                    "{} routine knock log lines suppressed (more than {KNOCK_LOG_LINES_PER_SECOND}/s: a flood or a scan)",
+                    self.suppressed
+                )));
+                self.suppressed = 0;
+            }
+        }
+    }
+
+    /// Logs `line()` if this second's budget allows.
+    fn say(&mut self, events: &mut Vec<Event>, line: impl FnOnce() -> String) {
+        if self.muted {
+            return;
+        }
+        if self.used < KNOCK_LOG_LINES_PER_SECOND {
+            self.used += 1;
+            events.push(Event::Log(line()));
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
 /// The knock state machine.
 #[derive(Debug)]
 pub struct Engine {
@@ -140,6 +192,7 @@ pub struct Engine {
     sources: Sources,
     timers: Vec<(Micros, usize, IpAddr)>,
     last_purge: Micros,
+    budget: LogBudget,
 }
 
 /// The hull of each protocol's ports: every port in between is watched.
@@ -173,6 +226,7 @@ impl Engine {
             sources: Sources::new(setup.max_sources),
             timers: Vec::new(),
             last_purge: now,
+            budget: LogBudget::default(),
         };
         engine.reconfigure(setup, now);
         engine
@@ -235,10 +289,13 @@ impl Engine {
         let source = self.sources.entry(address);
         if source.failures.add(now, window, self.blacklist_after) {
             self.sources.blacklist(address, now.saturating_add(window));
-            events.push(Event::Log(format!(
-                "{address}: blacklisted for {} (repeated knock failures)",
-                spa_shared::duration::format(self.blacklist_for)
-            )));
+            let duration = self.blacklist_for;
+            self.budget.say(events, || {
+                format!(
+                    "{address}: blacklisted for {} (repeated knock failures)",
+                    spa_shared::duration::format(duration)
+                )
+            });
             events.push(Event::Blacklist {
                 address,
                 duration: self.blacklist_for,
@@ -258,14 +315,15 @@ impl Engine {
         if self.ignored.contains(&port) || self.sources.is_blacklisted(address, now) {
             return events;
         }
+        self.budget.clock(now, &mut events);
         let source = self.sources.entry(address);
         match source.rate.count(now, self.max_rate) {
             RateVerdict::Within => {}
             RateVerdict::Tripped => {
-                events.push(Event::Log(format!(
-                    "{address}: more than {} knocks per second; ignoring",
-                    self.max_rate
-                )));
+                let max = self.max_rate;
+                self.budget.say(&mut events, || {
+                    format!("{address}: more than {max} knocks per second; ignoring")
+                });
                 self.fail(address, now, &mut events);
                 return events;
             }
@@ -273,9 +331,9 @@ impl Engine {
         }
         if self.decoys.contains(&port) {
             source.progress = Vec::new();
-            events.push(Event::Log(format!(
-                "{address}: decoy port {port} hit; progress reset"
-            )));
+            self.budget.say(&mut events, || {
+                format!("{address}: decoy port {port} hit; progress reset")
+            });
             self.fail(address, now, &mut events);
             return events;
         }
@@ -314,7 +372,9 @@ impl Engine {
         // one): only a knock that broke real progress and moved nothing is a guess.
         if verdict.replayed || (!verdict.progressed && !verdict.broken.is_empty()) {
             if !verdict.replayed {
-                events.extend(verdict.broken.into_iter().map(Event::Log));
+                for line in verdict.broken {
+                    self.budget.say(&mut events, || line);
+                }
             }
             self.fail(address, now, &mut events);
         }
@@ -327,23 +387,25 @@ impl Engine {
         address: IpAddr,
         label: &str,
         port: PortProto,
-        events: &mut Vec<Event>,
+        (events, budget): (&mut Vec<Event>, &mut LogBudget),
         verdict: &mut Verdict,
     ) {
         if let Some(stage) = step.timed_out_at {
-            events.push(Event::Log(format!(
-                "{address}: {label}: timed out at stage {stage}"
-            )));
+            budget.say(events, || {
+                format!("{address}: {label}: timed out at stage {stage}")
+            });
         }
         match step.outcome {
             Outcome::Untouched => {}
             Outcome::Completed => verdict.progressed = true,
             Outcome::Advanced { stage, of, over } => {
                 verdict.progressed = true;
-                events.push(Event::Log(format!(
-                    "{address}: {label}: stage {stage}/{of}{}",
-                    if over { " (started over)" } else { "" }
-                )));
+                budget.say(events, || {
+                    format!(
+                        "{address}: {label}: stage {stage}/{of}{}",
+                        if over { " (started over)" } else { "" }
+                    )
+                });
             }
             Outcome::Broken { .. } => {
                 let line = format!("{address}: {label}: reset (wrong port {port})");
@@ -409,7 +471,14 @@ impl Engine {
         });
         let label = format!("door {}", door.name);
         if let Some(step) = open {
-            Self::note(step, address, &label, port, events, verdict);
+            Self::note(
+                step,
+                address,
+                &label,
+                port,
+                (events, &mut self.budget),
+                verdict,
+            );
             if step.outcome == Outcome::Completed {
                 self.open_static(index, address, now, events);
             }
@@ -420,7 +489,7 @@ impl Engine {
                 address,
                 &format!("{label} close"),
                 port,
-                events,
+                (events, &mut self.budget),
                 verdict,
             );
             if step.outcome == Outcome::Completed {
@@ -508,6 +577,7 @@ impl Engine {
         let number = index as u16;
         // Candidate steps advance together on the first port: log the furthest stage once.
         let mut furthest = None;
+        // Steps other than the furthest only matter for the verdict, not the log.
         let mut quiet = Vec::new();
         for step in self.totp.window(index, now) {
             let Some(seq) = self.totp.sequence(index, step) else {
@@ -550,11 +620,25 @@ impl Engine {
                         furthest = Some((stage, result));
                     }
                 }
-                _ => Self::note(result, address, &label, port, &mut quiet, verdict),
+                _ => Self::note(
+                    result,
+                    address,
+                    &label,
+                    port,
+                    (&mut quiet, &mut LogBudget::muted()),
+                    verdict,
+                ),
             }
         }
         if let Some((_, step)) = furthest {
-            Self::note(step, address, &label, port, events, verdict);
+            Self::note(
+                step,
+                address,
+                &label,
+                port,
+                (events, &mut self.budget),
+                verdict,
+            );
         }
     }
 
@@ -884,6 +968,7 @@ mod tests {
         let legit: IpAddr = "2001:db8::7".parse().unwrap();
         let mut now = NOW;
         let mut spoofed = 0u32;
+        let mut logged = 0usize;
         // 10 µs per spoofed SYN (100k packets/s), each from a new address, at knock ports.
         let mut flood = |e: &mut Knocks, now: &mut Micros, count: u32| {
             for _ in 0..count {
@@ -891,7 +976,11 @@ mod tests {
                 let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + spoofed));
                 let port = [7000, 7500, 8999, 9000][spoofed as usize % 4];
                 *now += 10;
-                e.knock(source, tcp(port), 0x02, *now);
+                logged += e
+                    .knock(source, tcp(port), 0x02, *now)
+                    .iter()
+                    .filter(|e| matches!(e, Event::Log(_)))
+                    .count();
                 assert!(e.engine().tracked_sources() <= 1000);
             }
         };
@@ -908,6 +997,11 @@ mod tests {
             e.tick(now);
         }
         assert!(e.engine().evicted_sources() > 100_000);
+        // 202,000 knocks over ~22 s: the log got a bounded ration, not a line per knock.
+        assert!(
+            logged <= 23 * (KNOCK_LOG_LINES_PER_SECOND as usize + 1),
+            "{logged}"
+        );
         // After the flood, purging gives the state back.
         e.tick(now + 60 * S);
         e.tick(now + 120 * S);
