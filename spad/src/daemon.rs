@@ -123,6 +123,9 @@ impl<C: Clock> Pipeline<C> {
         let keys: Vec<_> = config.clients.values().map(|c| c.public_key).collect();
         self.replay.retain_clients(|k| keys.contains(k));
         self.knocks.reconfigure(&config, now);
+        if let Some(w) = self.knocks.take_warning() {
+            self.log.line(now, &format!("warning: {w}"));
+        }
         self.server = server;
         self.config = config;
         self.log

@@ -203,14 +203,14 @@ impl Sources {
                 let Some((address, stamp)) = queue.pop_front() else {
                     break;
                 };
-                if self
-                    .map
-                    .get(&address)
-                    .is_some_and(|s| s.stamp == stamp && s.trusted == trusted)
-                {
-                    self.map.remove(&address);
-                    self.evicted += 1;
-                    return true;
+                // One lookup: remove, and put back in the rare case the entry is not the one
+                // queued (re-created since, or moved to the other queue).
+                if let Some(source) = self.map.remove(&address) {
+                    if source.stamp == stamp && source.trusted == trusted {
+                        self.evicted += 1;
+                        return true;
+                    }
+                    self.map.insert(address, source);
                 }
             }
         }
