@@ -9,7 +9,7 @@
 //!
 //! Both queues are FIFO with lazy deletion: an entry names (address, stamp) and is stale once
 //! the source was removed or re-created; stale entries are skipped on eviction and dropped when
-//! the queue grows past twice the table.
+//! the queue outgrows the cap by a quarter.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -107,13 +107,17 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// A table for at most `cap` sources. Its memory is reserved up front (pages are touched
+    /// only as sources arrive) and never regrown or shrunk, so a flood reaches a fixed ceiling
+    /// instead of leaving freed tables behind in the allocator.
     pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
         Self {
-            map: HashMap::new(),
-            untrusted: VecDeque::new(),
+            map: HashMap::with_capacity(cap),
+            untrusted: VecDeque::with_capacity(cap),
             trusted: VecDeque::new(),
             stamp: 0,
-            cap: cap.max(1),
+            cap,
             blacklist: HashMap::new(),
             blacklist_order: VecDeque::new(),
             evicted: 0,
@@ -123,6 +127,7 @@ impl Sources {
     /// Changes the cap (on reload); takes effect as sources come and go.
     pub fn set_cap(&mut self, cap: usize) {
         self.cap = cap.max(1);
+        self.map.reserve(self.cap.saturating_sub(self.map.len()));
         while self.map.len() > self.cap && self.evict_one() {}
         while self.blacklist.len() > self.cap && self.unblacklist_oldest() {}
     }
@@ -217,9 +222,11 @@ impl Sources {
         false
     }
 
-    /// Drops stale queue entries once a queue outgrows twice the table.
+    /// Drops stale queue entries once a queue outgrows the cap by a quarter.
     fn compact(&mut self) {
-        let limit = 2 * self.map.len() + 16;
+        // Each queue holds at most one live entry per source, so past this many at least a
+        // fifth are stale: dropping them costs O(1) per push, amortized.
+        let limit = self.cap + self.cap / 4 + 16;
         let map = &self.map;
         for (queue, trusted) in [(&mut self.untrusted, false), (&mut self.trusted, true)] {
             if queue.len() > limit {
@@ -232,7 +239,8 @@ impl Sources {
     }
 
     /// Forgets what no longer matters at `now`: progress older than `horizon`, failures
-    /// outside `window`, expired blacklist entries. Gives memory back after a flood.
+    /// outside `window`, expired blacklist entries (the source table keeps its reserved size;
+    /// the blacklist gives memory back).
     pub fn purge(&mut self, now: Micros, horizon: Micros, window: Micros) {
         self.map.retain(|_, s| {
             s.progress.retain(|(_, p)| p.started >= horizon);
@@ -246,11 +254,6 @@ impl Sources {
             .retain(|(a, st)| map.get(a).is_some_and(|s| s.stamp == *st && s.trusted));
         self.blacklist_order
             .retain(|(a, u)| blacklist.get(a) == Some(u));
-        if self.map.capacity() > 4 * self.map.len() + 1024 {
-            self.map.shrink_to_fit();
-            self.untrusted.shrink_to_fit();
-            self.trusted.shrink_to_fit();
-        }
         if self.blacklist.capacity() > 4 * self.blacklist.len() + 1024 {
             self.blacklist.shrink_to_fit();
             self.blacklist_order.shrink_to_fit();
@@ -313,7 +316,7 @@ mod tests {
         assert!(t.get_mut(v4(0)).is_some(), "trusted survives the flood");
         assert!(t.get_mut(v4(99)).is_some(), "newest is kept");
         assert!(t.get_mut(v4(1)).is_none(), "oldest untrusted evicted");
-        assert!(t.untrusted.len() <= 2 * 4 + 16);
+        assert!(t.untrusted.len() <= 4 + 1 + 16);
         // With only trusted sources left, the oldest trusted goes.
         let mut t = Sources::new(2);
         for n in 0..3 {

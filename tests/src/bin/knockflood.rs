@@ -220,6 +220,23 @@ fn rss_kb(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU seconds spad has used (user + system), from /proc/PID/stat.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 fn mb(kb: u64) -> String {
     format!("{:.1} MB", kb as f64 / 1024.0)
 }
@@ -235,6 +252,7 @@ fn main() -> anyhow::Result<()> {
     let index = lab.start_spad("knockd.toml", o.backend);
     let pid = lab.spad_pid(index);
     let (before, _) = rss_kb(pid);
+    let cpu_before = cpu_secs(pid);
     let needles = [
         "203.0.113.20: door openssh: OPEN".to_string(),
         "2001:db8:1::20: door openssh: OPEN".to_string(),
@@ -284,6 +302,7 @@ fn main() -> anyhow::Result<()> {
         f.join().expect("flood thread");
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_secs(pid) - cpu_before;
     let (after, peak) = rss_kb(pid);
     std::thread::sleep(Duration::from_secs(o.settle));
     let (settled, _) = rss_kb(pid);
@@ -310,6 +329,15 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  knocks spad handled     {handled} ({:.0}%; the rest dropped before it, in the socket)",
         100.0 * handled as f64 / packets.max(1) as f64
+    );
+    println!(
+        "  spad CPU during flood   {:.0}% of one core (load average {})",
+        100.0 * cpu / elapsed,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
     );
     println!("  spad RSS before         {}", mb(before));
     println!("  spad RSS peak           {}", mb(peak));
