@@ -473,3 +473,26 @@ pub(crate) fn build(
         max_sources,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    const BASE: &str = "[server]\nprivate-key = \"k\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[knocking]\n";
+
+    #[test]
+    fn max_sources_is_bounded_and_located() {
+        let parse = |extra: &str| Config::parse(Path::new("spad.toml"), &format!("{BASE}{extra}"));
+        assert_eq!(parse("").unwrap().doors.max_sources, 16_384);
+        assert_eq!(parse("max-sources = 100\n").unwrap().doors.max_sources, 100);
+        for bad in ["max-sources = 0\n", "max-sources = 5000000\n"] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!((err.line, err.column), (8, 15), "{err:?}");
+            assert!(
+                err.message.contains("max-sources must be 1-1000000"),
+                "{err:?}"
+            );
+        }
+    }
+}
