@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use spa_shared::Micros;
 
 use super::config::TcpFlags;
-use super::engine::{hull, Engine, Event, Memory, Setup};
+use super::engine::{Engine, Event, Memory, Setup};
 use super::one_time::{parse_one_time, OneTimeLines};
+use super::static_doors::hull;
 use crate::capture::bpf::Watch;
 use crate::config::Config;
 use crate::net::{PortProto, Proto};

@@ -27,15 +27,17 @@ use std::time::Duration;
 use spa_shared::Micros;
 
 use super::config::{StaticDoor, TcpFlags, TotpDoor};
+use super::log_budget::LogBudget;
 use super::one_time::{OneTimeLines, OneTimeList};
 use super::sequence::{advance, Outcome, Progress, SeqKey, Step};
 use super::sources::{RateVerdict, Sources};
+use super::static_doors::{command, hull, Door};
 use super::totp_doors::TotpDoors;
-use crate::capture::bpf::Watch;
 use crate::net::{PortProto, Proto};
 
 // Kept at their old paths for callers outside the knock module.
 pub use super::driver::{read_one_time, syn_only, watched_ranges};
+pub use super::log_budget::KNOCK_LOG_LINES_PER_SECOND;
 pub use super::one_time::parse_one_time;
 
 /// What the daemon must do after a knock.
@@ -101,19 +103,11 @@ pub struct Memory {
     pub one_time_used: BTreeMap<String, BTreeSet<String>>,
 }
 
-/// A static door with its one-time list and watched hull.
-#[derive(Debug)]
-struct Door {
-    door: StaticDoor,
-    one_time: Option<OneTimeList>,
-    hull: Vec<Watch>,
-}
-
 /// What one hit did across all sequences of its source.
 #[derive(Debug, Default)]
-struct Verdict {
+pub(super) struct Verdict {
     /// Some sequence moved on or completed: the knock is a real user's.
-    progressed: bool,
+    pub(super) progressed: bool,
     /// Sequences this hit broke, as log lines; a failure only if nothing progressed.
     broken: Vec<String>,
     /// A completed TOTP sequence whose step was already used: always a failure.
@@ -121,94 +115,26 @@ struct Verdict {
 }
 
 /// Saturating micros of a duration.
-fn micros(d: Duration) -> Micros {
+pub(super) fn micros(d: Duration) -> Micros {
     Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
-}
-
-/// Most routine knock log lines (stages, resets, decoys, rate trips, blacklistings) per second;
-/// opens, closes, one-time uses and refused replays are always logged. A spoofed flood must not
-/// turn into a disk-filling log or a log-bound daemon.
-pub const KNOCK_LOG_LINES_PER_SECOND: u32 = 50;
-
-/// Rations routine log lines per second and says how many were left out.
-#[derive(Debug, Default)]
-struct LogBudget {
-    second: u64,
-    used: u32,
-    suppressed: u64,
-    muted: bool,
-}
-
-impl LogBudget {
-    fn muted() -> Self {
-        Self {
-            muted: true,
-            ..Self::default()
-        }
-    }
-
-    /// Starts a knock at `now`: a new second refills the budget and reports what was left out.
-    fn clock(&mut self, now: Micros, events: &mut Vec<Event>) {
-        let second = now / 1_000_000;
-        if second != self.second {
-            self.second = second;
-            self.used = 0;
-            if self.suppressed > 0 {
-                events.push(Event::Log(format!(
-                    "{} routine knock log lines suppressed (more than {KNOCK_LOG_LINES_PER_SECOND}/s: a flood or a scan)",
-                    self.suppressed
-                )));
-                self.suppressed = 0;
-            }
-        }
-    }
-
-    /// Logs `line()` if this second's budget allows.
-    fn say(&mut self, events: &mut Vec<Event>, line: impl FnOnce() -> String) {
-        if self.muted {
-            return;
-        }
-        if self.used < KNOCK_LOG_LINES_PER_SECOND {
-            self.used += 1;
-            events.push(Event::Log(line()));
-        } else {
-            self.suppressed += 1;
-        }
-    }
 }
 
 /// The knock state machine.
 #[derive(Debug)]
 pub struct Engine {
-    doors: Vec<Door>,
-    totp: TotpDoors,
-    decoys: BTreeSet<PortProto>,
-    ignored: BTreeSet<PortProto>,
-    blacklist_after: u32,
-    blacklist_for: Duration,
-    max_rate: u32,
-    service_timeouts: HashMap<String, Duration>,
-    one_time_used: BTreeMap<String, BTreeSet<String>>,
-    sources: Sources,
-    timers: Vec<(Micros, usize, IpAddr)>,
-    last_purge: Micros,
-    budget: LogBudget,
-}
-
-/// The hull of each protocol's ports: every port in between is watched.
-pub(crate) fn hull(ports: &[PortProto]) -> Vec<Watch> {
-    let mut out = Vec::new();
-    for proto in [Proto::Tcp, Proto::Udp] {
-        let of = ports.iter().filter(|p| p.proto == proto).map(|p| p.port);
-        if let (Some(lo), Some(hi)) = (of.clone().min(), of.max()) {
-            out.push(Watch {
-                proto,
-                low: lo,
-                high: hi,
-            });
-        }
-    }
-    out
+    pub(super) doors: Vec<Door>,
+    pub(super) totp: TotpDoors,
+    pub(super) decoys: BTreeSet<PortProto>,
+    pub(super) ignored: BTreeSet<PortProto>,
+    pub(super) blacklist_after: u32,
+    pub(super) blacklist_for: Duration,
+    pub(super) max_rate: u32,
+    pub(super) service_timeouts: HashMap<String, Duration>,
+    pub(super) one_time_used: BTreeMap<String, BTreeSet<String>>,
+    pub(super) sources: Sources,
+    pub(super) timers: Vec<(Micros, usize, IpAddr)>,
+    pub(super) last_purge: Micros,
+    pub(super) budget: LogBudget,
 }
 
 impl Engine {
@@ -382,7 +308,7 @@ impl Engine {
     }
 
     /// Logs a step's timeout and stage; notes it in the verdict.
-    fn note(
+    pub(super) fn note(
         step: Step,
         address: IpAddr,
         label: &str,
@@ -413,147 +339,6 @@ impl Engine {
                     verdict.broken.push(line);
                 }
             }
-        }
-    }
-
-    fn static_door(
-        &mut self,
-        index: usize,
-        address: IpAddr,
-        (port, flags, now): (PortProto, u8, Micros),
-        progress: &mut Vec<(SeqKey, Progress)>,
-        events: &mut Vec<Event>,
-        verdict: &mut Verdict,
-    ) {
-        let state = &mut self.doors[index];
-        if !state
-            .hull
-            .iter()
-            .any(|w| w.proto == port.proto && (w.low..=w.high).contains(&port.port))
-        {
-            return;
-        }
-        let door = &state.door;
-        if port.proto == Proto::Tcp && !door.tcp_flags.matches(flags) {
-            return;
-        }
-        let number = index as u16;
-        // The open sequence: the configured one, or the current one-time sequence.
-        let open = match &state.one_time {
-            Some(list) => list.current().map(|seq| {
-                advance(
-                    progress,
-                    SeqKey::OneTime(number),
-                    seq,
-                    port,
-                    now,
-                    door.seq_timeout,
-                )
-            }),
-            None => Some(advance(
-                progress,
-                SeqKey::Open(number),
-                &door.sequence,
-                port,
-                now,
-                door.seq_timeout,
-            )),
-        };
-        let close = (!door.close_sequence.is_empty()).then(|| {
-            advance(
-                progress,
-                SeqKey::Close(number),
-                &door.close_sequence,
-                port,
-                now,
-                door.seq_timeout,
-            )
-        });
-        let label = format!("door {}", door.name);
-        if let Some(step) = open {
-            Self::note(
-                step,
-                address,
-                &label,
-                port,
-                (events, &mut self.budget),
-                verdict,
-            );
-            if step.outcome == Outcome::Completed {
-                self.open_static(index, address, now, events);
-            }
-        }
-        if let Some(step) = close {
-            Self::note(
-                step,
-                address,
-                &format!("{label} close"),
-                port,
-                (events, &mut self.budget),
-                verdict,
-            );
-            if step.outcome == Outcome::Completed {
-                self.close_static(index, address, events);
-            }
-        }
-    }
-
-    fn open_static(&mut self, index: usize, address: IpAddr, now: Micros, events: &mut Vec<Event>) {
-        let state = &mut self.doors[index];
-        let door = &state.door;
-        if let Some(list) = state.one_time.as_mut() {
-            if let Some(sequence) = list.consume() {
-                self.one_time_used
-                    .entry(door.name.clone())
-                    .or_default()
-                    .insert(sequence.clone());
-                events.push(Event::OneTimeUsed {
-                    door: door.name.clone(),
-                    sequence,
-                });
-                events.push(Event::Log(format!(
-                    "door {}: one-time sequence used, {} left",
-                    door.name,
-                    list.left()
-                )));
-            }
-        }
-        events.push(Event::Log(format!("{address}: door {}: OPEN", door.name)));
-        events.push(Event::Open {
-            door: door.name.clone(),
-            address,
-            services: door.services.clone(),
-        });
-        if !door.start_command.is_empty() {
-            events.push(command(&door.start_command, &door.name, address, "start"));
-        }
-        if !door.stop_command.is_empty() {
-            let longest = door
-                .services
-                .iter()
-                .filter_map(|s| self.service_timeouts.get(s))
-                .max()
-                .copied()
-                .unwrap_or_default();
-            self.timers
-                .retain(|(_, d, a)| !(*d == index && *a == address));
-            self.timers
-                .push((now.saturating_add(micros(longest)), index, address));
-        }
-    }
-
-    fn close_static(&mut self, index: usize, address: IpAddr, events: &mut Vec<Event>) {
-        let door = &self.doors[index].door;
-        events.push(Event::Log(format!("{address}: door {}: CLOSE", door.name)));
-        events.push(Event::Close {
-            door: door.name.clone(),
-            address,
-            services: door.services.clone(),
-        });
-        if !door.stop_command.is_empty() {
-            self.timers
-                .retain(|(_, d, a)| !(*d == index && *a == address));
-            events.push(command(&door.stop_command, &door.name, address, "stop"));
         }
     }
 
@@ -690,20 +475,6 @@ impl Engine {
     /// Sources evicted to respect `max-sources` since start.
     pub fn evicted_sources(&self) -> u64 {
         self.sources.evicted()
-    }
-}
-
-fn command(argv: &[String], door: &str, address: IpAddr, action: &str) -> Event {
-    Event::Command {
-        argv: argv
-            .iter()
-            .map(|a| a.replace("%IP%", &address.to_string()))
-            .collect(),
-        env: vec![
-            ("SPAD_IP".into(), address.to_string()),
-            ("SPAD_DOOR".into(), door.to_string()),
-            ("SPAD_ACTION".into(), action.to_string()),
-        ],
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The rooms: [`config`] parses and validates the doors; [`sequence`] matches one knock against
 //! one sequence; [`sources`] holds the bounded per-source state (rate limit, failures,
-//! blacklist, progress); [`one_time`] follows one-time sequence lists; [`totp_doors`] derives
+//! blacklist, progress); `static_doors` opens and closes knockd-style doors; [`one_time`] follows one-time sequence lists; [`totp_doors`] derives
 //! each TOTP door's sequence per time step and refuses a second use of a step; [`engine`] ties
 //! them together, I/O-free, and returns events; [`driver`] is the I/O around it (reading
 //! files, persisting uses in the state directory) and is what the daemon holds.
@@ -10,9 +10,11 @@
 pub mod config;
 pub mod driver;
 pub mod engine;
+mod log_budget;
 pub mod one_time;
 pub mod sequence;
 pub mod sources;
+mod static_doors;
 pub mod totp_doors;
 
 pub use driver::{syn_only, watched_ranges, Knocks};
