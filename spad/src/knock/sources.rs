@@ -354,4 +354,46 @@ mod tests {
         t.purge(100, 0, 10);
         assert_eq!(t.blacklisted(), 0);
     }
+
+    proptest::proptest! {
+        /// Whatever the sequence of operations, the table and the blacklist stay within the
+        /// cap, the queues within cap + 1/4, and a trusted source is only evicted when every
+        /// other source is trusted too.
+        #[test]
+        fn bounded_under_any_operations(
+            cap in 1usize..16,
+            ops in proptest::collection::vec((0u8..5, 0u32..64), 0..400),
+        ) {
+            let mut t = Sources::new(cap);
+            let mut now = 0;
+            for (op, n) in ops {
+                now += 1;
+                match op {
+                    0 | 1 => {
+                        let trusted: Vec<IpAddr> =
+                            t.map.iter().filter(|(_, s)| s.trusted).map(|(a, _)| *a).collect();
+                        let any_untrusted = t.map.values().any(|s| !s.trusted);
+                        t.entry(v4(n));
+                        if any_untrusted {
+                            for a in trusted {
+                                proptest::prop_assert!(t.map.contains_key(&a), "trusted {a} evicted");
+                            }
+                        }
+                    }
+                    2 => t.trust(v4(n)),
+                    3 => t.blacklist(v4(n), now + u64::from(n)),
+                    _ => t.purge(now, now.saturating_sub(8), 16),
+                }
+                proptest::prop_assert!(t.len() <= cap);
+                proptest::prop_assert!(t.blacklisted() <= cap);
+                proptest::prop_assert!(t.untrusted.len() <= cap + cap / 4 + 16 + 1);
+                proptest::prop_assert!(t.trusted.len() <= cap + cap / 4 + 16 + 1);
+                let trusted = t.map.values().filter(|s| s.trusted).count();
+                let untrusted_live = t.untrusted.iter().filter(|(a, st)| {
+                    t.map.get(a).is_some_and(|s| s.stamp == *st && !s.trusted)
+                }).count();
+                proptest::prop_assert_eq!(untrusted_live + trusted, t.len());
+            }
+        }
+    }
 }
