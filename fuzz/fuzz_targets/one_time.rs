@@ -4,6 +4,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = spad::knock::engine::parse_one_time(text);
+        let _ = spad::knock::one_time::parse_one_time(text);
     }
 });

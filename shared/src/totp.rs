@@ -15,11 +15,14 @@
 //!
 //! Because it depends only on the code, a user can knock from the 6 digits an authenticator app
 //! shows; the secret itself never leaves the phone.
+//!
+//! The RFC 6238 codes and the `otpauth://` URI come from the `totp-rs` crate; the port
+//! derivation is ours, and the one-use-per-step rule is the daemon's (`spad::knock`).
 
 use hmac::{Hmac, Mac};
-use sha1::Sha1;
-use sha2::{Sha256, Sha512};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use totp_rs::TOTP;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// HMAC key of port derivation v1.
@@ -41,6 +44,14 @@ impl Algorithm {
             Self::Sha1 => "SHA1",
             Self::Sha256 => "SHA256",
             Self::Sha512 => "SHA512",
+        }
+    }
+
+    fn library(self) -> totp_rs::Algorithm {
+        match self {
+            Self::Sha1 => totp_rs::Algorithm::SHA1,
+            Self::Sha256 => totp_rs::Algorithm::SHA256,
+            Self::Sha512 => totp_rs::Algorithm::SHA512,
         }
     }
 }
@@ -124,34 +135,52 @@ impl Params {
     }
 }
 
-fn hmac_digest(algorithm: Algorithm, key: &[u8], message: &[u8]) -> Vec<u8> {
-    macro_rules! run {
-        ($hash:ty) => {{
-            let mut mac = <Hmac<$hash> as Mac>::new_from_slice(key).expect("any key length");
-            mac.update(message);
-            mac.finalize().into_bytes().to_vec()
-        }};
+/// A `totp-rs` generator for `secret`. Built unchecked: secret length (at least 10 bytes) and
+/// digits (6-9) are validated here, not by the library. It wipes its copy of the secret on drop.
+fn generator(
+    secret: &Secret,
+    algorithm: Algorithm,
+    digits: u32,
+    period_secs: u64,
+    #[allow(unused_variables)] label: Option<(&str, &str)>,
+) -> TOTP {
+    let digits = digits.clamp(6, 9) as usize;
+    #[cfg(feature = "otpauth")]
+    {
+        let (issuer, account) = label.map_or((None, String::new()), |(i, a)| {
+            (Some(i.to_string()), a.to_string())
+        });
+        TOTP::new_unchecked(
+            algorithm.library(),
+            digits,
+            0,
+            period_secs,
+            secret.0.clone(),
+            issuer,
+            account,
+        )
     }
-    match algorithm {
-        Algorithm::Sha1 => run!(Sha1),
-        Algorithm::Sha256 => run!(Sha256),
-        Algorithm::Sha512 => run!(Sha512),
-    }
+    #[cfg(not(feature = "otpauth"))]
+    TOTP::new_unchecked(
+        algorithm.library(),
+        digits,
+        0,
+        period_secs,
+        secret.0.clone(),
+    )
 }
 
-/// The code for one time step (RFC 4226 dynamic truncation), zero-padded to `digits`.
+/// The code for one time step (RFC 6238), zero-padded to `digits` (6-9).
 pub fn code_at_step(secret: &Secret, params: &Params, step: u64) -> String {
-    let digest = hmac_digest(params.algorithm, &secret.0, &step.to_be_bytes());
-    let offset = (digest[digest.len() - 1] & 0x0f) as usize;
-    let binary = u32::from_be_bytes([
-        digest[offset] & 0x7f,
-        digest[offset + 1],
-        digest[offset + 2],
-        digest[offset + 3],
-    ]);
-    let digits = params.digits.clamp(6, 9);
-    let value = binary % 10u32.pow(digits);
-    format!("{value:0width$}", width = digits as usize)
+    // With a period of one second the library's time argument is the step itself, exactly,
+    // for every step (no multiplication that could overflow).
+    generator(secret, params.algorithm, params.digits, 1, None).generate(step)
+}
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 /// Where derived ports may fall and which ports they must avoid.
@@ -186,7 +215,7 @@ pub fn derive_ports(first: u16, code: &str, rule: &PortRule) -> Result<Vec<u16>,
         message.extend_from_slice(&first.to_be_bytes());
         message.extend_from_slice(code.as_bytes());
         message.push(counter);
-        let digest = hmac_digest(Algorithm::Sha256, DERIVATION_V1_KEY, &message);
+        let digest = hmac_sha256(DERIVATION_V1_KEY, &message);
         let value = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
         let port = (u32::from(low) + value % span) as u16;
         if !ports.contains(&port) && rule.excluded.binary_search(&port).is_err() {
@@ -199,31 +228,18 @@ pub fn derive_ports(first: u16, code: &str, rule: &PortRule) -> Result<Vec<u16>,
     Ok(ports)
 }
 
-/// Percent-encodes for the label and query of an `otpauth://` URI.
-fn uri_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// The `otpauth://totp/...` URI that authenticator apps import (as text or QR code).
+/// The `otpauth://totp/ISSUER:ACCOUNT?secret=…&issuer=…` URI that authenticator apps import
+/// (as text or QR code); algorithm, digits and period appear when they differ from the defaults.
+#[cfg(feature = "otpauth")]
 pub fn otpauth_uri(issuer: &str, account: &str, secret: &Secret, params: &Params) -> String {
-    format!(
-        "otpauth://totp/{}:{}?secret={}&issuer={}&algorithm={}&digits={}&period={}",
-        uri_escape(issuer),
-        uri_escape(account),
-        secret.to_base32(),
-        uri_escape(issuer),
-        params.algorithm.name(),
+    generator(
+        secret,
+        params.algorithm,
         params.digits,
-        params.period_secs
+        params.period_secs.max(1),
+        Some((issuer, account)),
     )
+    .get_url()
 }
 
 /// Constant-time comparison of two codes.
@@ -313,13 +329,31 @@ mod tests {
         assert!(derive_ports(40000, "123456", &tiny).is_err());
     }
 
+    #[cfg(feature = "otpauth")]
     #[test]
     fn uri_shape() {
         let secret = Secret::from_base32("JBSWY3DPEHPK3PXP").unwrap();
         let uri = otpauth_uri("spad gw", "alice@x", &secret, &Params::default());
         assert_eq!(
             uri,
-            "otpauth://totp/spad%20gw:alice%40x?secret=JBSWY3DPEHPK3PXP&issuer=spad%20gw&algorithm=SHA1&digits=6&period=30"
+            "otpauth://totp/spad%20gw:alice%40x?secret=JBSWY3DPEHPK3PXP&issuer=spad%20gw"
         );
+        let other = Params {
+            algorithm: Algorithm::Sha256,
+            period_secs: 60,
+            digits: 8,
+        };
+        assert_eq!(
+            otpauth_uri("spad", "bob", &secret, &other),
+            "otpauth://totp/spad:bob?secret=JBSWY3DPEHPK3PXP&digits=8&algorithm=SHA256&issuer=spad&period=60"
+        );
+    }
+
+    #[test]
+    fn codes_for_extreme_steps_do_not_panic() {
+        let secret = Secret::from_bytes(b"12345678901234567890".to_vec());
+        for step in [0, 1, u64::MAX / 30, u64::MAX] {
+            assert_eq!(code_at_step(&secret, &Params::default(), step).len(), 6);
+        }
     }
 }

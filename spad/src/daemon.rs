@@ -20,7 +20,8 @@ use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
 use crate::firewall::{Access, Firewall};
 use crate::flood::{RecentPackets, SourceBuckets};
-use crate::knock::engine::{Engine, Event};
+use crate::knock::engine::Event;
+use crate::knock::Knocks;
 use crate::log::Logger;
 use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
@@ -108,7 +109,7 @@ pub struct Pipeline<C: Clock> {
     /// Per-source budget of public-key handshakes.
     buckets: SourceBuckets,
     pub firewall: Box<dyn Firewall>,
-    pub knocks: Engine,
+    pub knocks: Knocks,
     clock: C,
     pub log: Logger,
     pub stats: Stats,
@@ -176,7 +177,7 @@ impl<C: Clock> Pipeline<C> {
         let kept = firewall
             .install(&config)
             .context("installing the firewall ruleset")?;
-        let mut knocks = Engine::new(&config, &state_dir, now);
+        let mut knocks = Knocks::new(&config, &state_dir, now);
         for (address, remaining) in firewall.blacklisted().unwrap_or_default() {
             knocks.restore_blacklist(address, crate::clock::after(now, remaining));
         }
@@ -223,6 +224,9 @@ impl<C: Clock> Pipeline<C> {
         self.buckets =
             SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
         self.knocks.reconfigure(&config, now);
+        if let Some(w) = self.knocks.take_warning() {
+            self.log.line(now, &format!("warning: {w}"));
+        }
         self.server = server;
         self.config = config;
         self.stats.reloads += 1;
@@ -601,6 +605,8 @@ impl<C: Clock> Pipeline<C> {
                     env,
                     keep_capabilities,
                 } => self.spawn(&argv, &env, keep_capabilities),
+                // Made durable by the knock driver before the open they allow.
+                Event::TotpUsed { .. } | Event::OneTimeUsed { .. } => {}
                 Event::Blacklist { address, duration } => {
                     self.stats.blacklistings += 1;
                     if let Err(e) = self.firewall.blacklist(address, duration) {
@@ -673,7 +679,7 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
         low: config.server.port,
         high: config.server.port,
     }];
-    out.extend(crate::knock::engine::watched_ranges(config));
+    out.extend(crate::knock::watched_ranges(config));
     out
 }
 
@@ -693,7 +699,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,
             &watches(&config),
-            crate::knock::engine::syn_only(&config),
+            crate::knock::syn_only(&config),
         )?),
         CaptureMode::Udp => Box::new(
             capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
@@ -764,7 +770,7 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                             CaptureMode::AfPacket => capture::AfPacket::open(
                                 &config.server.interfaces,
                                 &watches(&config),
-                                crate::knock::engine::syn_only(&config),
+                                crate::knock::syn_only(&config),
                             )
                             .map(|s| Some(Box::new(s) as Box<dyn Source>)),
                             CaptureMode::Udp => capture::UdpListener::open(config.server.port)

@@ -36,12 +36,14 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a workspace binary (`spad`, `spa`), built by `cargo build --workspace --bins`.
+/// Path of a workspace binary (`spad`, `spa`), built by `cargo build --workspace --bins`
+/// (or of the profile named by `SPA_E2E_PROFILE`, e.g. `release` for benchmarks).
 pub fn binary(name: &str) -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
-    let path = dir.join("debug").join(name);
+    let profile = std::env::var("SPA_E2E_PROFILE").unwrap_or_else(|_| "debug".into());
+    let path = dir.join(profile).join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
@@ -602,7 +604,7 @@ impl Lab {
         panic!("spad did not stop");
     }
 
-    /// The process id of a started `spad`.
+    /// Process id of a started `spad` (`ip netns exec` execs it, so the child's pid is spad's).
     pub fn spad_pid(&self, index: usize) -> u32 {
         self.children[index].id()
     }

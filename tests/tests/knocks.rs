@@ -150,14 +150,15 @@ pub fn exhausted_one_time_list_is_harmless(backend: Backend) {
         "{}",
         lab.log()
     );
-    // Recorded in the state directory; the sequence file stays read-only to spad.
-    assert_eq!(
-        std::fs::read_to_string(lab.path("state/one-time-used")).unwrap(),
-        "emergency 7100/tcp,7200/tcp,7300/tcp\n"
-    );
     assert_eq!(
         std::fs::read_to_string(lab.path("onetime.txt")).unwrap(),
-        "7100,7200,7300\n"
+        "7100,7200,7300\n",
+        "the configured list stays read-only"
+    );
+    assert_eq!(
+        std::fs::read_to_string(lab.path("state/one-time-used")).unwrap(),
+        "emergency 7100/tcp,7200/tcp,7300/tcp\n",
+        "the use is recorded in the state directory"
     );
     knock(&lab, &lab.b, &["7100", "7200", "7300"]);
     std::thread::sleep(Duration::from_millis(500)); // nothing to wait for: the door must stay shut
@@ -346,6 +347,95 @@ pub fn totp_door_opens_once_per_step_and_matches_oathtool(backend: Backend) {
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(443), T), Connect::TimedOut);
 }
 
+/// A knockd user re-opens a door whose close sequence starts with the open sequence's last port
+/// (the knockd convention): every open succeeds and none counts as a failure.
+pub fn reopening_a_door_many_times_is_not_a_failure(backend: Backend) {
+    let (lab, _e) = lab("knockd.toml", backend);
+    for round in 1..=5 {
+        knock(&lab, &lab.a, &["7000", "8000", "9000"]);
+        assert!(
+            lab.wait_log("203.0.113.10: door openssh: OPEN", round),
+            "open {round}:\n{}",
+            lab.log()
+        );
+    }
+    let log = lab.log();
+    assert!(!log.contains("blacklisted"), "{log}");
+    assert!(!log.contains("reset"), "{log}");
+    assert_eq!(ssh(&lab.a), Connect::Open);
+}
+
+/// A DrayTek-style user knocks with the code of the previous, the current and the next step
+/// (a phone clock a little off): three valid knocks, three opens, no failure counted.
+pub fn valid_totp_knocks_on_every_skew_step_are_not_failures(backend: Backend) {
+    let mut lab = Lab::new("demo.toml");
+    let _vpn = Echo::tcp(&lab.gw, "[::]:443".parse().unwrap());
+    let good = lab.enroll("demo.toml", "carol");
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    lab.start_spad("demo.toml", backend);
+    // A fresh step with at least 12 s left, so "now - 30 s" and "now + 30 s" name the
+    // neighbouring steps for the whole test.
+    assert!(wait_until(Duration::from_secs(30), || {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        secs % 30 < 18
+    }));
+    let key = lab.path("keys/carol.totp").display().to_string();
+    let out = lab.spa_in(
+        &lab.a,
+        &[
+            "totp-knock",
+            "--server",
+            GW4,
+            "--first-port",
+            "40001",
+            "--secret-file",
+            &key,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lab.wait_log("203.0.113.10: totp door carol: OPEN", 1),
+        "{}",
+        lab.log()
+    );
+    for (round, when) in [(2, "now - 30 seconds"), (3, "now + 30 seconds")] {
+        let code = lab.oathtool(&["-N", when]);
+        let out = lab.spa_in(
+            &lab.a,
+            &[
+                "totp-knock",
+                "--server",
+                GW4,
+                "--first-port",
+                "40001",
+                "--code",
+                &code,
+            ],
+        );
+        assert!(out.status.success());
+        assert!(
+            lab.wait_log("203.0.113.10: totp door carol: OPEN", round),
+            "knock {round} ({when}):\n{}",
+            lab.log()
+        );
+    }
+    let log = lab.log();
+    assert!(!log.contains("blacklisted"), "{log}");
+    assert!(!log.contains("reset"), "{log}");
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(443), T), Connect::Open);
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
@@ -362,4 +452,6 @@ both_backends!(
     exhausted_one_time_list_is_harmless,
     an_ascending_sweep_does_not_open_and_gets_blacklisted,
     totp_door_opens_once_per_step_and_matches_oathtool,
+    reopening_a_door_many_times_is_not_a_failure,
+    valid_totp_knocks_on_every_skew_step_are_not_failures,
 );

@@ -158,12 +158,16 @@ fn build(raw: RawConfig, path: &Path, base: &Path, text: &str) -> Result<Config,
     let services = services::build(&raw.services, &server, &interfaces)?;
     let clients = clients::build(&raw.clients, &services, base)?;
     knocking::check(text)?;
+    let service_ports = services
+        .iter()
+        .map(|(name, s)| (name.clone(), s.ports.clone()))
+        .collect();
     let doors = crate::knock::config::build(
         &raw.doors,
         &raw.totp_doors,
         &raw.knocking,
-        &services,
-        &server,
+        &service_ports,
+        server.port,
         base,
         text,
     )?;

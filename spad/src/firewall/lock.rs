@@ -1,11 +1,13 @@
-//! One daemon per state directory and per firewall table: exclusive `flock`s on
-//! `STATE_DIR/spad.lock` and on `/run/lock/spad-table-TABLE-NETNS.lock` (NETNS: the network
-//! namespace's inode, since a table exists once per namespace), held for the daemon's
-//! lifetime, with the holder's PID written inside so a refusal can name it.
+//! One daemon per state directory and per firewall table: an exclusive `flock` on
+//! `STATE_DIR/spad.lock` (the holder's PID written inside), and, for the table, a listening
+//! Unix socket with the abstract name `spad-table-TABLE`. Abstract names live in the network
+//! namespace, exactly where a table does, need no writable directory (the daemon may run as
+//! an unprivileged user) and leave no file behind; a second daemon learns the holder's PID
+//! from the socket's peer credentials.
 //!
 //! The locks guard everything a daemon owns: the replay record, knock state and the firewall
-//! table it (re)installs. The kernel drops a lock when the process dies, even by `kill -9`,
-//! so a stale file never blocks a restart.
+//! table it (re)installs. The kernel drops both when the process dies, even by `kill -9`, so
+//! nothing stale ever blocks a restart.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -30,7 +32,8 @@ pub enum LockError {
 /// The held lock; released when dropped (or when the process exits).
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    _file: Option<File>,
+    _socket: Option<std::os::unix::net::UnixListener>,
 }
 
 impl StateLock {
@@ -44,18 +47,35 @@ impl StateLock {
 
     /// Takes the lock on firewall table `table` of this network namespace.
     pub fn acquire_table(table: &str) -> Result<Self, LockError> {
-        use std::os::unix::fs::MetadataExt;
-        let netns = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
-        let run = Path::new("/run/lock");
-        let dir = if run.is_dir() {
-            run.to_path_buf()
-        } else {
-            std::env::temp_dir()
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+        let name = format!("spad-table-{table}");
+        let what = format!("firewall table {table} of this network namespace");
+        let io = |source| LockError::Io {
+            path: PathBuf::from(format!("@{name}")),
+            source,
         };
-        Self::lock(
-            &dir.join(format!("spad-table-{table}-{netns}.lock")),
-            format!("firewall table {table} of this network namespace"),
-        )
+        let address = SocketAddr::from_abstract_name(name.as_bytes()).map_err(io)?;
+        match UnixListener::bind_addr(&address) {
+            Ok(socket) => Ok(Self {
+                _file: None,
+                _socket: Some(socket),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                let pid = UnixStream::connect_addr(&address)
+                    .ok()
+                    .and_then(|stream| {
+                        nix::sys::socket::getsockopt(
+                            &stream,
+                            nix::sys::socket::sockopt::PeerCredentials,
+                        )
+                        .ok()
+                    })
+                    .map_or_else(|| "unknown".to_string(), |cred| cred.pid().to_string());
+                Err(LockError::Held { pid, what })
+            }
+            Err(e) => Err(io(e)),
+        }
     }
 
     fn lock(path: &Path, what: String) -> Result<Self, LockError> {
@@ -89,7 +109,10 @@ impl StateLock {
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         writeln!(file, "{}", std::process::id()).map_err(io)?;
-        Ok(Self { _file: file })
+        Ok(Self {
+            _file: Some(file),
+            _socket: None,
+        })
     }
 
     /// The PID of a daemon holding `state_dir` or `table`, if one does.
@@ -125,6 +148,15 @@ mod tests {
         );
         drop(first);
         assert!(StateLock::acquire(&dir).is_ok());
+        let table = format!("locktest{}", std::process::id());
+        let held = StateLock::acquire_table(&table).unwrap();
+        let err = StateLock::acquire_table(&table).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        assert!(StateLock::acquire_table(&table).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

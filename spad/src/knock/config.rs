@@ -8,9 +8,9 @@ use serde::Deserialize;
 use spa_shared::totp::{Algorithm, Params, PortRule, Secret};
 use toml::Spanned;
 
-use crate::config::server::Server;
-use crate::config::services::Service;
-use crate::config::span::{at, resolve, Located, Seconds};
+// Only the configuration's leaf helpers (spans, paths, durations): the knock side takes what it
+// needs of the rest as plain values, so this module does not depend on the main config.
+use crate::config::{at, resolve, Located, Seconds};
 use crate::net::{PortProto, Proto};
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +73,8 @@ pub(crate) struct RawKnocking {
     blacklist_for: Seconds,
     #[serde(default = "default_rate")]
     max_knocks_per_second: u32,
+    #[serde(default = "default_max_sources")]
+    max_sources: Spanned<usize>,
 }
 
 impl Default for RawKnocking {
@@ -82,6 +84,7 @@ impl Default for RawKnocking {
             blacklist_after: default_failures(),
             blacklist_for: default_blacklist_for(),
             max_knocks_per_second: default_rate(),
+            max_sources: default_max_sources(),
         }
     }
 }
@@ -109,6 +112,13 @@ fn default_blacklist_for() -> Seconds {
 }
 fn default_rate() -> u32 {
     20
+}
+/// Sources whose knock state is kept at once (about 200 bytes each).
+pub const DEFAULT_MAX_SOURCES: usize = 16_384;
+/// The largest `max-sources` accepted (about 200 MB of state).
+pub const MAX_MAX_SOURCES: usize = 1_000_000;
+fn default_max_sources() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_MAX_SOURCES)
 }
 
 /// TCP flag requirements (knockd's `tcpflags = syn,!ack`).
@@ -203,6 +213,8 @@ pub struct Doors {
     pub blacklist_after: u32,
     pub blacklist_for: Duration,
     pub max_knocks_per_second: u32,
+    /// Most sources whose knock state is kept at once; the oldest untrusted is evicted first.
+    pub max_sources: usize,
 }
 
 impl Doors {
@@ -219,7 +231,7 @@ fn ports(list: &[Spanned<String>]) -> Result<Vec<PortProto>, Located> {
 
 fn service_list(
     list: &[Spanned<String>],
-    services: &BTreeMap<String, Service>,
+    services: &BTreeMap<String, Vec<PortProto>>,
 ) -> Result<Vec<String>, Located> {
     if list.is_empty() {
         return Err(Located {
@@ -245,23 +257,23 @@ fn service_list(
         .collect()
 }
 
+/// Builds the doors. `services` maps each service name to its ports; `spa_port` is the UDP
+/// port of SPA packets; relative paths are resolved against `base`.
 pub(crate) fn build(
     raw_doors: &BTreeMap<String, Spanned<RawDoor>>,
     raw_totp: &BTreeMap<String, Spanned<RawTotpDoor>>,
     knocking: &RawKnocking,
-    services: &BTreeMap<String, Service>,
-    server: &Server,
+    services: &BTreeMap<String, Vec<PortProto>>,
+    spa_port: u16,
     base: &Path,
     _text: &str,
 ) -> Result<Doors, Located> {
+    let server_port = spa_port;
     let spa_port = PortProto {
-        port: server.port,
+        port: spa_port,
         proto: Proto::Udp,
     };
-    let service_ports: BTreeSet<PortProto> = services
-        .values()
-        .flat_map(|s| s.ports.iter().copied())
-        .collect();
+    let service_ports: BTreeSet<PortProto> = services.values().flatten().copied().collect();
     // Every port some door listens on, with its owner, to refuse overlaps.
     let mut owners: BTreeMap<PortProto, String> = BTreeMap::new();
     let mut claim = |port: PortProto, owner: &str, span: &Spanned<String>| -> Result<(), Located> {
@@ -417,7 +429,7 @@ pub(crate) fn build(
     // Derived ports avoid the SPA port, every service port, every static door port and decoy,
     // and every TOTP first port.
     let mut excluded: BTreeSet<u16> = owners.keys().map(|p| p.port).collect();
-    excluded.insert(server.port);
+    excluded.insert(server_port);
     excluded.extend(service_ports.iter().map(|p| p.port));
     excluded.extend(first_ports.keys().copied());
     let excluded: Vec<u16> = excluded.into_iter().collect();
@@ -447,6 +459,15 @@ pub(crate) fn build(
         totp_doors.push(door);
     }
 
+    let max_sources = *knocking.max_sources.get_ref();
+    if !(1..=MAX_MAX_SOURCES).contains(&max_sources) {
+        return Err(at(
+            &knocking.max_sources,
+            format!(
+                "max-sources must be 1-{MAX_MAX_SOURCES}; the default is {DEFAULT_MAX_SOURCES}"
+            ),
+        ));
+    }
     Ok(Doors {
         doors,
         totp: totp_doors,
@@ -454,5 +475,29 @@ pub(crate) fn build(
         blacklist_after: knocking.blacklist_after.max(1),
         blacklist_for: knocking.blacklist_for.0,
         max_knocks_per_second: knocking.max_knocks_per_second.max(1),
+        max_sources,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    const BASE: &str = "[server]\nprivate-key = \"k\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[knocking]\n";
+
+    #[test]
+    fn max_sources_is_bounded_and_located() {
+        let parse = |extra: &str| Config::parse(Path::new("spad.toml"), &format!("{BASE}{extra}"));
+        assert_eq!(parse("").unwrap().doors.max_sources, 16_384);
+        assert_eq!(parse("max-sources = 100\n").unwrap().doors.max_sources, 100);
+        for bad in ["max-sources = 0\n", "max-sources = 5000000\n"] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!((err.line, err.column), (8, 15), "{err:?}");
+            assert!(
+                err.message.contains("max-sources must be 1-1000000"),
+                "{err:?}"
+            );
+        }
+    }
 }

@@ -1,29 +1,44 @@
-//! Follows knocks per (source address, door, sequence) and decides.
+//! The knock engine: one knock in, the events it causes out.
+//!
+//! It ties the rooms together: [`sequence`](super::sequence) matching,
+//! [`sources`](super::sources) (bounded per-source state: rate limit, failures, blacklist,
+//! progress), [`one_time`](super::one_time) lists and [`totp_doors`](super::totp_doors). It does
+//! no I/O and reads no clock: it is given the doors it needs ([`Setup`]), what was used before
+//! ([`Memory`]) and the time of each knock, and it returns [`Event`]s. A use that must survive a
+//! restart ([`Event::TotpUsed`], [`Event::OneTimeUsed`]) comes right before the [`Event::Open`]
+//! it allows; the driver makes it durable first (see [`super::driver`]).
 //!
 //! Differences from knockd, each deliberate and tested:
 //! * progress is per source and door: one source completing never touches another's;
 //! * a repeat of the port just accepted (a retransmitted SYN) is ignored, not a reset;
 //! * the engine sees every port between a door's lowest and highest knock port, so a hit on an
 //!   in-between port resets that source's progress: an ascending port scan never opens a door;
-//! * decoy hits, resets and replays count as failures; too many and the source is blacklisted;
+//! * only evidence of guessing is a failure (a wrong port that breaks real progress and moves no
+//!   other sequence on, a decoy, a replayed TOTP sequence, a rate-limit trip); too many and the
+//!   source is blacklisted. Valid knocks never count, whatever sequences they leave behind;
 //! * an exhausted one-time list just disables that door;
-//! * a TOTP sequence opens at most once per (door, time step), remembered across restarts.
-//!
-//! The engine does no network I/O. It persists TOTP use and one-time consumption itself, before
-//! returning the event that opens the door.
+//! * a TOTP sequence opens at most once per (door, time step);
+//! * the state is bounded: at most `max-sources` sources, oldest untrusted evicted first.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use spa_shared::totp;
 use spa_shared::Micros;
 
-use super::config::{StaticDoor, TotpDoor};
-use crate::capture::bpf::Watch;
-use crate::config::Config;
+use super::config::{StaticDoor, TcpFlags, TotpDoor};
+use super::log_budget::LogBudget;
+use super::one_time::{OneTimeLines, OneTimeList};
+use super::sequence::{advance, Outcome, Progress, SeqKey, Step};
+use super::sources::{RateVerdict, Sources};
+use super::static_doors::{command, hull, Door};
+use super::totp_doors::TotpDoors;
 use crate::net::{PortProto, Proto};
+
+// Kept at their old paths for callers outside the knock module.
+pub use super::driver::{read_one_time, syn_only, watched_ranges};
+pub use super::log_budget::KNOCK_LOG_LINES_PER_SECOND;
+pub use super::one_time::parse_one_time;
 
 /// What the daemon must do after a knock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,389 +62,173 @@ pub enum Event {
     Command {
         argv: Vec<String>,
         env: Vec<(String, String)>,
-        /// Keep spad's capabilities (the door's `command-capabilities`); otherwise none.
+        /// The door's `command-capabilities`: keep spad's capabilities (default: none).
         keep_capabilities: bool,
+    },
+    /// TOTP door `door` opened with the sequence of `step`: persist before opening.
+    TotpUsed {
+        door: String,
+        step: u64,
+    },
+    /// Door `door` used its one-time sequence `sequence` (canonical text): persist before opening.
+    OneTimeUsed {
+        door: String,
+        sequence: String,
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Which {
-    Open,
-    Close,
-    OneTime,
-    Totp(u64),
+/// Everything the engine needs to know of the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    pub doors: Vec<StaticDoor>,
+    /// The one-time list of each static door that has one (same order as `doors`).
+    pub one_time: Vec<Option<OneTimeLines>>,
+    /// TOTP doors in force (enabled and enrolled).
+    pub totp: Vec<TotpDoor>,
+    pub decoys: BTreeSet<PortProto>,
+    /// Ports that are never knocks: protected services and the SPA port.
+    pub ignored: BTreeSet<PortProto>,
+    /// Each service's grant timeout, for stop-command timers.
+    pub service_timeouts: HashMap<String, Duration>,
+    pub blacklist_after: u32,
+    pub blacklist_for: Duration,
+    pub max_knocks_per_second: u32,
+    pub max_sources: usize,
 }
 
-/// One observed knock.
-#[derive(Debug, Clone, Copy)]
-struct Hit {
-    port: PortProto,
-    now: Micros,
+/// What was used before this engine started (from the state directory).
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    /// (TOTP door, step) whose sequence already opened.
+    pub totp_used: BTreeSet<(String, u64)>,
+    /// Door → canonical text of its used one-time sequences.
+    pub one_time_used: BTreeMap<String, BTreeSet<String>>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Progress {
-    matched: usize,
-    started: Micros,
+/// What one hit did across all sequences of its source.
+#[derive(Debug, Default)]
+pub(super) struct Verdict {
+    /// Some sequence moved on or completed: the knock is a real user's.
+    pub(super) progressed: bool,
+    /// Sequences this hit broke, as log lines; a failure only if nothing progressed.
+    broken: Vec<String>,
+    /// A completed TOTP sequence whose step was already used: always a failure.
+    replayed: bool,
 }
 
-#[derive(Debug, Default, Clone)]
-struct SourceState {
-    failures: u32,
-    first_failure: Micros,
-    blacklisted_until: Micros,
-    rate_second: u64,
-    rate_count: u32,
+/// Saturating micros of a duration.
+pub(super) fn micros(d: Duration) -> Micros {
+    Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
 }
-
-#[derive(Debug, Clone)]
-struct OneTimeList {
-    /// (line index in the file, sequence) of unused lines, in order.
-    unused: OneTimeLines,
-}
-
-/// Most (source, door, sequence) progress entries kept at once.
-const MAX_PROGRESS: usize = 100_000;
 
 /// The knock state machine.
 #[derive(Debug)]
 pub struct Engine {
-    doors: Vec<StaticDoor>,
-    totp: Vec<TotpDoor>,
-    decoys: BTreeSet<PortProto>,
-    ignored: BTreeSet<PortProto>,
-    blacklist_after: u32,
-    blacklist_for: Duration,
-    max_rate: u32,
-    service_timeouts: HashMap<String, Duration>,
-    one_time: Vec<Option<OneTimeList>>,
-    hulls: Vec<Vec<Watch>>,
-    progress: HashMap<(IpAddr, usize, Which), Progress>,
-    sources: HashMap<IpAddr, SourceState>,
-    totp_used: BTreeSet<(String, u64)>,
-    totp_path: PathBuf,
-    state_dir: PathBuf,
-    totp_cache: HashMap<(usize, u64), Vec<u16>>,
-    timers: Vec<(Micros, usize, IpAddr)>,
-    last_purge: Micros,
-    warning: Option<String>,
-}
-
-/// Port ranges the capture must pass for `config`'s doors (the hull of each door per protocol,
-/// so in-between hits are seen) and its decoys.
-pub fn watched_ranges(config: &Config) -> Vec<Watch> {
-    let mut out = Vec::new();
-    for door in &config.doors.doors {
-        let mut ports: Vec<PortProto> = door
-            .sequence
-            .iter()
-            .chain(&door.close_sequence)
-            .copied()
-            .collect();
-        if let Some(file) = &door.one_time_file {
-            if let Ok((list, _)) = read_one_time(file) {
-                ports.extend(list.into_iter().flat_map(|(_, s)| s));
-            }
-        }
-        out.extend(hull(&ports));
-    }
-    for door in config.doors.totp.iter().filter(|d| d.enabled) {
-        out.push(Watch {
-            proto: door.proto,
-            low: door.first_port,
-            high: door.first_port,
-        });
-        out.push(Watch {
-            proto: door.proto,
-            low: door.rule.low,
-            high: door.rule.high,
-        });
-    }
-    out.extend(config.doors.decoys.iter().map(|p| Watch {
-        proto: p.proto,
-        low: p.port,
-        high: p.port,
-    }));
-    out
-}
-
-/// Whether the capture may restrict TCP to SYN-without-ACK (true unless a door asks otherwise).
-pub fn syn_only(config: &Config) -> bool {
-    config
-        .doors
-        .doors
-        .iter()
-        .all(|d| d.tcp_flags == super::config::TcpFlags::SYN)
-}
-
-fn hull(ports: &[PortProto]) -> Vec<Watch> {
-    let mut out = Vec::new();
-    for proto in [Proto::Tcp, Proto::Udp] {
-        let of: Vec<u16> = ports
-            .iter()
-            .filter(|p| p.proto == proto)
-            .map(|p| p.port)
-            .collect();
-        if let (Some(lo), Some(hi)) = (of.iter().min(), of.iter().max()) {
-            out.push(Watch {
-                proto,
-                low: *lo,
-                high: *hi,
-            });
-        }
-    }
-    out
-}
-
-/// Unused lines of a one-time sequence file: (line index, sequence).
-pub type OneTimeLines = Vec<(usize, Vec<PortProto>)>;
-
-/// Reads a knockd one-time sequence file: one sequence per line (`7000,8000:udp,9000` or
-/// space separated); lines starting with `#` are used or comments. Returns unused lines and a
-/// warning for lines that do not parse.
-pub fn read_one_time(path: &Path) -> std::io::Result<(OneTimeLines, Option<String>)> {
-    let text = std::fs::read_to_string(path)?;
-    let (lines, bad) = parse_one_time(&text);
-    let warning =
-        (!bad.is_empty()).then(|| format!("{}: ignoring unparsable lines {bad:?}", path.display()));
-    Ok((lines, warning))
-}
-
-/// Parses one-time sequence text; returns the unused sequences and the 1-based numbers of
-/// lines that do not parse. Never panics.
-pub fn parse_one_time(text: &str) -> (OneTimeLines, Vec<usize>) {
-    let mut out = Vec::new();
-    let mut bad = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let seq: Result<Vec<PortProto>, _> = line
-            .split([',', ' ', '\t'])
-            .filter(|p| !p.is_empty())
-            .map(str::parse)
-            .collect();
-        match seq {
-            Ok(seq) if seq.len() >= 2 => out.push((i, seq)),
-            _ => bad.push(i + 1),
-        }
-    }
-    (out, bad)
-}
-
-/// Where used one-time sequences are recorded: the state directory, so the sequence file
-/// itself stays read-only to spad (lines marked `#` by hand or by knockd count as used too).
-pub fn one_time_used_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("one-time-used")
-}
-
-/// How a used sequence of `door` is recorded: `DOOR 7100/tcp,7200/tcp,7300/tcp`.
-fn used_record(door: &str, seq: &[PortProto]) -> String {
-    let ports: Vec<String> = seq.iter().map(ToString::to_string).collect();
-    format!("{door} {}", ports.join(","))
-}
-
-fn read_used(state_dir: &Path) -> std::io::Result<BTreeSet<String>> {
-    match std::fs::read_to_string(one_time_used_path(state_dir)) {
-        Ok(text) => Ok(text.lines().map(str::to_string).collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Records `seq` of `door` as used, durably, before the door opens.
-fn mark_used(state_dir: &Path, door: &str, seq: &[PortProto]) -> std::io::Result<()> {
-    let mut used = read_used(state_dir)?;
-    used.insert(used_record(door, seq));
-    let mut out: Vec<String> = used.into_iter().collect();
-    out.push(String::new());
-    crate::state::write_atomic(&one_time_used_path(state_dir), out.join("\n").as_bytes())
+    pub(super) doors: Vec<Door>,
+    pub(super) totp: TotpDoors,
+    pub(super) decoys: BTreeSet<PortProto>,
+    pub(super) ignored: BTreeSet<PortProto>,
+    pub(super) blacklist_after: u32,
+    pub(super) blacklist_for: Duration,
+    pub(super) max_rate: u32,
+    pub(super) service_timeouts: HashMap<String, Duration>,
+    pub(super) one_time_used: BTreeMap<String, BTreeSet<String>>,
+    pub(super) sources: Sources,
+    pub(super) timers: Vec<(Micros, usize, IpAddr)>,
+    pub(super) last_purge: Micros,
+    pub(super) budget: LogBudget,
 }
 
 impl Engine {
-    pub fn new(config: &Config, state_dir: &Path, now: Micros) -> Self {
+    pub fn new(setup: Setup, memory: Memory, now: Micros) -> Self {
         let mut engine = Self {
             doors: Vec::new(),
-            totp: Vec::new(),
+            totp: TotpDoors::new(Vec::new(), memory.totp_used),
             decoys: BTreeSet::new(),
             ignored: BTreeSet::new(),
             blacklist_after: 3,
             blacklist_for: Duration::from_secs(600),
             max_rate: 20,
             service_timeouts: HashMap::new(),
-            one_time: Vec::new(),
-            hulls: Vec::new(),
-            progress: HashMap::new(),
-            sources: HashMap::new(),
-            totp_used: BTreeSet::new(),
-            totp_path: state_dir.join("totp-used"),
-            state_dir: state_dir.to_path_buf(),
-            totp_cache: HashMap::new(),
+            one_time_used: memory.one_time_used,
+            sources: Sources::new(setup.max_sources),
             timers: Vec::new(),
             last_purge: now,
-            warning: None,
+            budget: LogBudget::default(),
         };
-        engine.load_totp_used();
-        engine.reconfigure(config, now);
+        engine.reconfigure(setup, now);
         engine
     }
 
-    /// A start-up warning to log (unreadable files), once.
-    pub fn take_warning(&mut self) -> Option<String> {
-        self.warning.take()
-    }
-
-    fn load_totp_used(&mut self) {
-        match std::fs::read_to_string(&self.totp_path) {
-            Ok(text) => {
-                for line in text.lines() {
-                    if let Some((door, step)) = line.rsplit_once(' ') {
-                        if let Ok(step) = step.parse() {
-                            self.totp_used.insert((door.to_string(), step));
-                        }
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => self.warning = Some(format!("cannot read {}: {e}", self.totp_path.display())),
-        }
-    }
-
-    /// Applies a new configuration; progress on doors that still exist is kept.
-    pub fn reconfigure(&mut self, config: &Config, now: Micros) {
-        let d = &config.doors;
-        self.doors = d.doors.clone();
-        self.totp = Vec::new();
-        for door in d.totp.iter().filter(|t| t.enabled) {
-            if door.require_enrollment && !crate::enroll::is_enrolled(&self.state_dir, door) {
-                self.warning = Some(format!(
-                    "TOTP door {} is not enrolled yet; run `spad totp enroll --door {}`",
-                    door.name, door.name
-                ));
-                continue;
-            }
-            self.totp.push(door.clone());
-        }
-        self.decoys = d.decoys.clone();
-        self.blacklist_after = d.blacklist_after;
-        self.blacklist_for = d.blacklist_for;
-        self.max_rate = d.max_knocks_per_second;
-        self.ignored = config.protected_ports();
-        self.ignored.insert(PortProto {
-            port: config.server.port,
-            proto: Proto::Udp,
-        });
-        self.service_timeouts = config
-            .services
-            .values()
-            .map(|s| (s.name.clone(), s.timeout))
-            .collect();
-        let mut warnings = Vec::new();
-        let used = read_used(&self.state_dir).unwrap_or_else(|e| {
-            warnings.push(format!(
-                "cannot read {}: {e}; one-time doors stay shut",
-                one_time_used_path(&self.state_dir).display()
-            ));
-            // Unknown progress: treat every sequence as used (fail closed).
-            BTreeSet::from(["*".to_string()])
-        });
-        self.one_time = self
+    /// Applies a new configuration. Failures and blacklist entries are kept; progress is
+    /// forgotten (door numbers may have changed).
+    pub fn reconfigure(&mut self, setup: Setup, now: Micros) {
+        let mut one_time = setup.one_time.into_iter();
+        self.doors = setup
             .doors
-            .iter()
+            .into_iter()
             .map(|door| {
-                let path = door.one_time_file.clone()?;
-                match read_one_time(&path) {
-                    Ok((mut unused, warning)) => {
-                        warnings.extend(warning);
-                        if used.contains("*") {
-                            unused.clear();
-                        }
-                        unused.retain(|(_, seq)| !used.contains(&used_record(&door.name, seq)));
-                        Some(OneTimeList { unused })
-                    }
-                    Err(e) => {
-                        warnings.push(format!(
-                            "door {}: cannot read {}: {e}; the door stays shut",
-                            door.name,
-                            path.display()
-                        ));
-                        Some(OneTimeList { unused: Vec::new() })
-                    }
-                }
-            })
-            .collect();
-        self.hulls = self
-            .doors
-            .iter()
-            .enumerate()
-            .map(|(i, door)| {
+                let list = one_time.next().flatten().map(|lines| {
+                    OneTimeList::new(
+                        lines,
+                        self.one_time_used
+                            .get(&door.name)
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
+                });
                 let mut ports: Vec<PortProto> = door
                     .sequence
                     .iter()
                     .chain(&door.close_sequence)
                     .copied()
                     .collect();
-                if let Some(list) = &self.one_time[i] {
-                    ports.extend(list.unused.iter().flat_map(|(_, s)| s.iter().copied()));
+                if let Some(list) = &list {
+                    ports.extend(list.ports());
                 }
-                hull(&ports)
+                Door {
+                    hull: hull(&ports),
+                    one_time: list,
+                    door,
+                }
             })
             .collect();
-        self.progress.clear();
-        self.totp_cache.clear();
-        self.timers.retain(|(_, door, _)| *door < self.doors.len());
-        warnings.extend(self.warning.take());
-        if !warnings.is_empty() {
-            self.warning = Some(warnings.join("; "));
-        }
+        self.totp.set_doors(setup.totp);
+        self.decoys = setup.decoys;
+        self.ignored = setup.ignored;
+        self.blacklist_after = setup.blacklist_after.max(1);
+        self.blacklist_for = setup.blacklist_for;
+        self.max_rate = setup.max_knocks_per_second.max(1);
+        self.service_timeouts = setup.service_timeouts;
+        self.sources.set_cap(setup.max_sources);
+        self.sources.forget_progress();
+        let doors = self.doors.len();
+        self.timers.retain(|(_, door, _)| *door < doors);
         let _ = now;
     }
 
     /// Re-applies a blacklist entry found in the kernel after a restart.
     pub fn restore_blacklist(&mut self, address: IpAddr, until: Micros) {
-        self.sources.entry(address).or_default().blacklisted_until = until;
+        self.sources.blacklist(address, until);
     }
 
     fn fail(&mut self, address: IpAddr, now: Micros, events: &mut Vec<Event>) {
-        let window = self.blacklist_for.as_micros() as Micros;
-        let state = self.sources.entry(address).or_default();
-        if state.failures == 0 || now.saturating_sub(state.first_failure) > window {
-            state.failures = 0;
-            state.first_failure = now;
-        }
-        state.failures += 1;
-        if state.failures >= self.blacklist_after {
-            state.blacklisted_until = now + window;
-            state.failures = 0;
-            self.progress.retain(|(a, _, _), _| *a != address);
-            events.push(Event::Log(format!(
-                "{address}: blacklisted for {} (repeated knock failures)",
-                spa_shared::duration::format(self.blacklist_for)
-            )));
+        let window = micros(self.blacklist_for);
+        let source = self.sources.entry(address);
+        if source.failures.add(now, window, self.blacklist_after) {
+            self.sources.blacklist(address, now.saturating_add(window));
+            let duration = self.blacklist_for;
+            self.budget.say(events, || {
+                format!(
+                    "{address}: blacklisted for {} (repeated knock failures)",
+                    spa_shared::duration::format(duration)
+                )
+            });
             events.push(Event::Blacklist {
                 address,
                 duration: self.blacklist_for,
             });
         }
-    }
-
-    fn totp_sequence(&mut self, index: usize, step: u64) -> Option<Vec<PortProto>> {
-        let door = &self.totp[index];
-        let proto = door.proto;
-        let ports = match self.totp_cache.entry((index, step)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let code = totp::code_at_step(&door.secret, &door.params, step);
-                e.insert(totp::derive_ports(door.first_port, &code, &door.rule).ok()?)
-            }
-        };
-        Some(
-            ports
-                .iter()
-                .map(|p| PortProto { port: *p, proto })
-                .collect(),
-        )
     }
 
     /// One observed knock. Returns what to do.
@@ -441,226 +240,107 @@ impl Engine {
         now: Micros,
     ) -> Vec<Event> {
         let mut events = Vec::new();
-        if self.ignored.contains(&port) {
+        if self.ignored.contains(&port) || self.sources.is_blacklisted(address, now) {
             return events;
         }
-        let second = now / 1_000_000;
-        let state = self.sources.entry(address).or_default();
-        if state.blacklisted_until > now {
-            return events;
-        }
-        if state.rate_second != second {
-            state.rate_second = second;
-            state.rate_count = 0;
-        }
-        state.rate_count += 1;
-        if state.rate_count > self.max_rate {
-            if state.rate_count == self.max_rate + 1 {
-                events.push(Event::Log(format!(
-                    "{address}: more than {} knocks per second; ignoring",
-                    self.max_rate
-                )));
+        self.budget.clock(now, &mut events);
+        let source = self.sources.entry(address);
+        match source.rate.count(now, self.max_rate) {
+            RateVerdict::Within => {}
+            RateVerdict::Tripped => {
+                let max = self.max_rate;
+                self.budget.say(&mut events, || {
+                    format!("{address}: more than {max} knocks per second; ignoring")
+                });
                 self.fail(address, now, &mut events);
+                return events;
             }
-            return events;
+            RateVerdict::Over => return events,
         }
         if self.decoys.contains(&port) {
-            events.push(Event::Log(format!(
-                "{address}: decoy port {port} hit; progress reset"
-            )));
-            self.progress.retain(|(a, _, _), _| *a != address);
+            source.progress = Vec::new();
+            self.budget.say(&mut events, || {
+                format!("{address}: decoy port {port} hit; progress reset")
+            });
             self.fail(address, now, &mut events);
             return events;
         }
+        let mut progress = std::mem::take(&mut source.progress);
+        let mut verdict = Verdict::default();
+        let hit = (port, tcp_flags, now);
         for index in 0..self.doors.len() {
-            self.static_door(index, address, port, tcp_flags, now, &mut events);
+            self.static_door(
+                index,
+                address,
+                hit,
+                &mut progress,
+                &mut events,
+                &mut verdict,
+            );
         }
-        for index in 0..self.totp.len() {
-            self.totp_door(index, address, port, tcp_flags, now, &mut events);
+        for index in 0..self.totp.doors().len() {
+            self.totp_door(
+                index,
+                address,
+                hit,
+                &mut progress,
+                &mut events,
+                &mut verdict,
+            );
         }
-        if self.progress.len() > MAX_PROGRESS {
-            self.purge(now, true);
+        let trusted = progress.iter().any(|(_, p)| p.matched >= 2);
+        if let Some(source) = self.sources.get_mut(address) {
+            source.progress = progress;
+        }
+        if trusted {
+            self.sources.trust(address);
+        }
+        // A knock that moved any sequence on is a legitimate knock, whatever other sequences it
+        // broke (a TOTP step it did not match, a close sequence that shares a port with the open
+        // one): only a knock that broke real progress and moved nothing is a guess.
+        if verdict.replayed || (!verdict.progressed && !verdict.broken.is_empty()) {
+            if !verdict.replayed {
+                for line in verdict.broken {
+                    self.budget.say(&mut events, || line);
+                }
+            }
+            self.fail(address, now, &mut events);
         }
         events
     }
 
-    /// Advances one sequence. Returns Some(true) on completion, Some(false) on a reset of real
-    /// progress, None otherwise.
-    fn advance(
-        &mut self,
-        key: (IpAddr, usize, Which),
-        seq: &[PortProto],
-        hit: Hit,
-        timeout: Duration,
-        label: &str,
-        events: &mut Vec<Event>,
-    ) -> Option<bool> {
-        let Hit { port, now } = hit;
-        let mut p = self.progress.get(&key).copied().unwrap_or(Progress {
-            matched: 0,
-            started: now,
-        });
-        if p.matched > 0 && now.saturating_sub(p.started) > timeout.as_micros() as Micros {
-            events.push(Event::Log(format!(
-                "{}: {label}: timed out at stage {}/{}",
-                key.0,
-                p.matched,
-                seq.len()
-            )));
-            p.matched = 0;
-        }
-        let result;
-        if p.matched < seq.len() && seq[p.matched] == port {
-            if p.matched == 0 {
-                p.started = now;
-            }
-            p.matched += 1;
-            if p.matched == seq.len() {
-                self.progress.remove(&key);
-                return Some(true);
-            }
-            events.push(Event::Log(format!(
-                "{}: {label}: stage {}/{}",
-                key.0,
-                p.matched,
-                seq.len()
-            )));
-            result = None;
-        } else if p.matched > 0 && seq[p.matched - 1] == port {
-            // A retransmitted or duplicated knock of the port just accepted.
-            return None;
-        } else if seq[0] == port {
-            let reset = p.matched > 0;
-            p = Progress {
-                matched: 1,
-                started: now,
-            };
-            events.push(Event::Log(format!(
-                "{}: {label}: stage 1/{} (restarted)",
-                key.0,
-                seq.len()
-            )));
-            result = reset.then_some(false);
-        } else if p.matched > 0 {
-            events.push(Event::Log(format!(
-                "{}: {label}: reset (wrong port {port})",
-                key.0
-            )));
-            self.progress.remove(&key);
-            return Some(false);
-        } else {
-            return None;
-        }
-        self.progress.insert(key, p);
-        result
-    }
-
-    fn static_door(
-        &mut self,
-        index: usize,
+    /// Logs a step's timeout and stage; notes it in the verdict.
+    pub(super) fn note(
+        step: Step,
         address: IpAddr,
+        label: &str,
         port: PortProto,
-        flags: u8,
-        now: Micros,
-        events: &mut Vec<Event>,
+        (events, budget): (&mut Vec<Event>, &mut LogBudget),
+        verdict: &mut Verdict,
     ) {
-        if !self.hulls[index]
-            .iter()
-            .any(|w| w.proto == port.proto && (w.low..=w.high).contains(&port.port))
-        {
-            return;
+        if let Some(stage) = step.timed_out_at {
+            budget.say(events, || {
+                format!("{address}: {label}: timed out at stage {stage}")
+            });
         }
-        let door = self.doors[index].clone();
-        if port.proto == Proto::Tcp && !door.tcp_flags.matches(flags) {
-            return;
-        }
-        let label = format!("door {}", door.name);
-        let mut failed = false;
-        // The open sequence: the configured one, or the current one-time sequence.
-        let (which, seq, line) = match &self.one_time[index] {
-            Some(list) => match list.unused.first() {
-                Some((line, seq)) => (Which::OneTime, seq.clone(), Some(*line)),
-                None => (Which::OneTime, Vec::new(), None),
-            },
-            None => (Which::Open, door.sequence.clone(), None),
-        };
-        if !seq.is_empty() {
-            match self.advance(
-                (address, index, which),
-                &seq,
-                Hit { port, now },
-                door.seq_timeout,
-                &label,
-                events,
-            ) {
-                Some(true) => {
-                    if let (Some(_), Some(list)) = (line, self.one_time[index].as_mut()) {
-                        if let Err(e) = mark_used(&self.state_dir, &door.name, &seq) {
-                            events.push(Event::Log(format!("error: door {}: cannot record the one-time sequence as used in {}: {e}; not opening", door.name, one_time_used_path(&self.state_dir).display())));
-                            return;
-                        }
-                        list.unused.remove(0);
-                        let left = list.unused.len();
-                        events.push(Event::Log(format!(
-                            "door {}: one-time sequence used, {left} left",
-                            door.name
-                        )));
-                    }
-                    events.push(Event::Log(format!("{address}: {label}: OPEN")));
-                    events.push(Event::Open {
-                        door: door.name.clone(),
-                        address,
-                        services: door.services.clone(),
-                    });
-                    if !door.start_command.is_empty() {
-                        events.push(command(&door, address, "start"));
-                    }
-                    if !door.stop_command.is_empty() {
-                        let longest = door
-                            .services
-                            .iter()
-                            .filter_map(|s| self.service_timeouts.get(s))
-                            .max()
-                            .copied()
-                            .unwrap_or_default();
-                        self.timers
-                            .retain(|(_, d, a)| !(*d == index && *a == address));
-                        self.timers
-                            .push((now + longest.as_micros() as Micros, index, address));
-                    }
-                }
-                Some(false) => failed = true,
-                None => {}
+        match step.outcome {
+            Outcome::Untouched => {}
+            Outcome::Completed => verdict.progressed = true,
+            Outcome::Advanced { stage, of, over } => {
+                verdict.progressed = true;
+                budget.say(events, || {
+                    format!(
+                        "{address}: {label}: stage {stage}/{of}{}",
+                        if over { " (started over)" } else { "" }
+                    )
+                });
             }
-        }
-        if !door.close_sequence.is_empty() {
-            match self.advance(
-                (address, index, Which::Close),
-                &door.close_sequence,
-                Hit { port, now },
-                door.seq_timeout,
-                &format!("door {} close", door.name),
-                events,
-            ) {
-                Some(true) => {
-                    events.push(Event::Log(format!("{address}: {label}: CLOSE")));
-                    events.push(Event::Close {
-                        door: door.name.clone(),
-                        address,
-                        services: door.services.clone(),
-                    });
-                    if !door.stop_command.is_empty() {
-                        self.timers
-                            .retain(|(_, d, a)| !(*d == index && *a == address));
-                        events.push(command(&door, address, "stop"));
-                    }
+            Outcome::Broken { .. } => {
+                let line = format!("{address}: {label}: reset (wrong port {port})");
+                if !verdict.broken.contains(&line) {
+                    verdict.broken.push(line);
                 }
-                Some(false) => failed = true,
-                None => {}
             }
-        }
-        if failed {
-            self.fail(address, now, events);
         }
     }
 
@@ -668,156 +348,141 @@ impl Engine {
         &mut self,
         index: usize,
         address: IpAddr,
-        port: PortProto,
-        flags: u8,
-        now: Micros,
+        (port, flags, now): (PortProto, u8, Micros),
+        progress: &mut Vec<(SeqKey, Progress)>,
         events: &mut Vec<Event>,
+        verdict: &mut Verdict,
     ) {
-        if port.proto != self.totp[index].proto
-            || !(port.port == self.totp[index].first_port
-                || (self.totp[index].rule.low..=self.totp[index].rule.high).contains(&port.port))
+        if !self.totp.concerns(index, port)
+            || (port.proto == Proto::Tcp && !TcpFlags::SYN.matches(flags))
         {
             return;
         }
-        let door = self.totp[index].clone();
-        if port.proto == Proto::Tcp && !super::config::TcpFlags::SYN.matches(flags) {
-            return;
-        }
-        let current = door.params.step(now / 1_000_000);
-        let label = format!("totp door {}", door.name);
-        let mut failed = false;
-        for step in current.saturating_sub(door.skew_steps)..=current + door.skew_steps {
-            let Some(seq) = self.totp_sequence(index, step) else {
+        let door = &self.totp.doors()[index];
+        let (name, timeout) = (door.name.clone(), door.seq_timeout);
+        let label = format!("totp door {name}");
+        let number = index as u16;
+        // Candidate steps advance together on the first port: log the furthest stage once.
+        let mut furthest = None;
+        // Steps other than the furthest only matter for the verdict, not the log.
+        let mut quiet = Vec::new();
+        for step in self.totp.window(index, now) {
+            let Some(seq) = self.totp.sequence(index, step) else {
                 continue;
             };
-            match self.advance(
-                (address, index, Which::Totp(step)),
-                &seq,
-                Hit { port, now },
-                door.seq_timeout,
-                &label,
-                events,
-            ) {
-                Some(true) => {
-                    let key = (door.name.clone(), step);
-                    if self.totp_used.contains(&key) {
-                        events.push(Event::Log(format!("{address}: {label}: refused: the sequence of step {step} was already used (replay)")));
-                        failed = true;
-                        continue;
-                    }
-                    self.totp_used.insert(key);
-                    let oldest = current.saturating_sub(door.skew_steps + 2);
-                    self.totp_used.retain(|(_, s)| *s >= oldest);
-                    let text: String = self
-                        .totp_used
-                        .iter()
-                        .map(|(d, s)| format!("{d} {s}\n"))
-                        .collect();
-                    if let Err(e) = crate::state::write_atomic(&self.totp_path, text.as_bytes()) {
-                        events.push(Event::Log(format!(
-                            "error: cannot persist TOTP use to {}: {e}; not opening",
-                            self.totp_path.display()
-                        )));
-                        continue;
-                    }
+            let result = advance(
+                progress,
+                SeqKey::Totp(number, step),
+                seq,
+                port,
+                now,
+                timeout,
+            );
+            match result.outcome {
+                Outcome::Completed if self.totp.is_used(index, step) => {
+                    events.push(Event::Log(format!("{address}: {label}: refused: the sequence of step {step} was already used (replay)")));
+                    verdict.replayed = true;
+                }
+                Outcome::Completed => {
+                    self.totp.mark_used(index, step, now);
                     // Other candidate steps' progress for this source is moot now.
-                    self.progress.retain(|(a, d, w), _| {
-                        !(*a == address && *d == index && matches!(w, Which::Totp(_)))
+                    progress.retain(|(k, _)| !matches!(k, SeqKey::Totp(d, _) if *d == number));
+                    verdict.progressed = true;
+                    events.push(Event::TotpUsed {
+                        door: name.clone(),
+                        step,
                     });
                     events.push(Event::Log(format!(
                         "{address}: {label}: OPEN (step {step})"
                     )));
                     events.push(Event::Open {
-                        door: door.name.clone(),
+                        door: name,
                         address,
-                        services: door.services.clone(),
+                        services: self.totp.doors()[index].services.clone(),
                     });
                     return;
                 }
-                Some(false) => failed = true,
-                None => {}
+                Outcome::Advanced { stage, .. } => {
+                    if !furthest.is_some_and(|(s, _)| s >= stage) {
+                        furthest = Some((stage, result));
+                    }
+                }
+                _ => Self::note(
+                    result,
+                    address,
+                    &label,
+                    port,
+                    (&mut quiet, &mut LogBudget::muted()),
+                    verdict,
+                ),
             }
         }
-        // Only count one failure per knock even if several candidate steps reset.
-        if failed {
-            self.fail(address, now, events);
+        if let Some((_, step)) = furthest {
+            Self::note(
+                step,
+                address,
+                &label,
+                port,
+                (events, &mut self.budget),
+                verdict,
+            );
         }
-    }
-
-    fn purge(&mut self, now: Micros, force: bool) {
-        let longest = self
-            .doors
-            .iter()
-            .map(|d| d.seq_timeout)
-            .chain(self.totp.iter().map(|d| d.seq_timeout))
-            .max()
-            .unwrap_or_default();
-        let horizon = now.saturating_sub(longest.as_micros() as Micros);
-        self.progress.retain(|_, p| p.started >= horizon);
-        if force && self.progress.len() > MAX_PROGRESS {
-            self.progress.clear();
-        }
-        let window = self.blacklist_for.as_micros() as Micros;
-        self.sources.retain(|_, s| {
-            s.blacklisted_until > now
-                || (s.failures > 0 && now.saturating_sub(s.first_failure) <= window)
-                || s.rate_second == now / 1_000_000
-        });
-        let current_steps: Vec<u64> = self
-            .totp
-            .iter()
-            .map(|d| d.params.step(now / 1_000_000))
-            .collect();
-        self.totp_cache
-            .retain(|(i, step), _| current_steps.get(*i).is_some_and(|c| step + 3 >= *c));
     }
 
     /// Timers: stop commands due, and periodic purging of stale state.
     pub fn tick(&mut self, now: Micros) -> Vec<Event> {
         let mut events = Vec::new();
-        let due: Vec<(Micros, usize, IpAddr)> = self
-            .timers
-            .iter()
-            .filter(|(t, _, _)| *t <= now)
-            .copied()
-            .collect();
-        self.timers.retain(|(t, _, _)| *t > now);
+        let mut due = Vec::new();
+        self.timers.retain(|timer| {
+            let keep = timer.0 > now;
+            if !keep {
+                due.push(*timer);
+            }
+            keep
+        });
         for (_, index, address) in due {
-            let door = &self.doors[index];
-            events.push(command(door, address, "stop"));
+            let door = &self.doors[index].door;
+            events.push(command(
+                &door.stop_command,
+                &door.name,
+                address,
+                "stop",
+                door.command_capabilities,
+            ));
         }
         if now.saturating_sub(self.last_purge) > 5_000_000 {
             self.last_purge = now;
-            self.purge(now, false);
+            self.purge(now);
         }
         events
     }
 
-    /// Number of live progress entries (bounded memory, for tests).
-    pub fn progress_entries(&self) -> usize {
-        self.progress.len()
-    }
-}
-
-fn command(door: &StaticDoor, address: IpAddr, action: &str) -> Event {
-    let argv = if action == "start" {
-        &door.start_command
-    } else {
-        &door.stop_command
-    };
-    let keep_capabilities = door.command_capabilities;
-    let door = &door.name;
-    Event::Command {
-        keep_capabilities,
-        argv: argv
+    fn purge(&mut self, now: Micros) {
+        let longest = self
+            .doors
             .iter()
-            .map(|a| a.replace("%IP%", &address.to_string()))
-            .collect(),
-        env: vec![
-            ("SPAD_IP".into(), address.to_string()),
-            ("SPAD_DOOR".into(), door.to_string()),
-            ("SPAD_ACTION".into(), action.to_string()),
-        ],
+            .map(|d| d.door.seq_timeout)
+            .chain(self.totp.doors().iter().map(|d| d.seq_timeout))
+            .max()
+            .unwrap_or_default();
+        let horizon = now.saturating_sub(micros(longest));
+        self.sources.purge(now, horizon, micros(self.blacklist_for));
+        self.totp.purge(now);
+    }
+
+    /// Number of live progress records (bounded memory, for tests).
+    pub fn progress_entries(&self) -> usize {
+        self.sources.progress_entries()
+    }
+
+    /// Sources tracked now (never more than `max-sources`).
+    pub fn tracked_sources(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Sources evicted to respect `max-sources` since start.
+    pub fn evicted_sources(&self) -> u64 {
+        self.sources.evicted()
     }
 }
 
@@ -825,6 +490,9 @@ fn command(door: &StaticDoor, address: IpAddr, action: &str) -> Event {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::knock::Knocks;
+    use spa_shared::totp;
+    use std::path::{Path, PathBuf};
 
     const NOW: Micros = 1_763_726_400_000_000;
     const S: Micros = 1_000_000;
@@ -863,60 +531,9 @@ mod tests {
     }
 
     #[test]
-    fn one_time_use_is_recorded_in_the_state_dir_and_survives_a_restart() {
-        let d = dir("onetime");
-        let file = d.join("onetime.txt");
-        std::fs::write(&file, "#7100,7200,7300\n7400,7500,7600\n7700,7800,7900\n").unwrap();
-        let extra = format!(
-            "[doors.once]\none-time-sequences = \"{}\"\nseq-timeout = \"5s\"\nservices = [\"ssh\"]\n",
-            file.display()
-        );
-        // `[knocking]` ends `config`'s text, so the door is parsed on its own and swapped in.
-        let mut c = config(&d, "");
-        let door = Config::parse(
-            &d.join("spad.toml"),
-            &format!(
-                "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n{extra}",
-                d.display()
-            ),
-        )
-        .unwrap();
-        c.doors = door.doors;
-        let a: IpAddr = "198.51.100.1".parse().unwrap();
-        let knock_all = |e: &mut Engine, ports: [u16; 3], t: Micros| {
-            let mut open = false;
-            for (i, p) in ports.into_iter().enumerate() {
-                open |= opened(&e.knock(a, tcp(p), 0x02, t + i as Micros));
-            }
-            open
-        };
-        let mut e = Engine::new(&c, &d, NOW);
-        assert!(
-            !knock_all(&mut e, [7100, 7200, 7300], NOW),
-            "marked # by hand"
-        );
-        assert!(knock_all(&mut e, [7400, 7500, 7600], NOW + S));
-        assert_eq!(
-            std::fs::read_to_string(one_time_used_path(&d)).unwrap(),
-            "once 7400/tcp,7500/tcp,7600/tcp\n"
-        );
-        assert!(
-            std::fs::read_to_string(&file)
-                .unwrap()
-                .starts_with("#7100,7200,7300\n7400"),
-            "the sequence file is not written"
-        );
-        // A restart remembers: the used sequence stays shut, the next one opens.
-        let mut e = Engine::new(&c, &d, NOW + 10 * S);
-        assert!(!knock_all(&mut e, [7400, 7500, 7600], NOW + 10 * S));
-        assert!(knock_all(&mut e, [7700, 7800, 7900], NOW + 20 * S));
-        std::fs::remove_dir_all(d).unwrap();
-    }
-
-    #[test]
     fn sequence_duplicates_timeouts_and_sources() {
         let d = dir("seq");
-        let mut e = Engine::new(&config(&d, ""), &d, NOW);
+        let mut e = Knocks::new(&config(&d, ""), &d, NOW);
         let (a, b): (IpAddr, IpAddr) = (
             "198.51.100.1".parse().unwrap(),
             "198.51.100.2".parse().unwrap(),
@@ -936,7 +553,7 @@ mod tests {
         );
         // SYN-ACK or ACK segments are not knocks.
         e.knock(a, tcp(7000), 0x12, NOW + 7);
-        assert_eq!(e.progress_entries(), 0);
+        assert_eq!(e.engine().progress_entries(), 0);
         // Too slow: the sequence times out.
         e.knock(a, tcp(7000), 0x02, NOW + 10 * S);
         e.knock(a, udp(8000), 0, NOW + 11 * S);
@@ -947,7 +564,7 @@ mod tests {
     #[test]
     fn in_between_ports_reset_and_failures_blacklist() {
         let d = dir("bl");
-        let mut e = Engine::new(&config(&d, ""), &d, NOW);
+        let mut e = Knocks::new(&config(&d, ""), &d, NOW);
         let a: IpAddr = "198.51.100.1".parse().unwrap();
         e.knock(a, tcp(7000), 0x02, NOW);
         let events = e.knock(a, tcp(7001), 0x02, NOW + 1);
@@ -982,7 +599,7 @@ mod tests {
     #[test]
     fn rate_limit_and_bounded_memory() {
         let d = dir("rate");
-        let mut e = Engine::new(&config(&d, ""), &d, NOW);
+        let mut e = Knocks::new(&config(&d, ""), &d, NOW);
         let a: IpAddr = "198.51.100.1".parse().unwrap();
         let mut logged = false;
         for i in 0..10u64 {
@@ -997,9 +614,9 @@ mod tests {
             let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
             e.knock(source, tcp(7000), 0x02, NOW + 2 * S);
         }
-        assert!(e.progress_entries() >= 1000);
+        assert!(e.engine().progress_entries() >= 1000);
         e.tick(NOW + 20 * S);
-        assert_eq!(e.progress_entries(), 0);
+        assert_eq!(e.engine().progress_entries(), 0);
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -1010,11 +627,11 @@ mod tests {
         let extra = format!("[totp-doors.carol]\nfirst-port = 40001\nsecret = \"{secret}\"\nservices = [\"ssh\"]\nrequire-enrollment = false\n");
         let config = config(&d, &extra);
         let door = config.doors.totp[0].clone();
-        let mut e = Engine::new(&config, &d, NOW);
+        let mut e = Knocks::new(&config, &d, NOW);
         let step = door.params.step(NOW / S);
         let code = totp::code_at_step(&door.secret, &door.params, step);
         let ports = totp::derive_ports(40001, &code, &door.rule).unwrap();
-        let knock_all = |e: &mut Engine, who: &str, at: Micros| {
+        let knock_all = |e: &mut Knocks, who: &str, at: Micros| {
             let source: IpAddr = who.parse().unwrap();
             ports
                 .iter()
@@ -1028,10 +645,203 @@ mod tests {
             "replay in the same step refused"
         );
         // A restarted engine remembers the used step.
-        let mut again = Engine::new(&config, &d, NOW + 20);
+        let mut again = Knocks::new(&config, &d, NOW + 20);
         assert!(!knock_all(&mut again, "198.51.100.3", NOW + 20));
         // Two steps later the old sequence no longer opens (skew is one step).
         assert!(!knock_all(&mut again, "198.51.100.4", NOW + 60 * S));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    fn logs(events: &[Event]) -> String {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Log(l) => Some(format!("{l}\n")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reknocking_a_door_whose_close_sequence_starts_with_its_last_port_is_no_failure() {
+        let d = dir("reknock");
+        let extra = "[doors.k]\nsequence = [\"10000/tcp\", \"10002/tcp\", \"10004/tcp\"]\n\
+                     close-sequence = [\"10004/tcp\", \"10002/tcp\", \"10000/tcp\"]\n\
+                     seq-timeout = \"5s\"\nservices = [\"ssh\"]\n";
+        let mut e = Knocks::new(&config(&d, extra), &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let mut all = Vec::new();
+        for round in 0..5u64 {
+            let at = NOW + round * S;
+            e.knock(a, tcp(10000), 0x02, at);
+            e.knock(a, tcp(10002), 0x02, at + 1);
+            let events = e.knock(a, tcp(10004), 0x02, at + 2);
+            assert!(opened(&events), "open {round}: {events:?}");
+            all.extend(events);
+        }
+        assert!(!all.iter().any(|e| matches!(e, Event::Blacklist { .. })));
+        assert!(!logs(&all).contains("reset"), "{}", logs(&all));
+        // The close sequence still closes, and a guess after real progress still counts.
+        e.knock(a, tcp(10004), 0x02, NOW + 6 * S);
+        e.knock(a, tcp(10002), 0x02, NOW + 6 * S + 1);
+        let events = e.knock(a, tcp(10000), 0x02, NOW + 6 * S + 2);
+        assert!(events.iter().any(|e| matches!(e, Event::Close { .. })));
+        e.knock(a, tcp(10000), 0x02, NOW + 8 * S);
+        let events = e.knock(a, tcp(10003), 0x02, NOW + 8 * S + 1);
+        assert!(
+            logs(&events).contains("reset (wrong port 10003/tcp)"),
+            "{events:?}"
+        );
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn valid_totp_knocks_on_every_skew_step_are_no_failures() {
+        let d = dir("totp-skew");
+        let secret = "JBSWY3DPEHPK3PXPJBSWY3DP";
+        let extra = format!("[totp-doors.carol]\nfirst-port = 40001\nsecret = \"{secret}\"\nservices = [\"ssh\"]\nrequire-enrollment = false\n");
+        let config = config(&d, &extra);
+        let door = config.doors.totp[0].clone();
+        let mut e = Knocks::new(&config, &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let step = door.params.step(NOW / S);
+        let mut all = Vec::new();
+        // Codes of the previous, current and next step: each a valid knock, none a replay
+        // (blacklist-after is 2 here).
+        for (i, knocked) in [step - 1, step, step + 1].into_iter().enumerate() {
+            let code = totp::code_at_step(&door.secret, &door.params, knocked);
+            let ports = totp::derive_ports(40001, &code, &door.rule).unwrap();
+            let at = NOW + i as u64 * S;
+            let mut open = false;
+            for (j, p) in ports.iter().enumerate() {
+                let events = e.knock(a, tcp(*p), 0x02, at + j as u64);
+                open |= opened(&events);
+                all.extend(events);
+            }
+            assert!(open, "knock with step {knocked}: {}", logs(&all));
+        }
+        assert!(!all.iter().any(|e| matches!(e, Event::Blacklist { .. })));
+        assert!(!logs(&all).contains("reset"), "{}", logs(&all));
+        // A replay of a used step is still a failure, and a wrong port after the first is too.
+        let code = totp::code_at_step(&door.secret, &door.params, step);
+        let ports = totp::derive_ports(40001, &code, &door.rule).unwrap();
+        let mut events = Vec::new();
+        for (j, p) in ports.iter().enumerate() {
+            events.extend(e.knock(a, tcp(*p), 0x02, NOW + 3 * S + j as u64));
+        }
+        assert!(logs(&events).contains("(replay)"), "{events:?}");
+        e.knock(a, tcp(40001), 0x02, NOW + 4 * S);
+        let wrong = (20000..30000).find(|p| !ports.contains(p)).unwrap();
+        let events = e.knock(a, tcp(wrong), 0x02, NOW + 4 * S + 1);
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Blacklist { .. })),
+            "{events:?}"
+        );
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_spoofed_flood_stays_within_the_cap_and_a_legit_source_still_opens() {
+        let d = dir("flood");
+        let mut e = Knocks::new(&config(&d, "max-sources = 1000\n"), &d, NOW);
+        let legit: IpAddr = "2001:db8::7".parse().unwrap();
+        let mut now = NOW;
+        let mut spoofed = 0u32;
+        let mut logged = 0usize;
+        // 10 µs per spoofed SYN (100k packets/s), each from a new address, at knock ports.
+        let mut flood = |e: &mut Knocks, now: &mut Micros, count: u32| {
+            for _ in 0..count {
+                spoofed += 1;
+                let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + spoofed));
+                let port = [7000, 7500, 8999, 9000][spoofed as usize % 4];
+                *now += 10;
+                logged += e
+                    .knock(source, tcp(port), 0x02, *now)
+                    .iter()
+                    .filter(|e| matches!(e, Event::Log(_)))
+                    .count();
+                assert!(e.engine().tracked_sources() <= 1000);
+            }
+        };
+        for round in 0..20 {
+            flood(&mut e, &mut now, 5_000);
+            e.knock(legit, tcp(7000), 0x02, now);
+            flood(&mut e, &mut now, 100);
+            e.knock(legit, udp(8000), 0, now);
+            // Past stage 1 the legit source is trusted: a long flood does not evict it.
+            flood(&mut e, &mut now, 5_000);
+            let events = e.knock(legit, tcp(9000), 0x02, now);
+            assert!(opened(&events), "round {round}: {events:?}");
+            now += S;
+            e.tick(now);
+        }
+        assert!(e.engine().evicted_sources() > 100_000);
+        // 202,000 knocks over ~22 s: the log got a bounded ration, not a line per knock.
+        assert!(
+            logged <= 23 * (KNOCK_LOG_LINES_PER_SECOND as usize + 1),
+            "{logged}"
+        );
+        // After the flood, purging gives the state back.
+        e.tick(now + 60 * S);
+        e.tick(now + 120 * S);
+        assert_eq!(e.engine().tracked_sources(), 0);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn one_time_use_is_kept_in_the_state_directory_not_the_config() {
+        let d = dir("onetime");
+        let list = d.join("onetime.txt");
+        std::fs::write(&list, "7100,7200,7300\n7400,7500\n").unwrap();
+        let extra = format!(
+            "[doors.e]\none-time-sequences = \"{}\"\nservices = [\"ssh\"]\n",
+            list.display()
+        );
+        let config = config(&d, &extra);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let knock_all = |e: &mut Knocks, ports: &[u16], at: Micros| {
+            ports
+                .iter()
+                .map(|p| e.knock(a, tcp(*p), 0x02, at + u64::from(*p)))
+                .any(|ev| opened(&ev))
+        };
+        let mut e = Knocks::new(&config, &d, NOW);
+        assert!(knock_all(&mut e, &[7100, 7200, 7300], NOW));
+        assert!(!knock_all(&mut e, &[7100, 7200, 7300], NOW + S), "used");
+        assert_eq!(
+            std::fs::read_to_string(&list).unwrap(),
+            "7100,7200,7300\n7400,7500\n",
+            "the configured list is never written"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("one-time-used")).unwrap(),
+            "e 7100/tcp,7200/tcp,7300/tcp\n"
+        );
+        // A restarted daemon remembers; the next line opens.
+        let mut again = Knocks::new(&config, &d, NOW + 2 * S);
+        assert!(!knock_all(&mut again, &[7100, 7200, 7300], NOW + 2 * S));
+        assert!(knock_all(&mut again, &[7400, 7500], NOW + 3 * S));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_use_that_cannot_be_persisted_does_not_open() {
+        let d = dir("nopersist");
+        let list = d.join("onetime.txt");
+        std::fs::write(&list, "7100,7200\n").unwrap();
+        let extra = format!(
+            "[doors.e]\none-time-sequences = \"{}\"\nservices = [\"ssh\"]\n",
+            list.display()
+        );
+        let config = config(&d, &extra);
+        // The state file's place is taken by a directory: the write fails.
+        std::fs::create_dir_all(d.join("one-time-used")).unwrap();
+        let mut e = Knocks::new(&config, &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        e.knock(a, tcp(7100), 0x02, NOW);
+        let events = e.knock(a, tcp(7200), 0x02, NOW + 1);
+        assert!(!opened(&events), "{events:?}");
+        assert!(logs(&events).contains("cannot persist one-time sequence use"));
         std::fs::remove_dir_all(d).unwrap();
     }
 }
