@@ -57,34 +57,11 @@ impl Ring {
             tp_frame_nr: FRAMES as u32,
         };
         set_option(&socket, libc::SOL_PACKET, libc::PACKET_RX_RING, &request)?;
-        let length = NonZeroUsize::new(FRAMES * FRAME_SIZE).unwrap_or(NonZeroUsize::MIN);
-        // SAFETY: a fresh shared mapping of the ring the kernel just allocated for this
-        // socket, at offset 0 with exactly its size; nothing else aliases it in this process.
-        // It is unmapped in Drop, after which no slot is used (slots borrow `self`).
-        let map = unsafe {
-            mmap(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | MapFlags::MAP_LOCKED,
-                &socket,
-                0,
-            )
-        }
-        .or_else(|_| {
-            // MAP_LOCKED needs RLIMIT_MEMLOCK room; without it the ring may be paged out.
-            // SAFETY: as above.
-            unsafe {
-                mmap(
-                    None,
-                    length,
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED,
-                    &socket,
-                    0,
-                )
-            }
-        })?;
+        let shared = MapFlags::MAP_SHARED;
+        // MAP_LOCKED keeps the ring in RAM; it needs RLIMIT_MEMLOCK room (or CAP_IPC_LOCK),
+        // so without it the ring is mapped unlocked.
+        let map = map_ring(&socket, shared | MapFlags::MAP_LOCKED)
+            .or_else(|_| map_ring(&socket, shared))?;
         Ok(Self {
             socket,
             map,
@@ -144,6 +121,30 @@ impl Ring {
         self.head = (self.head + 1) % FRAMES;
     }
 }
+
+/// Maps the ring the kernel allocated for `socket`.
+fn map_ring(socket: &Socket, flags: MapFlags) -> nix::Result<NonNull<c_void>> {
+    let length = NonZeroUsize::new(FRAMES * FRAME_SIZE).unwrap_or(NonZeroUsize::MIN);
+    // SAFETY: a fresh shared mapping of the ring the kernel has just allocated for this
+    // socket, at offset 0 with exactly its size; nothing else in this process aliases it.
+    // The caller keeps it in a `Ring`, which unmaps it in Drop, and no slot outlives that
+    // (slots borrow the `Ring`).
+    unsafe {
+        mmap(
+            None,
+            length,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            flags,
+            socket,
+            0,
+        )
+    }
+}
+
+// SAFETY: a `Ring` owns its mapping exclusively (the raw pointer is never shared or copied
+// out), and the kernel's side does not care which thread reads or releases slots; moving it
+// to another thread (e.g. an async runtime's worker) is as safe as moving a `Vec`.
+unsafe impl Send for Ring {}
 
 impl Drop for Ring {
     fn drop(&mut self) {
