@@ -29,12 +29,14 @@ const TP_STATUS_USER: u32 = 1;
 const HEADER: usize = 32;
 const SOCKADDR_LL: usize = 20;
 
-/// Bytes per slot: header, address and up to ~950 bytes of packet (an SPA packet or a knock
-/// is far smaller; longer frames are dropped as truncated).
-pub const FRAME_SIZE: usize = 1024;
+/// Bytes per slot: header, address and a whole 1,500-byte frame (an SPA packet or a knock
+/// is far smaller, but an fwknop packet can be long; longer frames are dropped as
+/// truncated).
+pub const FRAME_SIZE: usize = 2048;
 const BLOCK_SIZE: usize = 128 << 10;
 const BLOCKS: usize = 64;
-/// Slots per ring: 8,192 frames (8 MiB) wait for the daemon before the kernel drops any.
+/// Slots per ring: 4,096 frames (8 MiB, mapped into the daemon and counted in its RSS)
+/// wait for the daemon before the kernel drops any.
 pub const FRAMES: usize = BLOCK_SIZE / FRAME_SIZE * BLOCKS;
 
 /// One mapped receive ring, owned with its socket.
@@ -76,7 +78,7 @@ impl Ring {
     /// The status word of slot `index`, shared with the kernel.
     fn status(&self, index: usize) -> &AtomicU32 {
         // SAFETY: `index < FRAMES`, so the slot lies inside the mapping, which lives as long
-        // as `self`; slots start on FRAME_SIZE (1024) boundaries of a page-aligned mapping,
+        // as `self`; slots start on FRAME_SIZE (2048) boundaries of a page-aligned mapping,
         // so the u32 at its start is aligned. The kernel writes it concurrently, hence the
         // atomic view (the kernel's side uses barriers around it).
         unsafe {
@@ -235,7 +237,7 @@ mod tests {
                 .truncated
         );
         // Offsets pointing outside the slot or into the header: no bytes, never a panic.
-        for (snap, net) in [(1000u32, 80u16), (10, 2000), (10, 8), (u32::MAX, 80)] {
+        for (snap, net) in [(2000u32, 80u16), (10, 4000), (10, 8), (u32::MAX, 80)] {
             let mut s = slot(10, 10, 80, 0, 0);
             s[8..12].copy_from_slice(&snap.to_ne_bytes());
             s[14..16].copy_from_slice(&net.to_ne_bytes());
