@@ -29,12 +29,14 @@ const TP_STATUS_USER: u32 = 1;
 const HEADER: usize = 32;
 const SOCKADDR_LL: usize = 20;
 
-/// Bytes per slot: header, address and up to ~950 bytes of packet (an SPA packet or a knock
-/// is far smaller; longer frames are dropped as truncated).
-pub const FRAME_SIZE: usize = 1024;
+/// Bytes per slot: header, address and a whole 1,500-byte frame (an SPA packet or a knock
+/// is far smaller, but an fwknop packet can be long; longer frames are dropped as
+/// truncated).
+pub const FRAME_SIZE: usize = 2048;
 const BLOCK_SIZE: usize = 128 << 10;
 const BLOCKS: usize = 64;
-/// Slots per ring: 8,192 frames (8 MiB) wait for the daemon before the kernel drops any.
+/// Slots per ring: 4,096 frames (8 MiB, mapped into the daemon and counted in its RSS)
+/// wait for the daemon before the kernel drops any.
 pub const FRAMES: usize = BLOCK_SIZE / FRAME_SIZE * BLOCKS;
 
 /// One mapped receive ring, owned with its socket.
@@ -57,34 +59,11 @@ impl Ring {
             tp_frame_nr: FRAMES as u32,
         };
         set_option(&socket, libc::SOL_PACKET, libc::PACKET_RX_RING, &request)?;
-        let length = NonZeroUsize::new(FRAMES * FRAME_SIZE).unwrap_or(NonZeroUsize::MIN);
-        // SAFETY: a fresh shared mapping of the ring the kernel just allocated for this
-        // socket, at offset 0 with exactly its size; nothing else aliases it in this process.
-        // It is unmapped in Drop, after which no slot is used (slots borrow `self`).
-        let map = unsafe {
-            mmap(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | MapFlags::MAP_LOCKED,
-                &socket,
-                0,
-            )
-        }
-        .or_else(|_| {
-            // MAP_LOCKED needs RLIMIT_MEMLOCK room; without it the ring may be paged out.
-            // SAFETY: as above.
-            unsafe {
-                mmap(
-                    None,
-                    length,
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED,
-                    &socket,
-                    0,
-                )
-            }
-        })?;
+        let shared = MapFlags::MAP_SHARED;
+        // MAP_LOCKED keeps the ring in RAM; it needs RLIMIT_MEMLOCK room (or CAP_IPC_LOCK),
+        // so without it the ring is mapped unlocked.
+        let map = map_ring(&socket, shared | MapFlags::MAP_LOCKED)
+            .or_else(|_| map_ring(&socket, shared))?;
         Ok(Self {
             socket,
             map,
@@ -99,7 +78,7 @@ impl Ring {
     /// The status word of slot `index`, shared with the kernel.
     fn status(&self, index: usize) -> &AtomicU32 {
         // SAFETY: `index < FRAMES`, so the slot lies inside the mapping, which lives as long
-        // as `self`; slots start on FRAME_SIZE (1024) boundaries of a page-aligned mapping,
+        // as `self`; slots start on FRAME_SIZE (2048) boundaries of a page-aligned mapping,
         // so the u32 at its start is aligned. The kernel writes it concurrently, hence the
         // atomic view (the kernel's side uses barriers around it).
         unsafe {
@@ -144,6 +123,30 @@ impl Ring {
         self.head = (self.head + 1) % FRAMES;
     }
 }
+
+/// Maps the ring the kernel allocated for `socket`.
+fn map_ring(socket: &Socket, flags: MapFlags) -> nix::Result<NonNull<c_void>> {
+    let length = NonZeroUsize::new(FRAMES * FRAME_SIZE).unwrap_or(NonZeroUsize::MIN);
+    // SAFETY: a fresh shared mapping of the ring the kernel has just allocated for this
+    // socket, at offset 0 with exactly its size; nothing else in this process aliases it.
+    // The caller keeps it in a `Ring`, which unmaps it in Drop, and no slot outlives that
+    // (slots borrow the `Ring`).
+    unsafe {
+        mmap(
+            None,
+            length,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            flags,
+            socket,
+            0,
+        )
+    }
+}
+
+// SAFETY: a `Ring` owns its mapping exclusively (the raw pointer is never shared or copied
+// out), and the kernel's side does not care which thread reads or releases slots; moving it
+// to another thread (e.g. an async runtime's worker) is as safe as moving a `Vec`.
+unsafe impl Send for Ring {}
 
 impl Drop for Ring {
     fn drop(&mut self) {
@@ -234,7 +237,7 @@ mod tests {
                 .truncated
         );
         // Offsets pointing outside the slot or into the header: no bytes, never a panic.
-        for (snap, net) in [(1000u32, 80u16), (10, 2000), (10, 8), (u32::MAX, 80)] {
+        for (snap, net) in [(2000u32, 80u16), (10, 4000), (10, 8), (u32::MAX, 80)] {
             let mut s = slot(10, 10, 80, 0, 0);
             s[8..12].copy_from_slice(&snap.to_ne_bytes());
             s[14..16].copy_from_slice(&net.to_ne_bytes());
