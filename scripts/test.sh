@@ -14,7 +14,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # The end-to-end tests mostly wait on timers, so they run wider than the core count.
 status=0
-cargo test --workspace --locked --no-fail-fast -- --test-threads=6 "$@" 2>&1 | tee "$log" || status=$?
+SPA_E2E_REQUIRED=1 cargo test --workspace --locked --no-fail-fast -- --test-threads=6 "$@" 2>&1 | tee "$log" || status=$?
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo

@@ -838,10 +838,6 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     pipeline
         .log
         .line(clock.now(), &format!("stopping: {}", counters.join(" ")));
-    pipeline.log.line(
-        clock.now(),
-        &format!("refusals: {}", pipeline.stats.refusals),
-    );
     if pipeline.config.server.flush_on_exit {
         pipeline.firewall.flush()?;
         pipeline.log.line(

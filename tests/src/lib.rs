@@ -52,6 +52,39 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Whether the namespace tests run here. Without root they are skipped, and the first one
+/// says so once on stderr (past the harness's output capture), with how to run them. Under
+/// `scripts/test.sh` (`SPA_E2E_REQUIRED=1`) a machine that cannot run them fails instead, so a
+/// CI run never passes by skipping.
+pub fn e2e_or_skip() -> bool {
+    if can_run() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("SPA_E2E_REQUIRED").is_none(),
+        "the end-to-end tests need root and iproute2 (`ip`) to create network namespaces"
+    );
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "spa-e2e: skipping the end-to-end tests: they need root to create network namespaces; run `sudo scripts/test.sh`"
+        );
+    });
+    false
+}
+
+/// Defines each named scenario `fn NAME(backend: Backend)` as two tests, `nftables::NAME` and
+/// `iptables::NAME`: every firewall behaviour is proven on both backends.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod nftables { $( #[test] fn $name() { if $crate::e2e_or_skip() { super::$name($crate::Backend::Nftables); } } )* }
+        mod iptables { $( #[test] fn $name() { if $crate::e2e_or_skip() { super::$name($crate::Backend::Iptables); } } )* }
+    };
+}
+
 /// Whether this process may create namespaces (root with CAP_SYS_ADMIN and `ip` present).
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.

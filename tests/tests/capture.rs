@@ -306,13 +306,6 @@ pub fn an_ipv6_knock_behind_a_destination_options_header_is_granted(backend: Bac
     );
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
-        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
-    };
-}
-
 both_backends!(
     frames_the_host_would_not_accept_open_nothing_and_are_counted,
     an_ipv6_knock_behind_a_destination_options_header_is_granted,

@@ -356,13 +356,6 @@ pub fn conceal_drop_hides_every_watched_port_alike(backend: Backend) {
     }
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
-        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
-    };
-}
-
 both_backends!(
     flush_and_tampering_never_open_protected_ports,
     a_second_daemon_refuses_and_names_the_first,

@@ -1,4 +1,4 @@
-//! Issue 10 end to end: Debian's real `fwknop` client (fwknop-client 2.6.10), unmodified, opens
+//! End to end: Debian's real `fwknop` client (fwknop-client 2.6.10), unmodified, opens
 //! services through spad on the same port as spa clients; replays, forgeries, commands and
 //! requests outside the client's services are refused, each with its own reason, and nothing is
 //! ever sent back.
@@ -488,13 +488,6 @@ pub fn an_imported_access_conf_serves_the_real_client(backend: Backend) {
     );
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
-        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
-    };
 }
 
 both_backends!(

@@ -1,4 +1,4 @@
-//! Issue 4 end to end: knockd-style doors opened by the real `knock` client, `nc` and `nmap`;
+//! End to end: knockd-style doors opened by the real `knock` client, `nc` and `nmap`;
 //! TOTP doors opened by `spa` and checked against `oathtool`; each knockd fault fixed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -434,13 +434,6 @@ pub fn valid_totp_knocks_on_every_skew_step_are_not_failures(backend: Backend) {
     assert!(!log.contains("blacklisted"), "{log}");
     assert!(!log.contains("reset"), "{log}");
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(443), T), Connect::Open);
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
-        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
-    };
 }
 
 both_backends!(

@@ -1,4 +1,4 @@
-//! Issue 9 (the daemon as an operator sees it) and issue 7 item 9 (least privilege), end to end:
+//! The daemon as an operator sees it, and least privilege, end to end:
 //! the control socket keeps `status`/`list`/`revoke`/`flush` working with a broken config on
 //! disk, the Prometheus endpoint serves text a real parser (`promtool`) accepts, the systemd
 //! notify protocol is spoken to a listener on `NOTIFY_SOCKET`, log lines carry journald
@@ -616,13 +616,6 @@ fn the_systemd_unit_rates_at_most_2_0_and_the_docs_say_so() {
     let unit_text = std::fs::read_to_string(&unit).unwrap();
     assert!(unit_text.contains(&format!("rates this unit {figure}")));
     assert!(Path::new(&unit).exists());
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
-        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
-    };
 }
 
 both_backends!(

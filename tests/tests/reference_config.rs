@@ -36,7 +36,9 @@ fn check(lab: &Lab, conf: &str) -> String {
 
 #[test]
 fn reference_config_checks_and_its_rulesets_load() {
-    assert!(can_run(), "E2E tests need root");
+    if !e2e_or_skip() {
+        return;
+    }
     let lab = Lab::new("spad.toml");
     std::fs::copy(lab.path("keys/server.key"), lab.path("server.key")).unwrap();
     // As shipped: valid on first use, with no client and no door anyone could use.

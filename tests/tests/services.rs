@@ -1,4 +1,4 @@
-//! Issue 3 end to end, on both backends: management, VPN and NAT services; idle timeouts kept
+//! End to end, on both backends: management, VPN and NAT services; idle timeouts kept
 //! alive by traffic in the kernel; allow lists; close, revoke, reload and flush-on-exit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -366,13 +366,6 @@ pub fn flush_on_exit_closes_grants_and_bad_config_touches_nothing(backend: Backe
     // The grant is gone; the protection stays (only `spad uninstall` removes it).
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::TimedOut);
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
-        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
-    };
 }
 
 both_backends!(

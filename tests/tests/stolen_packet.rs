@@ -91,11 +91,4 @@ pub fn a_withheld_packet_resent_from_elsewhere_is_refused(backend: Backend) {
     assert_eq!(tcp_probe(&lab.b, ssh, T), Connect::Open);
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod nftables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Nftables); } )* }
-        mod iptables { $( #[test] fn $name() { assert!(super::can_run(), "E2E tests need root"); super::$name(super::Backend::Iptables); } )* }
-    };
-}
-
 both_backends!(a_withheld_packet_resent_from_elsewhere_is_refused);
