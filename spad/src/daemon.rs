@@ -341,7 +341,12 @@ impl<C: Clock> Pipeline<C> {
         }
         let decision = match policy::decide(&self.config, &client, request, source) {
             Ok(d) => d,
-            Err(e) => return self.refuse_as(source, Refusal::Policy, || e.to_string()),
+            Err(e) => {
+                if e.depends_on_source() {
+                    self.recent.forget(&ephemeral);
+                }
+                return self.refuse_as(source, Refusal::Policy, || e.to_string());
+            }
         };
         // Recorded now (a second copy in this batch is refused); durable at the end of the
         // batch, before the door opens: not even kill -9 right after lets it through twice.
@@ -913,6 +918,46 @@ mod tests {
             port: 62201,
             payload,
         }
+    }
+
+    #[test]
+    fn a_packet_raced_from_another_address_does_not_lock_its_owner_out() {
+        // The man-on-the-side re-sends a withheld require-address packet from his own address
+        // first: refused there, and the owner's copy must still reach the handshake.
+        let clock = ManualClock::new(NOW);
+        let (p, client, dir) = setup(&clock);
+        drop(p);
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{}\"\nservices = [\"ssh\"]\nrequire-address = true\n",
+            dir.display(),
+            client.public_key()
+        );
+        let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
+        let server = Server::new(PrivateKey::from_bytes([2; 32]));
+        let mut p = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
+        let request = Request {
+            kind: Kind::Open,
+            timestamp: NOW,
+            nonce: [9; 16],
+            duration_secs: 0,
+            address: Some("198.51.100.7".parse().unwrap()),
+            services: vec!["ssh".into()],
+        };
+        let server_key = PrivateKey::from_bytes([2; 32]).public_key();
+        let bytes =
+            spa_shared::packet::seal(&mut rand_core::OsRng, &client, &server_key, &request)
+                .unwrap();
+        p.handle(&udp(&bytes, "198.51.100.66"));
+        assert_eq!(p.stats.granted, 0, "refused from the thief's address");
+        p.handle(&udp(&bytes, "198.51.100.7"));
+        assert_eq!(p.stats.granted, 1, "the owner still gets in");
+        p.handle(&udp(&bytes, "198.51.100.7"));
+        assert_eq!(
+            p.stats.refusals.get(crate::refusal::Refusal::RecentPacket),
+            1,
+            "a true replay is still dropped before the handshake"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

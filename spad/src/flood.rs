@@ -41,6 +41,13 @@ impl RecentPackets {
         }
     }
 
+    /// Forgets a packet refused for where it came from, not for what it is: the same bytes
+    /// from the right address must still reach the handshake (a man-on-the-side who races a
+    /// withheld packet from his own address must not lock its owner out).
+    pub fn forget(&mut self, ephemeral: &[u8; 32]) {
+        self.known.remove(ephemeral);
+    }
+
     pub fn len(&self) -> usize {
         self.order.len()
     }

@@ -45,6 +45,17 @@ pub enum PolicyRefusal {
     Family(String, &'static str),
 }
 
+impl PolicyRefusal {
+    /// Whether the refusal depends on the observed source rather than on the packet itself:
+    /// the same packet may still be granted from another address.
+    pub fn depends_on_source(&self) -> bool {
+        matches!(
+            self,
+            Self::AddressOverride { .. } | Self::AddressMismatch { .. } | Self::Family(..)
+        )
+    }
+}
+
 /// The grant length for one service: the request's (0 = the service default), capped by the
 /// service's max-timeout and the client's max-duration.
 pub fn duration_for(service: &Service, requested_secs: u32, cap: Option<Duration>) -> Duration {

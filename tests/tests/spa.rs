@@ -179,8 +179,14 @@ pub fn no_packet_is_granted_twice_across_a_kill_9_mid_stream(backend: Backend) {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
-    // Wait until spad has gone quiet (refusal lines are rate-limited, so they cannot be
-    // counted one by one).
+    // The packets not granted before the kill are granted now (waited for, not assumed)...
+    let granted_after_restart = || {
+        let log = lab.log();
+        log[log.rfind("listening port=").unwrap()..].contains("granted owner=alice")
+    };
+    wait_until(Duration::from_secs(15), granted_after_restart);
+    // ...then wait until spad has gone quiet (refusal lines are rate-limited, so they cannot
+    // be counted one by one).
     let mut previous = String::new();
     assert!(
         wait_until(Duration::from_secs(15), || {
