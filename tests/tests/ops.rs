@@ -598,6 +598,21 @@ fn start_command_caps(door_extra: &str, backend: Backend) -> String {
     );
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     assert_eq!(counter(&status, "door_opens{door=\"ops\"}"), 1, "{status}");
+    // Knocks by result: two stages, then the open (its port also starts the close sequence).
+    assert_eq!(
+        counter(&status, r#"knock_results{result="open"}"#),
+        1,
+        "{status}"
+    );
+    assert!(
+        counter(&status, r#"knock_results{result="progress"}"#) >= 2,
+        "{status}"
+    );
+    assert_eq!(
+        counter(&status, r#"knock_results{result="reset"}"#),
+        0,
+        "{status}"
+    );
     std::fs::read_to_string(&out).unwrap().trim().to_string()
 }
 

@@ -705,6 +705,14 @@ mod tests {
             !knock_all(&mut e, "198.51.100.2", NOW + 10),
             "replay in the same step refused"
         );
+        use crate::knock::results::KnockResult as R;
+        assert_eq!(
+            e.engine().results().get(R::Replay),
+            1,
+            "{:?}",
+            e.engine().results()
+        );
+        assert_eq!(e.engine().results().get(R::Open), 1);
         // A restarted engine remembers the used step.
         let mut again = Knocks::new(&config, &d, NOW + 20);
         assert!(!knock_all(&mut again, "198.51.100.3", NOW + 20));
@@ -747,6 +755,10 @@ mod tests {
         e.knock(a, tcp(10002), 0x02, NOW + 6 * S + 1);
         let events = e.knock(a, tcp(10000), 0x02, NOW + 6 * S + 2);
         assert!(events.iter().any(|e| matches!(e, Event::Close { .. })));
+        use crate::knock::results::KnockResult as R;
+        assert_eq!(e.engine().results().get(R::Close), 1);
+        assert_eq!(e.engine().results().get(R::Open), 5);
+        assert_eq!(e.engine().results().get(R::Reset), 0);
         e.knock(a, tcp(10000), 0x02, NOW + 8 * S);
         let events = e.knock(a, tcp(10003), 0x02, NOW + 8 * S + 1);
         assert!(
