@@ -60,6 +60,7 @@ enum Command {
     /// Read a private key on stdin, print its public key.
     Pubkey,
     /// Is the daemon running: pid, uptime, config, backend, capture, counters, grants.
+    /// Exits with status 3 when no daemon is running.
     Status {
         #[command(flatten)]
         config: ConfigArg,
@@ -162,6 +163,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        // The status is printed; stdout (text or JSON) already says so.
+        Err(e) if e.is::<crate::control::NotRunning>() => {
+            ExitCode::from(crate::control::NotRunning::EXIT_CODE)
+        }
         Err(e) => {
             eprintln!("spad: error: {e:#}");
             ExitCode::FAILURE

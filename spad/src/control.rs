@@ -603,11 +603,26 @@ pub fn status_command(config: &Path, state_dir: Option<&Path>, json: bool) -> an
         }
     };
     if json {
-        print_json(&status)
+        print_json(&status)?;
     } else {
         print!("{}", status.text());
-        Ok(())
     }
+    if status.running {
+        Ok(())
+    } else {
+        Err(NotRunning.into())
+    }
+}
+
+/// `spad status` found no daemon: exit status 3 (as `systemctl status` for an inactive unit),
+/// after printing the status.
+#[derive(Debug, thiserror::Error)]
+#[error("no daemon is running")]
+pub struct NotRunning;
+
+impl NotRunning {
+    /// The exit status `spad status` gives when no daemon answers.
+    pub const EXIT_CODE: u8 = 3;
 }
 
 /// `spad list`.

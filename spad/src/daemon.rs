@@ -52,6 +52,10 @@ pub struct Stats {
     pub fwknop_refused: u64,
     /// Every refused SPA packet, by reason (their sum is `refused`).
     pub refusals: RefusalCounts,
+    /// Knocks by what they came to (a copy of the knock engine's tally).
+    pub knock_results: crate::knock::results::KnockResults,
+    /// The capture's counters, kernel drops included (copied in by the run loop).
+    pub capture: capture::stats::CaptureStats,
 }
 
 impl Stats {
@@ -79,6 +83,31 @@ impl Stats {
                 .iter()
                 .map(|(reason, n)| (format!("refusals{{reason=\"{}\"}}", reason.name()), n)),
         );
+        out.extend(
+            self.knock_results
+                .iter()
+                .map(|(r, n)| (format!("knock_results{{result=\"{}\"}}", r.name()), n)),
+        );
+        out.extend([
+            ("capture_received".to_string(), self.capture.received),
+            ("capture_delivered".to_string(), self.capture.delivered),
+            (
+                "capture_kernel_packets".to_string(),
+                self.capture.kernel_packets,
+            ),
+            (
+                "capture_kernel_drops".to_string(),
+                self.capture.kernel_drops,
+            ),
+        ]);
+        out.extend(capture::stats::DropReason::ALL.into_iter().map(|reason| {
+            // Label values in the refusals' style: `not_our_address`.
+            let label = reason.name().replace('-', "_");
+            (
+                format!("capture_dropped{{reason=\"{label}\"}}"),
+                self.capture.dropped(reason),
+            )
+        }));
         out.extend(self.door_opens.iter().map(|(door, n)| {
             let door = crate::metrics::label_value(door);
             (format!("door_opens{{door=\"{door}\"}}"), *n)
@@ -560,6 +589,7 @@ impl<C: Clock> Pipeline<C> {
         self.received_at = now;
         self.stats.knocks += 1;
         let events = self.knocks.knock(source, port, flags, now);
+        self.stats.knock_results = self.knocks.engine().results().clone();
         self.apply_knock_events(events);
     }
 
@@ -759,6 +789,8 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     hub.ready(&pipeline);
 
     let mut capture_drops = capture::stats::DropWatch::default();
+    // Counters of capture sources replaced by a reload, so `spad status` never goes backwards.
+    let mut retired_capture = capture::stats::CaptureStats::default();
     while !stop.load(Ordering::Relaxed) {
         if reload.swap(false, Ordering::Relaxed) {
             hub.reloading();
@@ -784,7 +816,10 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
                         }
                     };
                     match new_source.and_then(|s| pipeline.reload(config, server).map(|()| s)) {
-                        Ok(Some(s)) => source = s,
+                        Ok(Some(s)) => {
+                            retired_capture.add(&source.stats());
+                            source = s;
+                        }
                         Ok(None) => {}
                         Err(e) => pipeline.log.line(
                             clock.now(),
@@ -825,6 +860,9 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         if let Some(line) = capture_drops.check(&mut *source, std::time::Instant::now()) {
             pipeline.log.line(clock.now(), &line);
         }
+        // Once per turn (a batch, or 200 ms idle): a few getsockopt calls.
+        pipeline.stats.capture = retired_capture.clone();
+        pipeline.stats.capture.add(&source.stats());
         hub.poll(&mut pipeline);
         for line in guard.poll(&mut *pipeline.firewall, &pipeline.config) {
             pipeline.log.line(clock.now(), &line);

@@ -66,6 +66,12 @@ fn counter_help(base: &str) -> String {
         "blacklistings" => "Sources put on the knock blacklist.".into(),
         "door_opens" => "Knock doors completed (open sequence heard), per door.".into(),
         "grants_by_service" => "Grants installed, per service and service kind.".into(),
+        "knock_results" => "Knocks by what they came to (progress, open, reset, ...).".into(),
+        "capture_received" => "Frames the capture read (own outgoing frames excluded).".into(),
+        "capture_delivered" => "Frames the capture handed to the daemon.".into(),
+        "capture_kernel_packets" => "Frames the kernel passed through the BPF prefilter.".into(),
+        "capture_kernel_drops" => "Frames the kernel dropped: capture receive queue full.".into(),
+        "capture_dropped" => "Frames the capture dropped in userspace, by reason.".into(),
         other => format!("spad counter `{other}` (see docs/operations.md)."),
     }
 }

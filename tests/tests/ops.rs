@@ -81,6 +81,20 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
     assert_eq!(status["live_grants"], 1);
     assert_eq!(counter(&status, "granted"), 1);
     assert!(counter(&status, "packets") >= 1);
+    // The capture's counters, the kernel's included: the knock was read and delivered.
+    let delivered = counter(&status, "capture_delivered");
+    assert!(delivered >= 1, "{status}");
+    assert!(
+        counter(&status, "capture_received") >= delivered,
+        "{status}"
+    );
+    assert!(
+        counter(&status, "capture_kernel_packets") >= delivered,
+        "{status}"
+    );
+    assert_eq!(counter(&status, "capture_kernel_drops"), 0, "{status}");
+    counter(&status, r#"capture_dropped{reason="not_our_address"}"#);
+    counter(&status, r#"knock_results{result="progress"}"#);
     let text = String::from_utf8(spad_cli(&lab, &["status"]).stdout).unwrap();
     assert!(
         text.starts_with(&format!("spad is running (pid {pid}")),
@@ -193,8 +207,17 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(json(&out)["source"], "kernel");
-    let status = json(&spad_cli(&lab, &["status", "--json"]));
+    // `status` says so and exits 3, as `systemctl status` does for an inactive unit.
+    let out = spad_cli(&lab, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["running"], false);
+    let out = spad_cli(&lab, &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("spad is not running"),
+        "{out:?}"
+    );
     assert!(
         !lab.path("state/control.sock").exists(),
         "socket removed on exit"
@@ -575,6 +598,21 @@ fn start_command_caps(door_extra: &str, backend: Backend) -> String {
     );
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     assert_eq!(counter(&status, "door_opens{door=\"ops\"}"), 1, "{status}");
+    // Knocks by result: two stages, then the open (its port also starts the close sequence).
+    assert_eq!(
+        counter(&status, r#"knock_results{result="open"}"#),
+        1,
+        "{status}"
+    );
+    assert!(
+        counter(&status, r#"knock_results{result="progress"}"#) >= 2,
+        "{status}"
+    );
+    assert_eq!(
+        counter(&status, r#"knock_results{result="reset"}"#),
+        0,
+        "{status}"
+    );
     std::fs::read_to_string(&out).unwrap().trim().to_string()
 }
 

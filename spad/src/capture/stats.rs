@@ -80,6 +80,17 @@ impl CaptureStats {
         self.dropped[reason.index()]
     }
 
+    /// Adds `other`'s counts (a source replaced on reload keeps counting in the totals).
+    pub fn add(&mut self, other: &CaptureStats) {
+        self.received += other.received;
+        self.delivered += other.delivered;
+        self.kernel_packets += other.kernel_packets;
+        self.kernel_drops += other.kernel_drops;
+        for (mine, theirs) in self.dropped.iter_mut().zip(other.dropped) {
+            *mine += theirs;
+        }
+    }
+
     /// All userspace drops.
     pub fn dropped_total(&self) -> u64 {
         self.dropped.iter().sum()
@@ -155,6 +166,10 @@ mod tests {
             );
         }
         assert_eq!(stats.dropped_total(), 28);
+        let mut total = stats.clone();
+        total.add(&stats);
+        assert_eq!(total.dropped(DropReason::BadChecksum), 14);
+        assert_eq!(total.dropped_total(), 56);
     }
 
     struct Fake(u64);

@@ -29,6 +29,7 @@ use spa_shared::Micros;
 use super::config::{StaticDoor, TcpFlags, TotpDoor};
 use super::log_budget::LogBudget;
 use super::one_time::{OneTimeLines, OneTimeList};
+use super::results::{KnockResult, KnockResults};
 use super::sequence::{advance, Outcome, Progress, SeqKey, Step};
 use super::sources::{RateVerdict, Sources};
 use super::static_doors::{command, hull, Door};
@@ -137,6 +138,8 @@ pub struct Engine {
     pub(super) timers: Vec<(Micros, usize, IpAddr)>,
     pub(super) last_purge: Micros,
     pub(super) budget: LogBudget,
+    /// Every knock given to [`Engine::knock`], by what it came to.
+    results: KnockResults,
 }
 
 impl Engine {
@@ -155,6 +158,7 @@ impl Engine {
             timers: Vec::new(),
             last_purge: now,
             budget: LogBudget::default(),
+            results: KnockResults::default(),
         };
         engine.reconfigure(setup, now);
         engine
@@ -240,53 +244,59 @@ impl Engine {
         now: Micros,
     ) -> Vec<Event> {
         let mut events = Vec::new();
-        if self.ignored.contains(&port) || self.sources.is_blacklisted(address, now) {
-            return events;
+        let result = self.judge(address, (port, tcp_flags, now), &mut events);
+        self.results.count(result);
+        events
+    }
+
+    /// Every knock so far, by result.
+    pub fn results(&self) -> &KnockResults {
+        &self.results
+    }
+
+    /// The work of [`Engine::knock`]: pushes the events, returns what the knock came to.
+    fn judge(
+        &mut self,
+        address: IpAddr,
+        (port, tcp_flags, now): (PortProto, u8, Micros),
+        events: &mut Vec<Event>,
+    ) -> KnockResult {
+        if self.ignored.contains(&port) {
+            return KnockResult::Ignored;
         }
-        self.budget.clock(now, &mut events);
+        if self.sources.is_blacklisted(address, now) {
+            return KnockResult::Blacklisted;
+        }
+        self.budget.clock(now, events);
         let source = self.sources.entry(address);
         match source.rate.count(now, self.max_rate) {
             RateVerdict::Within => {}
             RateVerdict::Tripped => {
                 let max = self.max_rate;
-                self.budget.say(&mut events, || {
+                self.budget.say(events, || {
                     format!("{address}: more than {max} knocks per second; ignoring")
                 });
-                self.fail(address, now, &mut events);
-                return events;
+                self.fail(address, now, events);
+                return KnockResult::RateLimited;
             }
-            RateVerdict::Over => return events,
+            RateVerdict::Over => return KnockResult::RateLimited,
         }
         if self.decoys.contains(&port) {
             source.progress = Vec::new();
-            self.budget.say(&mut events, || {
+            self.budget.say(events, || {
                 format!("{address}: decoy port {port} hit; progress reset")
             });
-            self.fail(address, now, &mut events);
-            return events;
+            self.fail(address, now, events);
+            return KnockResult::Decoy;
         }
         let mut progress = std::mem::take(&mut source.progress);
         let mut verdict = Verdict::default();
         let hit = (port, tcp_flags, now);
         for index in 0..self.doors.len() {
-            self.static_door(
-                index,
-                address,
-                hit,
-                &mut progress,
-                &mut events,
-                &mut verdict,
-            );
+            self.static_door(index, address, hit, &mut progress, events, &mut verdict);
         }
         for index in 0..self.totp.doors().len() {
-            self.totp_door(
-                index,
-                address,
-                hit,
-                &mut progress,
-                &mut events,
-                &mut verdict,
-            );
+            self.totp_door(index, address, hit, &mut progress, events, &mut verdict);
         }
         let trusted = progress.iter().any(|(_, p)| p.matched >= 2);
         if let Some(source) = self.sources.get_mut(address) {
@@ -298,15 +308,29 @@ impl Engine {
         // A knock that moved any sequence on is a legitimate knock, whatever other sequences it
         // broke (a TOTP step it did not match, a close sequence that shares a port with the open
         // one): only a knock that broke real progress and moved nothing is a guess.
-        if verdict.replayed || (!verdict.progressed && !verdict.broken.is_empty()) {
+        let failed = verdict.replayed || (!verdict.progressed && !verdict.broken.is_empty());
+        let result = if events.iter().any(|e| matches!(e, Event::Open { .. })) {
+            KnockResult::Open
+        } else if events.iter().any(|e| matches!(e, Event::Close { .. })) {
+            KnockResult::Close
+        } else if verdict.replayed {
+            KnockResult::Replay
+        } else if failed {
+            KnockResult::Reset
+        } else if verdict.progressed {
+            KnockResult::Progress
+        } else {
+            KnockResult::Unmatched
+        };
+        if failed {
             if !verdict.replayed {
                 for line in verdict.broken {
-                    self.budget.say(&mut events, || line);
+                    self.budget.say(events, || line);
                 }
             }
-            self.fail(address, now, &mut events);
+            self.fail(address, now, events);
         }
-        events
+        result
     }
 
     /// Logs a step's timeout and stage; notes it in the verdict.
@@ -562,6 +586,43 @@ mod tests {
     }
 
     #[test]
+    fn every_knock_is_counted_by_what_it_came_to() {
+        use crate::knock::results::KnockResult as R;
+        let d = dir("results");
+        let mut e = Knocks::new(&config(&d, ""), &d, NOW);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let steps = [
+            (tcp(7000), 0x02, R::Progress),
+            (tcp(7000), 0x02, R::Unmatched), // a retransmitted SYN
+            (tcp(7000), 0x12, R::Unmatched), // a SYN-ACK is no knock
+            (udp(8000), 0, R::Progress),
+            (tcp(9000), 0x02, R::Open),
+            (tcp(7000), 0x02, R::Progress),
+            (tcp(7001), 0x02, R::Reset),
+            (tcp(1234), 0x02, R::Decoy), // second failure: blacklisted
+            (tcp(7000), 0x02, R::Blacklisted),
+        ];
+        for (i, (port, flags, want)) in steps.into_iter().enumerate() {
+            let before = e.engine().results().get(want);
+            e.knock(a, port, flags, NOW + i as Micros * S);
+            assert_eq!(
+                e.engine().results().get(want),
+                before + 1,
+                "step {i}: {want:?}"
+            );
+        }
+        let total: u64 = e.engine().results().iter().map(|(_, n)| n).sum();
+        assert_eq!(total, steps.len() as u64, "one result per knock");
+        // Over the rate limit (5 per second), from a fresh source.
+        let b: IpAddr = "198.51.100.2".parse().unwrap();
+        for i in 0..7 {
+            e.knock(b, udp(8000), 0, NOW + 100 * S + i);
+        }
+        assert_eq!(e.engine().results().get(R::RateLimited), 2);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
     fn in_between_ports_reset_and_failures_blacklist() {
         let d = dir("bl");
         let mut e = Knocks::new(&config(&d, ""), &d, NOW);
@@ -644,6 +705,14 @@ mod tests {
             !knock_all(&mut e, "198.51.100.2", NOW + 10),
             "replay in the same step refused"
         );
+        use crate::knock::results::KnockResult as R;
+        assert_eq!(
+            e.engine().results().get(R::Replay),
+            1,
+            "{:?}",
+            e.engine().results()
+        );
+        assert_eq!(e.engine().results().get(R::Open), 1);
         // A restarted engine remembers the used step.
         let mut again = Knocks::new(&config, &d, NOW + 20);
         assert!(!knock_all(&mut again, "198.51.100.3", NOW + 20));
@@ -686,6 +755,10 @@ mod tests {
         e.knock(a, tcp(10002), 0x02, NOW + 6 * S + 1);
         let events = e.knock(a, tcp(10000), 0x02, NOW + 6 * S + 2);
         assert!(events.iter().any(|e| matches!(e, Event::Close { .. })));
+        use crate::knock::results::KnockResult as R;
+        assert_eq!(e.engine().results().get(R::Close), 1);
+        assert_eq!(e.engine().results().get(R::Open), 5);
+        assert_eq!(e.engine().results().get(R::Reset), 0);
         e.knock(a, tcp(10000), 0x02, NOW + 8 * S);
         let events = e.knock(a, tcp(10003), 0x02, NOW + 8 * S + 1);
         assert!(
