@@ -982,9 +982,8 @@ mod tests {
             services: vec!["ssh".into()],
         };
         let server_key = PrivateKey::from_bytes([2; 32]).public_key();
-        let bytes =
-            spa_shared::packet::seal(&mut rand_core::OsRng, &client, &server_key, &request)
-                .unwrap();
+        let bytes = spa_shared::packet::seal(&mut rand_core::OsRng, &client, &server_key, &request)
+            .unwrap();
         p.handle(&udp(&bytes, "198.51.100.66"));
         assert_eq!(p.stats.granted, 0, "refused from the thief's address");
         p.handle(&udp(&bytes, "198.51.100.7"));
