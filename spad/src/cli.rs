@@ -180,186 +180,238 @@ fn overrides(arg: &ConfigArg) -> Overrides {
     }
 }
 
+/// The configuration with the command line's overrides, loaded the way the daemon loads it.
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
-    let mut config = Config::load(&arg.config)?;
-    if let Some(dir) = &arg.state_dir {
-        config.server.state_dir = dir.clone();
-    }
-    Ok(config)
+    daemon::load_config(&arg.config, &overrides(arg))
 }
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run(arg) => daemon::run(arg.config.clone(), overrides(&arg)),
+        Command::Run(arg) => cmd_run(arg),
         Command::Invite(args) => crate::invite::run(args),
         Command::Client(command) => crate::client_admin::run(command),
         Command::Check {
-            config: arg,
+            config,
             ruleset,
             json,
-        } => {
-            let (config, server) = daemon::load(&arg.config, &overrides(&arg))?;
-            if ruleset {
-                print!(
-                    "{}",
-                    crate::firewall::nftables::ruleset(&config, &config.server.table, &[])
-                );
-                return Ok(());
-            }
-            if json {
-                let checked = crate::status::Checked::new(&config, server.public_key().to_string());
-                println!("{}", serde_json::to_string_pretty(&checked)?);
-                return Ok(());
-            }
-            println!("{}: OK", arg.config.display());
-            println!("server public key: {}", server.public_key());
-            for s in config.services.values() {
-                let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
-                println!("service {} ({:?}): {}", s.name, s.kind, ports.join(" "));
-            }
-            for c in config.clients.values() {
-                println!("client {}: {}", c.name, c.services.join(","));
-            }
-            for c in config.fwknop_clients.values() {
-                println!("fwknop client {}: {}", c.name, c.services.join(","));
-            }
-            for d in &config.doors.doors {
-                println!("door {}: {} ports", d.name, d.sequence.len());
-            }
-            for d in &config.doors.totp {
-                println!("totp door {}: first port {}", d.name, d.first_port);
-            }
-            Ok(())
-        }
+        } => cmd_check(&config, ruleset, json),
         Command::ImportFwknop {
             access,
             fwknopd_conf,
-        } => {
-            print!(
-                "{}",
-                crate::fwknop::import::run(&access, fwknopd_conf.as_deref())?
-            );
-            Ok(())
-        }
-        Command::Genkey { out } => {
-            let key = PrivateKey::generate(&mut rand_core::OsRng);
-            match out {
-                Some(path) => crate::keyfile::write_secret_text(&path, &key.to_base64())
-                    .with_context(|| format!("writing {}", path.display())),
-                None => {
-                    println!("{}", key.to_base64().as_str());
-                    Ok(())
-                }
-            }
-        }
-        Command::Pubkey => {
-            let mut text = zeroize::Zeroizing::new(String::new());
-            std::io::stdin().read_to_string(&mut text)?;
-            let key = PrivateKey::from_base64(&text).context("reading a private key from stdin")?;
-            println!("{}", key.public_key());
-            Ok(())
-        }
-        Command::Status { config: arg, json } => {
-            crate::control::status_command(&arg.config, arg.state_dir.as_deref(), json)
-        }
-        Command::List { config: arg, json } => {
-            crate::control::list_command(&arg.config, arg.state_dir.as_deref(), json)
-        }
+        } => cmd_import_fwknop(&access, fwknopd_conf.as_deref()),
+        Command::Genkey { out } => cmd_genkey(out.as_deref()),
+        Command::Pubkey => cmd_pubkey(),
+        Command::Status { config, json } => cmd_status(&config, json),
+        Command::List { config, json } => cmd_list(&config, json),
         Command::Revoke {
-            config: arg,
+            config,
             address,
             client,
             service,
             json,
-        } => crate::control::revoke_command(
-            &arg.config,
-            arg.state_dir.as_deref(),
-            address,
-            client,
-            service,
-            json,
-        ),
-        Command::Flush { config: arg, json } => {
-            if crate::control::flush_via_daemon(&arg.config, arg.state_dir.as_deref(), json)? {
-                return Ok(());
-            }
-            let config = load_config(&arg)?;
-            crate::firewall::open(&config)?.flush()?;
-            println!(
-                "closed every grant in table {}; protected ports stay protected",
-                config.server.table
-            );
-            Ok(())
-        }
-        Command::Uninstall(arg) => crate::firewall::uninstall(&load_config(&arg)?),
-        Command::Totp(TotpCommand::NewSecret { out }) => {
-            let mut bytes = [0u8; 20];
-            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-            let secret = spa_shared::totp::Secret::from_bytes(bytes.to_vec());
-            crate::keyfile::write_secret_text(&out, &secret.to_base32())
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("wrote a new TOTP secret to {}", out.display());
-            Ok(())
-        }
+        } => cmd_revoke(&config, address, client, service, json),
+        Command::Flush { config, json } => cmd_flush(&config, json),
+        Command::Uninstall(config) => cmd_uninstall(&config),
+        Command::Totp(TotpCommand::NewSecret { out }) => cmd_totp_new_secret(&out),
         Command::Totp(TotpCommand::Enroll {
-            config: arg,
+            config,
             door,
             issuer,
-        }) => {
-            let config = load_config(&arg)?;
-            let d = find_totp(&config, &door)?;
-            let uri = spa_shared::totp::otpauth_uri(&issuer, &door, &d.secret, &d.params);
-            let mut out = std::io::stdout().lock();
-            writeln!(
-                out,
-                "Scan with Google Authenticator (or any RFC 6238 app), or paste the secret.\n"
-            )?;
-            writeln!(out, "{}", crate::enroll::qr(&uri))?;
-            writeln!(out, "{uri}\n")?;
-            writeln!(
-                out,
-                "first knock port: {} ({})",
-                d.first_port,
-                d.proto.name()
-            )?;
-            write!(out, "Validation code: ")?;
-            out.flush()?;
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            if crate::enroll::verify(d, &line, now).is_none() {
-                bail!("the code does not match the secret (check the phone's clock and the secret); door {door} stays disabled");
-            }
-            crate::enroll::record(&config.server.state_dir, d)?;
-            writeln!(
-                out,
-                "verified: TOTP door {door} is enrolled; reload spad (SIGHUP) to enable it"
-            )?;
-            Ok(())
-        }
-        Command::Totp(TotpCommand::Show { config: arg, door }) => {
-            let config = load_config(&arg)?;
-            let d = find_totp(&config, &door)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            let step = d.params.step(now);
-            let code = spa_shared::totp::code_at_step(&d.secret, &d.params, step);
-            let ports = spa_shared::totp::derive_ports(d.first_port, &code, &d.rule)?;
-            let ports: Vec<String> = ports
-                .iter()
-                .map(|p| format!("{p}/{}", d.proto.name()))
-                .collect();
-            println!("step {step} code {code} sequence {}", ports.join(" "));
-            println!(
-                "enrolled: {}",
-                crate::enroll::is_enrolled(&config.server.state_dir, d)
-            );
+        }) => cmd_totp_enroll(&config, &door, &issuer),
+        Command::Totp(TotpCommand::Show { config, door }) => cmd_totp_show(&config, &door),
+    }
+}
+
+/// `spad run`.
+fn cmd_run(arg: ConfigArg) -> anyhow::Result<()> {
+    let overrides = overrides(&arg);
+    daemon::run(arg.config, overrides)
+}
+
+/// `spad check`.
+fn cmd_check(arg: &ConfigArg, ruleset: bool, json: bool) -> anyhow::Result<()> {
+    let (config, server) = daemon::load(&arg.config, &overrides(arg))?;
+    if ruleset {
+        print!(
+            "{}",
+            crate::firewall::nftables::ruleset(&config, &config.server.table, &[])
+        );
+        return Ok(());
+    }
+    if json {
+        let checked = crate::status::Checked::new(&config, server.public_key().to_string());
+        println!("{}", serde_json::to_string_pretty(&checked)?);
+        return Ok(());
+    }
+    println!("{}: OK", arg.config.display());
+    println!("server public key: {}", server.public_key());
+    print_summary(&config);
+    Ok(())
+}
+
+/// The human summary of `spad check`: services, clients and doors.
+fn print_summary(config: &Config) {
+    for s in config.services.values() {
+        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+        println!("service {} ({:?}): {}", s.name, s.kind, ports.join(" "));
+    }
+    for c in config.clients.values() {
+        println!("client {}: {}", c.name, c.services.join(","));
+    }
+    for c in config.fwknop_clients.values() {
+        println!("fwknop client {}: {}", c.name, c.services.join(","));
+    }
+    for d in &config.doors.doors {
+        println!("door {}: {} ports", d.name, d.sequence.len());
+    }
+    for d in &config.doors.totp {
+        println!("totp door {}: first port {}", d.name, d.first_port);
+    }
+}
+
+/// `spad import-fwknop`.
+fn cmd_import_fwknop(access: &Path, fwknopd_conf: Option<&Path>) -> anyhow::Result<()> {
+    print!("{}", crate::fwknop::import::run(access, fwknopd_conf)?);
+    Ok(())
+}
+
+/// `spad genkey`.
+fn cmd_genkey(out: Option<&Path>) -> anyhow::Result<()> {
+    let key = PrivateKey::generate(&mut rand_core::OsRng);
+    match out {
+        Some(path) => crate::keyfile::write_secret_text(path, &key.to_base64())
+            .with_context(|| format!("writing {}", path.display())),
+        None => {
+            println!("{}", key.to_base64().as_str());
             Ok(())
         }
     }
+}
+
+/// `spad pubkey`.
+fn cmd_pubkey() -> anyhow::Result<()> {
+    let mut text = zeroize::Zeroizing::new(String::new());
+    std::io::stdin().read_to_string(&mut text)?;
+    let key = PrivateKey::from_base64(&text).context("reading a private key from stdin")?;
+    println!("{}", key.public_key());
+    Ok(())
+}
+
+/// `spad status`.
+fn cmd_status(arg: &ConfigArg, json: bool) -> anyhow::Result<()> {
+    crate::control::status_command(&arg.config, arg.state_dir.as_deref(), json)
+}
+
+/// `spad list`.
+fn cmd_list(arg: &ConfigArg, json: bool) -> anyhow::Result<()> {
+    crate::control::list_command(&arg.config, arg.state_dir.as_deref(), json)
+}
+
+/// `spad revoke`.
+fn cmd_revoke(
+    arg: &ConfigArg,
+    address: Option<IpAddr>,
+    client: Option<String>,
+    service: Vec<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    crate::control::revoke_command(
+        &arg.config,
+        arg.state_dir.as_deref(),
+        address,
+        client,
+        service,
+        json,
+    )
+}
+
+/// `spad flush`: through the daemon when one runs, else on the kernel directly.
+fn cmd_flush(arg: &ConfigArg, json: bool) -> anyhow::Result<()> {
+    if crate::control::flush_via_daemon(&arg.config, arg.state_dir.as_deref(), json)? {
+        return Ok(());
+    }
+    let config = load_config(arg)?;
+    crate::firewall::open(&config)?.flush()?;
+    println!(
+        "closed every grant in table {}; protected ports stay protected",
+        config.server.table
+    );
+    Ok(())
+}
+
+/// `spad uninstall`.
+fn cmd_uninstall(arg: &ConfigArg) -> anyhow::Result<()> {
+    crate::firewall::uninstall(&load_config(arg)?)
+}
+
+/// `spad totp new-secret`.
+fn cmd_totp_new_secret(out: &Path) -> anyhow::Result<()> {
+    let mut bytes = [0u8; 20];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    let secret = spa_shared::totp::Secret::from_bytes(bytes.to_vec());
+    crate::keyfile::write_secret_text(out, &secret.to_base32())
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote a new TOTP secret to {}", out.display());
+    Ok(())
+}
+
+/// `spad totp enroll`: show the QR code, verify one code, record the enrollment.
+fn cmd_totp_enroll(arg: &ConfigArg, door: &str, issuer: &str) -> anyhow::Result<()> {
+    let config = load_config(arg)?;
+    let d = find_totp(&config, door)?;
+    let uri = spa_shared::totp::otpauth_uri(issuer, door, &d.secret, &d.params);
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Scan with Google Authenticator (or any RFC 6238 app), or paste the secret.\n"
+    )?;
+    writeln!(out, "{}", crate::enroll::qr(&uri))?;
+    writeln!(out, "{uri}\n")?;
+    writeln!(
+        out,
+        "first knock port: {} ({})",
+        d.first_port,
+        d.proto.name()
+    )?;
+    write!(out, "Validation code: ")?;
+    out.flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if crate::enroll::verify(d, &line, unix_now()?).is_none() {
+        bail!("the code does not match the secret (check the phone's clock and the secret); door {door} stays disabled");
+    }
+    crate::enroll::record(&config.server.state_dir, d)?;
+    writeln!(
+        out,
+        "verified: TOTP door {door} is enrolled; reload spad (SIGHUP) to enable it"
+    )?;
+    Ok(())
+}
+
+/// `spad totp show`: the current code and knock sequence of a door.
+fn cmd_totp_show(arg: &ConfigArg, door: &str) -> anyhow::Result<()> {
+    let config = load_config(arg)?;
+    let d = find_totp(&config, door)?;
+    let step = d.params.step(unix_now()?);
+    let code = spa_shared::totp::code_at_step(&d.secret, &d.params, step);
+    let ports = spa_shared::totp::derive_ports(d.first_port, &code, &d.rule)?;
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{p}/{}", d.proto.name()))
+        .collect();
+    println!("step {step} code {code} sequence {}", ports.join(" "));
+    println!(
+        "enrolled: {}",
+        crate::enroll::is_enrolled(&config.server.state_dir, d)
+    );
+    Ok(())
+}
+
+/// Seconds since the Unix epoch, from the system clock.
+fn unix_now() -> anyhow::Result<u64> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs())
 }
 
 fn find_totp<'a>(
@@ -375,9 +427,4 @@ fn find_totp<'a>(
             let known: Vec<&str> = config.doors.totp.iter().map(|d| d.name.as_str()).collect();
             format!("no TOTP door `{door}`; configured: {}", known.join(", "))
         })
-}
-
-#[allow(dead_code)]
-fn exists(path: &Path) -> bool {
-    path.exists()
 }

@@ -265,9 +265,11 @@ pub fn reload_daemon(config: &Path) -> anyhow::Result<Vec<i32>> {
         std::fs::canonicalize(config).with_context(|| format!("resolving {}", config.display()))?;
     let mut pids = Vec::new();
     for pid in daemons_using(&wanted) {
-        // SAFETY: kill(2) with a PID read from /proc and a valid signal number; no memory is
-        // involved. A PID reused in between gets SIGHUP only if it is again a spad on this file.
-        if unsafe { libc::kill(pid, libc::SIGHUP) } == 0 {
+        // A PID reused in between gets SIGHUP only if it is again a spad on this file.
+        let Some(target) = rustix::process::Pid::from_raw(pid) else {
+            continue;
+        };
+        if rustix::process::kill_process(target, rustix::process::Signal::HUP).is_ok() {
             pids.push(pid);
         }
     }

@@ -572,11 +572,10 @@ fn no_daemon(socket: &Path) {
 }
 
 fn config_on_disk(config: &Path, state_dir: Option<&Path>) -> anyhow::Result<Config> {
-    let mut c = Config::load(config)?;
-    if let Some(dir) = state_dir {
-        c.server.state_dir = dir.to_path_buf();
-    }
-    Ok(c)
+    let overrides = crate::daemon::Overrides {
+        state_dir: state_dir.map(Path::to_path_buf),
+    };
+    crate::daemon::load_config(config, &overrides)
 }
 
 /// `spad status`.

@@ -699,12 +699,19 @@ pub fn load(
     config_path: &std::path::Path,
     overrides: &Overrides,
 ) -> anyhow::Result<(Config, Server)> {
+    let config = load_config(config_path, overrides)?;
+    let key = crate::keyfile::read_private_key(&config.server.private_key)?;
+    Ok((config, Server::new(key)))
+}
+
+/// Loads the config with the command line's overrides applied (no key): the one loader the
+/// daemon and every command share.
+pub fn load_config(config_path: &std::path::Path, overrides: &Overrides) -> anyhow::Result<Config> {
     let mut config = Config::load(config_path)?;
     if let Some(dir) = &overrides.state_dir {
         config.server.state_dir = dir.clone();
     }
-    let key = crate::keyfile::read_private_key(&config.server.private_key)?;
-    Ok((config, Server::new(key)))
+    Ok(config)
 }
 
 /// Ports the capture must see: the SPA port and every knock range.

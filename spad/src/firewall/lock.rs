@@ -11,7 +11,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// File name of the lock inside the state directory.
@@ -91,12 +90,11 @@ impl StateLock {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                return Err(io(e));
+        // Non-blocking: a held lock is reported at once, with the holder's PID.
+        let locked = rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+        if let Err(e) = locked {
+            if e != rustix::io::Errno::WOULDBLOCK {
+                return Err(io(e.into()));
             }
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);

@@ -4,10 +4,29 @@
 //! Message layout: `nlmsghdr (16) | nfgenmsg (4) | attributes (TLV, 4-byte aligned)`.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-/// `NETLINK_NETFILTER`.
-const NETLINK_NETFILTER: i32 = 12;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SetSockOpt, SockFlag, SockProtocol,
+    SockType,
+};
+use nix::sys::time::TimeVal;
+
+/// A raw `NETLINK_NETFILTER` socket with these flags.
+fn netfilter_socket(flags: SockFlag) -> io::Result<OwnedFd> {
+    Ok(socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        flags,
+        SockProtocol::NetlinkNetFilter,
+    )?)
+}
+
+/// Sets one socket option, as an `io::Error` on failure.
+fn sockopt_set<O: SetSockOpt>(fd: &OwnedFd, option: O, value: &O::Val) -> io::Result<()> {
+    Ok(socket::setsockopt(fd, option, value)?)
+}
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_CREATE: u16 = 0x400;
@@ -126,54 +145,15 @@ pub struct Socket {
 
 impl Socket {
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call; the result is checked before wrapping.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, owned descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: 2,
-            tv_usec: 0,
-        };
-        // SAFETY: valid fd, option pointer and size match the type.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = netfilter_socket(SockFlag::SOCK_CLOEXEC)?;
+        sockopt_set(&fd, sockopt::ReceiveTimeout, &TimeVal::new(2, 0))?;
         // Room for the kernel's acknowledgements of a whole batch of grants (one per message,
         // about 1 KiB each in the socket's accounting): with the default buffer, acks of a few
         // hundred grants overflow it, are dropped, and the transaction waits for its timeout.
-        let bytes: libc::c_int = 8 << 20;
-        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-            // SAFETY: valid fd, option pointer and size match the type.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    option,
-                    (&bytes as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as u32,
-                )
-            };
-            if rc == 0 {
-                break;
-            }
+        let bytes: usize = 8 << 20;
+        if sockopt_set(&fd, sockopt::RcvBufForce, &bytes).is_err() {
+            // Without CAP_NET_ADMIN the kernel caps the size at rmem_max: take what it gives.
+            let _ = sockopt_set(&fd, sockopt::RcvBuf, &bytes);
         }
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -187,41 +167,19 @@ impl Socket {
 
     /// Sends one datagram to the kernel.
     fn send(&self, datagram: &[u8]) -> io::Result<()> {
-        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value (pid 0 = kernel).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: the buffer and address are valid for the duration of the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                datagram.as_ptr().cast(),
-                datagram.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Port id 0 is the kernel.
+        let kernel = NetlinkAddr::new(0, 0);
+        socket::sendto(self.fd.as_raw_fd(), datagram, &kernel, MsgFlags::empty())?;
         Ok(())
     }
 
     /// Receives one datagram into the socket's buffer; returns its length.
     fn recv(&mut self) -> io::Result<usize> {
-        // SAFETY: buf is a valid writable buffer of the given length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                self.buf.as_mut_ptr().cast(),
-                self.buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        Ok(socket::recv(
+            self.fd.as_raw_fd(),
+            &mut self.buf,
+            MsgFlags::empty(),
+        )?)
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -334,36 +292,10 @@ impl Monitor {
         if !(1..=32).contains(&group) {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: plain socket(2) call; the result is checked before wrapping.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, owned descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = netfilter_socket(SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)?;
         // Bound with the group in the legacy bitmask (groups 1-32): binding also gives the
         // socket a port id, without which the kernel delivers no multicast to it.
-        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = 1 << (group - 1);
-        // SAFETY: valid fd; the address pointer and size match sockaddr_nl.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1 << (group - 1)))?;
         Ok(Self {
             fd,
             buf: vec![0u8; 65536],
@@ -376,23 +308,12 @@ impl Monitor {
         let mut out = Vec::new();
         // Bounded: at most this many datagrams per call; the rest waits for the next one.
         for _ in 0..1024 {
-            // SAFETY: buf is a valid writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let n = match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => break,
+                Err(e) => return Err(e.into()),
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    break;
-                }
-                return Err(e);
-            }
-            let mut bytes = &self.buf[..n as usize];
+            let mut bytes = &self.buf[..n];
             while bytes.len() >= 16 {
                 let len = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
                 if len < 16 || len > bytes.len() {
