@@ -12,7 +12,8 @@
 //! with 10 legitimate knocks sent during a flood from another source: a max-rate replay of one
 //! captured valid packet, and max-rate garbage of the real packet size. Timing lives here, in a
 //! benchmark, never in tests. Needs root. `scripts/bench.sh` builds and runs it:
-//! `target/release/loadbench [--rates 1000,2000,...] [--seconds 2] [--no-fwknopd]`.
+//! `target/release/loadbench [--rates 1000,2000,...] [--seconds 2] [--no-fwknopd]
+//! [--fwknopd-pcap]`.
 //!
 //! When `fwknopd` and `fwknop` are on PATH, the same ladder is then sent to fwknopd in the
 //! same namespaces (see `fwknopd.rs`) and one table prints both daemons and the ratios.
@@ -543,6 +544,7 @@ fn main() {
         .display()
         .to_string();
     let mut with_fwknopd = true;
+    let mut fwknopd_udp = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -562,8 +564,9 @@ fn main() {
             }
             "--spad" => spad = args.next().expect("--spad PATH"),
             "--no-fwknopd" => with_fwknopd = false,
+            "--fwknopd-pcap" => fwknopd_udp = false,
             other => {
-                panic!("unknown argument {other}; use --rates, --seconds, --spad, --no-fwknopd")
+                panic!("unknown argument {other}; use --rates, --seconds, --spad, --no-fwknopd, --fwknopd-pcap")
             }
         }
     }
@@ -699,7 +702,7 @@ fn main() {
             "fwknopd: not installed (Debian: fwknop-server fwknop-client), comparison skipped"
         );
     } else {
-        match fwknopd_ladder(&bench, &fd, &events, &rates, seconds) {
+        match fwknopd_ladder(&bench, &fd, &events, &rates, seconds, fwknopd_udp) {
             Ok(steps) => comparison(&spad_steps, &steps),
             Err(e) => println!("fwknopd: comparison not run: {e}"),
         }
@@ -716,6 +719,7 @@ fn fwknopd_ladder(
     events: &mpsc::Receiver<(u32, Instant)>,
     rates: &[u64],
     seconds: u64,
+    udp_server: bool,
 ) -> Result<Vec<(u64, Outcome)>, String> {
     // spad's table outlives it (fail closed) and drops the SPA port: remove it first.
     run(
@@ -724,9 +728,10 @@ fn fwknopd_ladder(
             "netns", "exec", &bench.gw, "nft", "delete", "table", "inet", TABLE,
         ],
     );
-    let mut daemon = fwknopd::Fwknopd::start(&bench.gw, &bench.dir, PORT)?;
+    let mut daemon = fwknopd::Fwknopd::start(&bench.gw, &bench.dir, PORT, udp_server)?;
     println!(
-        "fwknopd (UDP-server mode, iptables-nft), grant = kernel NEWRULE event; at most {} packets per step",
+        "fwknopd ({} mode, iptables-nft), grant = kernel NEWRULE event; at most {} packets per step",
+        if udp_server { "UDP-server" } else { "pcap" },
         fwknopd::MAX_PER_STEP
     );
     println!(

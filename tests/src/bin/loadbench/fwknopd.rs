@@ -2,7 +2,7 @@
 //! daemon, when `fwknopd` and `fwknop` are installed (Debian `fwknop-server`, `fwknop-client`).
 //!
 //! fwknopd runs inside the gateway namespace in UDP-server mode (its fastest: no libpcap
-//! block timeout; pcap mode measured ~108 ms per grant here) with a generated fwknopd.conf /
+//! block timeout; `--fwknopd-pcap` measures its default pcap mode instead) with a generated fwknopd.conf /
 //! access.conf (one Rijndael + HMAC key pair), a private run directory and digest cache, all
 //! in the benchmark's temporary directory. Its firewall is `iptables`, which on this machine is
 //! iptables-nft: each access rule it adds is an nftables `NEWRULE` event on the same netlink
@@ -51,14 +51,16 @@ impl Drop for Fwknopd {
 }
 
 impl Fwknopd {
-    /// Writes the configuration under `dir` and starts fwknopd listening on UDP `port`.
-    pub fn start(gw: &str, dir: &Path, port: u16) -> Result<Fwknopd, String> {
+    /// Writes the configuration under `dir` and starts fwknopd for UDP `port`: as a UDP
+    /// server (`udp_server`), or sniffing `eth0` with libpcap.
+    pub fn start(gw: &str, dir: &Path, port: u16, udp_server: bool) -> Result<Fwknopd, String> {
         let dir = dir.join("fwknopd");
         std::fs::create_dir_all(dir.join("run")).map_err(|e| e.to_string())?;
         let (key, hmac_key) = generate_keys(&dir)?;
         let run = dir.join("run");
         let conf = format!(
-            "PCAP_INTF eth0;\nENABLE_UDP_SERVER Y;\nUDPSERV_PORT {port};\nFWKNOP_RUN_DIR {};\n",
+            "PCAP_INTF eth0;\nPCAP_FILTER udp port {port};\nENABLE_UDP_SERVER {};\nUDPSERV_PORT {port};\nFWKNOP_RUN_DIR {};\n",
+            if udp_server { "Y" } else { "N" },
             run.display()
         );
         let access = format!(
@@ -70,14 +72,7 @@ impl Fwknopd {
         let log = std::fs::File::create(dir.join("fwknopd.log")).map_err(|e| e.to_string())?;
         let arg = |name: &str| dir.join(name).display().to_string();
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                gw,
-                "fwknopd",
-                "--foreground",
-                "--udp-server",
-            ])
+            .args(["netns", "exec", gw, "fwknopd", "--foreground"])
             .args(["-c", &arg("fwknopd.conf"), "-a", &arg("access.conf")])
             .args(["-r", &arg("run"), "-d", &arg("run/digest.cache")])
             .args(["-p", &arg("run/fwknopd.pid")])
@@ -95,7 +90,12 @@ impl Fwknopd {
             child: Some(child),
         };
         if !wait_until(Duration::from_secs(20), || {
-            daemon.log().contains("Kicking off UDP server")
+            let log = daemon.log();
+            log.contains(if udp_server {
+                "Kicking off UDP server"
+            } else {
+                "Sniffing interface"
+            })
         }) {
             daemon.stop();
             return Err(format!("fwknopd did not start:\n{}", daemon.log()));
