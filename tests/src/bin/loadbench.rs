@@ -784,12 +784,14 @@ fn fwknopd_ladder(
 /// One table, both daemons per offered rate, and the ratios spad ÷ fwknopd.
 fn comparison(spad: &[(u64, Outcome)], fwknopd: &[(u64, Outcome)]) {
     let rate_of = |o: &Outcome| o.granted as f64 / o.wall.as_secs_f64().max(1e-9);
-    // Below 1 as "1/N", so a small ratio keeps its digits.
+    // Below 1/2 as "1/N", so a small ratio keeps its digits.
     let ratio = |a: f64, b: f64| {
         if b <= 0.0 || a <= 0.0 {
             "-".to_string()
         } else if a >= b {
             format!("{:.1}", a / b)
+        } else if 2.0 * a >= b {
+            format!("{:.2}", a / b)
         } else {
             format!("1/{:.0}", b / a)
         }
