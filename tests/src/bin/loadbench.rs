@@ -44,6 +44,8 @@ const PORT: u16 = 62201;
 const TABLE: &str = "spadlb";
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFT_MSG_NEWSETELEM: u16 = (10 << 8) | 12;
+/// Upper bound on waiting for one step's grants (fwknopd drains a backlog at ~100/s).
+const COLLECT_AT_MOST: Duration = Duration::from_secs(60);
 
 /// The two namespaces and spad; everything is removed on drop.
 struct Bench {
@@ -417,8 +419,8 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-/// Collects grant events until every source in `sent` is granted or `settle` passes without
-/// news.
+/// Collects grant events until every source in `sent` is granted, `settle` passes without
+/// news, or `COLLECT_AT_MOST` has passed.
 fn collect(
     events: &mpsc::Receiver<(u32, Instant)>,
     sent: &[(u32, Instant)],
@@ -426,8 +428,13 @@ fn collect(
 ) -> HashMap<u32, Instant> {
     let wanted: std::collections::HashSet<u32> = sent.iter().map(|s| s.0).collect();
     let mut granted = HashMap::new();
+    let deadline = Instant::now() + COLLECT_AT_MOST;
     while granted.len() < wanted.len() {
-        match events.recv_timeout(settle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match events.recv_timeout(settle.min(left)) {
             Ok((address, at)) if wanted.contains(&address) => {
                 granted.entry(address).or_insert(at);
             }
