@@ -11,4 +11,10 @@ cargo bench -p spad --bench pipeline -- --warm-up-time 1 --measurement-time 3 2>
 cargo build -q --release -p spa-e2e --bin latency && target/release/latency nftables && target/release/latency iptables
 # Load: 10,000 clients, spoofed sources, an offered-rate ladder and two floods (needs root).
 cargo build -q --release -p spad --bin spad -p spa-e2e --bin loadbench
+# With fwknopd and fwknop on PATH it then runs the same ladder against fwknopd (UDP-server mode)
+# and prints both and the ratios. BENCH_INSTALL_FWKNOP=1 installs Debian's fwknop-server and
+# fwknop-client first; nothing else needs them.
+if [ "${BENCH_INSTALL_FWKNOP:-0}" = 1 ] && ! command -v fwknopd >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y fwknop-server fwknop-client >/dev/null
+fi
 target/release/loadbench --rates "${BENCH_RATES:-1000,2000,5000,10000,15000,20000}" --seconds "${BENCH_SECONDS:-2}"

@@ -12,7 +12,11 @@
 //! with 10 legitimate knocks sent during a flood from another source: a max-rate replay of one
 //! captured valid packet, and max-rate garbage of the real packet size. Timing lives here, in a
 //! benchmark, never in tests. Needs root. `scripts/bench.sh` builds and runs it:
-//! `target/release/loadbench [--rates 1000,2000,...] [--seconds 2]`.
+//! `target/release/loadbench [--rates 1000,2000,...] [--seconds 2] [--no-fwknopd]
+//! [--fwknopd-pcap]`.
+//!
+//! When `fwknopd` and `fwknop` are on PATH, the same ladder is then sent to fwknopd in the
+//! same namespaces (see `fwknopd.rs`) and one table prints both daemons and the ratios.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -31,12 +35,17 @@ use spa_e2e::{in_ns, run, wait_until};
 use spa_shared::keys::{PrivateKey, PublicKey};
 use spa_shared::payload::{Kind, Request};
 
+#[path = "loadbench/fwknopd.rs"]
+mod fwknopd;
+
 const CLIENTS: usize = 10_000;
 const GW: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const PORT: u16 = 62201;
 const TABLE: &str = "spadlb";
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFT_MSG_NEWSETELEM: u16 = (10 << 8) | 12;
+/// Upper bound on waiting for one step's grants (fwknopd drains a backlog at ~100/s).
+const COLLECT_AT_MOST: Duration = Duration::from_secs(60);
 
 /// The two namespaces and spad; everything is removed on drop.
 struct Bench {
@@ -366,7 +375,8 @@ fn attrs(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// IPv4 keys of the elements in every NEWSETELEM message of a netlink datagram.
+/// IPv4 keys of the elements in every NEWSETELEM message of a netlink datagram, and the
+/// 4-byte `cmp` values of every NEWRULE message (fwknopd's iptables-nft rules).
 fn new_elements(mut bytes: &[u8]) -> Vec<u32> {
     let mut out = Vec::new();
     while bytes.len() >= 16 {
@@ -374,6 +384,9 @@ fn new_elements(mut bytes: &[u8]) -> Vec<u32> {
         let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
         if len < 16 || len > bytes.len() {
             break;
+        }
+        if kind == fwknopd::NFT_MSG_NEWRULE && len >= 20 {
+            out.extend(fwknopd::rule_addresses(&bytes[20..len]));
         }
         if kind == NFT_MSG_NEWSETELEM && len >= 20 {
             // nfgenmsg (4 bytes), then ELEM_LIST attributes; ELEMENTS (3) → ELEM (1) → KEY (1)
@@ -406,8 +419,8 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-/// Collects grant events until every source in `sent` is granted or `settle` passes without
-/// news.
+/// Collects grant events until every source in `sent` is granted, `settle` passes without
+/// news, or `COLLECT_AT_MOST` has passed.
 fn collect(
     events: &mpsc::Receiver<(u32, Instant)>,
     sent: &[(u32, Instant)],
@@ -415,8 +428,13 @@ fn collect(
 ) -> HashMap<u32, Instant> {
     let wanted: std::collections::HashSet<u32> = sent.iter().map(|s| s.0).collect();
     let mut granted = HashMap::new();
+    let deadline = Instant::now() + COLLECT_AT_MOST;
     while granted.len() < wanted.len() {
-        match events.recv_timeout(settle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match events.recv_timeout(settle.min(left)) {
             Ok((address, at)) if wanted.contains(&address) => {
                 granted.entry(address).or_insert(at);
             }
@@ -532,6 +550,8 @@ fn main() {
         .join("target/release/spad")
         .display()
         .to_string();
+    let mut with_fwknopd = true;
+    let mut fwknopd_udp = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -550,7 +570,11 @@ fn main() {
                     .expect("--seconds N")
             }
             "--spad" => spad = args.next().expect("--spad PATH"),
-            other => panic!("unknown argument {other}; use --rates, --seconds, --spad"),
+            "--no-fwknopd" => with_fwknopd = false,
+            "--fwknopd-pcap" => fwknopd_udp = false,
+            other => {
+                panic!("unknown argument {other}; use --rates, --seconds, --spad, --no-fwknopd, --fwknopd-pcap")
+            }
         }
     }
 
@@ -596,6 +620,7 @@ fn main() {
         "{:>8} {:>8} {:>8} {:>6} {:>10} {:>9} {:>9} {:>14}",
         "offered/s", "sent", "granted", "lost", "granted/s", "p50 ms", "p99 ms", "spad CPU/grant"
     );
+    let mut spad_steps = Vec::new();
     for (step, &rate) in rates.iter().enumerate() {
         let count = (rate * seconds) as usize;
         assert!(
@@ -623,6 +648,7 @@ fn main() {
             ms(o.p99),
             cpu.as_secs_f64() * 1e6 / o.granted.max(1) as f64
         );
+        spad_steps.push((rate, o));
     }
 
     // A captured valid packet, granted once, then replayed at full speed from its source.
@@ -666,8 +692,6 @@ fn main() {
         ms(garbage_outcome.p50),
         ms(garbage_outcome.p99)
     );
-    stop.store(true, Ordering::Relaxed);
-    listener.join().unwrap();
     bench.stop_spad();
     let log = bench.log();
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("error")).collect();
@@ -676,5 +700,132 @@ fn main() {
     }
     if let Some(line) = log.lines().find(|l| l.contains("stopping:")) {
         println!("spad: {}", line.split("spad: ").nth(1).unwrap_or(line));
+    }
+
+    if !with_fwknopd {
+        println!("fwknopd: skipped (--no-fwknopd)");
+    } else if !fwknopd::installed() {
+        println!(
+            "fwknopd: not installed (Debian: fwknop-server fwknop-client), comparison skipped"
+        );
+    } else {
+        match fwknopd_ladder(&bench, &fd, &events, &rates, seconds, fwknopd_udp) {
+            Ok(steps) => comparison(&spad_steps, &steps),
+            Err(e) => println!("fwknopd: comparison not run: {e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    listener.join().unwrap();
+}
+
+/// The same offered rates sent to fwknopd (UDP-server mode); at most
+/// `fwknopd::MAX_PER_STEP` packets per step, so a step may be shorter than `seconds`.
+fn fwknopd_ladder(
+    bench: &Bench,
+    fd: &OwnedFd,
+    events: &mpsc::Receiver<(u32, Instant)>,
+    rates: &[u64],
+    seconds: u64,
+    udp_server: bool,
+) -> Result<Vec<(u64, Outcome)>, String> {
+    // spad's table outlives it (fail closed) and drops the SPA port: remove it first.
+    run(
+        "ip",
+        &[
+            "netns", "exec", &bench.gw, "nft", "delete", "table", "inet", TABLE,
+        ],
+    );
+    let mut daemon = fwknopd::Fwknopd::start(&bench.gw, &bench.dir, PORT, udp_server)?;
+    println!(
+        "fwknopd ({} mode, iptables-nft), grant = kernel NEWRULE event; at most {} packets per step",
+        if udp_server { "UDP-server" } else { "pcap" },
+        fwknopd::MAX_PER_STEP
+    );
+    println!(
+        "{:>9} {:>8} {:>8} {:>6} {:>10} {:>9} {:>9}",
+        "offered/s", "sent", "granted", "lost", "granted/s", "p50 ms", "p99 ms"
+    );
+    let mut steps = Vec::new();
+    for &rate in rates {
+        let count = ((rate * seconds) as usize).min(fwknopd::MAX_PER_STEP);
+        let sources: Vec<Ipv4Addr> = (0..count).map(source).collect();
+        let packets = daemon.packets(&sources, GW)?;
+        daemon.flush();
+        while events.try_recv().is_ok() {}
+        let started = Instant::now();
+        let sent = paced(fd, &packets, rate, 0);
+        let granted = collect(events, &sent, Duration::from_secs(3));
+        let last = granted.values().max().copied().unwrap_or(started);
+        let o = outcome(&sent, &granted, last.saturating_duration_since(started));
+        println!(
+            "{:>9} {:>8} {:>8} {:>6} {:>10.0} {:>9} {:>9}",
+            rate,
+            o.sent,
+            o.granted,
+            o.sent - o.granted,
+            o.granted as f64 / o.wall.as_secs_f64().max(1e-9),
+            ms(o.p50),
+            ms(o.p99)
+        );
+        steps.push((rate, o));
+    }
+    daemon.stop();
+    let log = daemon.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("error"))
+        .collect();
+    for line in errors.iter().take(3) {
+        println!("fwknopd error ({} in all): {line}", errors.len());
+    }
+    if steps.iter().all(|(_, o)| o.granted == 0) {
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        return Err(format!(
+            "fwknopd granted nothing; the end of its log:\n{tail}"
+        ));
+    }
+    Ok(steps)
+}
+
+/// One table, both daemons per offered rate, and the ratios spad ÷ fwknopd.
+fn comparison(spad: &[(u64, Outcome)], fwknopd: &[(u64, Outcome)]) {
+    let rate_of = |o: &Outcome| o.granted as f64 / o.wall.as_secs_f64().max(1e-9);
+    // Below 1/2 as "1/N", so a small ratio keeps its digits.
+    let ratio = |a: f64, b: f64| {
+        if b <= 0.0 || a <= 0.0 {
+            "-".to_string()
+        } else if a >= b {
+            format!("{:.1}", a / b)
+        } else if 2.0 * a >= b {
+            format!("{:.2}", a / b)
+        } else {
+            format!("1/{:.0}", b / a)
+        }
+    };
+    println!("comparison (ratios are spad ÷ fwknopd)");
+    println!(
+        "{:>9} | {:>22} {:>17} | {:>22} {:>17} | {:>9} {:>7} {:>7}",
+        "offered/s",
+        "spad sent/granted/lost",
+        "p50/p99 ms",
+        "fwknopd sent/gr./lost",
+        "p50/p99 ms",
+        "granted/s",
+        "p50",
+        "p99"
+    );
+    for ((rate, s), (_, f)) in spad.iter().zip(fwknopd) {
+        println!(
+            "{:>9} | {:>22} {:>17} | {:>22} {:>17} | {:>9} {:>7} {:>7}",
+            rate,
+            format!("{}/{}/{}", s.sent, s.granted, s.sent - s.granted),
+            format!("{}/{}", ms(s.p50), ms(s.p99)),
+            format!("{}/{}/{}", f.sent, f.granted, f.sent - f.granted),
+            format!("{}/{}", ms(f.p50), ms(f.p99)),
+            ratio(rate_of(s), rate_of(f)),
+            ratio(s.p50.as_secs_f64(), f.p50.as_secs_f64()),
+            ratio(s.p99.as_secs_f64(), f.p99.as_secs_f64())
+        );
     }
 }
