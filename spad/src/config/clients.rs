@@ -77,20 +77,7 @@ pub(super) fn build(
                 format!("client `{name}` has the same public key as `{other}`; give each client its own key"),
             ));
         }
-        let mut wanted = Vec::new();
-        for service in &client.services {
-            if !services.contains_key(service.get_ref()) {
-                let known = services.keys().cloned().collect::<Vec<_>>().join(", ");
-                return Err(at(
-                    service,
-                    format!(
-                        "unknown service `{}`; defined services: {known}",
-                        service.get_ref()
-                    ),
-                ));
-            }
-            wanted.push(service.get_ref().clone());
-        }
+        let wanted = super::services::known(&client.services, services)?;
         clients.insert(
             name.clone(),
             Client {

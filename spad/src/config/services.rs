@@ -264,3 +264,28 @@ fn forward_target(t: &Spanned<String>, want_v6: bool) -> Result<SocketAddr, Loca
     }
     Ok(addr)
 }
+
+/// The service names a client lists, each checked against the defined services (for spa and
+/// fwknop clients alike).
+pub(crate) fn known(
+    listed: &[Spanned<String>],
+    services: &BTreeMap<String, Service>,
+) -> Result<Vec<String>, Located> {
+    listed
+        .iter()
+        .map(|service| {
+            if services.contains_key(service.get_ref()) {
+                Ok(service.get_ref().clone())
+            } else {
+                let known = services.keys().cloned().collect::<Vec<_>>().join(", ");
+                Err(at(
+                    service,
+                    format!(
+                        "unknown service `{}`; defined services: {known}",
+                        service.get_ref()
+                    ),
+                ))
+            }
+        })
+        .collect()
+}

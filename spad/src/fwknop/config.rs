@@ -143,20 +143,7 @@ pub(crate) fn build(
                 ),
             });
         }
-        let mut wanted = Vec::new();
-        for service in &client.services {
-            if !services.contains_key(service.get_ref()) {
-                let known = services.keys().cloned().collect::<Vec<_>>().join(", ");
-                return Err(at(
-                    service,
-                    format!(
-                        "unknown service `{}`; defined services: {known}",
-                        service.get_ref()
-                    ),
-                ));
-            }
-            wanted.push(service.get_ref().clone());
-        }
+        let wanted = crate::config::services::known(&client.services, services)?;
         let max_age = match &client.max_age {
             None => DEFAULT_MAX_AGE,
             Some(m) => {
