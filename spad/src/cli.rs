@@ -225,7 +225,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
 /// `spad run`.
 fn cmd_run(arg: ConfigArg) -> anyhow::Result<()> {
     let overrides = overrides(&arg);
-    daemon::run(arg.config, overrides)
+    crate::event_loop::run(arg.config, overrides)
 }
 
 /// `spad check`.

@@ -2,21 +2,24 @@
 //! daemon, so they work while the config on disk is broken and keep the daemon's view in sync.
 //!
 //! Server side: a Unix stream socket `control.sock` in the state directory (mode 0660, group
-//! `spad` when that group exists; the directory gets `g+x` for it). A thread accepts one
-//! connection at a time, reads one JSON request line (at most [`MAX_REQUEST`] bytes, within
-//! [`IO_TIMEOUT`]) and forwards it over a bounded channel to the daemon's loop, which answers
-//! between packets ([`Hub::poll`]): the single-threaded pipeline is never shared. The metrics
-//! endpoint uses the same channel.
+//! `spad` when that group exists; the directory gets `g+x` for it). A task of the event loop
+//! accepts connections (at most [`CONNECTIONS`] at once), reads one JSON request line (at most
+//! [`MAX_REQUEST`] bytes, within [`IO_TIMEOUT`]) and forwards it over a bounded channel to the
+//! daemon's loop, which answers between batches ([`Hub::answer`]): the single-threaded pipeline
+//! is never shared. The metrics endpoint uses the same channel.
 //!
 //! Client side: the `spad` subcommands send a request and print the answer; when nothing
 //! answers they say so and read the kernel directly with the config on disk.
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -33,6 +36,8 @@ pub const MAX_REQUEST: usize = 4096;
 /// How long a client may take to send its request or read the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection waits for the daemon's loop to answer.
+/// Connections served at once; more wait in the listen queue.
+pub const CONNECTIONS: usize = 8;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where the daemon's state lives when the config cannot say.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/spad";
@@ -68,7 +73,7 @@ pub enum Request {
 #[derive(Debug)]
 pub struct Call {
     pub request: Request,
-    reply: SyncSender<String>,
+    reply: oneshot::Sender<String>,
 }
 
 /// Lists grants and blacklisted sources from `firewall`.
@@ -286,7 +291,7 @@ impl ControlSocket {
     pub fn bind(path: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         if path.exists() {
-            if UnixStream::connect(path).is_ok() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!(
                     "another spad answers on {}; stop it first (`spad status -c …` shows its pid)",
                     path.display()
@@ -325,40 +330,60 @@ impl ControlSocket {
         Ok(Self { listener })
     }
 
-    /// Serves connections one at a time on a thread, forwarding requests to `calls`.
-    pub fn spawn(self, calls: SyncSender<Call>) {
-        std::thread::spawn(move || {
-            for stream in self.listener.incoming() {
-                match stream {
-                    Ok(stream) => serve_one(stream, &calls),
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+    /// Serves connections as tasks of the running event loop (at most [`CONNECTIONS`] at
+    /// once, each bounded in time), forwarding requests to `calls`.
+    pub fn spawn(self, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
+        self.listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(self.listener)?;
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = std::sync::Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let calls = calls.clone();
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(
+                                IO_TIMEOUT * 2 + ANSWER_TIMEOUT,
+                                serve_one(stream, &calls),
+                            )
+                            .await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         });
+        Ok(())
     }
 }
 
 /// Reads one request line (bounded in size and time), waits for the loop's answer, writes it.
-fn serve_one(mut stream: UnixStream, calls: &SyncSender<Call>) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let answer = match read_request(&mut stream) {
-        Ok(request) => ask(calls, request).unwrap_or_else(|| {
+async fn serve_one(mut stream: UnixStream, calls: &mpsc::Sender<Call>) {
+    let answer = match read_request(&mut stream).await {
+        Ok(request) => ask(calls, request).await.unwrap_or_else(|| {
             serde_json::json!({"ok": false, "error": "the daemon did not answer in time"})
                 .to_string()
         }),
         Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
     };
-    let _ = stream.write_all(answer.as_bytes());
-    let _ = stream.write_all(b"\n");
+    let _ = tokio::time::timeout(IO_TIMEOUT, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.write_all(b"\n").await
+    })
+    .await;
 }
 
-fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
     let mut line = Vec::with_capacity(128);
     let mut buf = [0u8; 512];
     loop {
-        let n = stream
-            .read(&mut buf)
+        let n = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut buf))
+            .await
+            .map_err(|_| "reading the request: timed out".to_string())?
             .map_err(|e| format!("reading the request: {e}"))?;
         if n == 0 {
             break;
@@ -376,18 +401,19 @@ fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
 }
 
 /// Forwards `request` to the loop and waits (bounded) for the answer.
-fn ask(calls: &SyncSender<Call>, request: Request) -> Option<String> {
-    let (reply, answer) = mpsc::sync_channel(1);
-    calls.send(Call { request, reply }).ok()?;
-    answer.recv_timeout(ANSWER_TIMEOUT).ok()
+pub async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Option<String> {
+    let (reply, answer) = oneshot::channel();
+    calls
+        .send_timeout(Call { request, reply }, ANSWER_TIMEOUT)
+        .await
+        .ok()?;
+    tokio::time::timeout(ANSWER_TIMEOUT, answer).await.ok()?.ok()
 }
 
 /// The daemon's operator interfaces, driven from its loop: control socket, metrics endpoint
 /// and systemd notifications.
 #[derive(Debug)]
 pub struct Hub {
-    calls: Receiver<Call>,
-    sender: SyncSender<Call>,
     control: Option<ControlSocket>,
     metrics: Option<crate::metrics::Endpoint>,
     socket_file: PathBuf,
@@ -411,10 +437,7 @@ impl Hub {
             .metrics
             .map(crate::metrics::Endpoint::bind)
             .transpose()?;
-        let (sender, calls) = mpsc::sync_channel(4);
         Ok(Self {
-            calls,
-            sender,
             control: Some(control),
             metrics,
             socket_file,
@@ -430,15 +453,19 @@ impl Hub {
         })
     }
 
-    /// Starts the socket threads (after privileges are dropped: credentials are per thread).
-    pub fn start(&mut self) {
+    /// Starts the operator tasks on the running event loop: the control socket, the metrics
+    /// endpoint and the watchdog. Their requests arrive on the receiving end of `calls`.
+    pub fn start(&mut self, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
         if let Some(control) = self.control.take() {
-            control.spawn(self.sender.clone());
+            control.spawn(calls.clone())?;
         }
         if let Some(metrics) = self.metrics.take() {
-            let calls = self.sender.clone();
-            metrics.spawn(move || ask(&calls, Request::Metrics));
+            metrics.spawn(move || {
+                let calls = calls.clone();
+                async move { ask(&calls, Request::Metrics).await }
+            })?;
         }
+        self.notify.spawn_watchdog()
     }
 
     /// Tells systemd the daemon is ready (the ruleset is installed).
@@ -469,13 +496,10 @@ impl Hub {
         self.notify.ready(&status);
     }
 
-    /// Answers waiting requests and pets the watchdog; call once per loop turn.
-    pub fn poll<C: Clock>(&mut self, pipeline: &mut Pipeline<C>) {
-        while let Ok(call) = self.calls.try_recv() {
-            let text = answer(pipeline, &self.info, &call.request);
-            let _ = call.reply.try_send(text);
-        }
-        self.notify.watchdog();
+    /// Answers one request from an operator task (the caller may have given up waiting).
+    pub fn answer<C: Clock>(&mut self, pipeline: &mut Pipeline<C>, call: Call) {
+        let text = answer(pipeline, &self.info, &call.request);
+        let _ = call.reply.send(text);
     }
 
     pub fn stopping(&mut self) {
@@ -527,7 +551,7 @@ pub fn socket_for(config: &Path, state_dir: Option<&Path>) -> PathBuf {
 /// Sends `request` to the daemon on `socket`. `Ok(None)`: no daemon listens there.
 pub fn request(socket: &Path, request: &Request) -> anyhow::Result<Option<serde_json::Value>> {
     use std::io::ErrorKind;
-    let mut stream = match UnixStream::connect(socket) {
+    let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
             return Ok(None)
@@ -866,26 +890,36 @@ mod tests {
             ControlSocket::bind(&path).is_err(),
             "a second daemon must not steal the socket"
         );
-        let (tx, rx) = mpsc::sync_channel(4);
-        socket.spawn(tx);
-        // A loop stand-in that answers every call with its request's debug form.
+        // The socket's task on an event loop of its own thread, with a stand-in for the
+        // daemon's loop that answers every call with its request's debug form.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            while let Ok(call) = rx.recv() {
-                let _ = call.reply.send(
-                    serde_json::json!({"ok": true, "result": format!("{:?}", call.request)})
-                        .to_string(),
-                );
-            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let (tx, mut rx) = mpsc::channel::<Call>(4);
+                socket.spawn(tx).unwrap();
+                ready_tx.send(()).unwrap();
+                while let Some(call) = rx.recv().await {
+                    let _ = call.reply.send(
+                        serde_json::json!({"ok": true, "result": format!("{:?}", call.request)})
+                            .to_string(),
+                    );
+                }
+            });
         });
+        ready_rx.recv().unwrap();
         let got = request(&path, &Request::List).unwrap().unwrap();
         assert_eq!(got, "List");
         // Oversized and malformed requests get an error, not a hang or a crash.
-        let mut s = UnixStream::connect(&path).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
         let _ = s.write_all(&vec![b'x'; MAX_REQUEST + 10]);
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         assert!(text.contains("longer than"), "{text}");
-        let mut s = UnixStream::connect(&path).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
         s.write_all(b"{\"command\":\"reboot\"}\n").unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();

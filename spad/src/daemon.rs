@@ -1,23 +1,20 @@
 //! The daemon: the capture → decode → policy → firewall pipeline and the loop that drives it.
 //!
 //! [`Pipeline`] is the testable heart: it takes received packets and a clock reading and does
-//! everything except reading the network. [`run`] wires it to a real capture socket, a real
-//! firewall and signals (SIGTERM/SIGINT stop, SIGHUP reloads).
+//! everything except reading the network. [`crate::event_loop`] wires it to real capture
+//! sockets, a real firewall, signals and the operator tasks.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use spa_shared::packet::Server;
 use spa_shared::replay::Window;
 use spa_shared::Micros;
 
-use crate::capture::{self, frame, Received, Source};
+use crate::capture::{self, frame, Received};
 use crate::clock::Clock;
-use crate::config::{CaptureMode, Config};
+use crate::config::Config;
 use crate::firewall::{Access, Firewall};
 use crate::flood::{RecentPackets, SourceBuckets};
 use crate::knock::engine::Event;
@@ -265,6 +262,11 @@ impl<C: Clock> Pipeline<C> {
     }
 
     /// The pipeline's clock reading.
+    /// The server's public key (logged at start).
+    pub fn server_public_key(&self) -> spa_shared::keys::PublicKey {
+        self.server.public_key()
+    }
+
     pub fn now(&self) -> Micros {
         self.clock.now()
     }
@@ -725,185 +727,8 @@ pub fn watches(config: &Config) -> Vec<capture::bpf::Watch> {
     out
 }
 
-/// Runs until SIGTERM/SIGINT. SIGHUP reloads the config file.
-pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
-    let (config, server) = load(&config_path, &overrides)?;
-    create_state_dir(&config.server.state_dir)?;
-    // One daemon per state directory and table, before anything is opened or installed.
-    let _locks = (
-        crate::firewall::lock::StateLock::acquire(&config.server.state_dir)?,
-        crate::firewall::lock::StateLock::acquire_table(&config.server.table)?,
-    );
-    // Before anything is touched: refuses if another spad answers on this state directory.
-    let mut hub =
-        crate::control::Hub::bind(&config, &config_path, crate::clock::SystemClock.now())?;
-    let mut source: Box<dyn Source> = match config.server.capture {
-        CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
-            &config.server.interfaces,
-            &watches(&config),
-            crate::knock::syn_only(&config),
-        )?),
-        CaptureMode::Udp => Box::new(
-            capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
-        ),
-    };
-    let firewall = crate::firewall::open(&config)?;
-    let clock = crate::clock::SystemClock;
-    let capture_desc = match config.server.capture {
-        CaptureMode::AfPacket => format!(
-            "af-packet on {}",
-            if config.server.interfaces.is_empty() {
-                "all interfaces".to_string()
-            } else {
-                config.server.interfaces.join(",")
-            }
-        ),
-        CaptureMode::Udp => "udp listener".to_string(),
-    };
-    let mut pipeline = Pipeline::new(config, server, firewall, clock)?;
-    let public = pipeline.server.public_key();
-    pipeline.log.line(
-        clock.now(),
-        &format!(
-            "listening port={}/udp capture={capture_desc} server-key={public}",
-            pipeline.config.server.port
-        ),
-    );
-    if let Some(user) = pipeline.config.server.user.clone() {
-        let account = crate::privilege::lookup_user(&user)?;
-        crate::privilege::drop_to(&account, &pipeline.config.server.state_dir)?;
-        pipeline.log.line(
-            clock.now(),
-            &format!(
-                "running as {user} (uid {}) with CAP_NET_ADMIN and CAP_NET_RAW only",
-                account.uid
-            ),
-        );
-    }
-
-    let (mut guard, warning) =
-        crate::firewall::guard::Guard::new(&mut *pipeline.firewall, &pipeline.config);
-    if let Some(w) = warning {
-        pipeline.log.line(clock.now(), &w);
-    }
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let reload = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))?;
-    hub.start();
-    hub.ready(&pipeline);
-
-    let mut capture_drops = capture::stats::DropWatch::default();
-    // Counters of capture sources replaced by a reload, so `spad status` never goes backwards.
-    let mut retired_capture = capture::stats::CaptureStats::default();
-    while !stop.load(Ordering::Relaxed) {
-        if reload.swap(false, Ordering::Relaxed) {
-            hub.reloading();
-            match load(&config_path, &overrides) {
-                Ok((config, server)) => {
-                    let recapture = config.server.capture != pipeline.config.server.capture
-                        || config.server.port != pipeline.config.server.port
-                        || config.server.interfaces != pipeline.config.server.interfaces
-                        || watches(&config) != watches(&pipeline.config);
-                    let new_source: anyhow::Result<Option<Box<dyn Source>>> = if !recapture {
-                        Ok(None)
-                    } else {
-                        match config.server.capture {
-                            CaptureMode::AfPacket => capture::AfPacket::open(
-                                &config.server.interfaces,
-                                &watches(&config),
-                                crate::knock::syn_only(&config),
-                            )
-                            .map(|s| Some(Box::new(s) as Box<dyn Source>)),
-                            CaptureMode::Udp => capture::UdpListener::open(config.server.port)
-                                .map(|s| Some(Box::new(s) as Box<dyn Source>))
-                                .map_err(Into::into),
-                        }
-                    };
-                    match new_source.and_then(|s| pipeline.reload(config, server).map(|()| s)) {
-                        Ok(Some(s)) => {
-                            retired_capture.add(&source.stats());
-                            source = s;
-                        }
-                        Ok(None) => {}
-                        Err(e) => pipeline.log.line(
-                            clock.now(),
-                            &format!("error: reload failed, keeping the running config: {e:#}"),
-                        ),
-                    }
-                }
-                Err(e) => pipeline.log.line(
-                    clock.now(),
-                    &format!("error: reload failed, keeping the running config: {e:#}"),
-                ),
-            }
-            hub.reloaded(&pipeline);
-            guard.rearm(&mut *pipeline.firewall);
-        }
-        // A batch: the first packet (waiting for it), then whatever else is ready, up to BATCH;
-        // one journal commit and one firewall transaction for all of it.
-        match source.recv(Duration::from_millis(200)) {
-            Ok(Some(received)) => {
-                pipeline.decide(&received);
-                for _ in 1..BATCH {
-                    match source.recv(Duration::ZERO) {
-                        Ok(Some(received)) => pipeline.decide(&received),
-                        _ => break,
-                    }
-                }
-                pipeline.flush();
-            }
-            Ok(None) => {}
-            Err(e) => {
-                pipeline
-                    .log
-                    .line(clock.now(), &format!("error: capture: {e}"));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        pipeline.tick();
-        if let Some(line) = capture_drops.check(&mut *source, std::time::Instant::now()) {
-            pipeline.log.line(clock.now(), &line);
-        }
-        // Once per turn (a batch, or 200 ms idle): a few getsockopt calls.
-        pipeline.stats.capture = retired_capture.clone();
-        pipeline.stats.capture.add(&source.stats());
-        hub.poll(&mut pipeline);
-        for line in guard.poll(&mut *pipeline.firewall, &pipeline.config) {
-            pipeline.log.line(clock.now(), &line);
-        }
-    }
-    hub.stopping();
-    pipeline
-        .log
-        .line(clock.now(), &format!("capture: {}", source.stats()));
-    let counters: Vec<String> = pipeline
-        .stats
-        .counters()
-        .iter()
-        .map(|(name, value)| format!("{name}={value}"))
-        .collect();
-    pipeline
-        .log
-        .line(clock.now(), &format!("stopping: {}", counters.join(" ")));
-    if pipeline.config.server.flush_on_exit {
-        pipeline.firewall.flush()?;
-        pipeline.log.line(
-            clock.now(),
-            "flush-on-exit: all grants closed; the protection stays (`spad uninstall` removes it)",
-        );
-    } else {
-        pipeline.log.line(
-            clock.now(),
-            "grants stay in the kernel until they expire (flush-on-exit = false)",
-        );
-    }
-    Ok(())
-}
-
-fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+/// Creates the state directory (0700) if missing.
+pub(crate) fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -1017,7 +842,7 @@ mod tests {
         assert_eq!(grants[0].address.to_string(), "198.51.100.7");
         assert_eq!(
             grants[0].remaining,
-            Duration::from_secs(3600),
+            std::time::Duration::from_secs(3600),
             "capped at max-timeout"
         );
         assert_eq!(p.stats.granted, 1);

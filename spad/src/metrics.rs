@@ -1,14 +1,16 @@
 //! Prometheus metrics: the text exposition format rendered from the daemon's counters, and a
 //! tiny HTTP/1.0 responder for `metrics = "ADDR:PORT"` in `[server]` (opt-in).
 //!
-//! The responder runs on its own thread and owns no state: each scrape is forwarded to the
+//! The responder is a task of the daemon's event loop and owns no state: each scrape is forwarded to the
 //! daemon's loop as a [`crate::control::Request::Metrics`] call over the same channel the control
 //! socket uses, so the single-threaded pipeline is never shared. Requests are bounded in size
 //! and time; anything but `GET /metrics` gets a 404.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use spa_shared::Micros;
@@ -181,18 +183,19 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// How long one scrape may take to send its request or read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The bound metrics listener, before its thread is started.
+/// The bound metrics listener, before its task is started.
 #[derive(Debug)]
 pub struct Endpoint {
-    listener: TcpListener,
+    listener: std::net::TcpListener,
 }
 
 impl Endpoint {
     /// Binds `address` (done before privileges are dropped).
     pub fn bind(address: SocketAddr) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let listener = TcpListener::bind(address)
+        let listener = std::net::TcpListener::bind(address)
             .with_context(|| format!("binding the metrics listener on {address}"))?;
+        listener.set_nonblocking(true)?;
         Ok(Self { listener })
     }
 
@@ -200,29 +203,41 @@ impl Endpoint {
         self.listener.local_addr()
     }
 
-    /// Serves scrapes one at a time on a thread; each asks `ask` for the current text.
-    pub fn spawn(self, ask: impl Fn() -> Option<String> + Send + 'static) {
-        std::thread::spawn(move || {
-            for stream in self.listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        let _ = serve_one(stream, &ask);
+    /// Serves scrapes as a task of the running event loop, one at a time; each asks `ask`
+    /// for the current text.
+    pub fn spawn<F, A>(self, ask: A) -> std::io::Result<()>
+    where
+        A: Fn() -> F + Send + Sync + 'static,
+        F: std::future::Future<Output = Option<String>> + Send,
+    {
+        let listener = TcpListener::from_std(self.listener)?;
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        // Bounded in time: a stalled scraper cannot hold the endpoint.
+                        let _ = tokio::time::timeout(IO_TIMEOUT * 2, serve_one(stream, &ask)).await;
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         });
+        Ok(())
     }
 }
 
 /// Reads a request head (bounded), answers `GET /metrics` with the text from `ask`.
-fn serve_one(mut stream: TcpStream, ask: &impl Fn() -> Option<String>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+async fn serve_one<F, A>(mut stream: TcpStream, ask: &A) -> std::io::Result<()>
+where
+    A: Fn() -> F,
+    F: std::future::Future<Output = Option<String>>,
+{
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf)?;
+        let n = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         if n == 0 {
             break;
         }
@@ -233,7 +248,8 @@ fn serve_one(mut stream: TcpStream, ask: &impl Fn() -> Option<String>) -> std::i
                 "413 Payload Too Large",
                 "text/plain",
                 "too large\n",
-            );
+            )
+            .await;
         }
     }
     let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
@@ -247,31 +263,42 @@ fn serve_one(mut stream: TcpStream, ask: &impl Fn() -> Option<String>) -> std::i
             "404 Not Found",
             "text/plain",
             "try GET /metrics\n",
-        );
+        )
+        .await;
     }
-    match ask() {
-        Some(text) => respond(
-            &mut stream,
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            &text,
-        ),
-        None => respond(
-            &mut stream,
-            "503 Service Unavailable",
-            "text/plain",
-            "spad is busy or stopping\n",
-        ),
+    match ask().await {
+        Some(text) => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &text,
+            )
+            .await
+        }
+        None => {
+            respond(
+                &mut stream,
+                "503 Service Unavailable",
+                "text/plain",
+                "spad is busy or stopping\n",
+            )
+            .await
+        }
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
-    write!(
-        stream,
+async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
+    let text = format!(
         "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    stream.flush()
+    );
+    tokio::time::timeout(IO_TIMEOUT, async {
+        stream.write_all(text.as_bytes()).await?;
+        stream.flush().await
+    })
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 #[cfg(test)]

@@ -7,14 +7,13 @@
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Talks to the service manager, if there is one.
 #[derive(Debug)]
 pub struct Notifier {
     target: Option<(UnixDatagram, SocketAddr)>,
     watchdog: Option<Duration>,
-    last_ping: Instant,
 }
 
 impl Notifier {
@@ -50,7 +49,6 @@ impl Notifier {
             Self {
                 target,
                 watchdog,
-                last_ping: Instant::now(),
             },
             problem,
         )
@@ -61,7 +59,6 @@ impl Notifier {
         Self {
             target: None,
             watchdog: None,
-            last_ping: Instant::now(),
         }
     }
 
@@ -97,14 +94,32 @@ impl Notifier {
         self.send(&format!("STATUS={}", one_line(status)));
     }
 
-    /// Sends `WATCHDOG=1` when half the watchdog interval has passed; call from the loop.
-    pub fn watchdog(&mut self) {
-        if let Some(interval) = self.watchdog {
-            if self.last_ping.elapsed() >= interval / 2 {
-                self.send("WATCHDOG=1");
-                self.last_ping = Instant::now();
+    /// `WATCHDOG=1`: the daemon's loop is alive.
+    pub fn watchdog(&self) {
+        self.send("WATCHDOG=1");
+    }
+
+    /// When systemd asked for a watchdog: a task of the running event loop that sends
+    /// `WATCHDOG=1` every half interval. The loop is single-threaded, so the task only runs
+    /// while the loop keeps yielding: a loop stuck in a system call stops the pings and
+    /// systemd restarts the daemon.
+    pub fn spawn_watchdog(&self) -> std::io::Result<()> {
+        let (Some(interval), Some((socket, address))) = (self.watchdog, &self.target) else {
+            return Ok(());
+        };
+        let pinger = Self {
+            target: Some((socket.try_clone()?, address.clone())),
+            watchdog: None,
+        };
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval / 2);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                pinger.watchdog();
             }
-        }
+        });
+        Ok(())
     }
 }
 
@@ -152,10 +167,9 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
         let (socket, address) = connect(path.as_os_str()).unwrap();
-        let mut n = Notifier {
+        let n = Notifier {
             target: Some((socket, address)),
             watchdog: Some(Duration::ZERO),
-            last_ping: Instant::now(),
         };
         let mut buf = [0u8; 512];
         let mut next = || {

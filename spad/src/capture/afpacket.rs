@@ -223,6 +223,10 @@ impl Source for AfPacket {
             .map(|(_, packet)| Received::Ip(packet)))
     }
 
+    fn wake_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.rings.iter().map(|r| r.socket().as_fd()).collect()
+    }
+
     fn stats(&mut self) -> CaptureStats {
         for ring in &self.rings {
             if let Ok((packets, drops)) = socket::take_statistics(ring.socket()) {

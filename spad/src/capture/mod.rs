@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use crate::net::canonical;
@@ -40,8 +41,13 @@ pub enum Received<'a> {
 
 /// A packet source.
 pub trait Source {
-    /// Waits at most `timeout` for one packet.
+    /// Waits at most `timeout` for one packet. A zero timeout never blocks: the event loop
+    /// reads that way once [`Source::wake_fds`] said a packet may be waiting.
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>>;
+
+    /// The sockets that become readable when a packet may be waiting (the event loop
+    /// watches duplicates of them).
+    fn wake_fds(&self) -> Vec<BorrowedFd<'_>>;
 
     /// Counters since the source was opened: frames read and delivered, userspace drops
     /// by reason, and the kernel's own counts where the source has them.
@@ -65,6 +71,8 @@ impl UdpListener {
             .or_else(|_| {
                 UdpSocket::bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
             })?;
+        // Never blocks: `recv` waits in poll(2) when asked to wait, the event loop in epoll.
+        socket.set_nonblocking(true)?;
         Ok(Self {
             socket,
             port,
@@ -76,10 +84,15 @@ impl UdpListener {
 
 impl Source for UdpListener {
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
-        // A zero timeout polls (the daemon drains a batch that way): no 1 ms wait per batch.
-        self.socket.set_nonblocking(timeout.is_zero())?;
+        // A zero timeout only reads what is there (the event loop drains a batch that way).
         if !timeout.is_zero() {
-            self.socket.set_read_timeout(Some(timeout))?;
+            use nix::poll::{PollFd, PollFlags, PollTimeout};
+            let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+            let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         match self.socket.recv_from(&mut self.buf) {
             Ok((n, from)) => {
@@ -104,6 +117,10 @@ impl Source for UdpListener {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.socket.as_fd()]
     }
 
     fn stats(&mut self) -> CaptureStats {

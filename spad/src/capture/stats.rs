@@ -177,6 +177,9 @@ mod tests {
         fn recv(&mut self, _: Duration) -> std::io::Result<Option<crate::capture::Received<'_>>> {
             Ok(None)
         }
+        fn wake_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+            Vec::new()
+        }
         fn stats(&mut self) -> CaptureStats {
             CaptureStats {
                 kernel_drops: self.0,

@@ -73,7 +73,8 @@ fn of_table(kind: u16, body: &[u8], table: &str) -> bool {
         .is_some_and(|(_, v)| v.split(|b| *b == 0).next() == Some(table.as_bytes()))
 }
 
-/// The watcher: owned by the daemon loop, polled on every turn.
+/// The watcher: owned by the daemon loop, polled when the monitor has events and when the
+/// periodic check is due.
 #[derive(Debug)]
 pub struct Guard {
     expected: String,
@@ -115,6 +116,16 @@ impl Guard {
         };
         guard.rearm(firewall);
         (guard, warning)
+    }
+
+    /// The monitor's socket, readable when the kernel announced a change (nftables only).
+    pub fn event_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.monitor.as_ref().map(Monitor::fd)
+    }
+
+    /// When the next periodic check is due, events or not.
+    pub fn next_check(&self) -> Instant {
+        self.next_check
     }
 
     /// Takes the current protection as the reference: after spad's own install or reload.

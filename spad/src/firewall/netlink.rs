@@ -302,6 +302,12 @@ impl Monitor {
         })
     }
 
+    /// The socket, for the event loop to watch.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
     /// Every message queued so far as `(nlmsg type, body after the 16-byte header)`, without
     /// blocking. `ENOBUFS` means events were lost: the caller must assume anything changed.
     pub fn drain(&mut self) -> io::Result<Vec<(u16, Vec<u8>)>> {

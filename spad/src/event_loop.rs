@@ -1,0 +1,407 @@
+//! The daemon's event loop: a current-thread tokio runtime around the synchronous
+//! [`Pipeline`].
+//!
+//! One task, this loop, owns the pipeline and waits on everything that can move it:
+//!
+//! - the capture sockets, through [`AsyncFd`] (a readable socket means frames are waiting:
+//!   they are drained in batches of up to [`BATCH`], then one journal commit and one firewall
+//!   transaction for the batch);
+//! - the signals (`SIGTERM`/`SIGINT` stop, `SIGHUP` reloads) through `tokio::signal`;
+//! - requests from the control socket and the metrics endpoint, each its own task
+//!   ([`crate::control`], [`crate::metrics`]) that hands the loop a [`Call`] and awaits the
+//!   answer, so the pipeline is never shared;
+//! - the ruleset guard: the nftables netlink monitor through [`AsyncFd`], and its timer;
+//! - a 200 ms housekeeping tick (knock timers, capture counters).
+//!
+//! The systemd watchdog is a task of its own: on one thread it only runs when this loop
+//! yields, so a loop stuck in a system call stops the pings and systemd restarts spad.
+//!
+//! Nothing here allocates per packet: a received frame is borrowed from the capture ring
+//! and handed to [`Pipeline::decide`].
+
+use std::future::poll_fn;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::capture::{self, stats::CaptureStats, stats::DropWatch, Source};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{CaptureMode, Config};
+use crate::control::{Call, Hub};
+use crate::daemon::{load, watches, Overrides, Pipeline, BATCH};
+use crate::firewall::guard::Guard;
+
+/// How often the loop does its housekeeping when no packet wakes it.
+const TICK: Duration = Duration::from_millis(200);
+/// Requests from the operator tasks that may wait for the loop at once.
+const CALL_QUEUE: usize = 16;
+
+/// Runs until SIGTERM/SIGINT. SIGHUP reloads the config file.
+pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the event loop")?;
+    runtime.block_on(serve(config_path, overrides))
+}
+
+/// Registers a duplicate of `fd` with the reactor, for readability. The duplicate shares
+/// the socket (its readiness and its queue) and belongs to the returned `AsyncFd` alone.
+fn watch(fd: BorrowedFd<'_>) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let owned = fd.try_clone_to_owned()?;
+    // SAFETY: `owned` is moved into the `AsyncFd`, which alone can close it: it stays open,
+    // keeps its number and refers to the same file description until the `AsyncFd` drops it,
+    // which is what `register_with_interest` requires.
+    let registered = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) };
+    Ok(registered?)
+}
+
+/// A packet source and the reactor registrations of its sockets.
+struct Capture {
+    /// Duplicates of the source's sockets, registered with the reactor.
+    wakers: Vec<AsyncFd<OwnedFd>>,
+    source: Box<dyn Source>,
+}
+
+impl Capture {
+    fn new(source: Box<dyn Source>) -> std::io::Result<Self> {
+        let wakers = source
+            .wake_fds()
+            .into_iter()
+            .map(watch)
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { wakers, source })
+    }
+
+    /// Resolves when any socket of the source may have frames waiting.
+    async fn readable(&self) -> std::io::Result<()> {
+        poll_fn(|cx| {
+            for waker in &self.wakers {
+                match waker.poll_read_ready(cx) {
+                    // Dropping the guard keeps the readiness: it is cleared by `ran_dry`.
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// After the source reported nothing waiting: forget the readiness, so the loop sleeps
+    /// until the kernel signals a new frame. No await separates the empty read from this, so
+    /// the reactor cannot have taken in a newer event that this would wrongly clear (tokio
+    /// clears only the readiness it handed out).
+    fn ran_dry(&self) {
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        for waker in &self.wakers {
+            if let Poll::Ready(Ok(mut guard)) = waker.poll_read_ready(&mut cx) {
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
+/// The signals the daemon answers.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// Opens the packet source the config asks for.
+fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
+    Ok(match config.server.capture {
+        CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
+            &config.server.interfaces,
+            &watches(config),
+            crate::knock::syn_only(config),
+        )?),
+        CaptureMode::Udp => Box::new(
+            capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
+        ),
+    })
+}
+
+fn describe_capture(config: &Config) -> String {
+    match config.server.capture {
+        CaptureMode::AfPacket if config.server.interfaces.is_empty() => {
+            "af-packet on all interfaces".to_string()
+        }
+        CaptureMode::AfPacket => format!("af-packet on {}", config.server.interfaces.join(",")),
+        CaptureMode::Udp => "udp listener".to_string(),
+    }
+}
+
+/// Everything the loop owns.
+struct Daemon {
+    config_path: PathBuf,
+    overrides: Overrides,
+    pipeline: Pipeline<SystemClock>,
+    capture: Capture,
+    /// Counters of capture sources replaced by a reload, so `spad status` never goes back.
+    retired_capture: CaptureStats,
+    capture_drops: DropWatch,
+    /// The guard's netlink monitor, registered with the reactor (nftables only).
+    guard_events: Option<AsyncFd<OwnedFd>>,
+    guard: Guard,
+    hub: Hub,
+}
+
+async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
+    let (config, server) = load(&config_path, &overrides)?;
+    crate::daemon::create_state_dir(&config.server.state_dir)?;
+    // One daemon per state directory and table, before anything is opened or installed.
+    let _locks = (
+        crate::firewall::lock::StateLock::acquire(&config.server.state_dir)?,
+        crate::firewall::lock::StateLock::acquire_table(&config.server.table)?,
+    );
+    // Before anything is touched: refuses if another spad answers on this state directory.
+    let hub = Hub::bind(&config, &config_path, SystemClock.now())?;
+    let source = open_source(&config)?;
+    let firewall = crate::firewall::open(&config)?;
+    let capture_desc = describe_capture(&config);
+    let mut pipeline = Pipeline::new(config, server, firewall, SystemClock)?;
+    let public = pipeline.server_public_key();
+    pipeline.log.line(
+        SystemClock.now(),
+        &format!(
+            "listening port={}/udp capture={capture_desc} server-key={public}",
+            pipeline.config.server.port
+        ),
+    );
+    if let Some(user) = pipeline.config.server.user.clone() {
+        let account = crate::privilege::lookup_user(&user)?;
+        crate::privilege::drop_to(&account, &pipeline.config.server.state_dir)?;
+        pipeline.log.line(
+            SystemClock.now(),
+            &format!(
+                "running as {user} (uid {}) with CAP_NET_ADMIN and CAP_NET_RAW only",
+                account.uid
+            ),
+        );
+    }
+    let (guard, warning) = Guard::new(&mut *pipeline.firewall, &pipeline.config);
+    if let Some(w) = warning {
+        pipeline.log.line(SystemClock.now(), &w);
+    }
+    let mut signals = Signals::install().context("installing signal handlers")?;
+    let (calls_in, calls) = mpsc::channel(CALL_QUEUE);
+    let mut daemon = Daemon {
+        config_path,
+        overrides,
+        capture: Capture::new(source).context("watching the capture sockets")?,
+        retired_capture: CaptureStats::default(),
+        capture_drops: DropWatch::default(),
+        guard_events: guard
+            .event_fd()
+            .map(watch)
+            .transpose()
+            .context("watching the nftables monitor")?,
+        guard,
+        pipeline,
+        hub,
+    };
+    daemon
+        .hub
+        .start(calls_in)
+        .context("starting the control socket, metrics and watchdog tasks")?;
+    daemon.hub.ready(&daemon.pipeline);
+    daemon.run(&mut signals, calls).await;
+    daemon.stop()
+}
+
+impl Daemon {
+    /// The loop. Arms are polled in order (`biased`): signals, operator calls, the guard and
+    /// the housekeeping tick come before the capture, so a flood that keeps the capture
+    /// always ready delays them by one batch at most, never starves them.
+    async fn run(&mut self, signals: &mut Signals, mut calls: mpsc::Receiver<Call>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let guard_due = tokio::time::Instant::from_std(self.guard.next_check());
+            tokio::select! {
+                biased;
+                _ = signals.terminate.recv() => return,
+                _ = signals.interrupt.recv() => return,
+                _ = signals.hangup.recv() => self.reload(),
+                Some(call) = calls.recv() => {
+                    self.refresh_capture_stats();
+                    self.hub.answer(&mut self.pipeline, call);
+                }
+                Some(()) = guard_event(self.guard_events.as_ref()) => self.check_guard(),
+                () = tokio::time::sleep_until(guard_due) => self.check_guard(),
+                _ = tick.tick() => self.housekeeping(),
+                ready = self.capture.readable() => match ready {
+                    Ok(()) => self.drain_batch(),
+                    Err(e) => self.capture_failed(e).await,
+                },
+            }
+        }
+    }
+
+    /// A batch: whatever is waiting, up to [`BATCH`] frames; one journal commit and one
+    /// firewall transaction for all of it.
+    fn drain_batch(&mut self) {
+        let mut taken = 0;
+        let mut dry = false;
+        while taken < BATCH {
+            match self.capture.source.recv(Duration::ZERO) {
+                Ok(Some(received)) => {
+                    self.pipeline.decide(&received);
+                    taken += 1;
+                }
+                Ok(None) => {
+                    dry = true;
+                    break;
+                }
+                Err(e) => {
+                    self.pipeline
+                        .log
+                        .line(SystemClock.now(), &format!("error: capture: {e}"));
+                    dry = true;
+                    break;
+                }
+            }
+        }
+        if taken > 0 {
+            self.pipeline.flush();
+        }
+        if dry {
+            self.capture.ran_dry();
+        }
+    }
+
+    /// A capture socket reported an error: logged, and the loop backs off for a moment.
+    async fn capture_failed(&mut self, e: std::io::Error) {
+        self.pipeline
+            .log
+            .line(SystemClock.now(), &format!("error: capture: {e}"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    fn check_guard(&mut self) {
+        for line in self
+            .guard
+            .poll(&mut *self.pipeline.firewall, &self.pipeline.config)
+        {
+            self.pipeline.log.line(SystemClock.now(), &line);
+        }
+        if let Some(events) = &self.guard_events {
+            // The monitor was drained by `poll`: sleep until the kernel sends more.
+            let mut cx = TaskContext::from_waker(Waker::noop());
+            if let Poll::Ready(Ok(mut guard)) = events.poll_read_ready(&mut cx) {
+                guard.clear_ready();
+            }
+        }
+    }
+
+    fn refresh_capture_stats(&mut self) {
+        self.pipeline.stats.capture = self.retired_capture.clone();
+        self.pipeline.stats.capture.add(&self.capture.source.stats());
+    }
+
+    fn housekeeping(&mut self) {
+        self.pipeline.tick();
+        if let Some(line) = self
+            .capture_drops
+            .check(&mut *self.capture.source, std::time::Instant::now())
+        {
+            self.pipeline.log.line(SystemClock.now(), &line);
+        }
+        self.refresh_capture_stats();
+    }
+
+    /// SIGHUP: a new config and key, and a new capture if what it must see changed. On any
+    /// error the running config stays.
+    fn reload(&mut self) {
+        self.hub.reloading();
+        if let Err(e) = self.try_reload() {
+            self.pipeline.log.line(
+                SystemClock.now(),
+                &format!("error: reload failed, keeping the running config: {e:#}"),
+            );
+        }
+        self.hub.reloaded(&self.pipeline);
+        self.guard.rearm(&mut *self.pipeline.firewall);
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<()> {
+        let (config, server) = load(&self.config_path, &self.overrides)?;
+        let running = &self.pipeline.config;
+        let recapture = config.server.capture != running.server.capture
+            || config.server.port != running.server.port
+            || config.server.interfaces != running.server.interfaces
+            || watches(&config) != watches(running);
+        let capture = if recapture {
+            Some(Capture::new(open_source(&config)?)?)
+        } else {
+            None
+        };
+        self.pipeline.reload(config, server)?;
+        if let Some(capture) = capture {
+            let old = std::mem::replace(&mut self.capture, capture);
+            let mut old_source = old.source;
+            self.retired_capture.add(&old_source.stats());
+        }
+        Ok(())
+    }
+
+    /// After the loop: final counters, and the grants closed or left to expire.
+    fn stop(mut self) -> anyhow::Result<()> {
+        self.hub.stopping();
+        let now = SystemClock.now();
+        let capture = self.capture.source.stats();
+        self.pipeline.log.line(now, &format!("capture: {capture}"));
+        let counters: Vec<String> = self
+            .pipeline
+            .stats
+            .counters()
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        self.pipeline
+            .log
+            .line(now, &format!("stopping: {}", counters.join(" ")));
+        if self.pipeline.config.server.flush_on_exit {
+            self.pipeline.firewall.flush()?;
+            self.pipeline.log.line(
+                now,
+                "flush-on-exit: all grants closed; the protection stays (`spad uninstall` removes it)",
+            );
+        } else {
+            self.pipeline.log.line(
+                now,
+                "grants stay in the kernel until they expire (flush-on-exit = false)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Resolves when the guard's netlink monitor has events; never without a monitor.
+async fn guard_event(events: Option<&AsyncFd<OwnedFd>>) -> Option<()> {
+    match events {
+        Some(events) => events.readable().await.ok().map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
