@@ -184,156 +184,50 @@ impl ServiceOut {
     }
 }
 
+/// The stanza being converted and the name of its file, for the `FILE:LINE` of each note.
+struct Source<'a> {
+    stanza: &'a Stanza,
+    access_name: &'a str,
+}
+
+impl Source<'_> {
+    /// Where `entry` is.
+    fn at(&self, entry: &Entry) -> String {
+        format!("{}:{}", self.access_name, entry.line)
+    }
+
+    /// Where the stanza starts (its SOURCE line).
+    fn start(&self) -> String {
+        format!("{}:{}", self.access_name, self.stanza.line)
+    }
+}
+
+/// The grant settings every service of one stanza shares.
+struct Grant {
+    timeout: u64,
+    max_timeout: Option<u64>,
+    forward: Option<String>,
+}
+
 fn convert_stanza(
     stanza: &Stanza,
     access_name: &str,
     g: &Global,
     services: &mut BTreeMap<String, ServiceOut>,
 ) -> ClientOut {
-    let b64 = base64::engine::general_purpose::STANDARD;
+    let src = Source {
+        stanza,
+        access_name,
+    };
     let mut out = ClientOut::default();
-    let at = |e: &Entry| format!("{access_name}:{}", e.line);
-    let gpg = stanza.entries.iter().any(|e| e.keyword.starts_with("GPG_"));
-    let key = stanza
-        .get("KEY_BASE64")
-        .map(|e| (e.value.clone(), e))
-        .or_else(|| {
-            stanza
-                .get("KEY")
-                .map(|e| (b64.encode(e.value.as_bytes()), e))
-        });
-    let hmac = stanza
-        .get("HMAC_KEY_BASE64")
-        .map(|e| (e.value.clone(), e))
-        .or_else(|| {
-            stanza
-                .get("HMAC_KEY")
-                .map(|e| (b64.encode(e.value.as_bytes()), e))
-        });
-    if gpg && key.is_none() {
-        out.commented_out = true;
-        out.notes.push(format!(
-            "{access_name}:{}: GPG-only stanza: not supported. Migrate this client to Rijndael + HMAC: run `fwknop --key-gen`, put KEY_BASE64 and HMAC_KEY_BASE64 here and in its ~/.fwknoprc, and uncomment",
-            stanza.line
-        ));
-    } else if gpg {
-        out.notes.push(format!(
-            "{access_name}:{}: the GPG_* settings are not carried over (GPG is not supported); only the Rijndael key is",
-            stanza.line
-        ));
-    }
-    match &key {
-        Some((value, e)) if b64.decode(value).is_ok_and(|k| !k.is_empty()) => {
-            out.lines
-                .push(format!("key-base64 = {}", toml_string(value)));
-            if e.keyword == "KEY" {
-                out.notes.push(format!("{}: KEY (a passphrase) written as key-base64 of the same bytes; consider `fwknop --key-gen` for a random key", at(e)));
-            }
-        }
-        Some((value, e)) => {
-            out.lines.push("key-base64 = \"\"  # FILL IN".into());
-            out.notes.push(format!(
-                "{}: {} `{value}` is not base64 (placeholder?); fill in the client's real key",
-                at(e),
-                e.keyword
-            ));
-        }
-        None => out
-            .lines
-            .push("key-base64 = \"\"  # FILL IN: no KEY in this stanza".into()),
-    }
-    match &hmac {
-        Some((value, _)) if b64.decode(value).is_ok_and(|k| !k.is_empty()) => {
-            out.lines
-                .push(format!("hmac-key-base64 = {}", toml_string(value)));
-        }
-        Some((value, e)) => {
-            out.lines.push("hmac-key-base64 = \"\"  # FILL IN".into());
-            out.notes.push(format!(
-                "{}: {} `{value}` is not base64 (placeholder?); fill in the client's real HMAC key",
-                at(e),
-                e.keyword
-            ));
-        }
-        None => {
-            out.lines.push("hmac-key-base64 = \"\"  # FILL IN".into());
-            out.notes.push(format!("{access_name}:{}: no HMAC key: fwknopd accepted packets without HMAC, spad does not. Generate one with `fwknop --key-gen` and give the client --use-hmac (or USE_HMAC Y in ~/.fwknoprc)", stanza.line));
-        }
-    }
-    if let Some(e) = stanza.get("HMAC_DIGEST_TYPE") {
-        let d = e.value.to_ascii_lowercase();
-        if matches!(d.as_str(), "sha1" | "sha256" | "sha384" | "sha512") {
-            out.lines.push(format!("hmac-digest = \"{d}\""));
-        } else {
-            out.lines.push("hmac-digest = \"\"  # FILL IN".into());
-            out.notes.push(format!(
-                "{}: HMAC_DIGEST_TYPE {} is not supported; use sha256 on both sides",
-                at(e),
-                e.value
-            ));
-        }
-    }
-    let timeout = match stanza.get("FW_ACCESS_TIMEOUT") {
-        None => g.access_timeout,
-        Some(e) => e.value.parse().unwrap_or_else(|_| {
-            out.notes.push(format!(
-                "{}: FW_ACCESS_TIMEOUT `{}` is not a number; using {}s",
-                at(e),
-                e.value,
-                g.access_timeout
-            ));
-            g.access_timeout
-        }),
-    }
-    .max(1);
-    let max_timeout = stanza.get("MAX_FW_TIMEOUT").and_then(|e| {
-        e.value.parse::<u64>().ok().filter(|m| *m > 0).or_else(|| {
-            out.notes
-                .push(format!("{}: MAX_FW_TIMEOUT `{}` ignored", at(e), e.value));
-            None
-        })
-    });
-    let forward = stanza.get("FORCE_NAT").and_then(|e| {
-        let mut parts = e.value.split_whitespace();
-        match (
-            parts.next().map(str::parse::<std::net::Ipv4Addr>),
-            parts.next().map(str::parse::<u16>),
-        ) {
-            (Some(Ok(ip)), Some(Ok(port))) if port != 0 => Some(format!("{ip}:{port}")),
-            _ => {
-                out.notes.push(format!(
-                    "{}: FORCE_NAT `{}` is not `IP PORT`; written without NAT",
-                    at(e),
-                    e.value
-                ));
-                None
-            }
-        }
-    });
-    let mut wanted: Vec<String> = Vec::new();
-    match stanza.get("OPEN_PORTS").map(|e| (ports(&e.value), e)) {
-        Some((Ok(list), _)) => {
-            for port in list {
-                let s = ServiceOut {
-                    port,
-                    timeout,
-                    max_timeout: max_timeout.unwrap_or(timeout).max(timeout),
-                    forward: forward.clone(),
-                };
-                let name = service_name(&s);
-                if let Some(existing) = services.get(&name) {
-                    if *existing != s {
-                        out.notes.push(format!("{access_name}:{}: service `{name}` differs from another stanza's (max-timeout or NAT target); review it", stanza.line));
-                    }
-                } else {
-                    services.insert(name.clone(), s);
-                }
-                wanted.push(name);
-            }
-        }
-        Some((Err(problem), e)) => out.notes.push(format!("{}: OPEN_PORTS {problem}; fill in services", at(e))),
-        None => out.notes.push(format!("{access_name}:{}: no OPEN_PORTS: fwknopd honoured any requested port, spad opens only listed services; fill in services", stanza.line)),
-    }
+    convert_keys(&src, &mut out);
+    convert_digest(&src, &mut out);
+    let grant = Grant {
+        timeout: access_timeout(&src, g, &mut out),
+        max_timeout: max_timeout(&src, &mut out),
+        forward: forward(&src, &mut out),
+    };
+    let wanted = open_ports(&src, &grant, services, &mut out);
     let list: Vec<String> = wanted.iter().map(|n| toml_string(n)).collect();
     out.lines.push(format!(
         "services = [{}]{}",
@@ -346,48 +240,272 @@ fn convert_stanza(
         .is_some_and(|e| yes(&e.value));
     out.lines
         .push(format!("require-source-address = {require}"));
-    if let Some(m) = max_timeout {
+    if let Some(m) = grant.max_timeout {
         out.lines.push(format!("max-timeout = \"{m}s\""));
     }
     if let Some(a) = g.max_age {
         out.lines.push(format!("max-age = \"{a}s\""));
     }
     for e in &stanza.entries {
-        let note = match e.keyword.as_str() {
-            "SOURCE" if e.value.eq_ignore_ascii_case("any") => continue,
-            "SOURCE" => format!("SOURCE {}: spad accepts this client's packets from any source address; restrict reachability with a service allow list or an upstream filter if you relied on it", e.value),
-            "DESTINATION" if e.value.eq_ignore_ascii_case("any") => continue,
-            "DESTINATION" => format!("DESTINATION {}: not carried over", e.value),
-            "KEY" | "KEY_BASE64" | "HMAC_KEY" | "HMAC_KEY_BASE64" | "HMAC_DIGEST_TYPE"
-            | "FW_ACCESS_TIMEOUT" | "MAX_FW_TIMEOUT" | "OPEN_PORTS" | "FORCE_NAT"
-            | "REQUIRE_SOURCE_ADDRESS" | "REQUIRE_SOURCE" => continue,
-            k if k.starts_with("GPG_") => continue,
-            "RESTRICT_PORTS" => format!("RESTRICT_PORTS {}: not needed, spad opens only the listed services", e.value),
-            "ENABLE_CMD_EXEC" | "ENABLE_CMD_SUDO_EXEC" if !yes(&e.value) => continue,
-            "ENABLE_CMD_EXEC" | "ENABLE_CMD_SUDO_EXEC" | "CMD_SUDO_EXEC_USER"
-            | "CMD_SUDO_EXEC_GROUP" | "CMD_EXEC_USER" | "CMD_EXEC_GROUP" => format!(
-                "{} {}: NOT carried over: spad never runs a command a packet asks for",
-                e.keyword, e.value
-            ),
-            "CMD_CYCLE_OPEN" | "CMD_CYCLE_CLOSE" | "CMD_CYCLE_TIMER" => format!(
-                "{} {}: NOT carried over: spad opens kernel set elements, not commands",
-                e.keyword, e.value
-            ),
-            "ENCRYPTION_MODE" if e.value.eq_ignore_ascii_case("cbc") => continue,
-            "ENCRYPTION_MODE" => format!("ENCRYPTION_MODE {}: only CBC (fwknop's default) is supported; legacy IV clients must move to current keys", e.value),
-            "REQUIRE_USERNAME" => format!("REQUIRE_USERNAME {}: not carried over; each client's keys identify it", e.value),
-            "ACCESS_EXPIRE" | "ACCESS_EXPIRE_EPOCH" => format!("{} {}: not carried over; remove the stanza when access should end", e.keyword, e.value),
-            "FORCE_SNAT" | "FORCE_MASQUERADE" | "DISABLE_DNAT" | "FORWARD_ALL" => format!("{} {}: not carried over", e.keyword, e.value),
-            other => format!("{other} {}: unknown to the import, not carried over", e.value),
-        };
-        out.notes.push(format!("{}: {note}", at(e)));
+        if let Some(note) = not_carried_over(e) {
+            out.notes.push(format!("{}: {note}", src.at(e)));
+        }
     }
     out
+}
+
+/// The stanza's key given as base64 (`base64_keyword`) or as a passphrase (`text_keyword`,
+/// encoded here), with the entry it came from.
+fn key_entry<'a>(
+    stanza: &'a Stanza,
+    base64_keyword: &str,
+    text_keyword: &str,
+) -> Option<(String, &'a Entry)> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    stanza
+        .get(base64_keyword)
+        .map(|e| (e.value.clone(), e))
+        .or_else(|| {
+            stanza
+                .get(text_keyword)
+                .map(|e| (b64.encode(e.value.as_bytes()), e))
+        })
+}
+
+fn is_base64_key(value: &str) -> bool {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    b64.decode(value).is_ok_and(|k| !k.is_empty())
+}
+
+/// The GPG notes (a GPG-only stanza is commented out), then `key-base64` and `hmac-key-base64`.
+fn convert_keys(src: &Source, out: &mut ClientOut) {
+    let stanza = src.stanza;
+    let gpg = stanza.entries.iter().any(|e| e.keyword.starts_with("GPG_"));
+    let key = key_entry(stanza, "KEY_BASE64", "KEY");
+    let hmac = key_entry(stanza, "HMAC_KEY_BASE64", "HMAC_KEY");
+    if gpg && key.is_none() {
+        out.commented_out = true;
+        out.notes.push(format!(
+            "{}: GPG-only stanza: not supported. Migrate this client to Rijndael + HMAC: run `fwknop --key-gen`, put KEY_BASE64 and HMAC_KEY_BASE64 here and in its ~/.fwknoprc, and uncomment",
+            src.start()
+        ));
+    } else if gpg {
+        out.notes.push(format!(
+            "{}: the GPG_* settings are not carried over (GPG is not supported); only the Rijndael key is",
+            src.start()
+        ));
+    }
+    convert_key(src, key, out);
+    convert_hmac_key(src, hmac, out);
+}
+
+fn convert_key(src: &Source, key: Option<(String, &Entry)>, out: &mut ClientOut) {
+    match &key {
+        Some((value, e)) if is_base64_key(value) => {
+            out.lines
+                .push(format!("key-base64 = {}", toml_string(value)));
+            if e.keyword == "KEY" {
+                out.notes.push(format!("{}: KEY (a passphrase) written as key-base64 of the same bytes; consider `fwknop --key-gen` for a random key", src.at(e)));
+            }
+        }
+        Some((value, e)) => {
+            out.lines.push("key-base64 = \"\"  # FILL IN".into());
+            out.notes.push(format!(
+                "{}: {} `{value}` is not base64 (placeholder?); fill in the client's real key",
+                src.at(e),
+                e.keyword
+            ));
+        }
+        None => out
+            .lines
+            .push("key-base64 = \"\"  # FILL IN: no KEY in this stanza".into()),
+    }
+}
+
+fn convert_hmac_key(src: &Source, hmac: Option<(String, &Entry)>, out: &mut ClientOut) {
+    match &hmac {
+        Some((value, _)) if is_base64_key(value) => {
+            out.lines
+                .push(format!("hmac-key-base64 = {}", toml_string(value)));
+        }
+        Some((value, e)) => {
+            out.lines.push("hmac-key-base64 = \"\"  # FILL IN".into());
+            out.notes.push(format!(
+                "{}: {} `{value}` is not base64 (placeholder?); fill in the client's real HMAC key",
+                src.at(e),
+                e.keyword
+            ));
+        }
+        None => {
+            out.lines.push("hmac-key-base64 = \"\"  # FILL IN".into());
+            out.notes.push(format!("{}: no HMAC key: fwknopd accepted packets without HMAC, spad does not. Generate one with `fwknop --key-gen` and give the client --use-hmac (or USE_HMAC Y in ~/.fwknoprc)", src.start()));
+        }
+    }
+}
+
+/// `HMAC_DIGEST_TYPE` as `hmac-digest`, when the stanza has one.
+fn convert_digest(src: &Source, out: &mut ClientOut) {
+    let Some(e) = src.stanza.get("HMAC_DIGEST_TYPE") else {
+        return;
+    };
+    let d = e.value.to_ascii_lowercase();
+    if matches!(d.as_str(), "sha1" | "sha256" | "sha384" | "sha512") {
+        out.lines.push(format!("hmac-digest = \"{d}\""));
+    } else {
+        out.lines.push("hmac-digest = \"\"  # FILL IN".into());
+        out.notes.push(format!(
+            "{}: HMAC_DIGEST_TYPE {} is not supported; use sha256 on both sides",
+            src.at(e),
+            e.value
+        ));
+    }
+}
+
+/// The stanza's `FW_ACCESS_TIMEOUT`, else the global one; at least 1 s.
+fn access_timeout(src: &Source, g: &Global, out: &mut ClientOut) -> u64 {
+    match src.stanza.get("FW_ACCESS_TIMEOUT") {
+        None => g.access_timeout,
+        Some(e) => e.value.parse().unwrap_or_else(|_| {
+            out.notes.push(format!(
+                "{}: FW_ACCESS_TIMEOUT `{}` is not a number; using {}s",
+                src.at(e),
+                e.value,
+                g.access_timeout
+            ));
+            g.access_timeout
+        }),
+    }
+    .max(1)
+}
+
+/// The stanza's `MAX_FW_TIMEOUT`, when it is a positive number.
+fn max_timeout(src: &Source, out: &mut ClientOut) -> Option<u64> {
+    src.stanza.get("MAX_FW_TIMEOUT").and_then(|e| {
+        e.value.parse::<u64>().ok().filter(|m| *m > 0).or_else(|| {
+            out.notes.push(format!(
+                "{}: MAX_FW_TIMEOUT `{}` ignored",
+                src.at(e),
+                e.value
+            ));
+            None
+        })
+    })
+}
+
+/// The stanza's `FORCE_NAT IP PORT` as the `IP:PORT` to forward to.
+fn forward(src: &Source, out: &mut ClientOut) -> Option<String> {
+    src.stanza.get("FORCE_NAT").and_then(|e| {
+        let mut parts = e.value.split_whitespace();
+        match (
+            parts.next().map(str::parse::<std::net::Ipv4Addr>),
+            parts.next().map(str::parse::<u16>),
+        ) {
+            (Some(Ok(ip)), Some(Ok(port))) if port != 0 => Some(format!("{ip}:{port}")),
+            _ => {
+                out.notes.push(format!(
+                    "{}: FORCE_NAT `{}` is not `IP PORT`; written without NAT",
+                    src.at(e),
+                    e.value
+                ));
+                None
+            }
+        }
+    })
+}
+
+/// One service per port of `OPEN_PORTS` (shared with other stanzas that grant alike); returns
+/// their names.
+fn open_ports(
+    src: &Source,
+    grant: &Grant,
+    services: &mut BTreeMap<String, ServiceOut>,
+    out: &mut ClientOut,
+) -> Vec<String> {
+    let mut wanted: Vec<String> = Vec::new();
+    match src.stanza.get("OPEN_PORTS").map(|e| (ports(&e.value), e)) {
+        Some((Ok(list), _)) => {
+            for port in list {
+                let s = ServiceOut {
+                    port,
+                    timeout: grant.timeout,
+                    max_timeout: grant.max_timeout.unwrap_or(grant.timeout).max(grant.timeout),
+                    forward: grant.forward.clone(),
+                };
+                let name = service_name(&s);
+                if let Some(existing) = services.get(&name) {
+                    if *existing != s {
+                        out.notes.push(format!("{}: service `{name}` differs from another stanza's (max-timeout or NAT target); review it", src.start()));
+                    }
+                } else {
+                    services.insert(name.clone(), s);
+                }
+                wanted.push(name);
+            }
+        }
+        Some((Err(problem), e)) => out.notes.push(format!("{}: OPEN_PORTS {problem}; fill in services", src.at(e))),
+        None => out.notes.push(format!("{}: no OPEN_PORTS: fwknopd honoured any requested port, spad opens only listed services; fill in services", src.start())),
+    }
+    wanted
+}
+
+/// The note for a stanza entry the conversion above did not carry over, if it needs one.
+fn not_carried_over(e: &Entry) -> Option<String> {
+    let note = match e.keyword.as_str() {
+        "SOURCE" if e.value.eq_ignore_ascii_case("any") => return None,
+        "SOURCE" => format!("SOURCE {}: spad accepts this client's packets from any source address; restrict reachability with a service allow list or an upstream filter if you relied on it", e.value),
+        "DESTINATION" if e.value.eq_ignore_ascii_case("any") => return None,
+        "DESTINATION" => format!("DESTINATION {}: not carried over", e.value),
+        "KEY" | "KEY_BASE64" | "HMAC_KEY" | "HMAC_KEY_BASE64" | "HMAC_DIGEST_TYPE"
+        | "FW_ACCESS_TIMEOUT" | "MAX_FW_TIMEOUT" | "OPEN_PORTS" | "FORCE_NAT"
+        | "REQUIRE_SOURCE_ADDRESS" | "REQUIRE_SOURCE" => return None,
+        k if k.starts_with("GPG_") => return None,
+        "RESTRICT_PORTS" => format!("RESTRICT_PORTS {}: not needed, spad opens only the listed services", e.value),
+        "ENABLE_CMD_EXEC" | "ENABLE_CMD_SUDO_EXEC" if !yes(&e.value) => return None,
+        "ENABLE_CMD_EXEC" | "ENABLE_CMD_SUDO_EXEC" | "CMD_SUDO_EXEC_USER"
+        | "CMD_SUDO_EXEC_GROUP" | "CMD_EXEC_USER" | "CMD_EXEC_GROUP" => format!(
+            "{} {}: NOT carried over: spad never runs a command a packet asks for",
+            e.keyword, e.value
+        ),
+        "CMD_CYCLE_OPEN" | "CMD_CYCLE_CLOSE" | "CMD_CYCLE_TIMER" => format!(
+            "{} {}: NOT carried over: spad opens kernel set elements, not commands",
+            e.keyword, e.value
+        ),
+        "ENCRYPTION_MODE" if e.value.eq_ignore_ascii_case("cbc") => return None,
+        "ENCRYPTION_MODE" => format!("ENCRYPTION_MODE {}: only CBC (fwknop's default) is supported; legacy IV clients must move to current keys", e.value),
+        "REQUIRE_USERNAME" => format!("REQUIRE_USERNAME {}: not carried over; each client's keys identify it", e.value),
+        "ACCESS_EXPIRE" | "ACCESS_EXPIRE_EPOCH" => format!("{} {}: not carried over; remove the stanza when access should end", e.keyword, e.value),
+        "FORCE_SNAT" | "FORCE_MASQUERADE" | "DISABLE_DNAT" | "FORWARD_ALL" => format!("{} {}: not carried over", e.keyword, e.value),
+        other => format!("{other} {}: unknown to the import, not carried over", e.value),
+    };
+    Some(note)
 }
 
 /// Converts the text of `access.conf` (and optionally `fwknopd.conf`) into TOML.
 pub fn convert(access_name: &str, access: &str, fwknopd_conf: Option<(&str, &str)>) -> String {
     let g = global(fwknopd_conf);
+    let (stanzas, stray) = stanzas(access_name, access);
+    let mut services = BTreeMap::new();
+    let clients: Vec<ClientOut> = stanzas
+        .iter()
+        .map(|s| convert_stanza(s, access_name, &g, &mut services))
+        .collect();
+
+    let mut out = String::new();
+    write_header(&mut out, access_name, fwknopd_conf);
+    for note in g.notes.iter().chain(&stray) {
+        let _ = writeln!(out, "# NOTE: {note}");
+    }
+    write_services(&mut out, &services);
+    write_clients(&mut out, access_name, &clients, &stanzas);
+    if stanzas.is_empty() {
+        let _ = writeln!(out, "\n# NOTE: no SOURCE stanza found: nothing to import.");
+    }
+    out
+}
+
+/// Splits `access.conf` into stanzas (each starts at a SOURCE line); notes on the lines that
+/// belong to none.
+fn stanzas(access_name: &str, access: &str) -> (Vec<Stanza>, Vec<String>) {
     let mut stanzas: Vec<Stanza> = Vec::new();
     let mut stray = Vec::new();
     for e in entries(access) {
@@ -410,13 +528,10 @@ pub fn convert(access_name: &str, access: &str, fwknopd_conf: Option<(&str, &str
             ));
         }
     }
-    let mut services = BTreeMap::new();
-    let clients: Vec<ClientOut> = stanzas
-        .iter()
-        .map(|s| convert_stanza(s, access_name, &g, &mut services))
-        .collect();
+    (stanzas, stray)
+}
 
-    let mut out = String::new();
+fn write_header(out: &mut String, access_name: &str, fwknopd_conf: Option<(&str, &str)>) {
     let _ = writeln!(
         out,
         "# Generated by `spad import-fwknop` from {access_name}{}.",
@@ -432,10 +547,10 @@ pub fn convert(access_name: &str, access: &str, fwknopd_conf: Option<(&str, &str
         out,
         "# Lines marked FILL IN make `spad check` fail until you complete them."
     );
-    for note in g.notes.iter().chain(&stray) {
-        let _ = writeln!(out, "# NOTE: {note}");
-    }
-    for (name, s) in &services {
+}
+
+fn write_services(out: &mut String, services: &BTreeMap<String, ServiceOut>) {
+    for (name, s) in services {
         let _ = writeln!(out, "\n[services.{name}]");
         let _ = writeln!(
             out,
@@ -455,7 +570,12 @@ pub fn convert(access_name: &str, access: &str, fwknopd_conf: Option<(&str, &str
             let _ = writeln!(out, "forward-to = \"{f}\"");
         }
     }
-    for (i, (client, stanza)) in clients.iter().zip(&stanzas).enumerate() {
+}
+
+/// One `[fwknop-clients.stanza-N]` per stanza, after its notes; commented out when it cannot
+/// be carried over.
+fn write_clients(out: &mut String, access_name: &str, clients: &[ClientOut], stanzas: &[Stanza]) {
+    for (i, (client, stanza)) in clients.iter().zip(stanzas).enumerate() {
         let _ = writeln!(
             out,
             "\n# From {access_name}:{} (stanza {}).",
@@ -471,10 +591,6 @@ pub fn convert(access_name: &str, access: &str, fwknopd_conf: Option<(&str, &str
             let _ = writeln!(out, "{prefix}{line}");
         }
     }
-    if stanzas.is_empty() {
-        let _ = writeln!(out, "\n# NOTE: no SOURCE stanza found: nothing to import.");
-    }
-    out
 }
 
 /// Reads the files and converts them.

@@ -259,6 +259,9 @@ fn service_list(
 
 /// Builds the doors. `services` maps each service name to its ports; `spa_port` is the UDP
 /// port of SPA packets; relative paths are resolved against `base`.
+///
+/// Checks run in a fixed order (static doors, decoys, TOTP doors, `max-sources`) and the first
+/// refusal is returned.
 pub(crate) fn build(
     raw_doors: &BTreeMap<String, Spanned<RawDoor>>,
     raw_totp: &BTreeMap<String, Spanned<RawTotpDoor>>,
@@ -268,215 +271,323 @@ pub(crate) fn build(
     base: &Path,
     _text: &str,
 ) -> Result<Doors, Located> {
-    let server_port = spa_port;
-    let spa_port = PortProto {
-        port: spa_port,
-        proto: Proto::Udp,
-    };
-    let service_ports: BTreeSet<PortProto> = services.values().flatten().copied().collect();
-    // Every port some door listens on, with its owner, to refuse overlaps.
-    let mut owners: BTreeMap<PortProto, String> = BTreeMap::new();
-    let mut claim = |port: PortProto, owner: &str, span: &Spanned<String>| -> Result<(), Located> {
-        if port == spa_port {
+    let mut claims = PortClaims::new(spa_port, services);
+    let doors = raw_doors
+        .iter()
+        .map(|(name, spanned)| static_door(name, spanned, services, &mut claims, base))
+        .collect::<Result<Vec<_>, _>>()?;
+    let decoys = decoys(&knocking.decoy_ports, &mut claims)?;
+    let totp = totp_doors(raw_totp, services, &mut claims, base)?;
+    Ok(Doors {
+        doors,
+        totp,
+        decoys,
+        blacklist_after: knocking.blacklist_after.max(1),
+        blacklist_for: knocking.blacklist_for.0,
+        max_knocks_per_second: knocking.max_knocks_per_second.max(1),
+        max_sources: max_sources(&knocking.max_sources)?,
+    })
+}
+
+/// Every port some door or decoy listens on, with its owner: a knock port must not be the SPA
+/// port or a protected service port, and doors must not share ports.
+struct PortClaims {
+    spa_port: PortProto,
+    service_ports: BTreeSet<PortProto>,
+    owners: BTreeMap<PortProto, String>,
+}
+
+impl PortClaims {
+    fn new(spa_port: u16, services: &BTreeMap<String, Vec<PortProto>>) -> Self {
+        Self {
+            spa_port: PortProto {
+                port: spa_port,
+                proto: Proto::Udp,
+            },
+            service_ports: services.values().flatten().copied().collect(),
+            owners: BTreeMap::new(),
+        }
+    }
+
+    /// Records `port` as `owner`'s; refuses it (at `span`) if it is taken.
+    fn claim(
+        &mut self,
+        port: PortProto,
+        owner: &str,
+        span: &Spanned<String>,
+    ) -> Result<(), Located> {
+        if port == self.spa_port {
             return Err(at(
                 span,
                 format!("{port} is the SPA port; knock ports must differ"),
             ));
         }
-        if service_ports.contains(&port) {
+        if self.service_ports.contains(&port) {
             return Err(at(
                 span,
                 format!("{port} is a protected service port; knock ports must differ"),
             ));
         }
-        if let Some(other) = owners.get(&port).filter(|other| *other != owner) {
+        if let Some(other) = self.owners.get(&port).filter(|other| *other != owner) {
             return Err(at(
                 span,
                 format!("{port} is already used by `{other}`; doors must not share ports"),
             ));
         }
-        owners.insert(port, owner.to_string());
+        self.owners.insert(port, owner.to_string());
         Ok(())
-    };
-
-    let mut doors = Vec::new();
-    for (name, spanned) in raw_doors {
-        let raw = spanned.get_ref();
-        let sequence = ports(&raw.sequence)?;
-        if sequence.len() < 2 && raw.one_time_sequences.is_none() {
-            return Err(Located { span: spanned.span(), message: format!("door `{name}` needs sequence = [\"7000/tcp\", \"8000/udp\", ...] (at least 2 ports) or one-time-sequences = \"FILE\"") });
-        }
-        for (i, p) in sequence.iter().enumerate() {
-            if sequence[..i].contains(p) {
-                return Err(at(
-                    &raw.sequence[i],
-                    format!("{p} appears twice in the sequence; every knock port must be distinct"),
-                ));
-            }
-            claim(*p, name, &raw.sequence[i])?;
-        }
-        let close_sequence = ports(&raw.close_sequence)?;
-        for (i, p) in close_sequence.iter().enumerate() {
-            claim(*p, name, &raw.close_sequence[i])?;
-        }
-        let tcp_flags = match &raw.tcp_flags {
-            Some(t) => TcpFlags::parse(t.get_ref()).map_err(|e| at(t, e))?,
-            None => TcpFlags::SYN,
-        };
-        let services = service_list(&raw.services, services).map_err(|mut e| {
-            if e.span == (0..0) {
-                e.span = spanned.span();
-            }
-            e
-        })?;
-        doors.push(StaticDoor {
-            name: name.clone(),
-            sequence,
-            close_sequence,
-            seq_timeout: raw.seq_timeout.0,
-            tcp_flags,
-            services,
-            one_time_file: raw
-                .one_time_sequences
-                .as_ref()
-                .map(|p| resolve(base, p.get_ref())),
-            start_command: raw.start_command.clone(),
-            stop_command: raw.stop_command.clone(),
-            command_capabilities: raw.command_capabilities,
-        });
     }
 
+    /// The port numbers TOTP derivation must avoid: the SPA port, every service port, every
+    /// claimed port (static doors, decoys, TOTP first ports) and `first_ports`, sorted.
+    fn excluded_numbers(&self, first_ports: &BTreeMap<u16, String>) -> Vec<u16> {
+        let mut excluded: BTreeSet<u16> = self.owners.keys().map(|p| p.port).collect();
+        excluded.insert(self.spa_port.port);
+        excluded.extend(self.service_ports.iter().map(|p| p.port));
+        excluded.extend(first_ports.keys().copied());
+        excluded.into_iter().collect()
+    }
+}
+
+/// One `[doors.NAME]`, its ports claimed.
+fn static_door(
+    name: &str,
+    spanned: &Spanned<RawDoor>,
+    services: &BTreeMap<String, Vec<PortProto>>,
+    claims: &mut PortClaims,
+    base: &Path,
+) -> Result<StaticDoor, Located> {
+    let raw = spanned.get_ref();
+    let sequence = open_sequence(name, spanned, claims)?;
+    let close_sequence = ports(&raw.close_sequence)?;
+    for (i, p) in close_sequence.iter().enumerate() {
+        claims.claim(*p, name, &raw.close_sequence[i])?;
+    }
+    let tcp_flags = match &raw.tcp_flags {
+        Some(t) => TcpFlags::parse(t.get_ref()).map_err(|e| at(t, e))?,
+        None => TcpFlags::SYN,
+    };
+    let services = service_list(&raw.services, services).map_err(|mut e| {
+        if e.span == (0..0) {
+            e.span = spanned.span();
+        }
+        e
+    })?;
+    Ok(StaticDoor {
+        name: name.to_string(),
+        sequence,
+        close_sequence,
+        seq_timeout: raw.seq_timeout.0,
+        tcp_flags,
+        services,
+        one_time_file: raw
+            .one_time_sequences
+            .as_ref()
+            .map(|p| resolve(base, p.get_ref())),
+        start_command: raw.start_command.clone(),
+        stop_command: raw.stop_command.clone(),
+        command_capabilities: raw.command_capabilities,
+    })
+}
+
+/// A static door's `sequence`: at least two distinct ports (unless it has one-time sequences),
+/// each claimed for the door.
+fn open_sequence(
+    name: &str,
+    spanned: &Spanned<RawDoor>,
+    claims: &mut PortClaims,
+) -> Result<Vec<PortProto>, Located> {
+    let raw = spanned.get_ref();
+    let sequence = ports(&raw.sequence)?;
+    if sequence.len() < 2 && raw.one_time_sequences.is_none() {
+        return Err(Located { span: spanned.span(), message: format!("door `{name}` needs sequence = [\"7000/tcp\", \"8000/udp\", ...] (at least 2 ports) or one-time-sequences = \"FILE\"") });
+    }
+    for (i, p) in sequence.iter().enumerate() {
+        if sequence[..i].contains(p) {
+            return Err(at(
+                &raw.sequence[i],
+                format!("{p} appears twice in the sequence; every knock port must be distinct"),
+            ));
+        }
+        claims.claim(*p, name, &raw.sequence[i])?;
+    }
+    Ok(sequence)
+}
+
+/// `[knocking] decoy-ports`, each claimed.
+fn decoys(
+    list: &[Spanned<String>],
+    claims: &mut PortClaims,
+) -> Result<BTreeSet<PortProto>, Located> {
     let mut decoys = BTreeSet::new();
-    for d in &knocking.decoy_ports {
+    for d in list {
         let p: PortProto = d.get_ref().parse().map_err(|e: String| at(d, e))?;
-        claim(p, "(decoy)", d)?;
+        claims.claim(p, "(decoy)", d)?;
         decoys.insert(p);
     }
+    Ok(decoys)
+}
 
-    // First pass for TOTP first ports, so derived ranges can avoid all of them.
+/// Every `[totp-doors.NAME]`. A first pass validates each door and claims its first port, so
+/// the derived ranges can then be checked against all first ports and every other knock port.
+fn totp_doors(
+    raw_totp: &BTreeMap<String, Spanned<RawTotpDoor>>,
+    services: &BTreeMap<String, Vec<PortProto>>,
+    claims: &mut PortClaims,
+    base: &Path,
+) -> Result<Vec<TotpDoor>, Located> {
     let mut first_ports: BTreeMap<u16, String> = BTreeMap::new();
     let mut totp = Vec::new();
     for (name, spanned) in raw_totp {
-        let raw = spanned.get_ref();
-        let proto = match raw.protocol.get_ref().as_str() {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            _ => return Err(at(&raw.protocol, "protocol is \"tcp\" or \"udp\"")),
-        };
-        let first = *raw.first_port.get_ref();
-        if first == 0 {
-            return Err(at(&raw.first_port, "first-port must be 1-65535"));
-        }
-        if let Some(other) = first_ports.insert(first, name.clone()) {
-            return Err(at(&raw.first_port, format!("first port {first} is already the first port of `{other}`; each user needs a unique first port")));
-        }
-        let first_spanned = Spanned::new(raw.first_port.span(), first.to_string());
-        claim(PortProto { port: first, proto }, name, &first_spanned)?;
-        let secret = match (&raw.secret, &raw.secret_file) {
-            (Some(s), None) => Secret::from_base32(s.get_ref()).map_err(|e| at(s, format!("secret {e}")))?,
-            (None, Some(f)) => {
-                let path = resolve(base, f.get_ref());
-                let text = crate::keyfile::read_secret_text(&path).map_err(|e| at(f, e.to_string()))?;
-                Secret::from_base32(&text).map_err(|e| at(f, format!("{}: {e}", path.display())))?
-            }
-            _ => return Err(Located { span: spanned.span(), message: format!("TOTP door `{name}` needs exactly one of secret = \"BASE32\" or secret-file = \"…\"") }),
-        };
-        let (low, high) = raw
-            .port_range
-            .get_ref()
-            .split_once('-')
-            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
-            .filter(|(a, b)| *a >= 1 && a < b)
-            .ok_or_else(|| {
-                at(
-                    &raw.port_range,
-                    "port-range is \"LOW-HIGH\", e.g. \"20000-29999\"",
-                )
-            })?;
-        if !(1..=8).contains(&raw.derived_ports) {
-            return Err(Located {
-                span: spanned.span(),
-                message: "derived-ports must be 1-8".into(),
-            });
-        }
-        let services = service_list(&raw.services, services)?;
-        totp.push((
-            spanned.span(),
-            TotpDoor {
-                name: name.clone(),
-                first_port: first,
-                secret,
-                params: Params {
-                    algorithm: Algorithm::Sha1,
-                    period_secs: 30,
-                    digits: 6,
-                },
-                rule: PortRule {
-                    low,
-                    high,
-                    count: raw.derived_ports,
-                    excluded: Vec::new(),
-                },
-                proto,
-                skew_steps: raw.skew_steps.min(3),
-                seq_timeout: raw.seq_timeout.0,
-                services,
-                enabled: raw.enabled.unwrap_or(true),
-                require_enrollment: raw.require_enrollment,
-            },
-        ));
+        let door = totp_door(name, spanned, services, (claims, &mut first_ports), base)?;
+        totp.push((spanned.span(), door));
     }
     // Derived ports avoid the SPA port, every service port, every static door port and decoy,
     // and every TOTP first port.
-    let mut excluded: BTreeSet<u16> = owners.keys().map(|p| p.port).collect();
-    excluded.insert(server_port);
-    excluded.extend(service_ports.iter().map(|p| p.port));
-    excluded.extend(first_ports.keys().copied());
-    let excluded: Vec<u16> = excluded.into_iter().collect();
-    let mut totp_doors = Vec::new();
-    for (span, mut door) in totp {
-        door.rule.excluded = excluded.clone();
-        // Clients derive without knowing the exclusions, so none may fall inside the range:
-        // then gateway and client always compute the same sequence.
-        if let Some(clash) = excluded
-            .iter()
-            .find(|p| (door.rule.low..=door.rule.high).contains(p))
-        {
-            return Err(Located {
-                span,
-                message: format!(
-                    "TOTP door `{}`: port-range {}-{} contains port {clash}, which is the SPA port, a service, door or decoy port, or a TOTP first port; move the range or that port",
-                    door.name, door.rule.low, door.rule.high
-                ),
-            });
-        }
-        if let Err(e) = spa_shared::totp::derive_ports(door.first_port, "000000", &door.rule) {
-            return Err(Located {
-                span,
-                message: format!("TOTP door `{}`: {e}; widen port-range", door.name),
-            });
-        }
-        totp_doors.push(door);
-    }
+    let excluded = claims.excluded_numbers(&first_ports);
+    totp.into_iter()
+        .map(|(span, mut door)| {
+            door.rule.excluded = excluded.clone();
+            check_derived_range(span, &door)?;
+            Ok(door)
+        })
+        .collect()
+}
 
-    let max_sources = *knocking.max_sources.get_ref();
-    if !(1..=MAX_MAX_SOURCES).contains(&max_sources) {
+/// One `[totp-doors.NAME]`, its first port claimed; its derived range is not checked yet.
+fn totp_door(
+    name: &str,
+    spanned: &Spanned<RawTotpDoor>,
+    services: &BTreeMap<String, Vec<PortProto>>,
+    (claims, first_ports): (&mut PortClaims, &mut BTreeMap<u16, String>),
+    base: &Path,
+) -> Result<TotpDoor, Located> {
+    let raw = spanned.get_ref();
+    let proto = totp_protocol(&raw.protocol)?;
+    let first = first_port(name, raw, proto, claims, first_ports)?;
+    let secret = totp_secret(name, spanned, base)?;
+    let (low, high) = port_range(&raw.port_range)?;
+    if !(1..=8).contains(&raw.derived_ports) {
+        return Err(Located {
+            span: spanned.span(),
+            message: "derived-ports must be 1-8".into(),
+        });
+    }
+    let services = service_list(&raw.services, services)?;
+    Ok(TotpDoor {
+        name: name.to_string(),
+        first_port: first,
+        secret,
+        params: Params {
+            algorithm: Algorithm::Sha1,
+            period_secs: 30,
+            digits: 6,
+        },
+        rule: PortRule {
+            low,
+            high,
+            count: raw.derived_ports,
+            excluded: Vec::new(),
+        },
+        proto,
+        skew_steps: raw.skew_steps.min(3),
+        seq_timeout: raw.seq_timeout.0,
+        services,
+        enabled: raw.enabled.unwrap_or(true),
+        require_enrollment: raw.require_enrollment,
+    })
+}
+
+fn totp_protocol(protocol: &Spanned<String>) -> Result<Proto, Located> {
+    match protocol.get_ref().as_str() {
+        "tcp" => Ok(Proto::Tcp),
+        "udp" => Ok(Proto::Udp),
+        _ => Err(at(protocol, "protocol is \"tcp\" or \"udp\"")),
+    }
+}
+
+/// A TOTP door's `first-port`: non-zero, unique among TOTP doors, and claimed.
+fn first_port(
+    name: &str,
+    raw: &RawTotpDoor,
+    proto: Proto,
+    claims: &mut PortClaims,
+    first_ports: &mut BTreeMap<u16, String>,
+) -> Result<u16, Located> {
+    let first = *raw.first_port.get_ref();
+    if first == 0 {
+        return Err(at(&raw.first_port, "first-port must be 1-65535"));
+    }
+    if let Some(other) = first_ports.insert(first, name.to_string()) {
+        return Err(at(&raw.first_port, format!("first port {first} is already the first port of `{other}`; each user needs a unique first port")));
+    }
+    let first_spanned = Spanned::new(raw.first_port.span(), first.to_string());
+    claims.claim(PortProto { port: first, proto }, name, &first_spanned)?;
+    Ok(first)
+}
+
+/// The TOTP secret, from exactly one of `secret` or `secret-file`.
+fn totp_secret(name: &str, spanned: &Spanned<RawTotpDoor>, base: &Path) -> Result<Secret, Located> {
+    let raw = spanned.get_ref();
+    match (&raw.secret, &raw.secret_file) {
+        (Some(s), None) => Secret::from_base32(s.get_ref()).map_err(|e| at(s, format!("secret {e}"))),
+        (None, Some(f)) => {
+            let path = resolve(base, f.get_ref());
+            let text = crate::keyfile::read_secret_text(&path).map_err(|e| at(f, e.to_string()))?;
+            Secret::from_base32(&text).map_err(|e| at(f, format!("{}: {e}", path.display())))
+        }
+        _ => Err(Located { span: spanned.span(), message: format!("TOTP door `{name}` needs exactly one of secret = \"BASE32\" or secret-file = \"…\"") }),
+    }
+}
+
+/// `port-range = "LOW-HIGH"` with 1 <= LOW < HIGH.
+fn port_range(range: &Spanned<String>) -> Result<(u16, u16), Located> {
+    range
+        .get_ref()
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+        .filter(|(a, b)| *a >= 1 && a < b)
+        .ok_or_else(|| at(range, "port-range is \"LOW-HIGH\", e.g. \"20000-29999\""))
+}
+
+/// Clients derive without knowing the exclusions, so none may fall inside the range: then
+/// gateway and client always compute the same sequence. The range must also be wide enough.
+fn check_derived_range(span: std::ops::Range<usize>, door: &TotpDoor) -> Result<(), Located> {
+    if let Some(clash) = door
+        .rule
+        .excluded
+        .iter()
+        .find(|p| (door.rule.low..=door.rule.high).contains(p))
+    {
+        return Err(Located {
+            span,
+            message: format!(
+                "TOTP door `{}`: port-range {}-{} contains port {clash}, which is the SPA port, a service, door or decoy port, or a TOTP first port; move the range or that port",
+                door.name, door.rule.low, door.rule.high
+            ),
+        });
+    }
+    if let Err(e) = spa_shared::totp::derive_ports(door.first_port, "000000", &door.rule) {
+        return Err(Located {
+            span,
+            message: format!("TOTP door `{}`: {e}; widen port-range", door.name),
+        });
+    }
+    Ok(())
+}
+
+/// `[knocking] max-sources`, bounded.
+fn max_sources(max_sources: &Spanned<usize>) -> Result<usize, Located> {
+    let value = *max_sources.get_ref();
+    if !(1..=MAX_MAX_SOURCES).contains(&value) {
         return Err(at(
-            &knocking.max_sources,
+            max_sources,
             format!(
                 "max-sources must be 1-{MAX_MAX_SOURCES}; the default is {DEFAULT_MAX_SOURCES}"
             ),
         ));
     }
-    Ok(Doors {
-        doors,
-        totp: totp_doors,
-        decoys,
-        blacklist_after: knocking.blacklist_after.max(1),
-        blacklist_for: knocking.blacklist_for.0,
-        max_knocks_per_second: knocking.max_knocks_per_second.max(1),
-        max_sources,
-    })
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -382,48 +382,23 @@ impl Engine {
         {
             return;
         }
-        let door = &self.totp.doors()[index];
-        let (name, timeout) = (door.name.clone(), door.seq_timeout);
-        let label = format!("totp door {name}");
-        let number = index as u16;
+        let label = format!("totp door {}", self.totp.doors()[index].name);
         // Candidate steps advance together on the first port: log the furthest stage once.
         let mut furthest = None;
         // Steps other than the furthest only matter for the verdict, not the log.
         let mut quiet = Vec::new();
         for step in self.totp.window(index, now) {
-            let Some(seq) = self.totp.sequence(index, step) else {
+            let Some(result) = self.totp_step(index, step, (port, now), progress) else {
                 continue;
             };
-            let result = advance(
-                progress,
-                SeqKey::Totp(number, step),
-                seq,
-                port,
-                now,
-                timeout,
-            );
             match result.outcome {
                 Outcome::Completed if self.totp.is_used(index, step) => {
                     events.push(Event::Log(format!("{address}: {label}: refused: the sequence of step {step} was already used (replay)")));
                     verdict.replayed = true;
                 }
                 Outcome::Completed => {
-                    self.totp.mark_used(index, step, now);
-                    // Other candidate steps' progress for this source is moot now.
-                    progress.retain(|(k, _)| !matches!(k, SeqKey::Totp(d, _) if *d == number));
                     verdict.progressed = true;
-                    events.push(Event::TotpUsed {
-                        door: name.clone(),
-                        step,
-                    });
-                    events.push(Event::Log(format!(
-                        "{address}: {label}: OPEN (step {step})"
-                    )));
-                    events.push(Event::Open {
-                        door: name,
-                        address,
-                        services: self.totp.doors()[index].services.clone(),
-                    });
+                    self.open_totp(index, (step, now), address, progress, events);
                     return;
                 }
                 Outcome::Advanced { stage, .. } => {
@@ -451,6 +426,51 @@ impl Engine {
                 verdict,
             );
         }
+    }
+
+    /// Moves the source's progress on door `index`'s sequence of time `step`; `None` if that
+    /// step has no sequence.
+    fn totp_step(
+        &mut self,
+        index: usize,
+        step: u64,
+        (port, now): (PortProto, Micros),
+        progress: &mut Vec<(SeqKey, Progress)>,
+    ) -> Option<Step> {
+        let timeout = self.totp.doors()[index].seq_timeout;
+        let seq = self.totp.sequence(index, step)?;
+        let key = SeqKey::Totp(index as u16, step);
+        Some(advance(progress, key, seq, port, now, timeout))
+    }
+
+    /// TOTP door `index` opens for `address` with the sequence of `step`: the use is recorded
+    /// (and announced for persisting) before the open.
+    fn open_totp(
+        &mut self,
+        index: usize,
+        (step, now): (u64, Micros),
+        address: IpAddr,
+        progress: &mut Vec<(SeqKey, Progress)>,
+        events: &mut Vec<Event>,
+    ) {
+        self.totp.mark_used(index, step, now);
+        let number = index as u16;
+        // Other candidate steps' progress for this source is moot now.
+        progress.retain(|(k, _)| !matches!(k, SeqKey::Totp(d, _) if *d == number));
+        let door = &self.totp.doors()[index];
+        events.push(Event::TotpUsed {
+            door: door.name.clone(),
+            step,
+        });
+        events.push(Event::Log(format!(
+            "{address}: totp door {}: OPEN (step {step})",
+            door.name
+        )));
+        events.push(Event::Open {
+            door: door.name.clone(),
+            address,
+            services: door.services.clone(),
+        });
     }
 
     /// Timers: stop commands due, and periodic purging of stale state.

@@ -8,7 +8,7 @@ use spa_shared::Micros;
 use super::config::StaticDoor;
 use super::engine::{micros, Engine, Event, Verdict};
 use super::one_time::OneTimeList;
-use super::sequence::{advance, Outcome, Progress, SeqKey};
+use super::sequence::{advance, Outcome, Progress, SeqKey, Step};
 use crate::capture::bpf::Watch;
 use crate::net::{PortProto, Proto};
 
@@ -36,31 +36,24 @@ pub(crate) fn hull(ports: &[PortProto]) -> Vec<Watch> {
     out
 }
 
-impl Engine {
-    pub(super) fn static_door(
-        &mut self,
-        index: usize,
-        address: IpAddr,
-        (port, flags, now): (PortProto, u8, Micros),
-        progress: &mut Vec<(SeqKey, Progress)>,
-        events: &mut Vec<Event>,
-        verdict: &mut Verdict,
-    ) {
-        let state = &mut self.doors[index];
-        if !state
-            .hull
+impl Door {
+    /// Whether `port` lies in the hull of this door's ports (every port in between counts).
+    fn watches(&self, port: PortProto) -> bool {
+        self.hull
             .iter()
             .any(|w| w.proto == port.proto && (w.low..=w.high).contains(&port.port))
-        {
-            return;
-        }
-        let door = &state.door;
-        if port.proto == Proto::Tcp && !door.tcp_flags.matches(flags) {
-            return;
-        }
-        let number = index as u16;
-        // The open sequence: the configured one, or the current one-time sequence.
-        let open = match &state.one_time {
+    }
+
+    /// Moves the source's open sequence on: the configured one, or the current one-time
+    /// sequence (`None` once the one-time list is used up). `number` is the door's index.
+    fn open_step(
+        &self,
+        number: u16,
+        (port, now): (PortProto, Micros),
+        progress: &mut Vec<(SeqKey, Progress)>,
+    ) -> Option<Step> {
+        let door = &self.door;
+        match &self.one_time {
             Some(list) => list.current().map(|seq| {
                 advance(
                     progress,
@@ -79,8 +72,18 @@ impl Engine {
                 now,
                 door.seq_timeout,
             )),
-        };
-        let close = (!door.close_sequence.is_empty()).then(|| {
+        }
+    }
+
+    /// Moves the source's close sequence on, if the door has one.
+    fn close_step(
+        &self,
+        number: u16,
+        (port, now): (PortProto, Micros),
+        progress: &mut Vec<(SeqKey, Progress)>,
+    ) -> Option<Step> {
+        let door = &self.door;
+        (!door.close_sequence.is_empty()).then(|| {
             advance(
                 progress,
                 SeqKey::Close(number),
@@ -89,8 +92,31 @@ impl Engine {
                 now,
                 door.seq_timeout,
             )
-        });
-        let label = format!("door {}", door.name);
+        })
+    }
+}
+
+impl Engine {
+    pub(super) fn static_door(
+        &mut self,
+        index: usize,
+        address: IpAddr,
+        (port, flags, now): (PortProto, u8, Micros),
+        progress: &mut Vec<(SeqKey, Progress)>,
+        events: &mut Vec<Event>,
+        verdict: &mut Verdict,
+    ) {
+        let state = &self.doors[index];
+        if !state.watches(port) {
+            return;
+        }
+        if port.proto == Proto::Tcp && !state.door.tcp_flags.matches(flags) {
+            return;
+        }
+        let number = index as u16;
+        let open = state.open_step(number, (port, now), progress);
+        let close = state.close_step(number, (port, now), progress);
+        let label = format!("door {}", state.door.name);
         if let Some(step) = open {
             Self::note(
                 step,
