@@ -407,7 +407,10 @@ pub async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Option<String>
         .send_timeout(Call { request, reply }, ANSWER_TIMEOUT)
         .await
         .ok()?;
-    tokio::time::timeout(ANSWER_TIMEOUT, answer).await.ok()?.ok()
+    tokio::time::timeout(ANSWER_TIMEOUT, answer)
+        .await
+        .ok()?
+        .ok()
 }
 
 /// The daemon's operator interfaces, driven from its loop: control socket, metrics endpoint

@@ -317,7 +317,10 @@ impl Daemon {
 
     fn refresh_capture_stats(&mut self) {
         self.pipeline.stats.capture = self.retired_capture.clone();
-        self.pipeline.stats.capture.add(&self.capture.source.stats());
+        self.pipeline
+            .stats
+            .capture
+            .add(&self.capture.source.stats());
     }
 
     fn housekeeping(&mut self) {
@@ -403,5 +406,58 @@ async fn guard_event(events: Option<&AsyncFd<OwnedFd>>) -> Option<()> {
     match events {
         Some(events) => events.readable().await.ok().map(|_| ()),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::UdpListener;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// Drains like the loop does; returns how many packets were read.
+    fn drain(capture: &mut Capture) -> usize {
+        let mut n = 0;
+        while let Ok(Some(_)) = capture.source.recv(Duration::ZERO) {
+            n += 1;
+        }
+        capture.ran_dry();
+        n
+    }
+
+    #[test]
+    fn every_packet_after_the_source_ran_dry_wakes_the_loop_and_an_idle_loop_sleeps() {
+        runtime().block_on(async {
+            let listener = UdpListener::open(0).expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let mut capture = Capture::new(Box::new(listener)).expect("register");
+            let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
+            let wait = Duration::from_secs(2);
+            for round in 0..200usize {
+                let burst = 1 + round % 3;
+                for _ in 0..burst {
+                    sender.send_to(b"knock", ("127.0.0.1", port)).expect("send");
+                }
+                let mut got = 0;
+                // Bounded: at most `burst` wake-ups are needed; each must come within 2 s.
+                while got < burst {
+                    tokio::time::timeout(wait, capture.readable())
+                        .await
+                        .unwrap_or_else(|_| panic!("round {round}: a packet did not wake the loop"))
+                        .expect("readable");
+                    got += drain(&mut capture);
+                }
+                assert_eq!(got, burst, "round {round}");
+            }
+            // Nothing sent: the readiness was cleared, so the loop sleeps instead of spinning.
+            let idle = tokio::time::timeout(Duration::from_millis(100), capture.readable()).await;
+            assert!(idle.is_err(), "an empty source must not report readiness");
+        });
     }
 }

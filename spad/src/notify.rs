@@ -45,13 +45,7 @@ impl Notifier {
             .and_then(|u| u.trim().parse::<u64>().ok())
             .filter(|&u| u > 0 && ours && target.is_some())
             .map(Duration::from_micros);
-        (
-            Self {
-                target,
-                watchdog,
-            },
-            problem,
-        )
+        (Self { target, watchdog }, problem)
     }
 
     /// A notifier that sends nothing (tests, `spad` subcommands).

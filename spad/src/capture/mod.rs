@@ -82,6 +82,13 @@ impl UdpListener {
     }
 }
 
+impl UdpListener {
+    /// The bound address (port 0 in `open` picks a free one: tests).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
 impl Source for UdpListener {
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
         // A zero timeout only reads what is there (the event loop drains a batch that way).
