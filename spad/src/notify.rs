@@ -40,7 +40,7 @@ impl Notifier {
         });
         let ours = watchdog_pid
             .as_deref()
-            .map_or(true, |p| p.trim() == std::process::id().to_string());
+            .is_none_or(|p| p.trim() == std::process::id().to_string());
         let watchdog = watchdog_usec
             .and_then(|u| u.trim().parse::<u64>().ok())
             .filter(|&u| u > 0 && ours && target.is_some())

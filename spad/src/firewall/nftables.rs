@@ -707,10 +707,10 @@ impl Nftables {
                     role: SetRole::Idle,
                     service,
                     ..
-                }) => !config
+                }) => config
                     .services
                     .get(&service)
-                    .is_some_and(|s| s.idle_timeout.is_some()),
+                    .is_none_or(|s| s.idle_timeout.is_none()),
                 Some(SetId {
                     role: SetRole::Blacklist,
                     ..

@@ -256,7 +256,7 @@ impl Rule {
         match self {
             Rule::Established => true,
             Rule::Flow(f) => Family::of(f.remote.ip()) == family,
-            Rule::Ports { family: f, .. } => f.map_or(true, |f| f == family),
+            Rule::Ports { family: f, .. } => f.is_none_or(|f| f == family),
             Rule::Refresh { family: f, .. } => *f == family,
             Rule::ToTarget { target, .. } => Family::of(target.ip()) == family,
         }

@@ -402,7 +402,7 @@ impl Engine {
                     return;
                 }
                 Outcome::Advanced { stage, .. } => {
-                    if !furthest.is_some_and(|(s, _)| s >= stage) {
+                    if furthest.is_none_or(|(s, _)| s < stage) {
                         furthest = Some((stage, result));
                     }
                 }
