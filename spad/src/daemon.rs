@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use spa_shared::packet::Server;
+use spa_shared::packet::{Authenticated, OpenError, Server};
 use spa_shared::replay::Window;
 use spa_shared::Micros;
 
@@ -24,6 +24,7 @@ use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
 use crate::refusal::{Refusal, RefusalCounts};
 use crate::state::{ReplayState, ReplayStore};
+use crate::verify::{Batch, Verifier};
 use spa_shared::duration;
 
 /// Counters, logged on exit, shown by `spad status` and exported as metrics.
@@ -134,6 +135,12 @@ pub struct Pipeline<C: Clock> {
     recent: RecentPackets,
     /// Per-source budget of public-key handshakes.
     buckets: SourceBuckets,
+    /// SPA packets of this batch that passed the cheap checks, waiting for their handshakes.
+    waiting: Batch,
+    /// How many threads open a batch's packets.
+    pub verifier: Verifier,
+    /// The handshake results of the batch (reused: no allocation per batch).
+    opened: Vec<Result<Authenticated, OpenError>>,
     pub firewall: Box<dyn Firewall>,
     pub knocks: Knocks,
     clock: C,
@@ -231,6 +238,9 @@ impl<C: Clock> Pipeline<C> {
             pending: Vec::new(),
             recent: RecentPackets::default(),
             buckets,
+            waiting: Batch::default(),
+            verifier: Verifier::single(),
+            opened: Vec::new(),
             firewall,
             knocks,
             clock,
@@ -345,9 +355,70 @@ impl<C: Clock> Pipeline<C> {
                 "rate limited: too many handshakes from this source (handshake-rate)".into()
             });
         }
-        let authenticated = match self.server.open(payload) {
+        if self.verifier.threads > 1 {
+            // The handshake waits for the end of the batch, where it may run in parallel.
+            return self.waiting.push(source, now, ephemeral, payload);
+        }
+        let opened = self.server.open(payload);
+        self.authenticated(source, ephemeral, opened.as_ref());
+    }
+
+    /// Opens the batch's waiting packets (in parallel) and finishes each in arrival order.
+    fn verify_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let mut opened = std::mem::take(&mut self.opened);
+        let waiting = std::mem::take(&mut self.waiting);
+        self.verifier
+            .open_all(&self.server, &waiting.originals(), &mut opened);
+        // Index in `opened` of each original, by position in the batch.
+        let mut result_of: Vec<usize> = Vec::with_capacity(waiting.len());
+        let mut next = 0;
+        for (item, packet) in waiting.iter() {
+            let index = match item.copy_of {
+                Some(first) => result_of[first],
+                None => {
+                    next += 1;
+                    next - 1
+                }
+            };
+            result_of.push(index);
+            self.received_at = item.heard;
+            if item.copy_of.is_none() {
+                self.authenticated(item.source, item.ephemeral, opened[index].as_ref());
+            } else if self.recent.contains(&item.ephemeral) {
+                // A copy of a packet just authenticated: a replay, as on one thread.
+                self.refuse_as(item.source, Refusal::RecentPacket, || {
+                    "replayed: this exact packet was seen before (dropped before the handshake)"
+                        .into()
+                });
+            } else if opened[index].is_ok() {
+                // Its original was refused only for its source (and forgotten): this copy,
+                // maybe from the right address, gets its own handshake, as on one thread.
+                let again = self.server.open(packet);
+                self.authenticated(item.source, item.ephemeral, again.as_ref());
+            } else {
+                // The same bytes fail the same way.
+                self.authenticated(item.source, item.ephemeral, opened[index].as_ref());
+            }
+        }
+        self.waiting = waiting;
+        self.waiting.clear();
+        self.opened = opened;
+    }
+
+    /// Everything after the handshake: client, replay rules, policy, the journal record.
+    fn authenticated(
+        &mut self,
+        source: IpAddr,
+        ephemeral: [u8; 32],
+        opened: Result<&Authenticated, &OpenError>,
+    ) {
+        let now = self.clock.now();
+        let authenticated = match opened {
             Ok(a) => a,
-            Err(e) => return self.refuse_as(source, Refusal::from(&e), || e.to_string()),
+            Err(e) => return self.refuse_as(source, Refusal::from(e), || e.to_string()),
         };
         self.recent.insert(ephemeral);
         let Some(client) = self
@@ -452,6 +523,7 @@ impl<C: Clock> Pipeline<C> {
     /// batch's decisions in order, each run of grants in one firewall transaction. If the
     /// commit fails, no decision that depends on it is carried out.
     pub fn flush(&mut self) {
+        self.verify_waiting();
         let now = self.clock.now();
         let durable = match self.replay.commit(now) {
             Ok(()) => true,
@@ -827,6 +899,84 @@ mod tests {
             "a true replay is still dropped before the handshake"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_verified_on_several_threads_is_decided_exactly_as_on_one() {
+        // One batch, in one order, through a one-thread and a three-thread pipeline: the
+        // same grants, the same refusals by reason, the same journal.
+        let run = |threads: usize| {
+            let clock = ManualClock::new(NOW);
+            let (p, client, dir) = setup(&clock);
+            drop(p);
+            let text = format!(
+                "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{}\"\nservices = [\"ssh\"]\nrequire-address = true\n",
+                dir.display(),
+                client.public_key()
+            );
+            let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
+            let server = Server::new(PrivateKey::from_bytes([2; 32]));
+            let mut p = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
+            p.verifier = Verifier { threads };
+            let server_key = PrivateKey::from_bytes([2; 32]).public_key();
+            let sealed = |timestamp: Micros, address: Option<&str>| {
+                let request = Request {
+                    kind: Kind::Open,
+                    timestamp,
+                    nonce: [timestamp as u8; 16],
+                    duration_secs: 0,
+                    address: address.map(|a| a.parse().unwrap()),
+                    services: vec!["ssh".into()],
+                };
+                let mut rng = rand_core::OsRng;
+                spa_shared::packet::seal(&mut rng, &client, &server_key, &request).unwrap()
+            };
+            let fresh: Vec<Vec<u8>> = (0..12)
+                .map(|n| sealed(NOW - 1_000 * n, Some("198.51.100.20")))
+                .collect();
+            let withheld = sealed(NOW - 50_000, Some("198.51.100.7"));
+            let broken = forged(5); // a valid mac1 on bytes no client sealed
+            let mut batch: Vec<(&[u8], &str)> = Vec::new();
+            for (n, packet) in fresh.iter().enumerate() {
+                batch.push((packet, "198.51.100.20"));
+                if n % 4 == 0 {
+                    batch.push((packet, "198.51.100.21")); // an in-batch replay
+                }
+            }
+            batch.push((&withheld, "198.51.100.66")); // the thief, first
+            batch.push((&withheld, "198.51.100.7")); // then its owner
+            batch.push((&withheld, "198.51.100.7")); // then a true replay
+            batch.push((&broken, "198.51.100.30"));
+            batch.push((&broken, "198.51.100.31"));
+            for (packet, source) in &batch {
+                p.decide(&udp(packet, source));
+            }
+            p.flush();
+            // And a replay in the next batch.
+            p.handle(&udp(&fresh[3], "198.51.100.22"));
+            let mut grants = p.firewall.list().unwrap();
+            grants.sort_by_key(|g| format!("{g:?}"));
+            let journal = std::fs::read(dir.join("replay.bin")).unwrap();
+            std::fs::remove_dir_all(dir).unwrap();
+            (p.stats.clone(), grants.len(), journal.len())
+        };
+        let one = run(1);
+        assert_eq!(
+            one.0.granted, 13,
+            "12 fresh packets and the withheld one from its owner"
+        );
+        assert_eq!(
+            one.0.refusals.get(Refusal::RecentPacket),
+            5,
+            "3 in-batch copies, 1 true replay, 1 next batch"
+        );
+        assert_eq!(one.0.refusals.get(Refusal::Policy), 1, "the thief");
+        assert_eq!(
+            one.0.refusals.get(Refusal::Handshake),
+            2,
+            "the broken packet and its copy"
+        );
+        assert_eq!(run(3), one);
     }
 
     #[test]

@@ -181,12 +181,13 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
     let firewall = crate::firewall::open(&config)?;
     let capture_desc = describe_capture(&config);
     let mut pipeline = Pipeline::new(config, server, firewall, SystemClock)?;
+    pipeline.verifier = crate::verify::Verifier::for_this_machine();
     let public = pipeline.server_public_key();
     pipeline.log.line(
         SystemClock.now(),
         &format!(
-            "listening port={}/udp capture={capture_desc} server-key={public}",
-            pipeline.config.server.port
+            "listening port={}/udp capture={capture_desc} server-key={public} verify-threads={}",
+            pipeline.config.server.port, pipeline.verifier.threads
         ),
     );
     if let Some(user) = pipeline.config.server.user.clone() {

@@ -28,3 +28,4 @@ pub mod privilege;
 pub mod refusal;
 pub mod state;
 pub mod status;
+pub mod verify;
