@@ -53,6 +53,8 @@ struct Bench {
     client: String,
     dir: PathBuf,
     spad: Option<Child>,
+    spad_path: Option<String>,
+    config_path: Option<String>,
 }
 
 impl Drop for Bench {
@@ -76,6 +78,8 @@ impl Bench {
             client: format!("lbcl{id}"),
             dir: std::env::temp_dir().join(format!("spa-loadbench-{id}")),
             spad: None,
+            spad_path: None,
+            config_path: None,
         };
         let _ = std::fs::remove_dir_all(&bench.dir);
         std::fs::create_dir_all(bench.dir.join("state")).unwrap();
@@ -126,7 +130,33 @@ impl Bench {
         run("ip", &full);
     }
 
+    /// Counters of the running spad, from `spad status --json` (empty if it does not answer).
+    fn counters(&self) -> HashMap<String, u64> {
+        let (Some(spad), Some(config)) = (&self.spad_path, &self.config_path) else {
+            return HashMap::new();
+        };
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.gw, spad, "status", "-c", config, "--json",
+            ])
+            .output();
+        let Ok(out) = out else {
+            return HashMap::new();
+        };
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        json["counters"]
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .filter_map(|c| Some((c["name"].as_str()?.to_string(), c["value"].as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn start_spad(&mut self, spad: &str, config: &str) {
+        self.spad_path = Some(spad.to_string());
+        self.config_path = Some(config.to_string());
         let log = std::fs::File::create(self.dir.join("spad.log")).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.gw, spad, "run", "-c", config])
@@ -495,6 +525,28 @@ fn outcome(sent: &[(u32, Instant)], granted: &HashMap<u32, Instant>, wall: Durat
 }
 
 /// Floods from one thread at full speed while 10 legitimate knocks go out 50 ms apart.
+/// What spad did with a flood: frames its capture delivered to the pipeline, frames the
+/// kernel dropped because the ring was full, and the CPU it used meanwhile.
+struct Handled {
+    delivered: u64,
+    kernel_drops: u64,
+    cpu: Duration,
+}
+
+impl std::fmt::Display for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = self.cpu.as_secs_f64().max(1e-6);
+        write!(
+            f,
+            "spad handled {} with {:.0} ms CPU = {:.0} per core-second, kernel dropped {}",
+            self.delivered,
+            self.cpu.as_secs_f64() * 1e3,
+            self.delivered as f64 / seconds,
+            self.kernel_drops
+        )
+    }
+}
+
 fn flood_scenario(
     bench: &Bench,
     fd: &Arc<OwnedFd>,
@@ -502,9 +554,11 @@ fn flood_scenario(
     flood: Vec<u8>,
     legit: &[Vec<u8>],
     offset: usize,
-) -> (Outcome, u64) {
+) -> (Outcome, u64, Handled) {
     bench.flush_grants();
     while events.try_recv().is_ok() {}
+    let cpu_before = bench.cpu();
+    let counted_before = bench.counters();
     let stop = Arc::new(AtomicBool::new(false));
     let flooder = {
         let (fd, stop) = (Arc::clone(fd), Arc::clone(&stop));
@@ -536,7 +590,21 @@ fn flood_scenario(
     stop.store(true, Ordering::Relaxed);
     let flooded = flooder.join().unwrap();
     let wall = started.elapsed();
-    (outcome(&sent, &granted, wall), flooded)
+    let cpu = bench.cpu().saturating_sub(cpu_before);
+    let counted = bench.counters();
+    let delta = |name: &str| {
+        counted
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(counted_before.get(name).copied().unwrap_or(0))
+    };
+    let handled = Handled {
+        delivered: delta("capture_delivered"),
+        kernel_drops: delta("capture_kernel_drops"),
+        cpu,
+    };
+    (outcome(&sent, &granted, wall), flooded, handled)
 }
 
 fn main() {
@@ -654,7 +722,7 @@ fn main() {
     // A captured valid packet, granted once, then replayed at full speed from its source.
     let captured = seal_packets(&keys, &server_public, 1, 90);
     let legit = seal_packets(&keys[1..], &server_public, 10, 91);
-    let (replay_outcome, replays) = flood_scenario(
+    let (replay_outcome, replays, replay_cpu) = flood_scenario(
         &bench,
         &fd,
         &events,
@@ -663,7 +731,7 @@ fn main() {
         100,
     );
     println!(
-        "replay flood: {replays} copies of one valid packet in {:.1} s ({:.0}/s); legit knocks granted {}/{} p50 {} ms p99 {} ms",
+        "replay flood: {replays} copies of one valid packet in {:.1} s ({:.0}/s; {replay_cpu}); legit knocks granted {}/{} p50 {} ms p99 {} ms",
         replay_outcome.wall.as_secs_f64(),
         replays as f64 / replay_outcome.wall.as_secs_f64(),
         replay_outcome.granted,
@@ -674,7 +742,7 @@ fn main() {
     let mut garbage = vec![0u8; captured[0].len()];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut garbage);
     let legit = seal_packets(&keys[2..], &server_public, 10, 92);
-    let (garbage_outcome, junk) = flood_scenario(
+    let (garbage_outcome, junk, junk_cpu) = flood_scenario(
         &bench,
         &fd,
         &events,
@@ -683,7 +751,7 @@ fn main() {
         200,
     );
     println!(
-        "garbage flood: {junk} packets of {} bytes in {:.1} s ({:.0}/s); legit knocks granted {}/{} p50 {} ms p99 {} ms",
+        "garbage flood: {junk} packets of {} bytes in {:.1} s ({:.0}/s; {junk_cpu}); legit knocks granted {}/{} p50 {} ms p99 {} ms",
         garbage.len(),
         garbage_outcome.wall.as_secs_f64(),
         junk as f64 / garbage_outcome.wall.as_secs_f64(),
