@@ -1,8 +1,11 @@
 //! `spad`: the SPA gateway daemon as a library, so every stage is testable.
 //!
-//! Pipeline: [`capture`] (AF_PACKET + BPF, or UDP) → [`daemon::Pipeline`] (pre-check, decrypt,
-//! replay via [`state`], [`policy`], legacy [`knock`]s) → [`firewall`] (nftables or iptables,
-//! grants as kernel set elements with timeouts over netlink).
+//! Pipeline: [`capture`] (AF_PACKET + BPF, or UDP) → [`daemon::Pipeline`] (pre-check,
+//! pre-handshake defences in [`flood`], handshakes of a batch in [`verify`], replay via
+//! [`state`], [`policy`], legacy [`knock`]s) → [`firewall`] (nftables or iptables, grants as
+//! kernel set elements with timeouts over netlink). [`event_loop`] drives it: one tokio thread
+//! waiting on the capture sockets, signals, timers and the operator tasks ([`control`],
+//! [`metrics`], [`notify`]). `docs/architecture.md` walks the packet path step by step.
 
 pub mod capture;
 pub mod cli;
