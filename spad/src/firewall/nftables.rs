@@ -9,7 +9,6 @@
 //! `i4_S`/`i6_S`, re-armed in the kernel by an `update` rule in a prerouting chain that runs
 //! before the conntrack shortcut. Access needs membership of both.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -539,104 +538,60 @@ pub fn parse_element_dump(set: &str, bodies: &[Vec<u8>]) -> Vec<Carried> {
 
 /// Grants and blacklist entries this daemon knows of, with their deadlines: what a repair
 /// restores when someone deleted the whole table (the kernel's copy is gone then).
-///
-/// Indexed by set and address: a grant, and the netlink event that echoes it, cost one hash
-/// lookup whatever the number of live grants. Expired entries are swept when the index has
-/// doubled since the last sweep, so memory follows the live grants, not the total.
 #[derive(Debug, Default)]
 struct Remembered {
-    sets: HashMap<String, HashMap<IpAddr, (Carried, Instant)>>,
-    len: usize,
-    /// Entries left by the last sweep.
-    swept_to: usize,
+    entries: Vec<(Carried, Instant)>,
 }
-
-/// Entries below which no sweep is made.
-const SWEEP_FLOOR: usize = 1024;
 
 impl Remembered {
     /// Takes the kernel's view. An idle element ends with its grant here: traffic re-arms it
     /// in the kernel unseen, so a restore gives it a fresh idle period (never past the grant).
     fn replace_from(&mut self, existing: &Existing, now: Instant) {
-        *self = Self::default();
-        for c in &existing.elements {
-            if SetId::parse_nft(&c.set).is_some_and(|id| id.role != SetRole::Idle) {
-                self.insert(c.clone(), now + c.remaining);
-            }
-        }
+        let deadline = |c: &Carried| now + c.remaining;
+        let mut entries: Vec<(Carried, Instant)> = existing
+            .elements
+            .iter()
+            .filter(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role != SetRole::Idle))
+            .map(|c| (c.clone(), deadline(c)))
+            .collect();
         for c in &existing.elements {
             let Some(id) = SetId::parse_nft(&c.set).filter(|id| id.role == SetRole::Idle) else {
                 continue;
             };
             let grant = SetId::grant(&id.service, id.family).nft_name();
-            if let Some(end) = self.end_of(&grant, c.address) {
-                self.insert(c.clone(), end);
+            if let Some((_, end)) = entries
+                .iter()
+                .find(|(g, _)| g.set == grant && g.address == c.address)
+            {
+                let end = *end;
+                entries.push((c.clone(), end));
             }
         }
-        self.swept_to = self.len;
-    }
-
-    fn insert(&mut self, element: Carried, deadline: Instant) {
-        let previous = self
-            .sets
-            .entry(element.set.clone())
-            .or_default()
-            .insert(element.address, (element, deadline));
-        if previous.is_none() {
-            self.len += 1;
-        }
+        self.entries = entries;
     }
 
     fn add(&mut self, element: Carried, deadline: Instant) {
-        if self.len >= SWEEP_FLOOR.max(self.swept_to.saturating_mul(2)) {
-            self.sweep(Instant::now());
-        }
-        self.insert(element, deadline);
-    }
-
-    /// Forgets what has expired.
-    fn sweep(&mut self, now: Instant) {
-        for elements in self.sets.values_mut() {
-            elements.retain(|_, (_, end)| *end > now);
-        }
-        self.sets.retain(|_, elements| !elements.is_empty());
-        self.len = self.sets.values().map(HashMap::len).sum();
-        self.swept_to = self.len;
+        self.remove(&element.set, element.address);
+        self.entries.push((element, deadline));
     }
 
     fn remove(&mut self, set: &str, address: IpAddr) {
-        if let Some(elements) = self.sets.get_mut(set) {
-            if elements.remove(&address).is_some() {
-                self.len -= 1;
-            }
-        }
-    }
-
-    /// When the element of `address` in `set` ends, if it is known.
-    fn end_of(&self, set: &str, address: IpAddr) -> Option<Instant> {
-        self.sets.get(set)?.get(&address).map(|(_, end)| *end)
-    }
-
-    /// Keeps only the sets `keep` says yes to.
-    fn retain_sets(&mut self, keep: impl Fn(&str) -> bool) {
-        self.sets.retain(|set, _| keep(set));
-        self.len = self.sets.values().map(HashMap::len).sum();
+        self.entries
+            .retain(|(c, _)| !(c.set == set && c.address == address));
     }
 
     /// What is still due at `now`, as a table's view with time left (at most each
     /// element's own timeout).
     fn alive(&self, now: Instant) -> Existing {
-        let mut elements: Vec<Carried> = self
-            .sets
-            .values()
-            .flat_map(HashMap::values)
+        let elements: Vec<Carried> = self
+            .entries
+            .iter()
             .filter(|(_, end)| *end > now)
             .map(|(c, end)| Carried {
                 remaining: (*end - now).min(c.timeout),
                 ..c.clone()
             })
             .collect();
-        elements.sort_by(|a, b| (&a.set, a.address).cmp(&(&b.set, b.address)));
         let mut sets: Vec<String> = elements.iter().map(|c| c.set.clone()).collect();
         sets.sort();
         sets.dedup();
@@ -962,8 +917,8 @@ impl Firewall for Nftables {
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        self.remembered.retain_sets(|set| {
-            SetId::parse_nft(set).is_some_and(|id| id.role == SetRole::Blacklist)
+        self.remembered.entries.retain(|(c, _)| {
+            SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist)
         });
         let existing = self.existing()?;
         let mut text = String::new();
@@ -994,7 +949,12 @@ impl Firewall for Nftables {
             // An idle element ends with its grant (see `Remembered::replace_from`).
             Some(id) if id.role == SetRole::Idle => {
                 let grant = SetId::grant(&id.service, id.family).nft_name();
-                let end = self.remembered.end_of(&grant, element.address);
+                let end = self
+                    .remembered
+                    .entries
+                    .iter()
+                    .find(|(c, _)| c.set == grant && c.address == element.address)
+                    .map(|(_, end)| *end);
                 if let Some(end) = end {
                     self.remembered.add(element.clone(), end);
                 }
@@ -1189,43 +1149,6 @@ mod tests {
             .is_empty());
         memory.remove("a4_vpn", "198.51.100.7".parse().unwrap());
         assert_eq!(memory.alive(now).elements.len(), 1);
-    }
-
-    #[test]
-    fn remembered_grants_stay_bounded_by_the_live_ones_and_cost_one_lookup() {
-        let now = Instant::now();
-        let mut memory = Remembered::default();
-        // A long run of short grants, all over by now, and one long one.
-        memory.add(
-            element("a4_ssh", "198.51.100.1", 60_000),
-            now + Duration::from_secs(60),
-        );
-        for n in 0..100_000u32 {
-            let address = std::net::Ipv4Addr::from(0x0a00_0000 + n).to_string();
-            memory.add(
-                element("a4_ssh", &address, 1),
-                now - Duration::from_millis(1),
-            );
-        }
-        assert!(
-            memory.len <= 2 * SWEEP_FLOOR,
-            "expired grants are swept: {} remembered",
-            memory.len
-        );
-        let live = memory.alive(now).elements;
-        assert_eq!(live.len(), 1, "the live grant is kept");
-        assert_eq!(
-            memory.end_of("a4_ssh", "198.51.100.1".parse().unwrap()),
-            Some(now + Duration::from_secs(60))
-        );
-        // The same element again replaces, never duplicates.
-        memory.add(
-            element("a4_ssh", "198.51.100.1", 60_000),
-            now + Duration::from_secs(90),
-        );
-        assert_eq!(memory.alive(now).elements.len(), 1);
-        memory.retain_sets(|set| set != "a4_ssh");
-        assert_eq!((memory.len, memory.alive(now).elements.len()), (0, 0));
     }
 
     #[test]
