@@ -9,6 +9,10 @@
 //! that depends only on the fixed keys computed once. Knowing the server's private key (a
 //! test key) lets it compute `ss` for any claimed static key. A self-test at start-up checks
 //! that a real request sealed this way opens, so the target cannot silently stop at the AEAD.
+//!
+//! Every packet is also opened by a server built with the client list (the daemon's, with
+//! `ss` precomputed): for the configured key it must give exactly the same result, for any
+//! other key `UnknownClient` with that key.
 #![no_main]
 use std::sync::OnceLock;
 
@@ -20,7 +24,7 @@ use libfuzzer_sys::fuzz_target;
 use spa_shared::keys::PrivateKey;
 use spa_shared::mac::PrecheckKey;
 use spa_shared::noise::PROTOCOL_NAME;
-use spa_shared::packet::{Server, PROLOGUE_V1};
+use spa_shared::packet::{OpenError, Server, PROLOGUE_V1};
 use spa_shared::payload::{Kind, Request};
 
 const SERVER_KEY: [u8; 32] = [2; 32];
@@ -63,6 +67,8 @@ fn seal(key: &[u8; 32], ad: &[u8; 32], plaintext: &[u8], out: &mut Vec<u8>) {
 /// The fixed part of every message: the state after `e, es`.
 struct Sealer {
     server: Server,
+    /// The same key, knowing only the configured client (one X25519 per packet).
+    cached: Server,
     server_private: x25519_dalek::StaticSecret,
     mac1: PrecheckKey,
     ephemeral_public: [u8; 32],
@@ -91,7 +97,12 @@ impl Sealer {
         let client_ss = server_private
             .diffie_hellman(&x25519_dalek::PublicKey::from(client_public))
             .to_bytes();
+        let cached = Server::with_clients(
+            PrivateKey::from_bytes(SERVER_KEY),
+            [PrivateKey::from_bytes(CLIENT_KEY).public_key()],
+        );
         Self {
+            cached,
             client_public,
             client_ss,
             mac1: PrecheckKey::new(&server.public_key()),
@@ -168,13 +179,23 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let sealer = sealer();
-    let packet = if mode & 1 == 0 {
-        sealer.packet_from_client(rest)
+    let (packet, claimed) = if mode & 1 == 0 {
+        (sealer.packet_from_client(rest), sealer.client_public)
     } else {
         let Some((static_key, payload)) = rest.split_first_chunk::<32>() else {
             return;
         };
-        sealer.packet(static_key, payload)
+        (sealer.packet(static_key, payload), *static_key)
     };
-    let _ = sealer.server.open(&packet);
+    let plain = sealer.server.open(&packet);
+    let cached = sealer.cached.open(&packet);
+    if claimed == sealer.client_public || matches!(plain, Err(OpenError::Size(_))) {
+        assert_eq!(plain, cached, "cached and computed ss disagree");
+    } else {
+        // Past the size check the harness's static key always decrypts (`es` is right).
+        assert_eq!(
+            cached,
+            Err(OpenError::UnknownClient(spa_shared::keys::PublicKey(claimed)))
+        );
+    }
 });

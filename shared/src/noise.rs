@@ -12,12 +12,21 @@
 //! authenticates the client to the server and hides the client's identity from observers. It is
 //! written out here (a hundred lines) rather than pulled from a general framework so the whole
 //! attack surface is visible; the tests prove it against the `snow` crate in both directions.
+//!
+//! The responder side is a [`Responder`]: everything that depends only on its own key is
+//! computed once (its public key, the handshake state after the prologue and `rs`). Built
+//! [`with_initiators`](Responder::with_initiators), it also holds the `ss` secret of every
+//! initiator it knows, so opening a message costs one X25519 (`es`) instead of two, and a
+//! message from a key it does not know is refused right after `es`, before any second DH.
+
+use std::collections::HashMap;
 
 use blake2::{Blake2s256, Digest};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hmac::{Mac, SimpleHmac};
-use zeroize::{Zeroize, Zeroizing};
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::keys::{PrivateKey, PublicKey};
 
@@ -39,6 +48,10 @@ pub enum NoiseError {
     LowOrderPoint,
     #[error("decryption failed (wrong server key, tampered bytes, or not for us)")]
     Decrypt,
+    /// The initiator's static key decrypted, but the responder was built with a list of known
+    /// initiators and this key is not on it (refused after one DH, before `ss`).
+    #[error("unknown initiator key {0}")]
+    UnknownInitiator(PublicKey),
 }
 
 fn hash(parts: &[&[u8]]) -> [u8; 32] {
@@ -66,6 +79,7 @@ fn hkdf2(chaining_key: &[u8; 32], ikm: &[u8]) -> (Zeroizing<[u8; 32]>, Zeroizing
 }
 
 /// The symmetric state of the Noise spec (chaining key, handshake hash, cipher key and nonce).
+#[derive(Clone)]
 struct SymmetricState {
     chaining_key: Zeroizing<[u8; 32]>,
     handshake_hash: [u8; 32],
@@ -122,29 +136,51 @@ impl SymmetricState {
 
     /// Decrypts one ciphertext-with-tag into a fresh buffer.
     fn decrypt_and_hash(&mut self, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, NoiseError> {
+        let split = ciphertext
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(NoiseError::Truncated)?;
+        let mut plain = Zeroizing::new(ciphertext[..split].to_vec());
+        self.decrypt_and_hash_into(ciphertext, &mut plain)?;
+        Ok(plain)
+    }
+
+    /// Decrypts one ciphertext-with-tag into `plain`, which must be exactly the body's length
+    /// (no allocation: used for the 32-byte static key). On failure `plain` holds garbage.
+    fn decrypt_and_hash_into(
+        &mut self,
+        ciphertext: &[u8],
+        plain: &mut [u8],
+    ) -> Result<(), NoiseError> {
         let key = self.key.as_ref().ok_or(NoiseError::Decrypt)?;
         let split = ciphertext
             .len()
             .checked_sub(TAG_LEN)
             .ok_or(NoiseError::Truncated)?;
         let (body, tag) = ciphertext.split_at(split);
-        let mut plain = Zeroizing::new(body.to_vec());
+        if plain.len() != body.len() {
+            return Err(NoiseError::Truncated);
+        }
+        plain.copy_from_slice(body);
         let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
         cipher
-            .decrypt_in_place_detached(
-                &self.nonce_bytes(),
-                &self.handshake_hash,
-                &mut plain,
-                tag.into(),
-            )
+            .decrypt_in_place_detached(&self.nonce_bytes(), &self.handshake_hash, plain, tag.into())
             .map_err(|_| NoiseError::Decrypt)?;
         self.mix_hash(ciphertext);
         self.nonce += 1;
-        Ok(plain)
+        Ok(())
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// X25519 operations done by this thread: lets the tests prove how many DH an open costs.
+    static DH_COUNT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn dh(private: &PrivateKey, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, NoiseError> {
+    #[cfg(test)]
+    DH_COUNT.with(|count| count.set(count.get() + 1));
     let shared = private
         .secret()
         .diffie_hellman(&x25519_dalek::PublicKey::from(*public));
@@ -184,32 +220,178 @@ pub struct Opened {
     pub payload: Zeroizing<Vec<u8>>,
 }
 
-/// Reads the single handshake message as the responder. Costs two X25519 operations.
+/// The `ss` secret (`DH(responder static, initiator static)`) of every initiator a responder
+/// knows, computed once. These are as secret as the responder's private key: with one of them
+/// and a captured message, anyone can forge messages from that initiator to this responder. The
+/// map is sized before it is filled (so it never reallocates and leaves stale copies behind)
+/// and every secret is wiped when the map is dropped or [`zeroize`](Zeroize::zeroize)d.
+#[derive(Default)]
+pub struct StaticSecrets {
+    /// `None` for an initiator key that is a low-order point: its messages are refused with
+    /// [`NoiseError::LowOrderPoint`], exactly as without the cache.
+    secrets: HashMap<PublicKey, Option<Zeroizing<[u8; 32]>>>,
+}
+
+impl StaticSecrets {
+    /// Computes `ss` for each of `initiators`, taking it from `reuse` when that holds it (the
+    /// caller guarantees `reuse` was computed with the same responder key).
+    fn compute(
+        responder: &PrivateKey,
+        initiators: impl IntoIterator<Item = PublicKey>,
+        reuse: Option<&StaticSecrets>,
+    ) -> Self {
+        let mut keys: Vec<PublicKey> = initiators.into_iter().collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut secrets = HashMap::with_capacity(keys.len());
+        for key in keys {
+            let secret = match reuse.and_then(|old| old.secrets.get(&key)) {
+                Some(known) => known.clone(),
+                None => dh(responder, key.as_bytes()).ok(),
+            };
+            secrets.insert(key, secret);
+        }
+        Self { secrets }
+    }
+
+    /// How many initiators are known.
+    pub fn len(&self) -> usize {
+        self.secrets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.secrets.is_empty()
+    }
+}
+
+impl Zeroize for StaticSecrets {
+    fn zeroize(&mut self) {
+        for secret in self.secrets.values_mut().flatten() {
+            secret.zeroize();
+        }
+        self.secrets.clear();
+    }
+}
+
+impl Drop for StaticSecrets {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for StaticSecrets {}
+
+impl std::fmt::Debug for StaticSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StaticSecrets({} initiators)", self.secrets.len())
+    }
+}
+
+/// The responder's half of the handshake, with everything that depends only on its own key
+/// computed once.
+pub struct Responder {
+    private: PrivateKey,
+    public: PublicKey,
+    /// The symmetric state after the prologue and `rs` were mixed in: the same for every message.
+    initial: SymmetricState,
+    /// `None`: any initiator, `ss` computed per message (two DH). `Some`: only these, one DH.
+    known: Option<StaticSecrets>,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("public", &self.public)
+            .field("known", &self.known)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Responder {
+    /// A responder that accepts any initiator and computes `ss` for each message (two DH).
+    pub fn new(prologue: &[u8], private: PrivateKey) -> Self {
+        let public = private.public_key();
+        let initial = SymmetricState::new(prologue, &public);
+        Self {
+            private,
+            public,
+            initial,
+            known: None,
+        }
+    }
+
+    /// The same responder, restricted to `initiators`, with their `ss` computed now (one DH
+    /// each; reused from `previous` where it has them and was built with the same private key,
+    /// so a reload of the same key set costs no DH). Messages then cost one DH, and one from
+    /// any other key is refused with [`NoiseError::UnknownInitiator`] right after `es`.
+    pub fn with_initiators(
+        mut self,
+        initiators: impl IntoIterator<Item = PublicKey>,
+        previous: Option<&Responder>,
+    ) -> Self {
+        let reuse = previous
+            .filter(|old| self.same_private_key(old))
+            .and_then(|old| old.known.as_ref());
+        self.known = Some(StaticSecrets::compute(&self.private, initiators, reuse));
+        self
+    }
+
+    fn same_private_key(&self, other: &Responder) -> bool {
+        bool::from(
+            self.private
+                .secret()
+                .as_bytes()
+                .ct_eq(other.private.secret().as_bytes()),
+        )
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.public
+    }
+
+    /// The precomputed secrets, if this responder was built with a list of initiators.
+    pub fn known(&self) -> Option<&StaticSecrets> {
+        self.known.as_ref()
+    }
+
+    /// Reads the single handshake message. Costs one X25519 when built with known
+    /// initiators (and then refuses unknown ones after it), two otherwise.
+    pub fn read(&self, message: &[u8]) -> Result<Opened, NoiseError> {
+        if message.len() < OVERHEAD {
+            return Err(NoiseError::Truncated);
+        }
+        let mut state = self.initial.clone();
+        let (ephemeral, rest) = message.split_at(EPHEMERAL_LEN);
+        let (encrypted_static, encrypted_payload) = rest.split_at(ENCRYPTED_STATIC_LEN);
+        let mut ephemeral_bytes = [0u8; 32];
+        ephemeral_bytes.copy_from_slice(ephemeral);
+        state.mix_hash(&ephemeral_bytes);
+        state.mix_key(&*dh(&self.private, &ephemeral_bytes)?);
+        let mut initiator = [0u8; 32];
+        state.decrypt_and_hash_into(encrypted_static, &mut initiator)?;
+        let initiator = PublicKey(initiator);
+        match &self.known {
+            None => state.mix_key(&*dh(&self.private, initiator.as_bytes())?),
+            Some(known) => match known.secrets.get(&initiator) {
+                None => return Err(NoiseError::UnknownInitiator(initiator)),
+                Some(None) => return Err(NoiseError::LowOrderPoint),
+                Some(Some(ss)) => state.mix_key(ss),
+            },
+        }
+        let payload = state.decrypt_and_hash(encrypted_payload)?;
+        ephemeral_bytes.zeroize();
+        Ok(Opened { initiator, payload })
+    }
+}
+
+/// Reads the single handshake message as a responder that accepts any initiator (two X25519
+/// operations). The daemon uses a [`Responder`] built once instead.
 pub fn read_message(
     prologue: &[u8],
     responder: &PrivateKey,
     message: &[u8],
 ) -> Result<Opened, NoiseError> {
-    if message.len() < OVERHEAD {
-        return Err(NoiseError::Truncated);
-    }
-    let mut state = SymmetricState::new(prologue, &responder.public_key());
-    let (ephemeral, rest) = message.split_at(EPHEMERAL_LEN);
-    let (encrypted_static, encrypted_payload) = rest.split_at(ENCRYPTED_STATIC_LEN);
-    let mut ephemeral_bytes = [0u8; 32];
-    ephemeral_bytes.copy_from_slice(ephemeral);
-    state.mix_hash(&ephemeral_bytes);
-    state.mix_key(&*dh(responder, &ephemeral_bytes)?);
-    let static_plain = state.decrypt_and_hash(encrypted_static)?;
-    let mut initiator = [0u8; 32];
-    initiator.copy_from_slice(&static_plain);
-    state.mix_key(&*dh(responder, &initiator)?);
-    let payload = state.decrypt_and_hash(encrypted_payload)?;
-    ephemeral_bytes.zeroize();
-    Ok(Opened {
-        initiator: PublicKey(initiator),
-        payload,
-    })
+    Responder::new(prologue, responder.clone()).read(message)
 }
 
 #[cfg(test)]
@@ -328,6 +510,12 @@ mod tests {
         let opened = read_message(PROLOGUE, &server, &buf[..len]).unwrap();
         assert_eq!(opened.payload.as_slice(), b"from snow");
         assert_eq!(opened.initiator, client.public_key());
+        // And the responder with precomputed `ss` reads it the same.
+        let cached =
+            Responder::new(PROLOGUE, server.clone()).with_initiators([client.public_key()], None);
+        let opened = cached.read(&buf[..len]).unwrap();
+        assert_eq!(opened.payload.as_slice(), b"from snow");
+        assert_eq!(opened.initiator, client.public_key());
 
         // We write, snow reads.
         let mut message = Vec::new();
@@ -351,5 +539,160 @@ mod tests {
             responder.get_remote_static().unwrap(),
             client.public_key().as_bytes()
         );
+    }
+
+    fn dh_count() -> u64 {
+        DH_COUNT.with(|count| count.get())
+    }
+
+    fn message_from(client: &PrivateKey, ephemeral: &PrivateKey, server: &PrivateKey) -> Vec<u8> {
+        let mut message = Vec::new();
+        write_message(
+            PROLOGUE,
+            client,
+            ephemeral,
+            &server.public_key(),
+            b"payload",
+            &mut message,
+        )
+        .unwrap();
+        message
+    }
+
+    /// Runs `f` and returns its result with the number of X25519 operations it did.
+    fn counting<T>(f: impl FnOnce() -> T) -> (T, u64) {
+        let before = dh_count();
+        let out = f();
+        (out, dh_count() - before)
+    }
+
+    #[test]
+    fn known_initiator_costs_one_dh_and_opens_the_same() {
+        let (client, server, ephemeral) = keys();
+        let message = message_from(&client, &ephemeral, &server);
+        let plain = Responder::new(PROLOGUE, server.clone());
+        let (uncached, uncached_dh) = counting(|| plain.read(&message).unwrap());
+        assert_eq!(uncached_dh, 2);
+        let cached = Responder::new(PROLOGUE, server).with_initiators([client.public_key()], None);
+        let (opened, cached_dh) = counting(|| cached.read(&message).unwrap());
+        assert_eq!(cached_dh, 1);
+        assert_eq!(opened.initiator, uncached.initiator);
+        assert_eq!(opened.payload, uncached.payload);
+    }
+
+    #[test]
+    fn unknown_initiator_is_refused_after_one_dh() {
+        let (client, server, ephemeral) = keys();
+        let message = message_from(&client, &ephemeral, &server);
+        let other = PrivateKey::from_bytes([5u8; 32]).public_key();
+        let cached = Responder::new(PROLOGUE, server.clone()).with_initiators([other], None);
+        let (result, spent) = counting(|| cached.read(&message));
+        assert_eq!(
+            result.unwrap_err(),
+            NoiseError::UnknownInitiator(client.public_key())
+        );
+        assert_eq!(spent, 1);
+        // An empty list is a list: nobody is known.
+        let nobody = Responder::new(PROLOGUE, server).with_initiators([], None);
+        assert_eq!(
+            nobody.read(&message).unwrap_err(),
+            NoiseError::UnknownInitiator(client.public_key())
+        );
+    }
+
+    #[test]
+    fn cached_and_uncached_agree_on_every_flipped_bit() {
+        let (client, server, ephemeral) = keys();
+        let message = message_from(&client, &ephemeral, &server);
+        let plain = Responder::new(PROLOGUE, server.clone());
+        let cached = Responder::new(PROLOGUE, server).with_initiators([client.public_key()], None);
+        for bit in 0..message.len() * 8 {
+            let mut bad = message.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let a = plain.read(&bad).map(|o| o.initiator);
+            let b = cached.read(&bad).map(|o| o.initiator);
+            assert!(b.is_err(), "bit {bit}");
+            assert_eq!(a, b, "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn low_order_initiator_key_is_refused_the_same_way_with_or_without_the_cache() {
+        let (_, server, ephemeral) = keys();
+        // A low-order point as the client static key (an order-8 point; all-zero is another).
+        let low_order: [u8; 32] = [
+            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f,
+            0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16,
+            0x5f, 0x49, 0xb8, 0x00,
+        ];
+        // Hand-build `e, es, s` with that static key (write_message would need its private key).
+        let mut state = SymmetricState::new(PROLOGUE, &server.public_key());
+        let mut message = ephemeral.public_key().as_bytes().to_vec();
+        state.mix_hash(ephemeral.public_key().as_bytes());
+        state.mix_key(&dh(&ephemeral, server.public_key().as_bytes()).unwrap());
+        state.encrypt_and_hash(&low_order, &mut message);
+        message.extend_from_slice(&[0u8; TAG_LEN + 8]);
+        let plain = Responder::new(PROLOGUE, server.clone());
+        let cached = Responder::new(PROLOGUE, server).with_initiators([PublicKey(low_order)], None);
+        assert_eq!(plain.read(&message).unwrap_err(), NoiseError::LowOrderPoint);
+        assert_eq!(
+            cached.read(&message).unwrap_err(),
+            NoiseError::LowOrderPoint
+        );
+    }
+
+    #[test]
+    fn rebuilding_with_the_same_key_reuses_secrets_and_a_new_key_does_not() {
+        let (client, server, ephemeral) = keys();
+        let others: Vec<PublicKey> = (10u8..20)
+            .map(|i| PrivateKey::from_bytes([i; 32]).public_key())
+            .collect();
+        let (old, spent) = counting(|| {
+            Responder::new(PROLOGUE, server.clone())
+                .with_initiators(others.iter().copied().chain([client.public_key()]), None)
+        });
+        assert_eq!(spent, 11);
+        // Same key, one client added: one DH.
+        let added = PrivateKey::from_bytes([30u8; 32]).public_key();
+        let (new, spent) = counting(|| {
+            Responder::new(PROLOGUE, server.clone()).with_initiators(
+                others.iter().copied().chain([client.public_key(), added]),
+                Some(&old),
+            )
+        });
+        assert_eq!(spent, 1);
+        assert_eq!(new.known().unwrap().len(), 12);
+        let message = message_from(&client, &ephemeral, &server);
+        assert_eq!(new.read(&message).unwrap().initiator, client.public_key());
+        // A removed client is gone.
+        let without =
+            Responder::new(PROLOGUE, server).with_initiators(others.iter().copied(), Some(&new));
+        assert!(matches!(
+            without.read(&message),
+            Err(NoiseError::UnknownInitiator(_))
+        ));
+        // A new server key: nothing is reused (the old secrets would be wrong).
+        let rekeyed = PrivateKey::from_bytes([40u8; 32]);
+        let (fresh, spent) = counting(|| {
+            Responder::new(PROLOGUE, rekeyed.clone())
+                .with_initiators([client.public_key()], Some(&new))
+        });
+        assert_eq!(spent, 1);
+        let message = message_from(&client, &ephemeral, &rekeyed);
+        assert_eq!(fresh.read(&message).unwrap().initiator, client.public_key());
+    }
+
+    #[test]
+    fn the_secret_cache_is_wiped() {
+        fn zeroized_on_drop<T: ZeroizeOnDrop>() {}
+        zeroized_on_drop::<StaticSecrets>();
+        let (client, server, _) = keys();
+        let mut secrets = StaticSecrets::compute(&server, [client.public_key()], None);
+        assert_eq!(secrets.len(), 1);
+        secrets.zeroize();
+        assert!(secrets.is_empty());
+        // And the debug form never shows a secret.
+        let secrets = StaticSecrets::compute(&server, [client.public_key()], None);
+        assert_eq!(format!("{secrets:?}"), "StaticSecrets(1 initiators)");
     }
 }

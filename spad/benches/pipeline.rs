@@ -72,19 +72,43 @@ fn bench(c: &mut Criterion) {
     c.bench_function("pipeline/garbage (dropped by mac1)", |b| {
         b.iter(|| pipeline.handle(std::hint::black_box(&udp(&garbage))))
     });
-    // A fresh ephemeral key with a valid mac1 but no client key behind it: the handshake runs.
+    // A fresh ephemeral key with a valid mac1 but no client key behind it: the handshake runs
+    // its first X25519 (`es`) and fails to decrypt the client key.
     let mut forged = vec![7u8; MIN_LEN - spa_shared::mac::MAC_LEN];
     forged[..32].copy_from_slice(PrivateKey::from_bytes([9; 32]).public_key().as_bytes());
     let tag = spa_shared::mac::PrecheckKey::new(&server_public).tag(&forged);
     forged.extend_from_slice(&tag);
-    c.bench_function("pipeline/valid mac1, failed handshake (2 DH)", |b| {
+    c.bench_function("pipeline/valid mac1, failed handshake (1 DH)", |b| {
         b.iter(|| pipeline.handle(std::hint::black_box(&udp(&forged))))
+    });
+    // A real packet from a key that is not configured: refused after `es`, before `ss`. Each
+    // iteration seals a fresh one (a replay would be dropped before the handshake), so the
+    // figure includes the client's sealing: subtract `seal (client)` of `--bench packet`.
+    let stranger = PrivateKey::from_bytes([5; 32]);
+    c.bench_function("pipeline/unknown client key (1 DH) + sealing it", |b| {
+        b.iter(|| {
+            let packet = spa_shared::packet::seal(
+                &mut rand_core::OsRng,
+                &stranger,
+                &server_public,
+                &request,
+            )
+            .unwrap();
+            pipeline.handle(std::hint::black_box(&udp(&packet)))
+        })
     });
     assert!(
         pipeline
             .stats
             .refusals
             .get(spad::refusal::Refusal::RecentPacket)
+            > 0
+    );
+    assert!(
+        pipeline
+            .stats
+            .refusals
+            .get(spad::refusal::Refusal::UnknownClient)
             > 0
     );
     let _ = std::fs::remove_dir_all(&dir);

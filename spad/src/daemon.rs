@@ -207,6 +207,8 @@ impl<C: Clock> Pipeline<C> {
         }
         let names = client_names(&config);
         replay.retain_clients(&|k| names.contains_key(k));
+        // Each client's static-static secret once: one X25519 per packet, not two.
+        let server = server.restricted_to(names.keys().copied(), None);
         let kept = firewall
             .install(&config)
             .context("installing the firewall ruleset")?;
@@ -263,12 +265,18 @@ impl<C: Clock> Pipeline<C> {
         if let Some(w) = self.knocks.take_warning() {
             self.log.line(now, &format!("warning: {w}"));
         }
-        self.server = server;
+        // Unchanged server key: the old secrets are reused (no X25519 for a kept client).
+        self.server = server.restricted_to(self.client_names.keys().copied(), Some(&self.server));
         self.config = config;
         self.stats.reloads += 1;
         self.log
             .line(now, &format!("reloaded; kept {kept} live grants"));
         Ok(())
+    }
+
+    /// The server that opens spa packets (built with the configured clients' keys).
+    pub fn server(&self) -> &Server {
+        &self.server
     }
 
     /// The pipeline's clock reading.
@@ -418,7 +426,14 @@ impl<C: Clock> Pipeline<C> {
         let now = self.clock.now();
         let authenticated = match opened {
             Ok(a) => a,
-            Err(e) => return self.refuse_as(source, Refusal::from(e), || e.to_string()),
+            Err(e) => {
+                if let OpenError::UnknownClient(_) = e {
+                    // Its client key opened, which takes the ephemeral private key: no one who
+                    // merely saw it can have made it, so its replays may cost nothing too.
+                    self.recent.insert(ephemeral);
+                }
+                return self.refuse_as(source, Refusal::from(e), || e.to_string());
+            }
         };
         self.recent.insert(ephemeral);
         let Some(client) = self

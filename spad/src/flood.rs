@@ -15,8 +15,9 @@ pub const MAX_SOURCES: usize = 1 << 16;
 
 /// The last [`RECENT_PACKETS`] authenticated packets, keyed by their ephemeral public key
 /// (the first 32 bytes: fresh for every packet a client seals). Only packets that passed the
-/// whole handshake are inserted, so someone who merely sees a packet in flight cannot poison
-/// the memory against it. A replay of a packet forgotten here still fails the replay journal;
+/// whole handshake, or whose encrypted client key opened but named no configured client, are
+/// inserted: either takes the packet's ephemeral private key, so someone who merely sees a
+/// packet in flight cannot poison the memory against it. A replay of a packet forgotten here still fails the replay journal;
 /// it only costs the handshake again.
 #[derive(Debug, Default)]
 pub struct RecentPackets {

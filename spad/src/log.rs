@@ -92,9 +92,12 @@ impl Default for Logger {
 }
 
 impl Logger {
+    /// Writes one line with a single `write` (stderr is unbuffered: `writeln!` made two, the
+    /// text and then its newline, and a reader of a pipe could see them apart).
     pub fn line(&mut self, now: Micros, message: &str) {
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{}", format_line(now, message, self.journal));
+        let mut line = format_line(now, message, self.journal);
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     /// Logs a refusal unless this second's budget is spent.

@@ -41,7 +41,7 @@ refusals! {
     Handshake = "handshake",
     /// The decrypted payload did not decode.
     Payload = "payload",
-    /// Authenticated with a key that is not a configured client.
+    /// A client key that is not configured (refused by the handshake after its first X25519).
     UnknownClient = "unknown_client",
     /// Timestamp before the window.
     Stale = "stale",
@@ -74,6 +74,7 @@ impl From<&OpenError> for Refusal {
             OpenError::Size(_) => Refusal::Size,
             OpenError::Precheck => Refusal::Mac1,
             OpenError::Handshake(_) => Refusal::Handshake,
+            OpenError::UnknownClient(_) => Refusal::UnknownClient,
             OpenError::Payload(_) => Refusal::Payload,
         }
     }
@@ -154,6 +155,15 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Refusal::ALL.len());
+    }
+
+    #[test]
+    fn an_unknown_client_key_keeps_its_reason_whether_refused_before_or_after_ss() {
+        let key = spa_shared::keys::PublicKey([7; 32]);
+        assert_eq!(
+            Refusal::from(&OpenError::UnknownClient(key)),
+            Refusal::UnknownClient
+        );
     }
 
     #[test]

@@ -278,6 +278,11 @@ impl Socket {
     }
 }
 
+/// Receive buffer of the event monitor: the events of several full batches of grants.
+const MONITOR_BUFFER: usize = 32 << 20;
+/// Most datagrams one [`Monitor::drain`] reads.
+const MONITOR_DRAIN: usize = 16_384;
+
 /// A socket subscribed to a netfilter multicast group (e.g. `NFNLGRP_NFTABLES`): the kernel
 /// sends it a copy of every committed ruleset change in this network namespace.
 #[derive(Debug)]
@@ -296,6 +301,14 @@ impl Monitor {
         // Bound with the group in the legacy bitmask (groups 1-32): binding also gives the
         // socket a port id, without which the kernel delivers no multicast to it.
         socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1 << (group - 1)))?;
+        // Room for the events of a whole batch of grants (each grant is three element events,
+        // about 1 KiB each in the socket's accounting). With the default ~200 KiB, a batch of a
+        // few hundred grants overflowed it: every turn of the loop then saw ENOBUFS and re-read
+        // the whole ruleset (a dump of every live grant and an `nft` run) to be safe.
+        let bytes: usize = MONITOR_BUFFER;
+        if sockopt_set(&fd, sockopt::RcvBufForce, &bytes).is_err() {
+            let _ = sockopt_set(&fd, sockopt::RcvBuf, &bytes);
+        }
         Ok(Self {
             fd,
             buf: vec![0u8; 65536],
@@ -313,7 +326,8 @@ impl Monitor {
     pub fn drain(&mut self) -> io::Result<Vec<(u16, Vec<u8>)>> {
         let mut out = Vec::new();
         // Bounded: at most this many datagrams per call; the rest waits for the next one.
-        for _ in 0..1024 {
+        // Enough for the events of a full batch of grants, so a busy loop does not fall behind.
+        for _ in 0..MONITOR_DRAIN {
             let n = match socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => break,
@@ -392,6 +406,21 @@ pub fn parse_replies(mut bytes: &[u8]) -> Result<Vec<Reply>, NetlinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With CAP_NET_ADMIN (the daemon keeps it) the monitor gets its whole buffer, past
+    /// `rmem_max`: the events of a batch of grants must fit. Without root there is nothing to
+    /// check (the kernel caps the size), so the test says so and passes.
+    #[test]
+    fn the_monitor_has_room_for_a_batch_of_grants_events() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs CAP_NET_ADMIN");
+            return;
+        }
+        let monitor = Monitor::open(7).unwrap();
+        let size = socket::getsockopt(&monitor.fd, sockopt::RcvBuf).unwrap();
+        // The kernel reports twice what was set (its bookkeeping overhead).
+        assert!(size >= MONITOR_BUFFER, "{size}");
+    }
 
     #[test]
     fn message_layout_and_nesting() {

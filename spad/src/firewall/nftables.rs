@@ -9,6 +9,7 @@
 //! `i4_S`/`i6_S`, re-armed in the kernel by an `update` rule in a prerouting chain that runs
 //! before the conntrack shortcut. Access needs membership of both.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -537,61 +538,103 @@ pub fn parse_element_dump(set: &str, bodies: &[Vec<u8>]) -> Vec<Carried> {
 }
 
 /// Grants and blacklist entries this daemon knows of, with their deadlines: what a repair
-/// restores when someone deleted the whole table (the kernel's copy is gone then).
+/// restores when someone deleted the whole table (the kernel's copy is gone then). Indexed by
+/// address (an address has a handful of entries, one per set): every grant and every element
+/// event the monitor sees updates it, so each update must cost the same with 10 or 100,000
+/// grants live (a list scanned per update made granting quadratic under load).
 #[derive(Debug, Default)]
 struct Remembered {
-    entries: Vec<(Carried, Instant)>,
+    by_address: HashMap<IpAddr, Vec<(Carried, Instant)>>,
+    /// Addresses left after expired entries were last dropped (see [`Self::forget_expired`]).
+    addresses_after_pruning: usize,
 }
+
+/// Addresses remembered before expired entries are looked for at all.
+const REMEMBERED_PRUNE_FLOOR: usize = 4096;
 
 impl Remembered {
     /// Takes the kernel's view. An idle element ends with its grant here: traffic re-arms it
     /// in the kernel unseen, so a restore gives it a fresh idle period (never past the grant).
     fn replace_from(&mut self, existing: &Existing, now: Instant) {
-        let deadline = |c: &Carried| now + c.remaining;
-        let mut entries: Vec<(Carried, Instant)> = existing
-            .elements
-            .iter()
-            .filter(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role != SetRole::Idle))
-            .map(|c| (c.clone(), deadline(c)))
-            .collect();
+        let mut fresh = Remembered::default();
+        for c in &existing.elements {
+            if SetId::parse_nft(&c.set).is_some_and(|id| id.role != SetRole::Idle) {
+                fresh.add(c.clone(), now + c.remaining);
+            }
+        }
         for c in &existing.elements {
             let Some(id) = SetId::parse_nft(&c.set).filter(|id| id.role == SetRole::Idle) else {
                 continue;
             };
             let grant = SetId::grant(&id.service, id.family).nft_name();
-            if let Some((_, end)) = entries
-                .iter()
-                .find(|(g, _)| g.set == grant && g.address == c.address)
-            {
-                let end = *end;
-                entries.push((c.clone(), end));
+            if let Some(end) = fresh.deadline(&grant, c.address) {
+                fresh.add(c.clone(), end);
             }
         }
-        self.entries = entries;
+        fresh.addresses_after_pruning = fresh.by_address.len();
+        *self = fresh;
+    }
+
+    /// When the entry of `set` for `address` ends, if there is one.
+    fn deadline(&self, set: &str, address: IpAddr) -> Option<Instant> {
+        self.by_address
+            .get(&address)?
+            .iter()
+            .find(|(c, _)| c.set == set)
+            .map(|(_, end)| *end)
     }
 
     fn add(&mut self, element: Carried, deadline: Instant) {
-        self.remove(&element.set, element.address);
-        self.entries.push((element, deadline));
+        let entries = self.by_address.entry(element.address).or_default();
+        entries.retain(|(c, _)| c.set != element.set);
+        entries.push((element, deadline));
     }
 
     fn remove(&mut self, set: &str, address: IpAddr) {
-        self.entries
-            .retain(|(c, _)| !(c.set == set && c.address == address));
+        if let Some(entries) = self.by_address.get_mut(&address) {
+            entries.retain(|(c, _)| c.set != set);
+            if entries.is_empty() {
+                self.by_address.remove(&address);
+            }
+        }
+    }
+
+    /// Keeps only the entries `keep` says yes to.
+    fn retain(&mut self, keep: impl Fn(&Carried) -> bool) {
+        self.by_address.retain(|_, entries| {
+            entries.retain(|(c, _)| keep(c));
+            !entries.is_empty()
+        });
+    }
+
+    /// Drops entries that ended before `now` (the kernel may not announce an expiry), once the
+    /// number of addresses has doubled since the last time: amortised O(1) per grant, and the
+    /// memory stays within twice what is live.
+    fn forget_expired(&mut self, now: Instant) {
+        if self.by_address.len() < REMEMBERED_PRUNE_FLOOR.max(2 * self.addresses_after_pruning) {
+            return;
+        }
+        self.by_address.retain(|_, entries| {
+            entries.retain(|(_, end)| *end > now);
+            !entries.is_empty()
+        });
+        self.addresses_after_pruning = self.by_address.len();
     }
 
     /// What is still due at `now`, as a table's view with time left (at most each
-    /// element's own timeout).
+    /// element's own timeout), ordered by set and address.
     fn alive(&self, now: Instant) -> Existing {
-        let elements: Vec<Carried> = self
-            .entries
-            .iter()
+        let mut elements: Vec<Carried> = self
+            .by_address
+            .values()
+            .flatten()
             .filter(|(_, end)| *end > now)
             .map(|(c, end)| Carried {
                 remaining: (*end - now).min(c.timeout),
                 ..c.clone()
             })
             .collect();
+        elements.sort_by(|a, b| (&a.set, a.address).cmp(&(&b.set, b.address)));
         let mut sets: Vec<String> = elements.iter().map(|c| c.set.clone()).collect();
         sets.sort();
         sets.dedup();
@@ -789,6 +832,7 @@ impl Firewall for Nftables {
 
     fn grant(&mut self, grants: &[Access]) -> anyhow::Result<()> {
         let now = Instant::now();
+        self.remembered.forget_expired(now);
         for g in grants {
             let family = if g.address.is_ipv6() {
                 Family::V6
@@ -917,9 +961,8 @@ impl Firewall for Nftables {
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        self.remembered.entries.retain(|(c, _)| {
-            SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist)
-        });
+        self.remembered
+            .retain(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist));
         let existing = self.existing()?;
         let mut text = String::new();
         for set in &existing.sets {
@@ -949,13 +992,7 @@ impl Firewall for Nftables {
             // An idle element ends with its grant (see `Remembered::replace_from`).
             Some(id) if id.role == SetRole::Idle => {
                 let grant = SetId::grant(&id.service, id.family).nft_name();
-                let end = self
-                    .remembered
-                    .entries
-                    .iter()
-                    .find(|(c, _)| c.set == grant && c.address == element.address)
-                    .map(|(_, end)| *end);
-                if let Some(end) = end {
+                if let Some(end) = self.remembered.deadline(&grant, element.address) {
                     self.remembered.add(element.clone(), end);
                 }
             }
@@ -1149,6 +1186,47 @@ mod tests {
             .is_empty());
         memory.remove("a4_vpn", "198.51.100.7".parse().unwrap());
         assert_eq!(memory.alive(now).elements.len(), 1);
+    }
+
+    #[test]
+    fn remembered_entries_are_per_set_and_address_and_expired_ones_are_forgotten() {
+        let now = Instant::now();
+        let mut memory = Remembered::default();
+        let address = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let entry = |set: &str, i: u32| Carried {
+            set: set.into(),
+            address: address(i),
+            timeout: Duration::from_secs(30),
+            remaining: Duration::from_secs(30),
+            owner: "alice".into(),
+        };
+        // Short-lived grants, enough to cross the pruning floor.
+        for i in 0..REMEMBERED_PRUNE_FLOOR as u32 {
+            memory.add(entry("a4_ssh", i), now + Duration::from_secs(1));
+        }
+        // A second set for one address, then the same set again (replaced, not duplicated).
+        memory.add(entry("a4_vpn", 0), now + Duration::from_secs(60));
+        memory.add(entry("a4_ssh", 0), now + Duration::from_secs(90));
+        assert_eq!(
+            memory.deadline("a4_ssh", address(0)),
+            Some(now + Duration::from_secs(90))
+        );
+        assert_eq!(
+            memory.deadline("a4_vpn", address(0)),
+            Some(now + Duration::from_secs(60))
+        );
+        assert_eq!(memory.deadline("a4_vpn", address(1)), None);
+        memory.remove("a4_vpn", address(0));
+        assert_eq!(memory.deadline("a4_vpn", address(0)), None);
+        assert!(memory.deadline("a4_ssh", address(0)).is_some());
+        // Later, the short ones have ended: the next grant forgets them.
+        memory.forget_expired(now + Duration::from_secs(2));
+        assert_eq!(memory.by_address.len(), 1, "only the 90 s grant is left");
+        assert_eq!(memory.alive(now + Duration::from_secs(2)).elements.len(), 1);
+        // Below the floor nothing is scanned.
+        memory.add(entry("a4_ssh", 7), now);
+        memory.forget_expired(now + Duration::from_secs(2));
+        assert_eq!(memory.by_address.len(), 2);
     }
 
     #[test]
