@@ -57,9 +57,9 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
 /// the socket (its readiness and its queue) and belongs to the returned `AsyncFd` alone.
 fn watch(fd: BorrowedFd<'_>) -> std::io::Result<AsyncFd<OwnedFd>> {
     let owned = fd.try_clone_to_owned()?;
-    // SAFETY: `owned` is moved into the `AsyncFd`, which alone can close it: it stays open,
-    // keeps its number and refers to the same file description until the `AsyncFd` drops it,
-    // which is what `register_with_interest` requires.
+    // `owned` is moved into the `AsyncFd`, which alone can close it: it stays open, keeps its
+    // number and refers to the same file description until the `AsyncFd` drops it.
+    // SAFETY: that is what `register_with_interest` requires of the descriptor.
     let registered = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) };
     Ok(registered?)
 }
