@@ -22,6 +22,16 @@ fn knock(lab: &Lab, ns: &str, ports: &[&str]) {
     lab.exec(ns, "knock", &args);
 }
 
+/// Waits until `door` opened for `address` and its grant reached the firewall: the OPEN line
+/// is logged just before the grant is installed, so a probe right after it could race it.
+fn wait_granted(lab: &Lab, address: &str, door: &str, count: usize) -> bool {
+    lab.wait_log(&format!("{address}: door {door}: OPEN"), count)
+        && lab.wait_log(
+            &format!("granted owner=door:{door} address={address} "),
+            count,
+        )
+}
+
 fn ssh(ns: &str) -> Connect {
     tcp_probe(ns, Lab::gw4(22), T)
 }
@@ -64,7 +74,7 @@ pub fn nc_and_nmap_loops_open_a_door(backend: Backend) {
         let _ = lab.try_exec(&lab.a, "nc", &["-z", "-w", "1", GW4, port]);
     }
     assert!(
-        lab.wait_log("203.0.113.10: door openssh: OPEN", 1),
+        wait_granted(&lab, "203.0.113.10", "openssh", 1),
         "{}",
         lab.log()
     );
@@ -78,7 +88,7 @@ pub fn nc_and_nmap_loops_open_a_door(backend: Backend) {
         );
     }
     assert!(
-        lab.wait_log("203.0.113.20: door openssh: OPEN", 1),
+        wait_granted(&lab, "203.0.113.20", "openssh", 1),
         "{}",
         lab.log()
     );
@@ -102,7 +112,7 @@ pub fn progress_is_per_source(backend: Backend) {
     );
     knock(&lab, &lab.a, &["8000", "9000"]);
     assert!(
-        lab.wait_log("203.0.113.10: door openssh: OPEN", 1),
+        wait_granted(&lab, "203.0.113.10", "openssh", 1),
         "{}",
         lab.log()
     );
@@ -295,7 +305,8 @@ pub fn totp_door_opens_once_per_step_and_matches_oathtool(backend: Backend) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        lab.wait_log("203.0.113.10: totp door carol: OPEN", 1),
+        lab.wait_log("203.0.113.10: totp door carol: OPEN", 1)
+            && lab.wait_log("granted owner=door:carol address=203.0.113.10 ", 1),
         "{}",
         lab.log()
     );
