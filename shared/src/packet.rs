@@ -203,6 +203,15 @@ mod tests {
         assert_eq!(opened.request, request());
     }
 
+    /// Bytes no client sealed, with a valid mac1: they get past the pre-check only.
+    fn behind_a_valid_mac1(server: &Server) -> Vec<u8> {
+        let mut forged = vec![0x42u8; MIN_LEN - MAC_LEN];
+        forged[..32].copy_from_slice(PrivateKey::from_bytes([8; 32]).public_key().as_bytes());
+        let tag = PrecheckKey::new(&server.public_key()).tag(&forged);
+        forged.extend_from_slice(&tag);
+        forged
+    }
+
     #[test]
     fn refusal_reasons_are_distinct() {
         let client = PrivateKey::from_bytes([1; 32]);
@@ -213,10 +222,7 @@ mod tests {
         assert_eq!(server.open(&packet).unwrap_err(), OpenError::Precheck);
         // A packet whose mac1 is right but whose handshake is not (someone who knows the public
         // key but not a client key): decryption fails after the DH work.
-        let mut forged = vec![0x42u8; MIN_LEN - MAC_LEN];
-        forged[..32].copy_from_slice(PrivateKey::from_bytes([8; 32]).public_key().as_bytes());
-        let tag = PrecheckKey::new(&server.public_key()).tag(&forged);
-        forged.extend_from_slice(&tag);
+        let forged = behind_a_valid_mac1(&server);
         assert_eq!(
             server.open(&forged).unwrap_err(),
             OpenError::Handshake(NoiseError::Decrypt)
@@ -249,10 +255,7 @@ mod tests {
         assert_eq!(any.known_clients(), None);
         assert_eq!(any.open(&packet).unwrap().client, stranger.public_key());
         // Forged bytes behind a valid mac1 still fail as a handshake, not as an unknown key.
-        let mut forged = vec![0x42u8; MIN_LEN - MAC_LEN];
-        forged[..32].copy_from_slice(PrivateKey::from_bytes([8; 32]).public_key().as_bytes());
-        let tag = PrecheckKey::new(&server.public_key()).tag(&forged);
-        forged.extend_from_slice(&tag);
+        let forged = behind_a_valid_mac1(&server);
         assert_eq!(
             server.open(&forged).unwrap_err(),
             OpenError::Handshake(NoiseError::Decrypt)

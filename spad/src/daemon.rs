@@ -855,6 +855,23 @@ mod tests {
         (pipeline, client, dir)
     }
 
+    /// [`setup`], with `require-address = true` for alice.
+    fn setup_require_address(
+        clock: &ManualClock,
+    ) -> (Pipeline<&ManualClock>, PrivateKey, std::path::PathBuf) {
+        let (p, client, dir) = setup(clock);
+        drop(p);
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{}\"\nservices = [\"ssh\"]\nrequire-address = true\n",
+            dir.display(),
+            client.public_key()
+        );
+        let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
+        let server = Server::new(PrivateKey::from_bytes([2; 32]));
+        let p = Pipeline::new(config, server, Box::new(Memory::default()), clock).unwrap();
+        (p, client, dir)
+    }
+
     fn packet(client: &PrivateKey, kind: Kind, timestamp: Micros, duration_secs: u32) -> Vec<u8> {
         let request = Request {
             kind,
@@ -882,16 +899,7 @@ mod tests {
         // The man-on-the-side re-sends a withheld require-address packet from his own address
         // first: refused there, and the owner's copy must still reach the handshake.
         let clock = ManualClock::new(NOW);
-        let (p, client, dir) = setup(&clock);
-        drop(p);
-        let text = format!(
-            "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{}\"\nservices = [\"ssh\"]\nrequire-address = true\n",
-            dir.display(),
-            client.public_key()
-        );
-        let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
-        let server = Server::new(PrivateKey::from_bytes([2; 32]));
-        let mut p = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
+        let (mut p, client, dir) = setup_require_address(&clock);
         let request = Request {
             kind: Kind::Open,
             timestamp: NOW,
@@ -922,16 +930,7 @@ mod tests {
         // same grants, the same refusals by reason, the same journal.
         let run = |threads: usize| {
             let clock = ManualClock::new(NOW);
-            let (p, client, dir) = setup(&clock);
-            drop(p);
-            let text = format!(
-                "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n[clients.alice]\npublic-key = \"{}\"\nservices = [\"ssh\"]\nrequire-address = true\n",
-                dir.display(),
-                client.public_key()
-            );
-            let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
-            let server = Server::new(PrivateKey::from_bytes([2; 32]));
-            let mut p = Pipeline::new(config, server, Box::new(Memory::default()), &clock).unwrap();
+            let (mut p, client, dir) = setup_require_address(&clock);
             p.verifier = Verifier { threads };
             let server_key = PrivateKey::from_bytes([2; 32]).public_key();
             let sealed = |timestamp: Micros, address: Option<&str>| {
