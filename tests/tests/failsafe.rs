@@ -1,6 +1,7 @@
 //! Fail safe, on both backends: flushing and tampering never open a protected port, one
 //! daemon per state directory, reloads never extend a grant, the list shows what the kernel
-//! enforces, sessions that predate spad survive its start, and `conceal` makes protected,
+//! enforces, sessions that predate spad survive its start, a full disk never opens anything
+//! (and grants resume when space returns), and `conceal` makes protected,
 //! knock and watched ports answer alike (checked with nmap).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -275,6 +276,112 @@ pub fn sessions_opened_before_the_first_start_survive(backend: Backend) {
     lab.stop_spad(daemon, false);
 }
 
+/// A small tmpfs mounted over a directory for one test; unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = format!("size={size},mode=0700");
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &options,
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
+        SmallDisk(dir)
+    }
+
+    /// Writes a file until the disk refuses more; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = [0x55u8; 4096];
+        // Bounded: the disk is a few MiB, so it is full long before 4 GiB.
+        for _ in 0..(1 << 20) {
+            if file
+                .write_all(&chunk)
+                .and_then(|()| file.sync_all())
+                .is_err()
+            {
+                return path;
+            }
+        }
+        panic!("{} never filled up", self.0.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", self.0.to_str().unwrap()])
+            .status();
+    }
+}
+
+/// A full disk: grants go on (the journal's last block or its preallocated room takes the
+/// record); once the journal cannot be written (a restart on the full disk must rewrite it)
+/// every SPA packet is refused with `persist` and nothing opens; when some space comes back,
+/// even less than the journal's usual room, grants resume without a restart.
+pub fn a_full_disk_never_opens_and_grants_resume_when_space_returns(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _ssh = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let disk = SmallDisk::mount(lab.path("state"), "3m");
+    let daemon = lab.start_spad(CONF, backend);
+    let filler = disk.fill();
+
+    // The disk is full; the journal still has room for this packet's record.
+    lab.knock(&lab.a, "alice", &["ssh"], &["--duration", "1h"], false);
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+
+    // A restart must rewrite the journal, which a full disk refuses: fail closed.
+    lab.stop_spad(daemon, false);
+    let daemon = lab.start_spad(CONF, backend);
+    assert!(
+        lab.wait_log("SPA grants are refused until it can be written", 1),
+        "{}",
+        lab.log()
+    );
+    lab.knock(&lab.b, "alice", &["ssh"], &["--duration", "1h"], false);
+    assert!(
+        lab.wait_log("reason=\"cannot persist the replay record\"", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
+    assert!(!member(&lab, backend, "a4_ssh", "203.0.113.20"));
+    assert_eq!(
+        lab.log().matches("granted owner=alice").count(),
+        1,
+        "{}",
+        lab.log()
+    );
+    // The grant made before the restart is still in force.
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+
+    // A little space returns, less than the journal's usual room: the journal is rewritten
+    // without room and the next packet is granted.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap();
+    let len = file.metadata().unwrap().len();
+    file.set_len(len.saturating_sub(256 << 10)).unwrap();
+    drop(file);
+    lab.knock(&lab.b, "alice", &["ssh"], &["--duration", "1h"], false);
+    assert!(lab.wait_log("granted owner=alice", 2), "{}", lab.log());
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
+    lab.stop_spad(daemon, false);
+    drop(disk);
+}
+
 fn nmap(lab: &Lab, args: &[&str]) -> String {
     let out = lab.try_exec(&lab.b, "nmap", args);
     assert!(out.status.success(), "{out:?}");
@@ -362,6 +469,7 @@ both_backends!(
     a_reload_storm_never_extends_a_grant,
     an_idle_lapsed_grant_is_neither_listed_nor_kept,
     sessions_opened_before_the_first_start_survive,
+    a_full_disk_never_opens_and_grants_resume_when_space_returns,
     conceal_closed_makes_every_port_look_closed,
     conceal_drop_hides_every_watched_port_alike,
 );

@@ -3,7 +3,7 @@
 //! writes the bytes this module produces and hands back what it reads.
 //!
 //! ```text
-//! file    = MAGIC ("SPAJRNL1") snapshot entry*
+//! file    = MAGIC ("SPAJRNL1") snapshot entry* zero*
 //! record  = len: u32 BE | kind: u8 | body (len bytes) | check: BLAKE2s-256(len|kind|body)[..16]
 //! kind 1  Accept   client key 32 | timestamp 8 | clock reading when accepted 8
 //! kind 2  Digest   digest 32 | keep-until 8
@@ -11,8 +11,10 @@
 //!                  digests 4 | (digest 32 | keep-until 8)*        (only right after MAGIC)
 //! ```
 //!
-//! A batch of entries is appended with one write and made durable with one `fdatasync` before
-//! any grant of that batch is installed. After a crash the unsynced tail of the file may be cut
+//! The file may end in zeros: room the writer preallocated, so that an append changes no file
+//! size and its `fdatasync` flushes data only. Zeros after the last record are *padding*, not
+//! damage. A batch of entries is written with one write and made durable with one `fdatasync`
+//! before any grant of that batch is installed. After a crash the unsynced tail of the file may be cut
 //! short or hold garbage: a bad record with no valid record anywhere after it is such a *torn
 //! tail* and is ignored (nothing in it was acted on). A bad record followed by a valid one is
 //! damage in the middle of the history: [`decode`] refuses the whole file, and the daemon fails
@@ -198,6 +200,8 @@ pub struct Loaded {
     pub entries: usize,
     /// Bytes of a torn tail that were ignored (0 if the file ended cleanly).
     pub torn_bytes: usize,
+    /// Zero bytes at the end: room preallocated for entries not yet written (not torn).
+    pub padding: usize,
     /// The file was in the legacy whole-file format (rewrite it as a journal).
     pub legacy: bool,
 }
@@ -293,6 +297,7 @@ pub fn decode(bytes: &[u8], window: Window) -> Result<Loaded, RecordError> {
         state: State::default(),
         entries: 0,
         torn_bytes: 0,
+        padding: 0,
         legacy: false,
     };
     if bytes.is_empty() {
@@ -309,10 +314,21 @@ pub fn decode(bytes: &[u8], window: Window) -> Result<Loaded, RecordError> {
     let mut at = MAGIC.len();
     while at < bytes.len() {
         let Some((kind, body, next)) = record_at(bytes, at) else {
+            let rest = &bytes[at..];
+            // Zeros to the end: the preallocated room the next entries go into.
+            let written = rest
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |last| last + 1);
+            if written == 0 {
+                loaded.padding = rest.len();
+                break;
+            }
             if valid_entry_after(bytes, at + 1) {
                 return Err(RecordError::Damaged);
             }
-            loaded.torn_bytes = bytes.len() - at;
+            loaded.torn_bytes = written;
+            loaded.padding = rest.len() - written;
             break;
         };
         if kind == KIND_SNAPSHOT && at == MAGIC.len() {
@@ -412,22 +428,27 @@ mod tests {
             let complete = (cut - durable.len()) / entry_len + 1;
             assert_eq!(loaded.entries, complete, "cut {cut}");
             assert_eq!(loaded.state, journal(&some_state(), &entries[..complete]).1);
-            assert_eq!(loaded.torn_bytes, (cut - durable.len()) % entry_len);
+            // A cut that ends in zero bytes reads as room left for entries (`padding`).
+            assert_eq!(
+                loaded.torn_bytes + loaded.padding,
+                (cut - durable.len()) % entry_len
+            );
         }
         // Zeros where the unsynced data should be (a file extended but not written).
         let mut zeroed = durable.clone();
         zeroed.extend_from_slice(&[0; 200]);
         let loaded = decode(&zeroed, Window::default()).unwrap();
         assert_eq!(
-            (loaded.state, loaded.torn_bytes),
-            (durable_state.clone(), 200)
+            (loaded.state, loaded.torn_bytes, loaded.padding),
+            (durable_state.clone(), 0, 200)
         );
-        // Half an entry followed by zeros.
+        // Half an entry followed by zeros (a torn write into preallocated room).
         let mut half = full[..durable.len() + 30].to_vec();
         half.extend_from_slice(&[0; 100]);
+        let loaded = decode(&half, Window::default()).unwrap();
         assert_eq!(
-            decode(&half, Window::default()).unwrap().state,
-            durable_state
+            (loaded.state, loaded.torn_bytes, loaded.padding),
+            (durable_state, 30, 100)
         );
     }
 
@@ -502,6 +523,22 @@ mod tests {
     }
 
     proptest! {
+        /// Zeroed room after any journal (what the writer preallocates) changes nothing it
+        /// reads, and is never taken for a torn tail.
+        #[test]
+        fn zeroed_room_after_the_records_is_padding(
+            stamps in prop::collection::vec((0u8..4, 0u64..200), 0..20),
+            room in 0usize..300,
+        ) {
+            let entries: Vec<Entry> = stamps.iter().map(|&(c, t)| accept(c, t * S)).collect();
+            let (mut bytes, state) = journal(&State::default(), &entries);
+            let loaded = decode(&bytes, Window::default()).unwrap();
+            bytes.resize(bytes.len() + room, 0);
+            let padded = decode(&bytes, Window::default()).unwrap();
+            prop_assert_eq!(&padded.state, &state);
+            prop_assert_eq!((padded.entries, padded.torn_bytes, padded.padding), (loaded.entries, 0, room));
+        }
+
         #[test]
         fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
             let _ = decode(&bytes, Window::default());

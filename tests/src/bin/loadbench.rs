@@ -438,6 +438,45 @@ fn new_elements(mut bytes: &[u8]) -> Vec<u32> {
     out
 }
 
+/// The disk's part of a durable grant: what one small write plus `fdatasync` costs in the
+/// state directory, at about 1,000 per second, appended (the file grows) and in place (over
+/// preallocated room, as spad's journal writes). No grant can be faster than this on the
+/// machine; it is measured before the ladder so the two can be read side by side.
+fn disk_floor(dir: &std::path::Path) -> String {
+    use std::os::unix::fs::FileExt;
+    const SYNCS: usize = 500;
+    let path = dir.join("fsync-floor.bin");
+    let mut line = format!(
+        "disk floor ({}): one 61-byte write + fdatasync",
+        dir.display()
+    );
+    for in_place in [false, true] {
+        let _ = std::fs::remove_file(&path);
+        let file = std::fs::File::create(&path).unwrap();
+        if in_place {
+            file.write_all_at(&vec![0; 1 << 20], 0).unwrap();
+            file.sync_all().unwrap();
+        }
+        let mut took = Vec::with_capacity(SYNCS);
+        for i in 0..SYNCS {
+            let start = Instant::now();
+            file.write_all_at(&[0x5a; 61], i as u64 * 61).unwrap();
+            file.sync_data().unwrap();
+            took.push(start.elapsed());
+            std::thread::sleep(Duration::from_micros(900));
+        }
+        took.sort();
+        line.push_str(&format!(
+            "; {} p50 {} / p99 {} ms",
+            if in_place { "in place" } else { "appended" },
+            ms(percentile(&took, 50)),
+            ms(percentile(&took, 99))
+        ));
+    }
+    let _ = std::fs::remove_file(&path);
+    line
+}
+
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -684,6 +723,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load.split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
+    println!("{}", disk_floor(&bench.dir.join("state")));
     println!(
         "{:>8} {:>8} {:>8} {:>6} {:>10} {:>9} {:>9} {:>14}",
         "offered/s", "sent", "granted", "lost", "granted/s", "p50 ms", "p99 ms", "spad CPU/grant"
