@@ -26,6 +26,7 @@ use crate::refusal::{Refusal, RefusalCounts};
 use crate::state::{ReplayState, ReplayStore};
 use crate::verify::{Batch, Verifier};
 use spa_shared::duration;
+use std::sync::Arc;
 
 /// Counters, logged on exit, shown by `spad status` and exported as metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -124,7 +125,8 @@ impl Stats {
 /// Everything that decides; no sockets of its own.
 pub struct Pipeline<C: Clock> {
     pub config: Config,
-    server: Server,
+    /// Shared with the verifier's pool threads (read-only).
+    server: Arc<Server>,
     replay: Box<dyn ReplayState>,
     /// Client names by public key (one lookup per packet, however many clients).
     client_names: std::collections::HashMap<spa_shared::keys::PublicKey, String>,
@@ -234,7 +236,7 @@ impl<C: Clock> Pipeline<C> {
             SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
         Ok(Self {
             config,
-            server,
+            server: Arc::new(server),
             replay: Box::new(replay),
             client_names: names,
             pending: Vec::new(),
@@ -266,7 +268,8 @@ impl<C: Clock> Pipeline<C> {
             self.log.line(now, &format!("warning: {w}"));
         }
         // Unchanged server key: the old secrets are reused (no X25519 for a kept client).
-        self.server = server.restricted_to(self.client_names.keys().copied(), Some(&self.server));
+        self.server =
+            Arc::new(server.restricted_to(self.client_names.keys().copied(), Some(&*self.server)));
         self.config = config;
         self.stats.reloads += 1;
         self.log
@@ -363,7 +366,7 @@ impl<C: Clock> Pipeline<C> {
                 "rate limited: too many handshakes from this source (handshake-rate)".into()
             });
         }
-        if self.verifier.threads > 1 {
+        if self.verifier.threads() > 1 {
             // The handshake waits for the end of the batch, where it may run in parallel.
             return self.waiting.push(source, now, ephemeral, payload);
         }
@@ -931,7 +934,7 @@ mod tests {
         let run = |threads: usize| {
             let clock = ManualClock::new(NOW);
             let (mut p, client, dir) = setup_require_address(&clock);
-            p.verifier = Verifier { threads };
+            p.verifier = Verifier::new(threads);
             let server_key = PrivateKey::from_bytes([2; 32]).public_key();
             let sealed = |timestamp: Micros, address: Option<&str>| {
                 let request = Request {

@@ -196,7 +196,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
         SystemClock.now(),
         &format!(
             "listening port={}/udp capture={capture_desc} server-key={public} verify-threads={}",
-            pipeline.config.server.port, pipeline.verifier.threads
+            pipeline.config.server.port,
+            pipeline.verifier.threads()
         ),
     );
     if let Some(user) = pipeline.config.server.user.clone() {

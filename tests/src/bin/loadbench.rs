@@ -523,19 +523,21 @@ fn paced(fd: &OwnedFd, packets: &[Vec<u8>], rate: u64, offset: usize) -> Vec<(u3
         .collect();
     let start = Instant::now();
     let mut sent = Vec::with_capacity(frames.len());
-    // Sends whatever is due, then sleeps a little: no busy wait stealing spad's CPU.
+    // Sends whatever is due, then sleeps until the next packet is due: no busy wait and no
+    // wake-up without work, so the sender steals as little as possible of spad's two cores.
+    let due = |n: usize| start + Duration::from_nanos(n as u64 * 1_000_000_000 / rate);
     let mut next = 0;
     while next < frames.len() {
         let now = Instant::now();
-        while next < frames.len()
-            && start + Duration::from_nanos(next as u64 * 1_000_000_000 / rate) <= now
-        {
+        while next < frames.len() && due(next) <= now {
             if send(fd, &frames[next]) {
                 sent.push((u32::from(source(offset + next)), Instant::now()));
             }
             next += 1;
         }
-        std::thread::sleep(Duration::from_micros(100));
+        if next < frames.len() {
+            std::thread::sleep(due(next).saturating_duration_since(Instant::now()));
+        }
     }
     sent
 }
