@@ -23,7 +23,7 @@ use crate::log::Logger;
 use crate::net::{PortProto, Proto};
 use crate::policy::{self, Decision};
 use crate::refusal::{Refusal, RefusalCounts};
-use crate::state::{ReplayState, ReplayStore};
+use crate::state::{Commit, ReplayState, ReplayStore};
 use crate::verify::{Batch, Verifier};
 use spa_shared::duration;
 use std::sync::Arc;
@@ -150,7 +150,17 @@ pub struct Pipeline<C: Clock> {
     pub stats: Stats,
     /// When the packet being handled was heard (for the grant latency histogram).
     received_at: Micros,
+    /// Decisions whose journal commit runs in the background, carried out in order when it
+    /// is done ([`Pipeline::commit_done`]).
+    in_flight: Vec<Pending>,
+    /// When the background commit started, if one runs.
+    committing_since: Option<Micros>,
+    /// A slow background commit was already reported.
+    slow_reported: bool,
 }
+
+/// A background journal commit running longer than this is reported (once) in the log.
+pub const SLOW_COMMIT: Micros = 2_000_000;
 
 impl<C: Clock> std::fmt::Debug for Pipeline<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,6 +175,8 @@ impl<C: Clock> std::fmt::Debug for Pipeline<C> {
 struct Pending {
     decision: Decision,
     owner: String,
+    /// When the packet behind it was heard (for the grant latency).
+    heard: Micros,
     /// Accepted replay entries were uncommitted when it was made: it may only be carried out
     /// if the journal commit succeeds.
     needs_commit: bool,
@@ -251,6 +263,9 @@ impl<C: Clock> Pipeline<C> {
             log,
             stats: Stats::default(),
             received_at: now,
+            in_flight: Vec::new(),
+            committing_since: None,
+            slow_reported: false,
         })
     }
 
@@ -526,13 +541,14 @@ impl<C: Clock> Pipeline<C> {
     /// entries not yet durable or must keep its place behind decisions that do.
     fn apply(&mut self, decision: Decision, owner: &str) {
         let needs_commit = self.replay.uncommitted();
-        if !needs_commit && self.pending.is_empty() {
+        if !needs_commit && self.pending.is_empty() && self.committing_since.is_none() {
             // Nothing to wait for (a knock door, say): at once, so its log lines stay in order.
             return self.execute(decision, owner);
         }
         self.pending.push(Pending {
             decision,
             owner: owner.to_string(),
+            heard: self.received_at,
             needs_commit,
         });
     }
@@ -540,18 +556,105 @@ impl<C: Clock> Pipeline<C> {
     /// Ends a batch: makes the replay journal durable (one `fdatasync`), then carries out the
     /// batch's decisions in order, each run of grants in one firewall transaction. If the
     /// commit fails, no decision that depends on it is carried out.
+    ///
+    /// With a store that syncs in the background, the commit is only started here and the
+    /// decisions are carried out by [`Pipeline::commit_done`]; while one commit runs, the
+    /// next batches' decisions wait and go with the next commit (group commit).
     pub fn flush(&mut self) {
         self.verify_waiting();
+        if self.committing_since.is_some() {
+            return self.commit_done();
+        }
         let now = self.clock.now();
-        let durable = match self.replay.commit(now) {
+        match self.replay.begin_commit(now) {
+            Commit::Started => {
+                self.in_flight = std::mem::take(&mut self.pending);
+                self.committing_since = Some(now);
+            }
+            Commit::Nothing => {
+                let pending = std::mem::take(&mut self.pending);
+                self.carry_out(pending, Ok(()));
+            }
+            Commit::Done(result) => {
+                let pending = std::mem::take(&mut self.pending);
+                self.carry_out(pending, result);
+            }
+        }
+    }
+
+    /// From now on the journal syncs on a thread of its own; `wake` runs when a sync is done
+    /// (then call [`Pipeline::commit_done`]). Returns whether the store can.
+    pub fn sync_in_background(&mut self, wake: crate::journal_sync::Wake) -> std::io::Result<bool> {
+        self.replay.sync_in_background(wake)
+    }
+
+    /// Carries out the decisions of a background commit that has finished (a no-op while it
+    /// runs), then starts the next one if decisions wait for it.
+    pub fn commit_done(&mut self) {
+        if self.committing_since.is_none() {
+            return;
+        }
+        let Some(result) = self.replay.poll_commit() else {
+            return;
+        };
+        self.committed(result);
+    }
+
+    fn committed(&mut self, result: Result<(), crate::state::ReplayRefusal>) {
+        self.committing_since = None;
+        self.slow_reported = false;
+        let done = std::mem::take(&mut self.in_flight);
+        self.carry_out(done, result);
+        if !self.pending.is_empty() || self.replay.uncommitted() {
+            self.flush();
+        }
+    }
+
+    /// At shutdown: waits up to `limit` for a background commit, so its grants are not lost.
+    pub fn finish_commit(&mut self, limit: std::time::Duration) {
+        if self.committing_since.is_none() {
+            return;
+        }
+        let result = self.replay.wait_commit(limit).unwrap_or_else(|| {
+            Err(crate::state::ReplayRefusal::Persist(format!(
+                "the journal's sync did not finish within {} s of stopping",
+                limit.as_secs()
+            )))
+        });
+        self.committing_since = None;
+        let done = std::mem::take(&mut self.in_flight);
+        self.carry_out(done, result);
+    }
+
+    /// Reports (once) a background commit that is taking long: its grants wait for it.
+    fn report_slow_commit(&mut self, now: Micros) {
+        if let Some(since) = self.committing_since {
+            if !self.slow_reported && now.saturating_sub(since) >= SLOW_COMMIT {
+                self.slow_reported = true;
+                self.log.line(
+                    now,
+                    &format!(
+                        "warning: the replay journal's sync has taken {} ms so far; SPA grants wait for it (is the state directory's disk slow?)",
+                        now.saturating_sub(since) / 1000
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Carries out decisions in order once their commit has `result`ed: each run of grants in
+    /// one firewall transaction; nothing that needed the commit if it failed.
+    fn carry_out(&mut self, items: Vec<Pending>, result: Result<(), crate::state::ReplayRefusal>) {
+        let now = self.clock.now();
+        let durable = match result {
             Ok(()) => true,
             Err(e) => {
                 self.log.line(now, &format!("error: {e}"));
                 false
             }
         };
-        let mut opens: Vec<(IpAddr, Vec<Access>, String)> = Vec::new();
-        for item in std::mem::take(&mut self.pending) {
+        let mut opens: Vec<(IpAddr, Vec<Access>, String, Micros)> = Vec::new();
+        for item in items {
             if item.needs_commit && !durable {
                 self.stats.refused += 1;
                 self.stats.refusals.add(Refusal::Persist);
@@ -565,7 +668,9 @@ impl<C: Clock> Pipeline<C> {
                 continue;
             }
             match item.decision {
-                Decision::Open { address, grants } => opens.push((address, grants, item.owner)),
+                Decision::Open { address, grants } => {
+                    opens.push((address, grants, item.owner, item.heard))
+                }
                 close => {
                     self.open_all(std::mem::take(&mut opens));
                     self.execute(close, &item.owner);
@@ -577,7 +682,7 @@ impl<C: Clock> Pipeline<C> {
 
     /// Installs several decisions' grants in one firewall transaction (one by one if that
     /// fails, so one bad grant does not hold back the others).
-    fn open_all(&mut self, mut opens: Vec<(IpAddr, Vec<Access>, String)>) {
+    fn open_all(&mut self, mut opens: Vec<(IpAddr, Vec<Access>, String, Micros)>) {
         while opens.len() > GRANTS_PER_TRANSACTION {
             let rest = opens.split_off(GRANTS_PER_TRANSACTION);
             self.open_all(std::mem::replace(&mut opens, rest));
@@ -585,13 +690,15 @@ impl<C: Clock> Pipeline<C> {
         if opens.len() > 1 {
             let all: Vec<Access> = opens.iter().flat_map(|o| o.1.iter().cloned()).collect();
             if self.firewall.grant(&all).is_ok() {
-                for (address, grants, owner) in &opens {
+                for (address, grants, owner, heard) in &opens {
+                    self.received_at = *heard;
                     self.granted(*address, grants, owner);
                 }
                 return;
             }
         }
-        for (address, grants, owner) in opens {
+        for (address, grants, owner, heard) in opens {
+            self.received_at = heard;
             self.execute(Decision::Open { address, grants }, &owner);
         }
     }
@@ -777,6 +884,7 @@ impl<C: Clock> Pipeline<C> {
         let events = self.knocks.tick(now);
         self.apply_knock_events(events);
         self.flush();
+        self.report_slow_commit(now);
     }
 }
 
@@ -1097,6 +1205,80 @@ mod tests {
             (p.stats.granted, p.stats.closed, p.stats.refused),
             (2, 1, 1)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The journal syncing on its own thread: grants wait for their sync while the pipeline
+    /// keeps deciding; what was decided meanwhile goes with the next sync, in order; a failed
+    /// sync refuses its grants and the next packet is granted again.
+    #[test]
+    fn grants_wait_for_their_background_sync_and_the_pipeline_keeps_deciding() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let mut store = ReplayStore::load(dir.join("bg.bin"), window(&p.config), NOW).0;
+        let (write, gate) = crate::journal_sync::gated_writes();
+        store.write_at = write;
+        let (woke, wakes) = std::sync::mpsc::channel::<()>();
+        let woke = std::sync::Mutex::new(woke);
+        let wake: crate::journal_sync::Wake = Arc::new(move || {
+            let _ = woke.lock().map(|w| w.send(()));
+        });
+        assert!(store.sync_in_background(wake).unwrap());
+        p.replay = Box::new(store);
+        let live = |p: &mut Pipeline<&ManualClock>| {
+            let mut v: Vec<String> = p
+                .firewall
+                .list()
+                .unwrap()
+                .iter()
+                .map(|g| g.address.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        let wait_for_sync = |p: &mut Pipeline<&ManualClock>| {
+            wakes
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the sync thread woke us");
+            p.commit_done();
+        };
+
+        let first = packet(&client, Kind::Open, NOW, 0);
+        p.handle(&udp(&first, "198.51.100.1"));
+        assert!(live(&mut p).is_empty(), "not granted before its sync");
+        // Meanwhile: its replay is refused at once, and a new packet is decided and waits.
+        p.handle(&udp(&first, "198.51.100.66"));
+        assert_eq!(p.stats.refusals.get(Refusal::RecentPacket), 1);
+        let second = packet(&client, Kind::Open, NOW + 1, 0);
+        p.handle(&udp(&second, "198.51.100.2"));
+        assert!(live(&mut p).is_empty());
+        gate.send(true).unwrap();
+        wait_for_sync(&mut p);
+        assert_eq!(
+            live(&mut p),
+            ["198.51.100.1"],
+            "the first sync's grant only"
+        );
+        gate.send(true).unwrap();
+        wait_for_sync(&mut p);
+        assert_eq!(live(&mut p), ["198.51.100.1", "198.51.100.2"]);
+
+        // A sync that fails: its grant is refused; the next packet is granted (the journal is
+        // rewritten on the spot).
+        let third = packet(&client, Kind::Open, NOW + 2, 0);
+        p.handle(&udp(&third, "198.51.100.3"));
+        gate.send(false).unwrap();
+        wait_for_sync(&mut p);
+        assert_eq!(p.stats.refusals.get(Refusal::Persist), 1);
+        let fourth = packet(&client, Kind::Open, NOW + 3, 0);
+        p.handle(&udp(&fourth, "198.51.100.4"));
+        assert_eq!(
+            live(&mut p),
+            ["198.51.100.1", "198.51.100.2", "198.51.100.4"],
+            "the failed sync's grant never opened"
+        );
+        assert_eq!((p.stats.granted, p.stats.refused), (3, 2));
+        drop(gate);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -6,6 +6,10 @@
 //! - the capture sockets, through [`AsyncFd`] (a readable socket means frames are waiting:
 //!   they are drained in batches of up to [`BATCH`], then one journal commit and one firewall
 //!   transaction for the batch);
+//! - the journal's sync thread ([`crate::journal_sync`]): the loop starts a batch's commit and
+//!   goes on; when the `fdatasync` is done the thread notifies the loop, which installs that
+//!   batch's grants and starts the next commit for whatever was decided meanwhile. A slow or
+//!   hung disk delays SPA grants only, never the capture, the guard or the control socket;
 //! - the signals (`SIGTERM`/`SIGINT` stop, `SIGHUP` reloads) through `tokio::signal`;
 //! - requests from the control socket and the metrics endpoint, each its own task
 //!   ([`crate::control`], [`crate::metrics`]) that hands the loop a [`Call`] and awaits the
@@ -49,6 +53,8 @@ const HOLD_OFF_AFTER: usize = 16;
 /// core-second (README, "Performance"). Legitimate packets wait at most this much longer, and
 /// only under load; the operator tasks wait with them.
 const HOLD_OFF: Duration = Duration::from_micros(200);
+/// How long stopping waits for a journal sync in flight (its grants are refused after that).
+const STOP_WAITS_FOR_SYNC: Duration = Duration::from_secs(2);
 /// Requests from the operator tasks that may wait for the loop at once.
 const CALL_QUEUE: usize = 16;
 
@@ -174,6 +180,8 @@ struct Daemon {
     guard_events: Option<AsyncFd<OwnedFd>>,
     guard: Guard,
     hub: Hub,
+    /// Notified by the journal's sync thread when a sync is done.
+    synced: std::sync::Arc<tokio::sync::Notify>,
 }
 
 async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
@@ -211,6 +219,13 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
             ),
         );
     }
+    // The journal's syncs leave the loop (after the privilege drop, so the thread holds no
+    // more than the loop does).
+    let synced = std::sync::Arc::new(tokio::sync::Notify::new());
+    let wake = std::sync::Arc::clone(&synced);
+    pipeline
+        .sync_in_background(std::sync::Arc::new(move || wake.notify_one()))
+        .context("starting the journal's sync thread")?;
     let (guard, warning) = Guard::new(&mut *pipeline.firewall, &pipeline.config);
     if let Some(w) = warning {
         pipeline.log.line(SystemClock.now(), &w);
@@ -231,6 +246,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
         guard,
         pipeline,
         hub,
+        synced,
     };
     daemon
         .hub
@@ -255,6 +271,7 @@ impl Daemon {
                 _ = signals.terminate.recv() => return,
                 _ = signals.interrupt.recv() => return,
                 _ = signals.hangup.recv() => self.reload(),
+                () = self.synced.notified() => self.pipeline.commit_done(),
                 Some(call) = calls.recv() => {
                     self.refresh_capture_stats();
                     self.hub.answer(&mut self.pipeline, call);
@@ -387,6 +404,8 @@ impl Daemon {
     /// After the loop: final counters, and the grants closed or left to expire.
     fn stop(mut self) -> anyhow::Result<()> {
         self.hub.stopping();
+        // Grants whose journal sync is running are installed if it finishes in time.
+        self.pipeline.finish_commit(STOP_WAITS_FOR_SYNC);
         let now = SystemClock.now();
         let capture = self.capture.source.stats();
         self.pipeline.log.line(now, &format!("capture: {capture}"));

@@ -2,7 +2,7 @@
 //!
 //! Pipeline: [`capture`] (AF_PACKET + BPF, or UDP) → [`daemon::Pipeline`] (pre-check,
 //! pre-handshake defences in [`flood`], handshakes of a batch in [`verify`], replay via
-//! [`state`], [`policy`], legacy [`knock`]s) → [`firewall`] (nftables or iptables, grants as
+//! [`state`] (its disk syncs on a thread of their own, [`journal_sync`]), [`policy`], legacy [`knock`]s) → [`firewall`] (nftables or iptables, grants as
 //! kernel set elements with timeouts over netlink). [`event_loop`] drives it: one tokio thread
 //! waiting on the capture sockets, signals, timers and the operator tasks ([`control`],
 //! [`metrics`], [`notify`]). `docs/architecture.md` walks the packet path step by step.
@@ -20,6 +20,7 @@ pub mod firewall;
 pub mod flood;
 pub mod fwknop;
 pub mod invite;
+pub mod journal_sync;
 pub mod keyfile;
 pub mod knock;
 pub mod log;

@@ -10,6 +10,10 @@
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::journal_sync::{Syncer, Wake, WriteAt};
 
 use spa_shared::keys::PublicKey;
 use spa_shared::replay::{journal, ReplayError, Window};
@@ -62,6 +66,11 @@ pub enum ReplayRefusal {
 /// `accept*` take effect at once in memory (so a second copy in the same batch is refused) and
 /// become durable at the next [`commit`](ReplayState::commit); the caller must not act on an
 /// accepted request (open the firewall) before that commit returned `Ok`.
+///
+/// A store may also commit in the background ([`begin_commit`](ReplayState::begin_commit)
+/// answers [`Commit::Started`]); the caller then acts on the batch only when
+/// [`poll_commit`](ReplayState::poll_commit) hands back `Ok`. Entries accepted meanwhile wait
+/// for the next commit. The defaults commit synchronously.
 pub trait ReplayState: std::fmt::Debug {
     fn window(&self) -> Window;
     /// Checks a client's timestamp without recording it.
@@ -93,6 +102,41 @@ pub trait ReplayState: std::fmt::Debug {
     fn commit(&mut self, now: Micros) -> Result<(), ReplayRefusal>;
     /// Drops clients that are no longer configured.
     fn retain_clients(&mut self, keep: &dyn Fn(&PublicKey) -> bool);
+
+    /// Starts making the accepted entries durable. Must not be called while a started commit
+    /// has not been handed back by [`poll_commit`](ReplayState::poll_commit) or
+    /// [`wait_commit`](ReplayState::wait_commit).
+    fn begin_commit(&mut self, now: Micros) -> Commit {
+        if self.uncommitted() {
+            Commit::Done(self.commit(now))
+        } else {
+            Commit::Nothing
+        }
+    }
+    /// The started commit's result once it is done (never blocks).
+    fn poll_commit(&mut self) -> Option<Result<(), ReplayRefusal>> {
+        None
+    }
+    /// Waits up to `limit` for the started commit (at shutdown).
+    fn wait_commit(&mut self, _limit: Duration) -> Option<Result<(), ReplayRefusal>> {
+        None
+    }
+    /// From now on, commit on a thread of its own; `wake` is called when one is done. Returns
+    /// whether the store can (the default cannot, and stays synchronous).
+    fn sync_in_background(&mut self, _wake: Wake) -> std::io::Result<bool> {
+        Ok(false)
+    }
+}
+
+/// What [`ReplayState::begin_commit`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// Nothing was waiting to be made durable.
+    Nothing,
+    /// Done on the spot (compaction, or a store without a sync thread).
+    Done(Result<(), ReplayRefusal>),
+    /// Running in the background: its result comes from `poll_commit`.
+    Started,
 }
 
 /// Compact once the entries appended since the last snapshot exceed this many bytes, or twice
@@ -111,8 +155,16 @@ pub struct ReplayStore {
     state: journal::State,
     /// Open for writing at [`end`](Self::end); `None` when the next commit must rewrite the
     /// whole file (at start, or after a failed write left the tail in an unknown state).
-    file: Option<std::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     pending: Vec<u8>,
+    /// The sync thread, once [`ReplayState::sync_in_background`] started it.
+    syncer: Option<Syncer>,
+    /// Bytes of the write the sync thread has in flight.
+    in_flight: Option<u64>,
+    /// The buffer the last background write handed back (reused for the next batch).
+    spare: Vec<u8>,
+    /// How the sync thread writes (a test may hold it back or make it fail).
+    pub write_at: WriteAt,
     /// Where the next record goes: the end of the records, before the zeroed room.
     end: u64,
     /// The file's length: records plus zeroed room.
@@ -189,6 +241,10 @@ impl ReplayStore {
             state,
             file: None,
             pending: Vec::new(),
+            syncer: None,
+            in_flight: None,
+            spare: Vec::new(),
+            write_at: crate::journal_sync::write_and_sync(),
             end: 0,
             allocated: 0,
             appended: 0,
@@ -242,7 +298,7 @@ impl ReplayStore {
             .write(true)
             .mode(0o600)
             .open(&self.path)?;
-        self.file = Some(file);
+        self.file = Some(Arc::new(file));
         self.pending.clear();
         self.end = records;
         self.allocated = bytes.len() as u64;
@@ -256,7 +312,19 @@ impl ReplayStore {
     /// not fit, the file first grows by another [`preallocate`](Self::preallocate) of zeros
     /// (that one `fdatasync` then also carries the new size).
     fn append(&mut self) -> std::io::Result<()> {
-        let Some(file) = self.file.as_mut() else {
+        let file = self.room_for_pending()?;
+        self.write_at.call(&file, &self.pending, self.end)?;
+        let len = self.pending.len() as u64;
+        self.end += len;
+        self.appended += len;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The open journal, grown by zeroed room first if the pending records do not fit (the
+    /// sync of those records then also carries the new size).
+    fn room_for_pending(&mut self) -> std::io::Result<Arc<std::fs::File>> {
+        let Some(file) = self.file.clone() else {
             return Err(std::io::Error::other("journal not open"));
         };
         let len = self.pending.len() as u64;
@@ -266,12 +334,38 @@ impl ReplayStore {
             file.write_all_at(&zeros, self.allocated)?;
             self.allocated = grown;
         }
-        file.write_all_at(&self.pending, self.end)?;
-        file.sync_data()?;
-        self.end += len;
-        self.appended += len;
-        self.pending.clear();
-        Ok(())
+        Ok(file)
+    }
+
+    /// Whether the next commit must rewrite the whole file (first commit, after a failure,
+    /// or when the appended entries have grown past the compaction threshold).
+    fn must_compact(&self) -> bool {
+        self.file.is_none()
+            || self.appended + self.pending.len() as u64
+                > self.compact_after.max(2 * self.snapshot_len)
+    }
+
+    /// After a failed write: the file's tail is unknown, so the next commit rewrites it
+    /// whole. The entries stay in memory (refused as replays), so nothing is ever accepted
+    /// twice, and the batch's grants are refused.
+    fn failed(&mut self, e: &std::io::Error) -> ReplayRefusal {
+        self.file = None;
+        ReplayRefusal::Persist(e.to_string())
+    }
+
+    /// What the sync thread's finished write means for the store.
+    fn finish(&mut self, done: crate::journal_sync::Done) -> Result<(), ReplayRefusal> {
+        let len = self.in_flight.take().unwrap_or(0);
+        self.spare = done.bytes;
+        self.spare.clear();
+        match done.result {
+            Ok(()) => {
+                self.end += len;
+                self.appended += len;
+                Ok(())
+            }
+            Err(e) => Err(self.failed(&e)),
+        }
     }
 
     /// Whether a packet digest (fwknop) may be accepted at `now`; records nothing.
@@ -365,9 +459,13 @@ impl ReplayState for ReplayStore {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let grown = self.appended + self.pending.len() as u64
-            > self.compact_after.max(2 * self.snapshot_len);
-        let result = if self.file.is_none() || grown {
+        if self.in_flight.is_some() {
+            // Never two writers at once, and never a result lost: the caller must hand the
+            // background commit back first. Refused (fail closed), not written.
+            self.pending.clear();
+            return Err(ReplayRefusal::Persist("a commit is still in flight".into()));
+        }
+        let result = if self.must_compact() {
             // The snapshot already holds the pending entries: one durable step either way.
             self.compact(now)
         } else {
@@ -375,12 +473,63 @@ impl ReplayState for ReplayStore {
         };
         self.commits += 1;
         result.map_err(|e| {
-            // The file's tail is now unknown: rewrite it whole on the next commit. The entries
-            // stay in memory (refused as replays), so nothing is ever accepted twice.
-            self.file = None;
             self.pending.clear();
-            ReplayRefusal::Persist(e.to_string())
+            self.failed(&e)
         })
+    }
+
+    fn begin_commit(&mut self, now: Micros) -> Commit {
+        if self.pending.is_empty() {
+            return Commit::Nothing;
+        }
+        if self.syncer.is_none() || self.in_flight.is_some() || self.must_compact() {
+            // (In flight: `commit` refuses the batch rather than run two writes at once.)
+            // Compaction (rare: at most once per 4 MiB of entries) stays on the caller's thread.
+            return Commit::Done(self.commit(now));
+        }
+        let file = match self.room_for_pending() {
+            Ok(file) => file,
+            Err(e) => {
+                self.commits += 1;
+                self.pending.clear();
+                return Commit::Done(Err(self.failed(&e)));
+            }
+        };
+        let len = self.pending.len() as u64;
+        let bytes = std::mem::replace(&mut self.pending, std::mem::take(&mut self.spare));
+        let Some(syncer) = &self.syncer else {
+            return Commit::Done(Err(ReplayRefusal::Persist("no sync thread".into())));
+        };
+        match syncer.send(file, bytes, self.end) {
+            Ok(()) => {
+                self.in_flight = Some(len);
+                self.commits += 1;
+                Commit::Started
+            }
+            Err(bytes) => {
+                // The thread is gone: commit here, as without one.
+                self.syncer = None;
+                self.pending = bytes;
+                Commit::Done(self.commit(now))
+            }
+        }
+    }
+
+    fn poll_commit(&mut self) -> Option<Result<(), ReplayRefusal>> {
+        self.in_flight?;
+        let done = self.syncer.as_ref()?.try_done()?;
+        Some(self.finish(done))
+    }
+
+    fn wait_commit(&mut self, limit: Duration) -> Option<Result<(), ReplayRefusal>> {
+        self.in_flight?;
+        let done = self.syncer.as_ref()?.wait_done(limit)?;
+        Some(self.finish(done))
+    }
+
+    fn sync_in_background(&mut self, wake: Wake) -> std::io::Result<bool> {
+        self.syncer = Some(Syncer::start(self.write_at.clone(), wake)?);
+        Ok(true)
     }
 
     fn retain_clients(&mut self, keep: &dyn Fn(&PublicKey) -> bool) {
@@ -612,6 +761,61 @@ mod tests {
         assert_eq!(reloaded.state, store.state);
     }
 
+    /// In the background: a started commit is on disk only once it is handed back, entries
+    /// accepted meanwhile wait for the next one, and a failed write refuses its batch and
+    /// makes the next commit rewrite the whole file.
+    #[test]
+    fn a_background_commit_counts_only_once_handed_back() {
+        let dir = TempDir::new("background");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        let (write, gate) = crate::journal_sync::gated_writes();
+        store.write_at = write;
+        assert!(store.sync_in_background(Arc::new(|| {})).unwrap());
+        let on_disk = || journal::decode(&std::fs::read(dir.file()).unwrap(), w).unwrap();
+
+        store.accept(&client(1), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Started);
+        assert_eq!(store.poll_commit(), None, "held back");
+        assert_eq!(on_disk().entries, 0);
+        // Accepted while the first is in flight: refused as a replay at once, durable later.
+        store.accept(&client(2), NOW, NOW).unwrap();
+        assert!(store.accept(&client(1), NOW, NOW).is_err());
+        gate.send(true).unwrap();
+        assert_eq!(store.wait_commit(Duration::from_secs(10)), Some(Ok(())));
+        assert_eq!(on_disk().entries, 1);
+        assert_eq!(store.begin_commit(NOW), Commit::Started);
+        gate.send(true).unwrap();
+        assert_eq!(store.wait_commit(Duration::from_secs(10)), Some(Ok(())));
+        assert_eq!(on_disk().entries, 2);
+
+        // A failed write: its batch is refused; the next commit rewrites the file (on the
+        // caller's thread) and holds everything accepted, the failed batch's entry too.
+        store.accept(&client(3), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Started);
+        gate.send(false).unwrap();
+        assert!(matches!(
+            store.wait_commit(Duration::from_secs(10)),
+            Some(Err(ReplayRefusal::Persist(_)))
+        ));
+        store.accept(&client(4), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Done(Ok(())));
+        let reloaded = ReplayStore::load(dir.file(), w, NOW).0;
+        for n in 1..=4 {
+            assert!(reloaded.check(&client(n), NOW, NOW).is_err(), "client {n}");
+        }
+        // Never two writes at once: a commit asked for while one is in flight is refused.
+        store.accept(&client(5), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Started);
+        store.accept(&client(6), NOW, NOW).unwrap();
+        assert!(matches!(
+            store.begin_commit(NOW),
+            Commit::Done(Err(ReplayRefusal::Persist(_)))
+        ));
+        drop(gate);
+        assert_eq!(store.wait_commit(Duration::from_secs(10)), Some(Ok(())));
+    }
+
     /// A write that fails (full disk) refuses the batch and leaves nothing accepted twice.
     #[test]
     fn a_failed_commit_refuses_and_the_next_rewrites() {
@@ -619,7 +823,7 @@ mod tests {
         let w = Window::default();
         let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
         store.accept(&client(1), NOW, NOW).unwrap();
-        store.file = Some(std::fs::File::open(dir.file()).unwrap()); // read-only: write fails
+        store.file = Some(Arc::new(std::fs::File::open(dir.file()).unwrap())); // read-only: write fails
         assert!(matches!(store.commit(NOW), Err(ReplayRefusal::Persist(_))));
         assert_eq!(
             store.check(&client(1), NOW, NOW),
