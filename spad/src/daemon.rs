@@ -1252,6 +1252,12 @@ mod tests {
         let second = packet(&client, Kind::Open, NOW + 1, 0);
         p.handle(&udp(&second, "198.51.100.2"));
         assert!(live(&mut p).is_empty());
+        // A sync that takes long is reported once by the housekeeping tick.
+        p.tick();
+        assert!(!p.slow_reported);
+        clock.advance(SLOW_COMMIT);
+        p.tick();
+        assert!(p.slow_reported, "a slow sync is reported");
         gate.send(true).unwrap();
         wait_for_sync(&mut p);
         assert_eq!(
