@@ -10,6 +10,12 @@
 //! Both queues are FIFO with lazy deletion: an entry names (address, stamp) and is stale once
 //! the source was removed or re-created; stale entries are skipped on eviction and dropped when
 //! the queue outgrows the cap by a quarter.
+//!
+//! A flood fills the table to its cap, so what matters for memory is the size of one entry,
+//! about 200 bytes all told: 72 in the slab (a 48-byte [`Source`] and its address, progress
+//! kept inline while there is one record, which is all a spoofed source leaves: one SYN,
+//! stage 1 of one sequence at most; on the heap only beyond that), two 25-byte index buckets
+//! and 30 bytes of eviction queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -21,8 +27,14 @@ use super::sequence::{Progress, SeqKey};
 /// Knocks counted in the current second.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Rate {
-    second: u64,
+    /// Seconds of the clock (`u32`: until 2106; later ones all count as that last second).
+    second: u32,
     count: u32,
+}
+
+/// The second of `now`, as [`Rate`] keeps it.
+fn second_of(now: Micros) -> u32 {
+    u32::try_from(now / 1_000_000).unwrap_or(u32::MAX)
 }
 
 /// What the rate limiter says about one more knock.
@@ -37,7 +49,7 @@ pub enum RateVerdict {
 
 impl Rate {
     pub fn count(&mut self, now: Micros, max_per_second: u32) -> RateVerdict {
-        let second = now / 1_000_000;
+        let second = second_of(now);
         if self.second != second {
             self.second = second;
             self.count = 0;
@@ -51,7 +63,7 @@ impl Rate {
     }
 
     fn live(&self, now: Micros) -> bool {
-        self.second == now / 1_000_000
+        self.second == second_of(now)
     }
 }
 
@@ -85,36 +97,197 @@ impl Failures {
 /// One source's state.
 #[derive(Debug, Default, Clone)]
 pub struct Source {
-    stamp: u64,
+    /// Which queue entry is this one's ([`Sources`]' insertion counter, wrapping: a stale
+    /// entry never lives long enough to meet its stamp again, `purge` drops them all).
+    stamp: u32,
     trusted: bool,
     pub rate: Rate,
     pub failures: Failures,
     /// Progress per sequence; a handful of entries at most (bounded by the doors).
-    pub progress: Vec<(SeqKey, Progress)>,
+    progress: ProgressList,
+}
+
+impl Source {
+    /// Puts this source's progress records into `into` (emptied first), for the sequence
+    /// matcher to work on; [`Source::set_progress`] stores them back.
+    pub fn progress_into(&self, into: &mut Vec<(SeqKey, Progress)>) {
+        into.clear();
+        match &self.progress {
+            ProgressList::Empty => {}
+            ProgressList::One(packed) => into.push(packed.unpack()),
+            ProgressList::Many(many) => into.extend_from_slice(&many.0),
+        }
+    }
+
+    /// Replaces this source's progress records.
+    pub fn set_progress(&mut self, records: &[(SeqKey, Progress)]) {
+        self.progress = match records {
+            [] => ProgressList::Empty,
+            [(key, progress)] if Packed::new(*key, *progress).is_some() => {
+                ProgressList::One(Packed::new(*key, *progress).unwrap_or_default())
+            }
+            _ => match std::mem::take(&mut self.progress) {
+                // Reuse the allocation a source with several records already has.
+                ProgressList::Many(mut many) => {
+                    many.0.clear();
+                    many.0.extend_from_slice(records);
+                    ProgressList::Many(many)
+                }
+                _ => ProgressList::Many(Box::new(Many(records.to_vec()))),
+            },
+        };
+    }
+
+    /// Forgets this source's progress.
+    pub fn clear_progress(&mut self) {
+        self.progress = ProgressList::Empty;
+    }
+
+    /// Progress records held.
+    pub fn progress_len(&self) -> usize {
+        match &self.progress {
+            ProgressList::Empty => 0,
+            ProgressList::One(_) => 1,
+            ProgressList::Many(many) => many.0.len(),
+        }
+    }
+
+    /// Drops progress started before `horizon`.
+    fn forget_progress_before(&mut self, horizon: Micros) {
+        match &mut self.progress {
+            ProgressList::Empty => {}
+            ProgressList::One(packed) => {
+                if packed.started < horizon {
+                    self.progress = ProgressList::Empty;
+                }
+            }
+            ProgressList::Many(many) => {
+                many.0.retain(|(_, p)| p.started >= horizon);
+                if many.0.is_empty() {
+                    self.progress = ProgressList::Empty;
+                }
+            }
+        }
+    }
+}
+
+/// A source's progress records: none, one packed inline, or several on the heap. 16 bytes.
+#[derive(Debug, Default, Clone)]
+enum ProgressList {
+    #[default]
+    Empty,
+    One(Packed),
+    Many(Box<Many>),
+}
+
+/// Several progress records (a thin pointer keeps [`ProgressList`] at 16 bytes).
+#[derive(Debug, Clone)]
+struct Many(Vec<(SeqKey, Progress)>);
+
+/// Which kind of sequence a [`Packed`] record is for ([`SeqKey`]'s variants).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    Open,
+    Close,
+    OneTime,
+    Totp,
+}
+
+/// One `(SeqKey, Progress)` in 16 bytes instead of 32: the TOTP step as `u32` (steps of a
+/// second or longer fit until 2106; a record whose step does not fit is kept unpacked).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Packed {
+    started: Micros,
+    step: u32,
+    door: u16,
+    kind: Kind,
+    matched: u8,
+}
+
+impl Packed {
+    fn new(key: SeqKey, progress: Progress) -> Option<Self> {
+        let (kind, door, step) = match key {
+            SeqKey::Open(door) => (Kind::Open, door, 0),
+            SeqKey::Close(door) => (Kind::Close, door, 0),
+            SeqKey::OneTime(door) => (Kind::OneTime, door, 0),
+            SeqKey::Totp(door, step) => (Kind::Totp, door, u32::try_from(step).ok()?),
+        };
+        Some(Self {
+            started: progress.started,
+            step,
+            door,
+            kind,
+            matched: progress.matched,
+        })
+    }
+
+    fn unpack(self) -> (SeqKey, Progress) {
+        let key = match self.kind {
+            Kind::Open => SeqKey::Open(self.door),
+            Kind::Close => SeqKey::Close(self.door),
+            Kind::OneTime => SeqKey::OneTime(self.door),
+            Kind::Totp => SeqKey::Totp(self.door, u64::from(self.step)),
+        };
+        let progress = Progress {
+            matched: self.matched,
+            started: self.started,
+        };
+        (key, progress)
+    }
 }
 
 /// The bounded table of sources and the bounded blacklist.
+///
+/// Sources live in a dense slab (`slots`, removal by swap) found through a small index
+/// (address → slot). The index has twice as many buckets as it ever holds entries, which is
+/// what keeps a hash table from regrowing under churn: removals leave tombstones, and the
+/// table only rehashes in place (instead of doubling) while it is at most half full.
 #[derive(Debug)]
 pub struct Sources {
-    map: HashMap<IpAddr, Source>,
-    untrusted: VecDeque<(IpAddr, u64)>,
-    trusted: VecDeque<(IpAddr, u64)>,
-    stamp: u64,
+    index: HashMap<IpAddr, u32>,
+    slots: Vec<(IpAddr, Source)>,
+    untrusted: VecDeque<(IpAddr, u32)>,
+    trusted: VecDeque<(IpAddr, u32)>,
+    stamp: u32,
     cap: usize,
     blacklist: HashMap<IpAddr, Micros>,
     blacklist_order: VecDeque<(IpAddr, Micros)>,
     evicted: u64,
 }
 
+/// The source at `address`, if tracked (a free function, so queues can be borrowed beside).
+fn lookup<'a>(
+    index: &HashMap<IpAddr, u32>,
+    slots: &'a [(IpAddr, Source)],
+    address: &IpAddr,
+) -> Option<&'a Source> {
+    let slot = *index.get(address)? as usize;
+    slots.get(slot).map(|(_, source)| source)
+}
+
+/// Whether the queue entry `(address, stamp)` of the queue for `trusted` sources is live.
+fn queued(
+    index: &HashMap<IpAddr, u32>,
+    slots: &[(IpAddr, Source)],
+    (address, stamp): &(IpAddr, u32),
+    trusted: bool,
+) -> bool {
+    lookup(index, slots, address).is_some_and(|s| s.stamp == *stamp && s.trusted == trusted)
+}
+
 impl Sources {
-    /// A table for at most `cap` sources. Its memory is reserved up front (pages are touched
-    /// only as sources arrive) and never regrown or shrunk, so a flood reaches a fixed ceiling
-    /// instead of leaving freed tables behind in the allocator.
+    /// A table for at most `cap` sources. Its memory (index, slab and the queue of untrusted
+    /// sources, at their largest) is reserved up front, but only the index's control bytes
+    /// are written (64 KiB at the default cap): pages become resident as sources arrive. It
+    /// is never regrown or shrunk, so a flood reaches a fixed ceiling instead of leaving
+    /// freed tables behind in the allocator or holding two during a rehash.
     pub fn new(cap: usize) -> Self {
         let cap = cap.max(1);
         Self {
-            map: HashMap::with_capacity(cap),
-            untrusted: VecDeque::with_capacity(cap),
+            index: HashMap::with_capacity(2 * cap),
+            slots: Vec::with_capacity(cap),
+            untrusted: VecDeque::with_capacity(queue_limit(cap) + 1),
             trusted: VecDeque::new(),
             stamp: 0,
             cap,
@@ -127,8 +300,14 @@ impl Sources {
     /// Changes the cap (on reload); takes effect as sources come and go.
     pub fn set_cap(&mut self, cap: usize) {
         self.cap = cap.max(1);
-        self.map.reserve(self.cap.saturating_sub(self.map.len()));
-        while self.map.len() > self.cap && self.evict_one() {}
+        self.index
+            .reserve((2 * self.cap).saturating_sub(self.index.len()));
+        self.slots
+            .reserve(self.cap.saturating_sub(self.slots.len()));
+        let queue = queue_limit(self.cap) + 1;
+        self.untrusted
+            .reserve(queue.saturating_sub(self.untrusted.len()));
+        while self.slots.len() > self.cap && self.evict_one() {}
         while self.blacklist.len() > self.cap && self.unblacklist_oldest() {}
     }
 
@@ -141,8 +320,8 @@ impl Sources {
 
     /// Blacklists `address` until `until` and forgets its progress.
     pub fn blacklist(&mut self, address: IpAddr, until: Micros) {
-        if let Some(source) = self.map.get_mut(&address) {
-            source.progress = Vec::new();
+        if let Some(source) = self.get_mut(address) {
+            source.clear_progress();
         }
         if self.blacklist.insert(address, until).is_none() {
             self.blacklist_order.push_back((address, until));
@@ -169,31 +348,49 @@ impl Sources {
 
     /// The entry for `address`, created (evicting the oldest untrusted source if full).
     pub fn entry(&mut self, address: IpAddr) -> &mut Source {
-        if !self.map.contains_key(&address) {
-            while self.map.len() >= self.cap && self.evict_one() {}
-            self.stamp += 1;
-            self.untrusted.push_back((address, self.stamp));
-            let source = Source {
-                stamp: self.stamp,
-                ..Source::default()
-            };
-            self.map.insert(address, source);
-            self.compact();
+        let slot = match self.index.get(&address) {
+            Some(slot) => *slot as usize,
+            None => {
+                while self.slots.len() >= self.cap && self.evict_one() {}
+                self.stamp = self.stamp.wrapping_add(1);
+                self.untrusted.push_back((address, self.stamp));
+                let slot = self.slots.len();
+                self.slots.push((
+                    address,
+                    Source {
+                        stamp: self.stamp,
+                        ..Source::default()
+                    },
+                ));
+                // The cap is far below u32::MAX (the config limits it).
+                self.index.insert(address, slot as u32);
+                self.compact();
+                slot
+            }
+        };
+        &mut self.slots[slot].1
+    }
+
+    /// Removes the source in `slot`; the last one moves into its place.
+    fn remove_slot(&mut self, slot: usize) {
+        let (address, _) = self.slots.swap_remove(slot);
+        self.index.remove(&address);
+        if let Some((moved, _)) = self.slots.get(slot) {
+            self.index.insert(*moved, slot as u32);
         }
-        // Present now: `or_default` never inserts here.
-        self.map.entry(address).or_default()
     }
 
     /// Protects `address` from eviction by untrusted newcomers (it matched real progress).
     pub fn trust(&mut self, address: IpAddr) {
-        let Some(source) = self.map.get_mut(&address) else {
+        let Some(source) = self.get_mut(address) else {
             return;
         };
         if source.trusted {
             return;
         }
         source.trusted = true;
-        self.trusted.push_back((address, source.stamp));
+        let stamp = source.stamp;
+        self.trusted.push_back((address, stamp));
         self.compact();
     }
 
@@ -205,17 +402,17 @@ impl Sources {
                 } else {
                     &mut self.untrusted
                 };
-                let Some((address, stamp)) = queue.pop_front() else {
+                let Some(entry) = queue.pop_front() else {
                     break;
                 };
-                // One lookup: remove, and put back in the rare case the entry is not the one
-                // queued (re-created since, or moved to the other queue).
-                if let Some(source) = self.map.remove(&address) {
-                    if source.stamp == stamp && source.trusted == trusted {
+                // Skip entries that are not the one queued (removed or re-created since, or
+                // moved to the other queue).
+                if queued(&self.index, &self.slots, &entry, trusted) {
+                    if let Some(slot) = self.index.get(&entry.0) {
+                        self.remove_slot(*slot as usize);
                         self.evicted += 1;
                         return true;
                     }
-                    self.map.insert(address, source);
                 }
             }
         }
@@ -224,16 +421,11 @@ impl Sources {
 
     /// Drops stale queue entries once a queue outgrows the cap by a quarter.
     fn compact(&mut self) {
-        // Each queue holds at most one live entry per source, so past this many at least a
-        // fifth are stale: dropping them costs O(1) per push, amortized.
-        let limit = self.cap + self.cap / 4 + 16;
-        let map = &self.map;
+        let limit = queue_limit(self.cap);
+        let (index, slots) = (&self.index, &self.slots);
         for (queue, trusted) in [(&mut self.untrusted, false), (&mut self.trusted, true)] {
             if queue.len() > limit {
-                queue.retain(|(a, stamp)| {
-                    map.get(a)
-                        .is_some_and(|s| s.stamp == *stamp && s.trusted == trusted)
-                });
+                queue.retain(|entry| queued(index, slots, entry, trusted));
             }
         }
     }
@@ -242,16 +434,22 @@ impl Sources {
     /// outside `window`, expired blacklist entries (the source table keeps its reserved size;
     /// the blacklist gives memory back).
     pub fn purge(&mut self, now: Micros, horizon: Micros, window: Micros) {
-        self.map.retain(|_, s| {
-            s.progress.retain(|(_, p)| p.started >= horizon);
-            !s.progress.is_empty() || s.failures.live(now, window) || s.rate.live(now)
-        });
+        let mut slot = 0;
+        while let Some((_, s)) = self.slots.get_mut(slot) {
+            s.forget_progress_before(horizon);
+            if s.progress_len() > 0 || s.failures.live(now, window) || s.rate.live(now) {
+                slot += 1;
+            } else {
+                // The last source moves here: look at this slot again.
+                self.remove_slot(slot);
+            }
+        }
         self.blacklist.retain(|_, until| *until > now);
-        let (map, blacklist) = (&self.map, &self.blacklist);
+        let (index, slots, blacklist) = (&self.index, &self.slots, &self.blacklist);
         self.untrusted
-            .retain(|(a, st)| map.get(a).is_some_and(|s| s.stamp == *st && !s.trusted));
+            .retain(|entry| queued(index, slots, entry, false));
         self.trusted
-            .retain(|(a, st)| map.get(a).is_some_and(|s| s.stamp == *st && s.trusted));
+            .retain(|entry| queued(index, slots, entry, true));
         self.blacklist_order
             .retain(|(a, u)| blacklist.get(a) == Some(u));
         if self.blacklist.capacity() > 4 * self.blacklist.len() + 1024 {
@@ -262,27 +460,28 @@ impl Sources {
 
     /// Forgets every source's progress (after a reconfiguration renumbers the doors).
     pub fn forget_progress(&mut self) {
-        for source in self.map.values_mut() {
-            source.progress = Vec::new();
+        for (_, source) in &mut self.slots {
+            source.clear_progress();
         }
     }
 
     pub fn get_mut(&mut self, address: IpAddr) -> Option<&mut Source> {
-        self.map.get_mut(&address)
+        let slot = *self.index.get(&address)? as usize;
+        self.slots.get_mut(slot).map(|(_, source)| source)
     }
 
     /// Sources tracked now (at most the cap).
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.slots.is_empty()
     }
 
     /// Progress records over all sources.
     pub fn progress_entries(&self) -> usize {
-        self.map.values().map(|s| s.progress.len()).sum()
+        self.slots.iter().map(|(_, s)| s.progress_len()).sum()
     }
 
     /// Sources evicted so far to respect the cap.
@@ -294,6 +493,13 @@ impl Sources {
     pub fn blacklisted(&self) -> usize {
         self.blacklist.len()
     }
+}
+
+/// How long a queue may grow before its stale entries are dropped. Each queue holds at most
+/// one live entry per source, so past this many at least a fifth are stale: dropping them
+/// costs O(1) per push, amortized.
+fn queue_limit(cap: usize) -> usize {
+    cap + cap / 4 + 16
 }
 
 #[cfg(test)]
@@ -355,7 +561,91 @@ mod tests {
         assert_eq!(t.blacklisted(), 0);
     }
 
+    /// A flood fills the table to the cap, so the size of one entry is the memory bound
+    /// (`max-sources` × this, twice over for the hash table's spare buckets): keep it small.
+    #[test]
+    fn a_source_entry_is_small() {
+        assert_eq!(std::mem::size_of::<Packed>(), 16);
+        assert_eq!(std::mem::size_of::<ProgressList>(), 16);
+        assert!(std::mem::size_of::<Source>() <= 48);
+        assert!(std::mem::size_of::<(IpAddr, Source)>() <= 72);
+        assert!(std::mem::size_of::<(IpAddr, u32)>() <= 24);
+    }
+
+    /// A flood's worth of new sources reaching stage 1 never regrows the table or the
+    /// queue (no second copy during a rehash, nothing freed left behind) and keeps the
+    /// newest within the cap.
+    #[test]
+    fn a_flood_fills_the_reserved_table_without_regrowing_it() {
+        let cap = 1000;
+        let mut t = Sources::new(cap);
+        let capacities = |t: &Sources| {
+            (
+                t.index.capacity(),
+                t.slots.capacity(),
+                t.untrusted.capacity(),
+            )
+        };
+        let reserved = capacities(&t);
+        let record = [(
+            SeqKey::Open(0),
+            Progress {
+                matched: 1,
+                started: 7,
+            },
+        )];
+        for n in 0..20 * cap as u32 {
+            t.entry(v4(n)).set_progress(&record);
+            assert!(t.len() <= cap);
+        }
+        assert_eq!(capacities(&t), reserved);
+        assert_eq!(t.len(), cap);
+        assert_eq!(t.progress_entries(), cap);
+        assert_eq!(t.evicted(), 19 * cap as u64);
+    }
+
+    fn key() -> impl proptest::strategy::Strategy<Value = SeqKey> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<u16>().prop_map(SeqKey::Open),
+            any::<u16>().prop_map(SeqKey::Close),
+            any::<u16>().prop_map(SeqKey::OneTime),
+            (
+                any::<u16>(),
+                prop_oneof![any::<u64>(), 0..=u64::from(u32::MAX)]
+            )
+                .prop_map(|(d, s)| SeqKey::Totp(d, s)),
+        ]
+    }
+
     proptest::proptest! {
+        /// Progress stored in a source comes back exactly as it went in (keys, stages, start
+        /// times and order), however many records and whatever the TOTP step, also when a
+        /// source's list grows and shrinks again.
+        #[test]
+        fn progress_round_trips(
+            lists in proptest::collection::vec(
+                proptest::collection::vec((key(), 1u8..=255, proptest::prelude::any::<u64>()), 0..5),
+                1..6,
+            ),
+        ) {
+            let mut source = Source::default();
+            let mut back = Vec::new();
+            for list in lists {
+                let records: Vec<(SeqKey, Progress)> = list
+                    .into_iter()
+                    .map(|(k, matched, started)| (k, Progress { matched, started }))
+                    .collect();
+                source.set_progress(&records);
+                source.progress_into(&mut back);
+                proptest::prop_assert_eq!(&back, &records);
+                proptest::prop_assert_eq!(source.progress_len(), records.len());
+            }
+            source.clear_progress();
+            source.progress_into(&mut back);
+            proptest::prop_assert!(back.is_empty());
+        }
+
         /// Whatever the sequence of operations, the table and the blacklist stay within the
         /// cap, the queues within cap + 1/4, and a trusted source is only evicted when every
         /// other source is trusted too.
@@ -371,12 +661,12 @@ mod tests {
                 match op {
                     0 | 1 => {
                         let trusted: Vec<IpAddr> =
-                            t.map.iter().filter(|(_, s)| s.trusted).map(|(a, _)| *a).collect();
-                        let any_untrusted = t.map.values().any(|s| !s.trusted);
+                            t.slots.iter().filter(|(_, s)| s.trusted).map(|(a, _)| *a).collect();
+                        let any_untrusted = t.slots.iter().any(|(_, s)| !s.trusted);
                         t.entry(v4(n));
                         if any_untrusted {
                             for a in trusted {
-                                proptest::prop_assert!(t.map.contains_key(&a), "trusted {a} evicted");
+                                proptest::prop_assert!(t.index.contains_key(&a), "trusted {a} evicted");
                             }
                         }
                     }
@@ -388,11 +678,16 @@ mod tests {
                 proptest::prop_assert!(t.blacklisted() <= cap);
                 proptest::prop_assert!(t.untrusted.len() <= cap + cap / 4 + 16 + 1);
                 proptest::prop_assert!(t.trusted.len() <= cap + cap / 4 + 16 + 1);
-                let trusted = t.map.values().filter(|s| s.trusted).count();
-                let untrusted_live = t.untrusted.iter().filter(|(a, st)| {
-                    t.map.get(a).is_some_and(|s| s.stamp == *st && !s.trusted)
-                }).count();
+                let trusted = t.slots.iter().filter(|(_, s)| s.trusted).count();
+                let untrusted_live = t.untrusted.iter()
+                    .filter(|entry| queued(&t.index, &t.slots, entry, false))
+                    .count();
                 proptest::prop_assert_eq!(untrusted_live + trusted, t.len());
+                // The index and the slab agree.
+                proptest::prop_assert_eq!(t.index.len(), t.slots.len());
+                for (slot, (address, _)) in t.slots.iter().enumerate() {
+                    proptest::prop_assert_eq!(t.index.get(address), Some(&(slot as u32)));
+                }
             }
         }
     }
