@@ -47,7 +47,7 @@ pub const FRAMES: usize = 4096;
 pub enum SlotSize {
     /// 1 KiB slots (a 4 MiB ring): IP packets up to 944 bytes. An SPA packet (at most
     /// [`spa_shared::packet::MAX_LEN`] bytes of UDP payload) fits with any IPv4 options or
-    /// 376 bytes of IPv6 extension headers; a knock is a bare SYN or a tiny datagram.
+    /// 384 bytes of IPv6 extension headers; a knock is a bare SYN or a tiny datagram.
     Small,
     /// 2 KiB slots (an 8 MiB ring): IP packets up to 1,968 bytes, a whole 1,500-byte frame.
     /// Needed for fwknop 2.x packets, which can be as long as the link allows.
@@ -279,7 +279,7 @@ mod tests {
     fn a_maximum_size_spa_packet_fits_a_small_slot() {
         let spa = 8 + spa_shared::packet::MAX_LEN;
         assert!(SlotSize::Small.max_packet() >= 60 + spa);
-        assert!(SlotSize::Small.max_packet() >= 40 + 256 + spa);
+        assert!(SlotSize::Small.max_packet() >= 40 + 384 + spa);
         assert!(SlotSize::Large.max_packet() >= 1500);
         assert_eq!(SlotSize::for_fwknop(false), SlotSize::Small);
         assert_eq!(SlotSize::for_fwknop(true), SlotSize::Large);
