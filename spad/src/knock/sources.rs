@@ -12,10 +12,10 @@
 //! the queue outgrows the cap by a quarter.
 //!
 //! A flood fills the table to its cap, so what matters for memory is the size of one entry,
-//! about 200 bytes all told: 72 in the slab (a 48-byte [`Source`] and its address, progress
+//! about 190 bytes all told: 72 in the slab (a 48-byte [`Source`] and its address, progress
 //! kept inline while there is one record, which is all a spoofed source leaves: one SYN,
-//! stage 1 of one sequence at most; on the heap only beyond that), two 25-byte index buckets
-//! and 30 bytes of eviction queue.
+//! stage 1 of one sequence at most; on the heap only beyond that), two 25-byte index buckets,
+//! 4 bytes of free list and 10 of eviction queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -100,6 +100,8 @@ pub struct Source {
     /// Which queue entry is this one's ([`Sources`]' insertion counter, wrapping: a stale
     /// entry never lives long enough to meet its stamp again, `purge` drops them all).
     stamp: u32,
+    /// Whether this slab slot holds a source (free slots are kept for reuse).
+    live: bool,
     trusted: bool,
     pub rate: Rate,
     pub failures: Failures,
@@ -239,16 +241,19 @@ impl Packed {
 
 /// The bounded table of sources and the bounded blacklist.
 ///
-/// Sources live in a dense slab (`slots`, removal by swap) found through a small index
-/// (address → slot). The index has twice as many buckets as it ever holds entries, which is
-/// what keeps a hash table from regrowing under churn: removals leave tombstones, and the
-/// table only rehashes in place (instead of doubling) while it is at most half full.
+/// Sources live in a slab whose slots never move (a removed source's slot is listed in `free`
+/// and reused), found through a small index (address → slot). The eviction queues name
+/// (slot, stamp), so checking and evicting their oldest entry needs no hashing but the one
+/// removal from the index. The index has twice as many buckets as it ever holds entries,
+/// which is what keeps a hash table from regrowing under churn: removals leave tombstones,
+/// and the table only rehashes in place (instead of doubling) while it is at most half full.
 #[derive(Debug)]
 pub struct Sources {
     index: HashMap<IpAddr, u32>,
     slots: Vec<(IpAddr, Source)>,
-    untrusted: VecDeque<(IpAddr, u32)>,
-    trusted: VecDeque<(IpAddr, u32)>,
+    free: Vec<u32>,
+    untrusted: VecDeque<(u32, u32)>,
+    trusted: VecDeque<(u32, u32)>,
     stamp: u32,
     cap: usize,
     blacklist: HashMap<IpAddr, Micros>,
@@ -256,37 +261,28 @@ pub struct Sources {
     evicted: u64,
 }
 
-/// The source at `address`, if tracked (a free function, so queues can be borrowed beside).
-fn lookup<'a>(
-    index: &HashMap<IpAddr, u32>,
-    slots: &'a [(IpAddr, Source)],
-    address: &IpAddr,
-) -> Option<&'a Source> {
-    let slot = *index.get(address)? as usize;
-    slots.get(slot).map(|(_, source)| source)
-}
-
-/// Whether the queue entry `(address, stamp)` of the queue for `trusted` sources is live.
-fn queued(
-    index: &HashMap<IpAddr, u32>,
-    slots: &[(IpAddr, Source)],
-    (address, stamp): &(IpAddr, u32),
-    trusted: bool,
-) -> bool {
-    lookup(index, slots, address).is_some_and(|s| s.stamp == *stamp && s.trusted == trusted)
+/// Whether the queue entry `(slot, stamp)` of the queue for `trusted` sources is live: the
+/// slot holds the very source it was queued for (a source re-created in a reused slot has
+/// another stamp), still in that queue.
+fn queued(slots: &[(IpAddr, Source)], (slot, stamp): (u32, u32), trusted: bool) -> bool {
+    slots
+        .get(slot as usize)
+        .is_some_and(|(_, s)| s.live && s.stamp == stamp && s.trusted == trusted)
 }
 
 impl Sources {
-    /// A table for at most `cap` sources. Its memory (index, slab and the queue of untrusted
-    /// sources, at their largest) is reserved up front, but only the index's control bytes
-    /// are written (64 KiB at the default cap): pages become resident as sources arrive. It
-    /// is never regrown or shrunk, so a flood reaches a fixed ceiling instead of leaving
-    /// freed tables behind in the allocator or holding two during a rehash.
+    /// A table for at most `cap` sources. Its memory (index, slab, free list and the queue
+    /// of untrusted sources, at their largest) is reserved up front, but only the index's
+    /// control bytes are written (64 KiB at the default cap): pages become resident as
+    /// sources arrive. It is never regrown or shrunk, so a flood reaches a fixed ceiling
+    /// instead of leaving freed tables behind in the allocator or holding two during a
+    /// rehash.
     pub fn new(cap: usize) -> Self {
         let cap = cap.max(1);
         Self {
             index: HashMap::with_capacity(2 * cap),
             slots: Vec::with_capacity(cap),
+            free: Vec::with_capacity(cap),
             untrusted: VecDeque::with_capacity(queue_limit(cap) + 1),
             trusted: VecDeque::new(),
             stamp: 0,
@@ -304,10 +300,11 @@ impl Sources {
             .reserve((2 * self.cap).saturating_sub(self.index.len()));
         self.slots
             .reserve(self.cap.saturating_sub(self.slots.len()));
+        self.free.reserve(self.cap.saturating_sub(self.free.len()));
         let queue = queue_limit(self.cap) + 1;
         self.untrusted
             .reserve(queue.saturating_sub(self.untrusted.len()));
-        while self.slots.len() > self.cap && self.evict_one() {}
+        while self.len() > self.cap && self.evict_one() {}
         while self.blacklist.len() > self.cap && self.unblacklist_oldest() {}
     }
 
@@ -349,48 +346,54 @@ impl Sources {
     /// The entry for `address`, created (evicting the oldest untrusted source if full).
     pub fn entry(&mut self, address: IpAddr) -> &mut Source {
         let slot = match self.index.get(&address) {
-            Some(slot) => *slot as usize,
+            Some(slot) => *slot,
             None => {
-                while self.slots.len() >= self.cap && self.evict_one() {}
+                while self.len() >= self.cap && self.evict_one() {}
                 self.stamp = self.stamp.wrapping_add(1);
-                self.untrusted.push_back((address, self.stamp));
-                let slot = self.slots.len();
-                self.slots.push((
-                    address,
-                    Source {
-                        stamp: self.stamp,
-                        ..Source::default()
-                    },
-                ));
-                // The cap is far below u32::MAX (the config limits it).
-                self.index.insert(address, slot as u32);
+                let source = Source {
+                    stamp: self.stamp,
+                    live: true,
+                    ..Source::default()
+                };
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        self.slots[slot as usize] = (address, source);
+                        slot
+                    }
+                    None => {
+                        self.slots.push((address, source));
+                        // At most `cap` slots, and the config caps that far below u32::MAX.
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.index.insert(address, slot);
+                self.untrusted.push_back((slot, self.stamp));
                 self.compact();
                 slot
             }
         };
-        &mut self.slots[slot].1
+        &mut self.slots[slot as usize].1
     }
 
-    /// Removes the source in `slot`; the last one moves into its place.
-    fn remove_slot(&mut self, slot: usize) {
-        let (address, _) = self.slots.swap_remove(slot);
-        self.index.remove(&address);
-        if let Some((moved, _)) = self.slots.get(slot) {
-            self.index.insert(*moved, slot as u32);
-        }
+    /// Removes the source in `slot` (which must be live) and frees the slot.
+    fn remove_slot(&mut self, slot: u32) {
+        let (address, source) = &mut self.slots[slot as usize];
+        self.index.remove(address);
+        *source = Source::default();
+        self.free.push(slot);
     }
 
     /// Protects `address` from eviction by untrusted newcomers (it matched real progress).
     pub fn trust(&mut self, address: IpAddr) {
-        let Some(source) = self.get_mut(address) else {
+        let Some(&slot) = self.index.get(&address) else {
             return;
         };
+        let source = &mut self.slots[slot as usize].1;
         if source.trusted {
             return;
         }
         source.trusted = true;
-        let stamp = source.stamp;
-        self.trusted.push_back((address, stamp));
+        self.trusted.push_back((slot, source.stamp));
         self.compact();
     }
 
@@ -407,12 +410,10 @@ impl Sources {
                 };
                 // Skip entries that are not the one queued (removed or re-created since, or
                 // moved to the other queue).
-                if queued(&self.index, &self.slots, &entry, trusted) {
-                    if let Some(slot) = self.index.get(&entry.0) {
-                        self.remove_slot(*slot as usize);
-                        self.evicted += 1;
-                        return true;
-                    }
+                if queued(&self.slots, entry, trusted) {
+                    self.remove_slot(entry.0);
+                    self.evicted += 1;
+                    return true;
                 }
             }
         }
@@ -422,10 +423,10 @@ impl Sources {
     /// Drops stale queue entries once a queue outgrows the cap by a quarter.
     fn compact(&mut self) {
         let limit = queue_limit(self.cap);
-        let (index, slots) = (&self.index, &self.slots);
+        let slots = &self.slots;
         for (queue, trusted) in [(&mut self.untrusted, false), (&mut self.trusted, true)] {
             if queue.len() > limit {
-                queue.retain(|entry| queued(index, slots, entry, trusted));
+                queue.retain(|entry| queued(slots, *entry, trusted));
             }
         }
     }
@@ -434,22 +435,23 @@ impl Sources {
     /// outside `window`, expired blacklist entries (the source table keeps its reserved size;
     /// the blacklist gives memory back).
     pub fn purge(&mut self, now: Micros, horizon: Micros, window: Micros) {
-        let mut slot = 0;
-        while let Some((_, s)) = self.slots.get_mut(slot) {
-            s.forget_progress_before(horizon);
-            if s.progress_len() > 0 || s.failures.live(now, window) || s.rate.live(now) {
-                slot += 1;
-            } else {
-                // The last source moves here: look at this slot again.
-                self.remove_slot(slot);
+        for slot in 0..self.slots.len() {
+            let source = &mut self.slots[slot].1;
+            if !source.live {
+                continue;
+            }
+            source.forget_progress_before(horizon);
+            if source.progress_len() == 0
+                && !source.failures.live(now, window)
+                && !source.rate.live(now)
+            {
+                self.remove_slot(slot as u32);
             }
         }
         self.blacklist.retain(|_, until| *until > now);
-        let (index, slots, blacklist) = (&self.index, &self.slots, &self.blacklist);
-        self.untrusted
-            .retain(|entry| queued(index, slots, entry, false));
-        self.trusted
-            .retain(|entry| queued(index, slots, entry, true));
+        let (slots, blacklist) = (&self.slots, &self.blacklist);
+        self.untrusted.retain(|entry| queued(slots, *entry, false));
+        self.trusted.retain(|entry| queued(slots, *entry, true));
         self.blacklist_order
             .retain(|(a, u)| blacklist.get(a) == Some(u));
         if self.blacklist.capacity() > 4 * self.blacklist.len() + 1024 {
@@ -470,18 +472,23 @@ impl Sources {
         self.slots.get_mut(slot).map(|(_, source)| source)
     }
 
+    /// The live sources, with their addresses.
+    fn live(&self) -> impl Iterator<Item = &(IpAddr, Source)> {
+        self.slots.iter().filter(|(_, s)| s.live)
+    }
+
     /// Sources tracked now (at most the cap).
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.index.is_empty()
     }
 
     /// Progress records over all sources.
     pub fn progress_entries(&self) -> usize {
-        self.slots.iter().map(|(_, s)| s.progress_len()).sum()
+        self.live().map(|(_, s)| s.progress_len()).sum()
     }
 
     /// Sources evicted so far to respect the cap.
@@ -569,7 +576,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ProgressList>(), 16);
         assert!(std::mem::size_of::<Source>() <= 48);
         assert!(std::mem::size_of::<(IpAddr, Source)>() <= 72);
-        assert!(std::mem::size_of::<(IpAddr, u32)>() <= 24);
+        assert!(std::mem::size_of::<(u32, u32)>() <= 8);
     }
 
     /// A flood's worth of new sources reaching stage 1 never regrows the table or the
@@ -583,6 +590,7 @@ mod tests {
             (
                 t.index.capacity(),
                 t.slots.capacity(),
+                t.free.capacity(),
                 t.untrusted.capacity(),
             )
         };
@@ -661,8 +669,8 @@ mod tests {
                 match op {
                     0 | 1 => {
                         let trusted: Vec<IpAddr> =
-                            t.slots.iter().filter(|(_, s)| s.trusted).map(|(a, _)| *a).collect();
-                        let any_untrusted = t.slots.iter().any(|(_, s)| !s.trusted);
+                            t.live().filter(|(_, s)| s.trusted).map(|(a, _)| *a).collect();
+                        let any_untrusted = t.live().any(|(_, s)| !s.trusted);
                         t.entry(v4(n));
                         if any_untrusted {
                             for a in trusted {
@@ -678,15 +686,21 @@ mod tests {
                 proptest::prop_assert!(t.blacklisted() <= cap);
                 proptest::prop_assert!(t.untrusted.len() <= cap + cap / 4 + 16 + 1);
                 proptest::prop_assert!(t.trusted.len() <= cap + cap / 4 + 16 + 1);
-                let trusted = t.slots.iter().filter(|(_, s)| s.trusted).count();
+                let trusted = t.live().filter(|(_, s)| s.trusted).count();
                 let untrusted_live = t.untrusted.iter()
-                    .filter(|entry| queued(&t.index, &t.slots, entry, false))
+                    .filter(|entry| queued(&t.slots, **entry, false))
                     .count();
                 proptest::prop_assert_eq!(untrusted_live + trusted, t.len());
-                // The index and the slab agree.
-                proptest::prop_assert_eq!(t.index.len(), t.slots.len());
-                for (slot, (address, _)) in t.slots.iter().enumerate() {
-                    proptest::prop_assert_eq!(t.index.get(address), Some(&(slot as u32)));
+                // The index, the slab and the free list agree; the slab never outgrows the cap.
+                proptest::prop_assert!(t.slots.len() <= cap);
+                proptest::prop_assert_eq!(t.live().count(), t.len());
+                proptest::prop_assert_eq!(t.len() + t.free.len(), t.slots.len());
+                for (slot, (address, source)) in t.slots.iter().enumerate() {
+                    if source.live {
+                        proptest::prop_assert_eq!(t.index.get(address), Some(&(slot as u32)));
+                    } else {
+                        proptest::prop_assert!(t.free.contains(&(slot as u32)));
+                    }
                 }
             }
         }
