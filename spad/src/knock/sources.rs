@@ -7,7 +7,7 @@
 //! spoofed addresses costs a bounded amount of memory and never wipes a legitimate user's
 //! progress wholesale: there is no global clear. The blacklist has its own cap, oldest first.
 //!
-//! Both queues are FIFO with lazy deletion: an entry names (address, stamp) and is stale once
+//! Both queues are FIFO with lazy deletion: an entry names (slot, stamp) and is stale once
 //! the source was removed or re-created; stale entries are skipped on eviction and dropped when
 //! the queue outgrows the cap by a quarter.
 //!
@@ -27,14 +27,15 @@ use super::sequence::{Progress, SeqKey};
 /// Knocks counted in the current second.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Rate {
-    /// Seconds of the clock (`u32`: until 2106; later ones all count as that last second).
+    /// Seconds of the clock, wrapping at `u32` (only equality with the current second
+    /// matters, so a wrap every 136 years does no harm).
     second: u32,
     count: u32,
 }
 
-/// The second of `now`, as [`Rate`] keeps it.
+/// The second of `now`, as [`Rate`] keeps it (wrapping).
 fn second_of(now: Micros) -> u32 {
-    u32::try_from(now / 1_000_000).unwrap_or(u32::MAX)
+    (now / 1_000_000) as u32
 }
 
 /// What the rate limiter says about one more knock.
@@ -123,11 +124,13 @@ impl Source {
 
     /// Replaces this source's progress records.
     pub fn set_progress(&mut self, records: &[(SeqKey, Progress)]) {
-        self.progress = match records {
-            [] => ProgressList::Empty,
-            [(key, progress)] if Packed::new(*key, *progress).is_some() => {
-                ProgressList::One(Packed::new(*key, *progress).unwrap_or_default())
-            }
+        let one = match records {
+            [(key, progress)] => Packed::new(*key, *progress),
+            _ => None,
+        };
+        self.progress = match (records, one) {
+            ([], _) => ProgressList::Empty,
+            (_, Some(packed)) => ProgressList::One(packed),
             _ => match std::mem::take(&mut self.progress) {
                 // Reuse the allocation a source with several records already has.
                 ProgressList::Many(mut many) => {
@@ -187,9 +190,8 @@ enum ProgressList {
 struct Many(Vec<(SeqKey, Progress)>);
 
 /// Which kind of sequence a [`Packed`] record is for ([`SeqKey`]'s variants).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    #[default]
     Open,
     Close,
     OneTime,
@@ -198,7 +200,7 @@ enum Kind {
 
 /// One `(SeqKey, Progress)` in 16 bytes instead of 32: the TOTP step as `u32` (steps of a
 /// second or longer fit until 2106; a record whose step does not fit is kept unpacked).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Packed {
     started: Micros,
     step: u32,
