@@ -14,7 +14,7 @@ use std::time::Duration;
 use nix::sched::{setns, CloneFlags};
 use nix::time::{clock_gettime, ClockId};
 use spad::capture::bpf::Watch;
-use spad::capture::{frame, AfPacket, Received, Source};
+use spad::capture::{frame, AfPacket, Received, SlotSize, Source};
 use spad::net::Proto;
 
 const PACKETS: u64 = 400_000; // 100 bursts
@@ -84,7 +84,8 @@ fn main() {
                 low: 62201,
                 high: 62201,
             }];
-            let mut source = AfPacket::open(&["eth0".to_string()], &watches, true).unwrap();
+            let mut source =
+                AfPacket::open(&["eth0".to_string()], &watches, true, SlotSize::Small).unwrap();
             to_sender.send(()).unwrap();
             let (mut parsed, mut cpu) = (0u64, Duration::ZERO);
             while bursts_in.recv().is_ok() {

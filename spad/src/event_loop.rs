@@ -150,6 +150,7 @@ fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
             &config.server.interfaces,
             &watches(config),
             crate::knock::syn_only(config),
+            capture::slot_size(config),
         )?),
         CaptureMode::Udp => Box::new(
             capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
@@ -386,7 +387,8 @@ impl Daemon {
         let recapture = config.server.capture != running.server.capture
             || config.server.port != running.server.port
             || config.server.interfaces != running.server.interfaces
-            || watches(&config) != watches(running);
+            || watches(&config) != watches(running)
+            || capture::slot_size(&config) != capture::slot_size(running);
         let capture = if recapture {
             Some(Capture::new(open_source(&config)?)?)
         } else {

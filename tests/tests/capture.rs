@@ -4,6 +4,7 @@
 //! nothing and is counted as a drop by reason; an IPv6 knock behind a destination-options
 //! header is walked and granted. Each hostile copy is a fresh, never-accepted packet, and
 //! each is granted afterwards when sent plainly, so only the way it was sent was refused.
+//! The ring's slots are 1 KiB until a reload adds fwknop clients, then 2 KiB.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, UdpSocket};
@@ -306,7 +307,62 @@ pub fn an_ipv6_knock_behind_a_destination_options_header_is_granted(backend: Bac
     );
 }
 
+/// Counter `name` as `spad status --json` shows it now (0 if absent).
+fn live_counter(lab: &Lab, name: &str) -> u64 {
+    let out = lab.spad_gw(&["status", "--json"], CONF);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    status["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .and_then(|c| c["value"].as_u64())
+        .unwrap_or(0)
+}
+
+const FWKNOP_CLIENT: &str = r#"
+[fwknop-clients.dave]
+key-base64 = "xcsrgDBeUqPBrTEMD2FgWJelzKvSfKCPjJdxgeMV0d8="
+hmac-key-base64 = "DAhvL9Rel3gK9ZviITalrjsL9ef++tbV9M14qKq4z+4LJKa3Ll5j7uH8kjch8PBt5It9nTUpYKFkfx6HF+mT3Q=="
+services = ["ssh"]
+"#;
+
+pub fn the_ring_slots_grow_when_a_reload_adds_fwknop_clients(backend: Backend) {
+    let (mut lab, _echo) = lab_with_ssh(backend);
+    // 1,200 bytes of UDP payload: more than a 1 KiB slot holds (944 bytes of IP packet), as
+    // long an fwknop packet may be. Without fwknop clients it is dropped in the capture.
+    let long = vec![b'A'; 1200];
+    let truncated = r#"capture_dropped{reason="truncated"}"#;
+    send_plain(&lab.a, Lab::gw4(62201), long.clone());
+    assert!(
+        wait_until(Duration::from_secs(10), || live_counter(&lab, truncated)
+            == 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(live_counter(&lab, "capture_delivered"), 0);
+
+    let path = lab.path(CONF);
+    let text = std::fs::read_to_string(&path).unwrap() + FWKNOP_CLIENT;
+    std::fs::write(&path, text).unwrap();
+    lab.reload_spad(0);
+    assert!(lab.wait_log("reloaded;", 1), "{}", lab.log());
+    // Now it reaches the daemon whole (and is refused there: it is no fwknop packet).
+    send_plain(&lab.a, Lab::gw4(62201), long);
+    assert!(
+        wait_until(Duration::from_secs(10), || live_counter(
+            &lab,
+            "capture_delivered"
+        ) == 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(live_counter(&lab, truncated), 1, "not truncated again");
+}
+
 both_backends!(
     frames_the_host_would_not_accept_open_nothing_and_are_counted,
     an_ipv6_knock_behind_a_destination_options_header_is_granted,
+    the_ring_slots_grow_when_a_reload_adds_fwknop_clients,
 );

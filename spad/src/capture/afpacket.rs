@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::host::{self, HostAddresses, PACKET_OUTGOING};
-use super::ring::Ring;
+use super::ring::{Ring, SlotSize};
 use super::stats::{CaptureStats, DropReason};
 use super::{bpf, socket, Received, Source};
 use crate::net::Proto;
@@ -75,13 +75,14 @@ impl Rotation {
 }
 
 impl AfPacket {
-    /// Opens one socket per interface (or one for all when `interfaces` is empty). The filter
-    /// and the ring are set up before the socket is bound, so no unfiltered packet is ever
-    /// queued and none lands outside the ring.
+    /// Opens one socket per interface (or one for all when `interfaces` is empty), each with
+    /// a ring of `slot`-sized slots. The filter and the ring are set up before the socket is
+    /// bound, so no unfiltered packet is ever queued and none lands outside the ring.
     pub fn open(
         interfaces: &[String],
         watches: &[bpf::Watch],
         syn_only: bool,
+        slot: SlotSize,
     ) -> anyhow::Result<Self> {
         let program = match bpf::program(watches, syn_only) {
             Ok(p) => p,
@@ -118,7 +119,7 @@ impl AfPacket {
         let mut rings = Vec::new();
         for index in indexes {
             let ring = socket::create(&program)
-                .and_then(Ring::new)
+                .and_then(|socket| Ring::new(socket, slot))
                 .and_then(|ring| socket::bind(ring.socket(), index).map(|()| ring))
                 .map_err(|e| anyhow::anyhow!("AF_PACKET socket: {e} (needs CAP_NET_RAW)"))?;
             rings.push(ring);
@@ -286,7 +287,8 @@ mod tests {
             low: port,
             high: port,
         }];
-        let mut source = match AfPacket::open(&["lo".to_string()], &watches, true) {
+        let mut source = match AfPacket::open(&["lo".to_string()], &watches, true, SlotSize::Large)
+        {
             Ok(s) => s,
             Err(e) if e.to_string().contains("CAP_NET_RAW") => {
                 eprintln!("skipped: opening an AF_PACKET socket needs CAP_NET_RAW ({e})");
@@ -325,6 +327,87 @@ mod tests {
             stats.kernel_packets, 2,
             "both copies passed the filter: {stats}"
         );
+    }
+
+    /// Needs CAP_NET_RAW (skipped otherwise). Loopback only. Small slots deliver an SPA
+    /// packet of the maximum size whole over IPv4 and IPv6, and the longest datagram that
+    /// fits ([`SlotSize::max_packet`], which checks where the kernel really puts the packet
+    /// in a slot); one byte more is dropped and counted as truncated. Large slots (fwknop)
+    /// deliver a datagram of a whole 1,500-byte frame.
+    #[test]
+    fn slot_sizes_hold_what_they_promise_and_count_the_rest_as_truncated() {
+        let max = spa_shared::packet::MAX_LEN;
+        let small = SlotSize::Small.max_packet();
+        for (slot, families) in [
+            (
+                SlotSize::Small,
+                [
+                    ("127.0.0.1", vec![max, small - 28, small - 27]),
+                    ("::1", vec![max, small - 48, small - 47]),
+                ],
+            ),
+            (
+                SlotSize::Large,
+                [
+                    (
+                        "127.0.0.1",
+                        vec![1500 - 28, SlotSize::Large.max_packet() - 28],
+                    ),
+                    ("::1", vec![1500 - 48]),
+                ],
+            ),
+        ] {
+            for (host, sizes) in families {
+                let Ok(receiver) = std::net::UdpSocket::bind((host, 0)) else {
+                    eprintln!("skipped {host}: cannot bind on loopback");
+                    continue;
+                };
+                let port = receiver.local_addr().unwrap().port();
+                let watches = [bpf::Watch {
+                    proto: Proto::Udp,
+                    low: port,
+                    high: port,
+                }];
+                let mut source = match AfPacket::open(&["lo".to_string()], &watches, true, slot) {
+                    Ok(s) => s,
+                    Err(e) if e.to_string().contains("CAP_NET_RAW") => {
+                        eprintln!("skipped: opening an AF_PACKET socket needs CAP_NET_RAW ({e})");
+                        return;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
+                let sender = std::net::UdpSocket::bind((host, 0)).unwrap();
+                for &size in &sizes {
+                    let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+                    sender.send_to(&payload, (host, port)).unwrap();
+                }
+                let fit = slot.max_packet() - if host == "::1" { 48 } else { 28 };
+                let expect: Vec<usize> = sizes.iter().copied().filter(|&n| n <= fit).collect();
+                let too_long = (sizes.len() - expect.len()) as u64;
+                let mut delivered = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline
+                    && (delivered.len() < expect.len()
+                        || source.stats().dropped(DropReason::Truncated) < too_long)
+                {
+                    if let Some(Received::Ip(packet)) =
+                        source.recv(Duration::from_millis(100)).unwrap()
+                    {
+                        let f = crate::capture::frame::parse(packet).unwrap();
+                        assert_eq!(f.port, port);
+                        assert!(f.payload.iter().enumerate().all(|(i, b)| *b == i as u8));
+                        delivered.push(f.payload.len());
+                    }
+                }
+                assert_eq!(delivered, expect, "{slot:?} over {host}");
+                let stats = source.stats();
+                assert_eq!(
+                    stats.dropped(DropReason::Truncated),
+                    too_long,
+                    "{slot:?} over {host}: {stats}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -23,7 +23,15 @@ pub mod socket;
 pub mod stats;
 
 pub use afpacket::AfPacket;
+pub use ring::SlotSize;
 pub use stats::{CaptureStats, DropReason};
+
+/// The ring slot size `config` needs: large (2 KiB) only when fwknop clients are configured,
+/// whose packets can fill a whole frame; small (1 KiB) otherwise, which halves the ring and
+/// spad's resident memory with it. A reload that changes this re-opens the capture.
+pub fn slot_size(config: &crate::config::Config) -> SlotSize {
+    SlotSize::for_fwknop(!config.fwknop_clients.is_empty())
+}
 
 /// One received packet, borrowed from the source's buffer (no copy per packet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,5 +140,36 @@ impl Source for UdpListener {
 
     fn stats(&mut self) -> CaptureStats {
         self.stats.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const SPA_ONLY: &str = r#"[server]
+private-key = "k"
+state-dir = "/nonexistent/state"
+
+[services.ssh]
+kind = "management"
+ports = ["22/tcp"]
+timeout = "30s"
+"#;
+
+    const FWKNOP_CLIENT: &str = r#"
+[fwknop-clients.bob]
+key-base64 = "xcsrgDBeUqPBrTEMD2FgWJelzKvSfKCPjJdxgeMV0d8="
+hmac-key-base64 = "DAhvL9Rel3gK9ZviITalrjsL9ef++tbV9M14qKq4z+4LJKa3Ll5j7uH8kjch8PBt5It9nTUpYKFkfx6HF+mT3Q=="
+services = ["ssh"]
+"#;
+
+    #[test]
+    fn the_slot_size_follows_whether_fwknop_clients_are_configured() {
+        let parse = |text: &str| Config::parse(std::path::Path::new("spad.toml"), text).unwrap();
+        assert_eq!(slot_size(&parse(SPA_ONLY)), SlotSize::Small);
+        let with_fwknop = parse(&format!("{SPA_ONLY}{FWKNOP_CLIENT}"));
+        assert_eq!(slot_size(&with_fwknop), SlotSize::Large);
     }
 }

@@ -17,7 +17,8 @@ pub enum DropReason {
     /// Inside a VLAN tag: the host only accepts it on a VLAN interface of its own, where
     /// the capture sees it untagged.
     ForeignVlan,
-    /// Larger than the capture buffer (no SPA packet or knock is).
+    /// Longer than a ring slot (1 KiB, or 2 KiB with fwknop clients configured: no SPA
+    /// packet, knock or fwknop packet is).
     Truncated,
     /// Not a well-formed IPv4/IPv6 UDP or TCP packet the host would deliver locally.
     Malformed,

@@ -135,6 +135,8 @@ pub struct Engine {
     pub(super) service_timeouts: HashMap<String, Duration>,
     pub(super) one_time_used: BTreeMap<String, BTreeSet<String>>,
     pub(super) sources: Sources,
+    /// The knocking source's progress while a knock is judged (reused, never shrunk).
+    progress: Vec<(SeqKey, Progress)>,
     pub(super) timers: Vec<(Micros, usize, IpAddr)>,
     pub(super) last_purge: Micros,
     pub(super) budget: LogBudget,
@@ -155,6 +157,7 @@ impl Engine {
             service_timeouts: HashMap::new(),
             one_time_used: memory.one_time_used,
             sources: Sources::new(setup.max_sources),
+            progress: Vec::new(),
             timers: Vec::new(),
             last_purge: now,
             budget: LogBudget::default(),
@@ -282,14 +285,16 @@ impl Engine {
             RateVerdict::Over => return KnockResult::RateLimited,
         }
         if self.decoys.contains(&port) {
-            source.progress = Vec::new();
+            source.clear_progress();
             self.budget.say(events, || {
                 format!("{address}: decoy port {port} hit; progress reset")
             });
             self.fail(address, now, events);
             return KnockResult::Decoy;
         }
-        let mut progress = std::mem::take(&mut source.progress);
+        // Worked on in a buffer the engine keeps, so a knock allocates nothing.
+        let mut progress = std::mem::take(&mut self.progress);
+        source.progress_into(&mut progress);
         let mut verdict = Verdict::default();
         let hit = (port, tcp_flags, now);
         for index in 0..self.doors.len() {
@@ -300,8 +305,9 @@ impl Engine {
         }
         let trusted = progress.iter().any(|(_, p)| p.matched >= 2);
         if let Some(source) = self.sources.get_mut(address) {
-            source.progress = progress;
+            source.set_progress(&progress);
         }
+        self.progress = progress;
         if trusted {
             self.sources.trust(address);
         }

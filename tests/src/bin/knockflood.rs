@@ -7,7 +7,9 @@
 //! can (or `--pps`), for `--seconds`. Meanwhile client `b` opens the door with the real `knock`
 //! client, alternating IPv4 and IPv6, `--legit` times per family, and each open is counted when
 //! spad logs it. Reported: spad's RSS before, at its peak, right after and after `--settle`
-//! seconds, packets sent, and legit opens per family. Needs root.
+//! seconds, where it is right after (capture ring, anonymous memory such as the knock table,
+//! code, the rest: from /proc/PID/smaps), packets sent, and legit opens per family. Needs
+//! root.
 //!
 //! `cargo build --workspace --bins && target/debug/knockflood [--seconds 20] [--legit 5]
 //!  [--pps N] [--settle 10] [--backend nftables|iptables]`; with `SPA_E2E_PROFILE=release` it
@@ -237,6 +239,38 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Where spad's resident memory is, from /proc/PID/smaps: the capture rings (mappings of
+/// `socket:[…]`), anonymous memory (heap, knock table), spad's code and the rest, in kB.
+fn rss_by_mapping(pid: u32) -> [(&'static str, u64); 4] {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut sums = [
+        ("ring", 0),
+        ("anonymous", 0),
+        ("spad code", 0),
+        ("other", 0),
+    ];
+    let mut which = 3;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let name = fields.nth(4).unwrap_or("");
+            which = if name.starts_with("socket:") {
+                0
+            } else if name.is_empty() || name == "[heap]" {
+                1
+            } else if name.ends_with("/spad") {
+                2
+            } else {
+                3
+            };
+        } else if first == "Rss:" {
+            sums[which].1 += fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    sums
+}
+
 fn mb(kb: u64) -> String {
     format!("{:.1} MB", kb as f64 / 1024.0)
 }
@@ -304,6 +338,7 @@ fn main() -> anyhow::Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = cpu_secs(pid) - cpu_before;
     let (after, peak) = rss_kb(pid);
+    let by_mapping = rss_by_mapping(pid);
     std::thread::sleep(Duration::from_secs(o.settle));
     let (settled, _) = rss_kb(pid);
     let packets = sent.load(Ordering::Relaxed);
@@ -343,6 +378,11 @@ fn main() -> anyhow::Result<()> {
     println!("  spad RSS peak           {}", mb(peak));
     println!("  spad RSS after flood    {}", mb(after));
     println!("  spad RSS after {:>2} s     {}", o.settle, mb(settled));
+    let parts: Vec<String> = by_mapping
+        .iter()
+        .map(|(name, kb)| format!("{name} {}", mb(*kb)))
+        .collect();
+    println!("  RSS after, by mapping   {}", parts.join(", "));
     println!("  legit opens IPv4        {}/{}", opened[0], o.legit);
     println!("  legit opens IPv6        {}/{}", opened[1], o.legit);
     println!("  spad log                {} lines", log.lines().count());
