@@ -156,8 +156,12 @@ impl Guard {
                     .iter()
                     .any(|(kind, body)| touches_table(*kind, body, &self.table))
             }
-            // Lost events (ENOBUFS) or a broken socket: check (which re-reads the kernel).
-            Err(_) => true,
+            // Lost events (ENOBUFS) or a broken socket: re-read the live grants (an element
+            // event may be among those lost), then check.
+            Err(_) => {
+                let _ = firewall.resync_grants();
+                true
+            }
         }
     }
 

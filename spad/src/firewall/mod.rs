@@ -74,6 +74,11 @@ pub trait Firewall {
     /// Learns of an element added or removed in the kernel by anyone (from the nftables
     /// monitor), so a repair restores what is really granted.
     fn observe_element(&mut self, _added: bool, _element: &nftables::Carried) {}
+    /// Re-reads the live grants from the kernel into what a repair would restore: after the
+    /// monitor lost events, so a grant revoked meanwhile is not brought back.
+    fn resync_grants(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Removes everything this backend installed: protected ports become reachable by all.
     /// Only `spad uninstall` (and benchmarks) call this.
     fn remove(&mut self) -> anyhow::Result<()>;

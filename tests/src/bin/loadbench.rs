@@ -208,6 +208,9 @@ impl Bench {
     }
 
     fn flush_grants(&self) {
+        if std::env::var_os("LOADBENCH_NO_FLUSH").is_some() {
+            return;
+        }
         run(
             "ip",
             &[
@@ -555,6 +558,26 @@ fn outcome(sent: &[(u32, Instant)], granted: &HashMap<u32, Instant>, wall: Durat
         .iter()
         .filter_map(|(a, at)| granted.get(a).map(|g| g.saturating_duration_since(*at)))
         .collect();
+    // LOADBENCH_TRACE=FILE appends each packet's send offset and latency (µs), to see where
+    // in a step the slow ones are.
+    if let (Ok(path), Some(first)) = (std::env::var("LOADBENCH_TRACE"), sent.first()) {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            for (a, at) in sent {
+                let took = granted.get(a).map(|g| g.saturating_duration_since(*at));
+                let _ = writeln!(
+                    file,
+                    "{} {} {}",
+                    sent.len(),
+                    at.saturating_duration_since(first.1).as_micros(),
+                    took.map_or(-1, |t| t.as_micros() as i64)
+                );
+            }
+        }
+    }
     latencies.sort();
     Outcome {
         sent: sent.len(),
