@@ -66,6 +66,10 @@ impl Drop for Bench {
         for ns in [&self.gw, &self.client] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        // LOADBENCH_KEEP_LOG=FILE keeps spad's log (its grant lines carry spad's own times).
+        if let Some(keep) = std::env::var_os("LOADBENCH_KEEP_LOG") {
+            let _ = std::fs::copy(self.dir.join("spad.log"), keep);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -476,6 +480,23 @@ fn disk_floor(dir: &std::path::Path) -> String {
             ms(percentile(&took, 99))
         ));
     }
+    // The first sync after the disk was idle for a while costs more on some disks (virtual
+    // ones especially): what the first grant after a quiet spell waits for.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let mut after_idle = Vec::new();
+    for i in 0..5u64 {
+        std::thread::sleep(Duration::from_millis(500));
+        let start = Instant::now();
+        file.write_all_at(&[0x5a; 61], i * 61).unwrap();
+        file.sync_data().unwrap();
+        after_idle.push(start.elapsed());
+    }
+    after_idle.sort();
+    line.push_str(&format!(
+        "; after 0.5 s idle median {} / max {} ms",
+        ms(after_idle[2]),
+        ms(after_idle[4])
+    ));
     let _ = std::fs::remove_file(&path);
     line
 }
