@@ -607,8 +607,20 @@ mod tests {
         for n in 0..20 * cap as u32 {
             t.entry(v4(n)).set_progress(&record);
             assert!(t.len() <= cap);
+            // The index's reported capacity is items + room left: deleted entries leave
+            // tombstones that lower it until an in-place rehash (no allocation) clears them,
+            // so it may dip, but it must never grow past what was reserved.
+            let now = capacities(&t);
+            assert!(
+                now.0 <= reserved.0 && now.0 >= cap,
+                "{now:?} vs {reserved:?}"
+            );
         }
-        assert_eq!(capacities(&t), reserved);
+        let after = capacities(&t);
+        assert_eq!(
+            (after.1, after.2, after.3),
+            (reserved.1, reserved.2, reserved.3)
+        );
         assert_eq!(t.len(), cap);
         assert_eq!(t.progress_entries(), cap);
         assert_eq!(t.evicted(), 19 * cap as u64);
