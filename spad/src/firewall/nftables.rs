@@ -1099,7 +1099,22 @@ mod tests {
                 fw.grant(chunk)?;
             }
             fw.revoke("10.201.0.20".parse()?, &["ssh".into()])?;
-            std::thread::sleep(Duration::from_millis(1100)); // ten of them expire
+            // Ten of them expire in the kernel: polled, bounded.
+            let short: Vec<IpAddr> = grants[..10].iter().map(|g| g.address).collect();
+            let left = |fw: &mut Nftables| -> anyhow::Result<usize> {
+                let existing = fw.existing()?;
+                Ok(existing
+                    .elements
+                    .iter()
+                    .filter(|e| short.contains(&e.address))
+                    .count())
+            };
+            assert!(left(&mut fw)? > 0);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while left(&mut fw)? > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert_eq!(left(&mut fw)?, 0, "the 1 s grants expired");
             assert_eq!(fw.protection()?, clean, "grants are not protection");
             let nft_in_ns = |args: &[&str]| nft(args, None).map(|_| ());
             nft_in_ns(&[
