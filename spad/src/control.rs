@@ -176,6 +176,10 @@ pub fn answer<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Reque
     if *request == Request::Metrics {
         return metrics_text(pipeline, info);
     }
+    if matches!(request, Request::Revoke { .. } | Request::Flush) {
+        // A grant whose journal sync is still running must not land after the revoke.
+        pipeline.settle(crate::daemon::SETTLE_AT_MOST);
+    }
     let now = pipeline.now();
     let result: anyhow::Result<serde_json::Value> = (|| match request {
         Request::Status => {
@@ -839,6 +843,75 @@ mod tests {
             bad.contains("\"ok\":false") && bad.contains("unknown client"),
             "{bad}"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// An operator's revoke while the client's grant still waits for its journal sync: the
+    /// grant lands first and the revoke removes it; it never lands after the revoke.
+    #[test]
+    fn a_revoke_settles_a_grant_waiting_for_its_sync_first() {
+        use crate::state::ReplayState as _;
+        use spa_shared::payload::{Kind, Request as SpaRequest};
+        let clock = ManualClock::new(NOW);
+        let (mut p, dir) = pipeline(&clock, "settle");
+        let mut store = crate::state::ReplayStore::load(
+            dir.join("bg.bin"),
+            spa_shared::replay::Window::default(),
+            NOW,
+        )
+        .0;
+        let (write, gate) = crate::journal_sync::gated_writes();
+        store.write_at = write;
+        assert!(store
+            .sync_in_background(std::sync::Arc::new(|| {}))
+            .unwrap());
+        p.use_replay_store(Box::new(store));
+        let request = SpaRequest {
+            kind: Kind::Open,
+            timestamp: NOW,
+            nonce: [7; 16],
+            duration_secs: 0,
+            address: None,
+            services: vec!["ssh".into()],
+        };
+        let packet = spa_shared::packet::seal(
+            &mut rand_core::OsRng,
+            &PrivateKey::from_bytes([1; 32]),
+            &PrivateKey::from_bytes([2; 32]).public_key(),
+            &request,
+        )
+        .unwrap();
+        p.handle(&crate::capture::Received::Udp {
+            source: "198.51.100.7".parse().unwrap(),
+            source_port: 40000,
+            port: 62201,
+            payload: &packet,
+        });
+        assert!(
+            p.firewall.list().unwrap().is_empty(),
+            "waiting for its sync"
+        );
+        gate.send(true).unwrap();
+        let text = answer(
+            &mut p,
+            &info(),
+            &Request::Revoke {
+                address: None,
+                client: Some("alice".into()),
+                services: Vec::new(),
+            },
+        );
+        assert!(
+            text.contains("198.51.100.7"),
+            "the revoke removed it: {text}"
+        );
+        p.commit_done();
+        p.flush();
+        assert!(
+            p.firewall.list().unwrap().is_empty(),
+            "the grant must not land after the revoke"
+        );
+        drop(gate);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -161,6 +161,9 @@ pub struct Pipeline<C: Clock> {
 
 /// A background journal commit running longer than this is reported (once) in the log.
 pub const SLOW_COMMIT: Micros = 2_000_000;
+/// How long a reload, revoke or flush waits for a journal sync in flight (its grants are
+/// refused after that).
+pub const SETTLE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl<C: Clock> std::fmt::Debug for Pipeline<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -271,6 +274,9 @@ impl<C: Clock> Pipeline<C> {
 
     /// Replaces the configuration atomically (the old one stays if anything fails).
     pub fn reload(&mut self, config: Config, server: Server) -> anyhow::Result<()> {
+        // Grants decided under the old configuration land first, so the new one's pruning
+        // sees them (a client removed by this reload must not get in just after it).
+        self.settle(SETTLE_AT_MOST);
         let kept = self.firewall.install(&config)?;
         let now = self.clock.now();
         let names = client_names(&config);
@@ -582,6 +588,12 @@ impl<C: Clock> Pipeline<C> {
         }
     }
 
+    /// Replaces the replay store (tests: one whose syncs a test holds back).
+    #[cfg(test)]
+    pub(crate) fn use_replay_store(&mut self, store: Box<dyn ReplayState>) {
+        self.replay = store;
+    }
+
     /// From now on the journal syncs on a thread of its own; `wake` runs when a sync is done
     /// (then call [`Pipeline::commit_done`]). Returns whether the store can.
     pub fn sync_in_background(&mut self, wake: crate::journal_sync::Wake) -> std::io::Result<bool> {
@@ -610,7 +622,23 @@ impl<C: Clock> Pipeline<C> {
         }
     }
 
-    /// At shutdown: waits up to `limit` for a background commit, so its grants are not lost.
+    /// Carries out every decision already made, waiting (up to `limit` per sync) for the
+    /// journal: before a reload, an operator's revoke or flush, and at shutdown, so nothing
+    /// decided earlier lands after them.
+    pub fn settle(&mut self, limit: std::time::Duration) {
+        // Bounded: one sync for what is in flight, one for what waited behind it.
+        for _ in 0..2 {
+            self.finish_commit(limit);
+            if self.pending.is_empty() && !self.replay.uncommitted() {
+                return;
+            }
+            self.flush();
+        }
+        self.finish_commit(limit);
+    }
+
+    /// Waits up to `limit` for a background commit and carries out its decisions (refused if
+    /// it did not finish in time).
     pub fn finish_commit(&mut self, limit: std::time::Duration) {
         if self.committing_since.is_none() {
             return;
@@ -1284,6 +1312,42 @@ mod tests {
             "the failed sync's grant never opened"
         );
         assert_eq!((p.stats.granted, p.stats.refused), (3, 2));
+        drop(gate);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A reload that removes a client while that client's grant waits for its journal sync:
+    /// the grant lands first and the reload prunes it; it never lands after the reload.
+    #[test]
+    fn a_reload_settles_grants_in_flight_before_it_prunes() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, client, dir) = setup(&clock);
+        let mut store = ReplayStore::load(dir.join("bg.bin"), window(&p.config), NOW).0;
+        let (write, gate) = crate::journal_sync::gated_writes();
+        store.write_at = write;
+        assert!(store.sync_in_background(Arc::new(|| {})).unwrap());
+        p.replay = Box::new(store);
+        p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.1"));
+        assert!(
+            p.firewall.list().unwrap().is_empty(),
+            "waiting for its sync"
+        );
+        // The operator removes alice and reloads; the sync completes meanwhile.
+        let text = format!(
+            "[server]\nprivate-key = \"k\"\nstate-dir = \"{}\"\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"30s\"\n",
+            dir.display()
+        );
+        let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
+        gate.send(true).unwrap();
+        p.reload(config, Server::new(PrivateKey::from_bytes([2; 32])))
+            .unwrap();
+        assert_eq!(p.stats.granted, 1, "granted under the old configuration");
+        p.commit_done();
+        p.flush();
+        assert!(
+            p.firewall.list().unwrap().is_empty(),
+            "alice's grant must not outlive the reload that removed her"
+        );
         drop(gate);
         std::fs::remove_dir_all(dir).unwrap();
     }

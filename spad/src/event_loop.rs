@@ -407,7 +407,7 @@ impl Daemon {
     fn stop(mut self) -> anyhow::Result<()> {
         self.hub.stopping();
         // Grants whose journal sync is running are installed if it finishes in time.
-        self.pipeline.finish_commit(STOP_WAITS_FOR_SYNC);
+        self.pipeline.settle(STOP_WAITS_FOR_SYNC);
         let now = SystemClock.now();
         let capture = self.capture.source.stats();
         self.pipeline.log.line(now, &format!("capture: {capture}"));

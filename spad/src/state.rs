@@ -353,6 +353,19 @@ impl ReplayStore {
         ReplayRefusal::Persist(e.to_string())
     }
 
+    /// A background write whose caller gave up waiting (`wait_commit` timed out, so its
+    /// grants were refused) is collected here once it finishes, so the store does not stay
+    /// busy for good; its result only moves the file's end (or forces a rewrite).
+    fn reap_abandoned(&mut self) {
+        if self.in_flight.is_none() {
+            return;
+        }
+        let done = self.syncer.as_ref().and_then(Syncer::try_done);
+        if let Some(done) = done {
+            let _ = self.finish(done);
+        }
+    }
+
     /// What the sync thread's finished write means for the store.
     fn finish(&mut self, done: crate::journal_sync::Done) -> Result<(), ReplayRefusal> {
         let len = self.in_flight.take().unwrap_or(0);
@@ -459,10 +472,11 @@ impl ReplayState for ReplayStore {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.reap_abandoned();
         if self.in_flight.is_some() {
             // Never two writers at once, and never a result lost: the caller must hand the
-            // background commit back first. Refused (fail closed), not written.
-            self.pending.clear();
+            // background commit back first. The batch is refused (fail closed); its entries
+            // stay pending and go to disk with the next write, so a crash cannot forget them.
             return Err(ReplayRefusal::Persist("a commit is still in flight".into()));
         }
         let result = if self.must_compact() {
@@ -482,6 +496,7 @@ impl ReplayState for ReplayStore {
         if self.pending.is_empty() {
             return Commit::Nothing;
         }
+        self.reap_abandoned();
         if self.syncer.is_none() || self.in_flight.is_some() || self.must_compact() {
             // (In flight: `commit` refuses the batch rather than run two writes at once.)
             // Compaction (rare: at most once per 4 MiB of entries) stays on the caller's thread.
@@ -800,9 +815,13 @@ mod tests {
         ));
         store.accept(&client(4), NOW, NOW).unwrap();
         assert_eq!(store.begin_commit(NOW), Commit::Done(Ok(())));
-        let reloaded = ReplayStore::load(dir.file(), w, NOW).0;
+        // Read without loading (a load would compact the file under the open store).
+        let state = on_disk().state;
         for n in 1..=4 {
-            assert!(reloaded.check(&client(n), NOW, NOW).is_err(), "client {n}");
+            assert!(
+                state.record.check(w, &client(n), NOW, NOW).is_err(),
+                "client {n}"
+            );
         }
         // Never two writes at once: a commit asked for while one is in flight is refused.
         store.accept(&client(5), NOW, NOW).unwrap();
@@ -814,6 +833,49 @@ mod tests {
         ));
         drop(gate);
         assert_eq!(store.wait_commit(Duration::from_secs(10)), Some(Ok(())));
+
+        // A caller that gave up waiting (its grants refused): once the write finishes, the
+        // next commit collects it and goes ahead; the store is not stuck.
+        let (write, gate) = crate::journal_sync::gated_writes();
+        store.write_at = write;
+        assert!(store.sync_in_background(Arc::new(|| {})).unwrap());
+        store.accept(&client(7), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Started);
+        assert_eq!(
+            store.wait_commit(Duration::from_millis(20)),
+            None,
+            "gave up"
+        );
+        store.accept(&client(8), NOW, NOW).unwrap();
+        assert!(
+            matches!(
+                store.begin_commit(NOW),
+                Commit::Done(Err(ReplayRefusal::Persist(_)))
+            ),
+            "still writing: refused, not run twice"
+        );
+        gate.send(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut started = false;
+        let mut stamp = NOW;
+        while !started && std::time::Instant::now() < deadline {
+            stamp += 1;
+            store.accept(&client(9), stamp, NOW).unwrap();
+            started = store.begin_commit(NOW) == Commit::Started;
+            if !started {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        assert!(started, "the abandoned write was collected");
+        drop(gate);
+        assert_eq!(store.wait_commit(Duration::from_secs(10)), Some(Ok(())));
+        let state = on_disk().state;
+        for n in [6, 7, 8] {
+            assert!(
+                state.record.check(w, &client(n), NOW, NOW).is_err(),
+                "client {n}'s entry reached the disk"
+            );
+        }
     }
 
     /// A write that fails (full disk) refuses the batch and leaves nothing accepted twice.
