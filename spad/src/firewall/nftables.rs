@@ -423,7 +423,16 @@ pub struct Existing {
 /// Grant elements that are live as the kernel enforces them: in the grant set and, where the
 /// service has an idle set in the table, in the idle set too (an idle timer that lapsed ends
 /// access although the grant element still counts down).
+///
+/// Linear in the number of elements: the idle elements are indexed first (this runs for every
+/// `spad status`, list and metrics scrape, and before a repair, with any number of grants).
 pub fn live_grants(existing: &Existing) -> Vec<(&Carried, SetId)> {
+    let idle: std::collections::HashSet<(&str, IpAddr)> = existing
+        .elements
+        .iter()
+        .map(|e| (e.set.as_str(), e.address))
+        .collect();
+    let sets: std::collections::HashSet<&str> = existing.sets.iter().map(String::as_str).collect();
     existing
         .elements
         .iter()
@@ -432,12 +441,8 @@ pub fn live_grants(existing: &Existing) -> Vec<(&Carried, SetId)> {
             (id.role == SetRole::Grant).then_some((c, id))
         })
         .filter(|(c, id)| {
-            let idle = SetId::idle(&id.service, id.family).nft_name();
-            !existing.sets.contains(&idle)
-                || existing
-                    .elements
-                    .iter()
-                    .any(|e| e.set == idle && e.address == c.address)
+            let idle_set = SetId::idle(&id.service, id.family).nft_name();
+            !sets.contains(idle_set.as_str()) || idle.contains(&(idle_set.as_str(), c.address))
         })
         .collect()
 }
@@ -731,7 +736,11 @@ impl Nftables {
 
     /// Elements of `existing` that `config` no longer allows, or whose idle timer lapsed.
     fn prune(config: &Config, existing: &Existing) -> Vec<Carried> {
-        let live = live_grants(existing);
+        // Indexed by (set, address): a repair with many grants stays linear.
+        let live: std::collections::HashSet<(&str, IpAddr)> = live_grants(existing)
+            .into_iter()
+            .map(|(c, _)| (c.set.as_str(), c.address))
+            .collect();
         existing
             .elements
             .iter()
@@ -741,7 +750,7 @@ impl Nftables {
                     service,
                     ..
                 }) => {
-                    !live.iter().any(|(l, _)| l == c)
+                    !live.contains(&(c.set.as_str(), c.address))
                         || !still_allowed(
                             config,
                             &LiveGrant {
