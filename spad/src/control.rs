@@ -758,6 +758,32 @@ mod tests {
         (p, dir)
     }
 
+    /// Alice's SPA packet opening `service`, from 198.51.100.7, through the whole pipeline.
+    fn alice_opens(p: &mut Pipeline<&ManualClock>, service: &str) {
+        use spa_shared::payload::{Kind, Request as SpaRequest};
+        let request = SpaRequest {
+            kind: Kind::Open,
+            timestamp: NOW,
+            nonce: [7; 16],
+            duration_secs: 0,
+            address: None,
+            services: vec![service.into()],
+        };
+        let packet = spa_shared::packet::seal(
+            &mut rand_core::OsRng,
+            &PrivateKey::from_bytes([1; 32]),
+            &PrivateKey::from_bytes([2; 32]).public_key(),
+            &request,
+        )
+        .unwrap();
+        p.handle(&crate::capture::Received::Udp {
+            source: "198.51.100.7".parse().unwrap(),
+            source_port: 40000,
+            port: 62201,
+            payload: &packet,
+        });
+    }
+
     fn grant(p: &mut Pipeline<&ManualClock>, address: &str, service: &str) {
         p.firewall
             .grant(&[Access {
@@ -850,8 +876,6 @@ mod tests {
     /// grant lands first and the revoke removes it; it never lands after the revoke.
     #[test]
     fn a_revoke_settles_a_grant_waiting_for_its_sync_first() {
-        use crate::state::ReplayState as _;
-        use spa_shared::payload::{Kind, Request as SpaRequest};
         let clock = ManualClock::new(NOW);
         let (mut p, dir) = pipeline(&clock, "settle");
         let mut store = crate::state::ReplayStore::load(
@@ -860,33 +884,9 @@ mod tests {
             NOW,
         )
         .0;
-        let (write, gate) = crate::journal_sync::gated_writes();
-        store.write_at = write;
-        assert!(store
-            .sync_in_background(std::sync::Arc::new(|| {}))
-            .unwrap());
+        let gate = store.gate_background_syncs(std::sync::Arc::new(|| {}));
         p.use_replay_store(Box::new(store));
-        let request = SpaRequest {
-            kind: Kind::Open,
-            timestamp: NOW,
-            nonce: [7; 16],
-            duration_secs: 0,
-            address: None,
-            services: vec!["ssh".into()],
-        };
-        let packet = spa_shared::packet::seal(
-            &mut rand_core::OsRng,
-            &PrivateKey::from_bytes([1; 32]),
-            &PrivateKey::from_bytes([2; 32]).public_key(),
-            &request,
-        )
-        .unwrap();
-        p.handle(&crate::capture::Received::Udp {
-            source: "198.51.100.7".parse().unwrap(),
-            source_port: 40000,
-            port: 62201,
-            payload: &packet,
-        });
+        alice_opens(&mut p, "ssh");
         assert!(
             p.firewall.list().unwrap().is_empty(),
             "waiting for its sync"
@@ -917,30 +917,9 @@ mod tests {
 
     #[test]
     fn a_grant_shows_in_the_metrics_by_service_with_its_latency() {
-        use spa_shared::payload::{Kind, Request as SpaRequest};
         let clock = ManualClock::new(NOW);
         let (mut p, dir) = pipeline(&clock, "metrics");
-        let request = SpaRequest {
-            kind: Kind::Open,
-            timestamp: NOW,
-            nonce: [7; 16],
-            duration_secs: 0,
-            address: None,
-            services: vec!["vpn".into()],
-        };
-        let packet = spa_shared::packet::seal(
-            &mut rand_core::OsRng,
-            &PrivateKey::from_bytes([1; 32]),
-            &PrivateKey::from_bytes([2; 32]).public_key(),
-            &request,
-        )
-        .unwrap();
-        p.handle(&crate::capture::Received::Udp {
-            source: "198.51.100.7".parse().unwrap(),
-            source_port: 40000,
-            port: 62201,
-            payload: &packet,
-        });
+        alice_opens(&mut p, "vpn");
         let text = answer(&mut p, &info(), &Request::Metrics);
         for needle in [
             "spad_granted_total 1\n",

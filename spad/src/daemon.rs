@@ -626,15 +626,17 @@ impl<C: Clock> Pipeline<C> {
     /// journal: before a reload, an operator's revoke or flush, and at shutdown, so nothing
     /// decided earlier lands after them.
     pub fn settle(&mut self, limit: std::time::Duration) {
-        // Bounded: one sync for what is in flight, one for what waited behind it.
-        for _ in 0..2 {
-            self.finish_commit(limit);
-            if self.pending.is_empty() && !self.replay.uncommitted() {
+        // Bounded: the sync in flight, then at most one for what waited behind it (which
+        // `committed` starts), then nothing is left.
+        for _ in 0..4 {
+            if self.committing_since.is_some() {
+                self.finish_commit(limit);
+            } else if !self.pending.is_empty() || self.replay.uncommitted() {
+                self.flush();
+            } else {
                 return;
             }
-            self.flush();
         }
-        self.finish_commit(limit);
     }
 
     /// Waits up to `limit` for a background commit and carries out its decisions (refused if
@@ -645,13 +647,11 @@ impl<C: Clock> Pipeline<C> {
         }
         let result = self.replay.wait_commit(limit).unwrap_or_else(|| {
             Err(crate::state::ReplayRefusal::Persist(format!(
-                "the journal's sync did not finish within {} s of stopping",
+                "the journal's sync did not finish within {} s",
                 limit.as_secs()
             )))
         });
-        self.committing_since = None;
-        let done = std::mem::take(&mut self.in_flight);
-        self.carry_out(done, result);
+        self.committed(result);
     }
 
     /// Reports (once) a background commit that is taking long: its grants wait for it.
@@ -1244,14 +1244,12 @@ mod tests {
         let clock = ManualClock::new(NOW);
         let (mut p, client, dir) = setup(&clock);
         let mut store = ReplayStore::load(dir.join("bg.bin"), window(&p.config), NOW).0;
-        let (write, gate) = crate::journal_sync::gated_writes();
-        store.write_at = write;
         let (woke, wakes) = std::sync::mpsc::channel::<()>();
         let woke = std::sync::Mutex::new(woke);
         let wake: crate::journal_sync::Wake = Arc::new(move || {
             let _ = woke.lock().map(|w| w.send(()));
         });
-        assert!(store.sync_in_background(wake).unwrap());
+        let gate = store.gate_background_syncs(wake);
         p.replay = Box::new(store);
         let live = |p: &mut Pipeline<&ManualClock>| {
             let mut v: Vec<String> = p
@@ -1323,9 +1321,7 @@ mod tests {
         let clock = ManualClock::new(NOW);
         let (mut p, client, dir) = setup(&clock);
         let mut store = ReplayStore::load(dir.join("bg.bin"), window(&p.config), NOW).0;
-        let (write, gate) = crate::journal_sync::gated_writes();
-        store.write_at = write;
-        assert!(store.sync_in_background(Arc::new(|| {})).unwrap());
+        let gate = store.gate_background_syncs(Arc::new(|| {}));
         p.replay = Box::new(store);
         p.handle(&udp(&packet(&client, Kind::Open, NOW, 0), "198.51.100.1"));
         assert!(

@@ -56,11 +56,13 @@ pub struct Done {
     pub bytes: Vec<u8>,
 }
 
-/// The sync thread and its two channels.
+/// The sync thread and its two channels. Dropping it closes the job channel, which ends the
+/// thread once its write in flight (if any) is done. The thread is not joined (its handle is
+/// not kept): one stuck in `fdatasync` on a hung disk must not keep the daemon from exiting;
+/// `Pipeline::settle` has already refused the grants that waited for it.
 pub struct Syncer {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     done: mpsc::Receiver<Done>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -74,7 +76,7 @@ impl Syncer {
     pub fn start(write: WriteAt, wake: Wake) -> io::Result<Self> {
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (outbox, done) = mpsc::channel::<Done>();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("spad-journal".into())
             .spawn(move || {
                 while let Ok(job) = inbox.recv() {
@@ -91,25 +93,18 @@ impl Syncer {
                     wake();
                 }
             })?;
-        Ok(Self {
-            jobs: Some(jobs),
-            done,
-            thread: Some(thread),
-        })
+        Ok(Self { jobs, done })
     }
 
     /// Hands a write to the thread; gives the buffer back if the thread is gone.
     pub fn send(&self, file: Arc<File>, bytes: Vec<u8>, offset: u64) -> Result<(), Vec<u8>> {
-        match &self.jobs {
-            Some(jobs) => jobs
-                .send(Job {
-                    file,
-                    bytes,
-                    offset,
-                })
-                .map_err(|e| e.0.bytes),
-            None => Err(bytes),
-        }
+        self.jobs
+            .send(Job {
+                file,
+                bytes,
+                offset,
+            })
+            .map_err(|e| e.0.bytes)
     }
 
     /// The finished write, if it is done (never blocks).
@@ -136,16 +131,6 @@ fn gone() -> Done {
     Done {
         result: Err(io::Error::other("the journal's sync thread is gone")),
         bytes: Vec::new(),
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        // Closing the channel ends the thread once its write in flight (if any) is done.
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

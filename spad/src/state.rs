@@ -410,6 +410,17 @@ impl ReplayStore {
         Ok(())
     }
 
+    /// For tests: syncs in the background, each write held until the returned gate says
+    /// `true` (write) or `false` (fail as a full disk would); see
+    /// [`gated_writes`](crate::journal_sync::gated_writes).
+    #[cfg(test)]
+    pub(crate) fn gate_background_syncs(&mut self, wake: Wake) -> std::sync::mpsc::Sender<bool> {
+        let (write, gate) = crate::journal_sync::gated_writes();
+        self.write_at = write;
+        assert!(self.sync_in_background(wake).expect("sync thread"));
+        gate
+    }
+
     /// Entries accepted but not yet durable, in bytes.
     pub fn pending_bytes(&self) -> usize {
         self.pending.len()
@@ -784,9 +795,7 @@ mod tests {
         let dir = TempDir::new("background");
         let w = Window::default();
         let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
-        let (write, gate) = crate::journal_sync::gated_writes();
-        store.write_at = write;
-        assert!(store.sync_in_background(Arc::new(|| {})).unwrap());
+        let gate = store.gate_background_syncs(Arc::new(|| {}));
         let on_disk = || journal::decode(&std::fs::read(dir.file()).unwrap(), w).unwrap();
 
         store.accept(&client(1), NOW, NOW).unwrap();
@@ -836,9 +845,7 @@ mod tests {
 
         // A caller that gave up waiting (its grants refused): once the write finishes, the
         // next commit collects it and goes ahead; the store is not stuck.
-        let (write, gate) = crate::journal_sync::gated_writes();
-        store.write_at = write;
-        assert!(store.sync_in_background(Arc::new(|| {})).unwrap());
+        let gate = store.gate_background_syncs(Arc::new(|| {}));
         store.accept(&client(7), NOW, NOW).unwrap();
         assert_eq!(store.begin_commit(NOW), Commit::Started);
         assert_eq!(

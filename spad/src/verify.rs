@@ -42,7 +42,8 @@ struct Share {
 
 /// A pool thread: it opens each share it is sent and sends it back.
 struct Helper {
-    to: mpsc::Sender<Share>,
+    /// `None` once dropping: closing the channel ends the thread's loop.
+    to: Option<mpsc::Sender<Share>>,
     from: mpsc::Receiver<Share>,
     spare: Share,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -72,7 +73,7 @@ impl Helper {
                 }
             })?;
         Ok(Self {
-            to,
+            to: Some(to),
             from,
             spare: Share::default(),
             thread: Some(thread),
@@ -93,8 +94,7 @@ impl Drop for Helper {
     fn drop(&mut self) {
         // Closing the channel ends the thread's loop; wait for it, so no thread outlives
         // the verifier.
-        let (closed, _) = mpsc::channel();
-        self.to = closed;
+        self.to = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -178,7 +178,7 @@ impl Verifier {
                 share.ranges.push(start..share.bytes.len());
             }
             share.server = Some(Arc::clone(server));
-            sent.push(helper.to.send(share).is_ok());
+            sent.push(helper.to.as_ref().is_some_and(|to| to.send(share).is_ok()));
         }
         out.extend(mine.iter().map(|p| server.open(p)));
         let mut lost = false;
