@@ -128,8 +128,8 @@ pub struct Pipeline<C: Clock> {
     /// Shared with the verifier's pool threads (read-only).
     server: Arc<Server>,
     replay: Box<dyn ReplayState>,
-    /// Client names by public key (one lookup per packet, however many clients).
-    client_names: std::collections::HashMap<spa_shared::keys::PublicKey, String>,
+    /// The clients by public key (one lookup per packet, however many clients).
+    clients_by_key: ClientsByKey,
     /// Decisions of the current batch, carried out in order by [`Pipeline::flush`] once the
     /// replay journal is durable.
     pending: Vec<Pending>,
@@ -191,11 +191,16 @@ pub const BATCH: usize = 512;
 /// acknowledgements waiting in the netlink socket).
 const GRANTS_PER_TRANSACTION: usize = 128;
 
-fn client_names(config: &Config) -> std::collections::HashMap<spa_shared::keys::PublicKey, String> {
+/// The configured clients by public key: one hash lookup per authenticated packet, and a
+/// shared handle rather than a copy of the client's settings.
+type ClientsByKey =
+    std::collections::HashMap<spa_shared::keys::PublicKey, Arc<crate::config::Client>>;
+
+fn clients_by_key(config: &Config) -> ClientsByKey {
     config
         .clients
-        .iter()
-        .map(|(name, c)| (c.public_key, name.clone()))
+        .values()
+        .map(|c| (c.public_key, Arc::new(c.clone())))
         .collect()
 }
 
@@ -222,10 +227,10 @@ impl<C: Clock> Pipeline<C> {
         if let Some(w) = warning {
             log.line(now, &format!("warning: {w}"));
         }
-        let names = client_names(&config);
-        replay.retain_clients(&|k| names.contains_key(k));
+        let clients = clients_by_key(&config);
+        replay.retain_clients(&|k| clients.contains_key(k));
         // Each client's static-static secret once: one X25519 per packet, not two.
-        let server = server.restricted_to(names.keys().copied(), None);
+        let server = server.restricted_to(clients.keys().copied(), None);
         let kept = firewall
             .install(&config)
             .context("installing the firewall ruleset")?;
@@ -253,7 +258,7 @@ impl<C: Clock> Pipeline<C> {
             config,
             server: Arc::new(server),
             replay: Box::new(replay),
-            client_names: names,
+            clients_by_key: clients,
             pending: Vec::new(),
             recent: RecentPackets::default(),
             buckets,
@@ -279,9 +284,9 @@ impl<C: Clock> Pipeline<C> {
         self.settle(SETTLE_AT_MOST);
         let kept = self.firewall.install(&config)?;
         let now = self.clock.now();
-        let names = client_names(&config);
-        self.replay.retain_clients(&|k| names.contains_key(k));
-        self.client_names = names;
+        let clients = clients_by_key(&config);
+        self.replay.retain_clients(&|k| clients.contains_key(k));
+        self.clients_by_key = clients;
         self.buckets =
             SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
         self.knocks.reconfigure(&config, now);
@@ -289,8 +294,9 @@ impl<C: Clock> Pipeline<C> {
             self.log.line(now, &format!("warning: {w}"));
         }
         // Unchanged server key: the old secrets are reused (no X25519 for a kept client).
-        self.server =
-            Arc::new(server.restricted_to(self.client_names.keys().copied(), Some(&*self.server)));
+        self.server = Arc::new(
+            server.restricted_to(self.clients_by_key.keys().copied(), Some(&*self.server)),
+        );
         self.config = config;
         self.stats.reloads += 1;
         self.log
@@ -460,12 +466,7 @@ impl<C: Clock> Pipeline<C> {
             }
         };
         self.recent.insert(ephemeral);
-        let Some(client) = self
-            .client_names
-            .get(&authenticated.client)
-            .and_then(|name| self.config.clients.get(name))
-            .cloned()
-        else {
+        let Some(client) = self.clients_by_key.get(&authenticated.client).cloned() else {
             let key = authenticated.client;
             return self.refuse_as(source, Refusal::UnknownClient, || {
                 format!("unknown client key {key}")

@@ -200,6 +200,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
     let capture_desc = describe_capture(&config);
     let mut pipeline = Pipeline::new(config, server, firewall, SystemClock)?;
     pipeline.verifier = crate::verify::Verifier::for_this_machine();
+    pipeline.verifier.start_pool();
     let public = pipeline.server_public_key();
     pipeline.log.line(
         SystemClock.now(),
@@ -254,6 +255,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
         .start(calls_in)
         .context("starting the control socket, metrics and watchdog tasks")?;
     daemon.hub.ready(&daemon.pipeline);
+    daemon.pipeline.log.hold_lines(true);
     daemon.run(&mut signals, calls).await;
     daemon.stop()
 }
@@ -285,6 +287,8 @@ impl Daemon {
                     Err(e) => self.capture_failed(e).await,
                 },
             }
+            // Whatever this turn logged, in one write (see `Logger::hold_lines`).
+            self.pipeline.log.flush();
         }
     }
 
@@ -358,6 +362,7 @@ impl Daemon {
 
     fn housekeeping(&mut self) {
         self.pipeline.tick();
+        self.capture.source.housekeeping();
         if let Some(line) = self
             .capture_drops
             .check(&mut *self.capture.source, std::time::Instant::now())
@@ -405,6 +410,7 @@ impl Daemon {
 
     /// After the loop: final counters, and the grants closed or left to expire.
     fn stop(mut self) -> anyhow::Result<()> {
+        self.pipeline.log.hold_lines(false);
         self.hub.stopping();
         // Grants whose journal sync is running are installed if it finishes in time.
         self.pipeline.settle(STOP_WAITS_FOR_SYNC);

@@ -23,8 +23,6 @@ pub const BATCH: usize = 64;
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// A frame for an unknown address re-reads them at most this often (an address just added).
 const REFRESH_ON_MISS: Duration = Duration::from_millis(100);
-/// The clock is read once per this many frames (and whenever the source waits).
-const CLOCK_EVERY: u32 = 256;
 
 /// Sniffs with AF_PACKET (`SOCK_DGRAM`, all protocols), a BPF prefilter and receive rings.
 #[derive(Debug)]
@@ -35,7 +33,8 @@ pub struct AfPacket {
     held: Option<usize>,
     hosts: HostAddresses,
     refreshed: Instant,
-    since_clock: u32,
+    /// Frames were read since the addresses were last re-read.
+    active: bool,
     stats: CaptureStats,
 }
 
@@ -132,19 +131,9 @@ impl AfPacket {
             held: None,
             hosts,
             refreshed: Instant::now(),
-            since_clock: 0,
+            active: false,
             stats: CaptureStats::default(),
         })
-    }
-
-    /// Re-reads the host's addresses if it is time; on failure the last table stays.
-    fn refresh_if_due(&mut self, after: Duration) {
-        if self.refreshed.elapsed() >= after {
-            if let Ok(hosts) = HostAddresses::read() {
-                self.hosts = hosts;
-            }
-            self.refreshed = Instant::now();
-        }
     }
 
     /// Waits up to `timeout` for any ring to have a frame.
@@ -204,24 +193,36 @@ impl Source for AfPacket {
         if let Some(index) = self.held.take() {
             self.rings[index].release();
         }
-        self.since_clock += 1;
-        if self.since_clock >= CLOCK_EVERY {
-            self.since_clock = 0;
-            self.refresh_if_due(REFRESH_EVERY);
-        }
         self.held = match self.next_accepted() {
             Some(index) => Some(index),
+            // Nothing waiting in any ring and no time to wait: a poll(2) could only say so
+            // again (the event loop reads with a zero timeout after epoll woke it).
+            None if timeout.is_zero() => None,
             None => {
-                // Nothing waiting in any ring: wait once, then give the loop back.
-                self.refresh_if_due(REFRESH_EVERY);
+                // Nothing waiting: wait once, then give the loop back.
+                self.housekeeping();
                 self.poll(timeout)?;
                 self.next_accepted()
             }
         };
+        self.active |= self.held.is_some();
         Ok(self
             .held
             .and_then(|index| self.rings[index].peek())
             .map(|(_, packet)| Received::Ip(packet)))
+    }
+
+    /// Re-reads the host's addresses once a second while frames arrive: on the loop's
+    /// tick, not on a packet's path (a netlink dump costs milliseconds on a router with
+    /// many addresses). An address just added is picked up at once on a miss.
+    fn housekeeping(&mut self) {
+        if self.active && self.refreshed.elapsed() >= REFRESH_EVERY {
+            self.active = false;
+            if let Ok(hosts) = HostAddresses::read() {
+                self.hosts = hosts;
+            }
+            self.refreshed = Instant::now();
+        }
     }
 
     fn wake_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {

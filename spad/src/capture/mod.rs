@@ -57,6 +57,9 @@ pub trait Source {
     /// watches duplicates of them).
     fn wake_fds(&self) -> Vec<BorrowedFd<'_>>;
 
+    /// Periodic upkeep, called from the event loop's tick (never on a packet's path).
+    fn housekeeping(&mut self) {}
+
     /// Counters since the source was opened: frames read and delivered, userspace drops
     /// by reason, and the kernel's own counts where the source has them.
     fn stats(&mut self) -> CaptureStats {
