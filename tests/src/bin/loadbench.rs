@@ -687,8 +687,6 @@ fn outcome(
     }
 }
 
-/// Floods from one thread at full speed while [`LEGIT_DURING_FLOOD`] legitimate knocks go out
-/// [`LEGIT_EVERY`] apart.
 /// What spad did with a flood: frames its capture delivered to the pipeline, frames the
 /// kernel dropped because the ring was full, and the CPU it used meanwhile.
 struct Handled {
@@ -711,6 +709,8 @@ impl std::fmt::Display for Handled {
     }
 }
 
+/// Floods from one thread at full speed while [`LEGIT_DURING_FLOOD`] legitimate knocks go out
+/// [`LEGIT_EVERY`] apart.
 fn flood_scenario(
     bench: &Bench,
     fd: &Arc<OwnedFd>,
