@@ -28,7 +28,7 @@ use spa_shared::Micros;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::daemon::Pipeline;
-use crate::firewall::{Firewall, LiveGrant};
+use crate::firewall::{Firewall, KernelView, LiveGrant};
 use crate::status::{Blacklisted, Grant, Info, Listing, Revoked, Status};
 
 /// Longest request accepted on the control socket.
@@ -78,18 +78,23 @@ pub struct Call {
 
 /// Lists grants and blacklisted sources from `firewall`.
 pub fn listing(firewall: &mut dyn Firewall, source: &str) -> anyhow::Result<Listing> {
-    Ok(Listing {
+    Ok(listing_of(firewall.view()?, source))
+}
+
+/// The listing of what the kernel holds.
+fn listing_of(view: KernelView, source: &str) -> Listing {
+    Listing {
         source: source.into(),
-        grants: firewall.list()?.iter().map(Grant::from).collect(),
-        blacklist: firewall
-            .blacklisted()?
+        grants: view.grants.iter().map(Grant::from).collect(),
+        blacklist: view
+            .blacklisted
             .into_iter()
             .map(|(address, left)| Blacklisted {
                 address,
                 remaining_seconds: left.as_secs(),
             })
             .collect(),
-    })
+    }
 }
 
 /// Revokes the grants of `address` (or of `client`) for `services` (all if empty) and returns
@@ -173,9 +178,86 @@ fn removed(
 /// Answers one request with the pipeline's state: a JSON object `{"ok":true,"result":…}` or
 /// `{"ok":false,"error":"…"}` (for `Metrics`, the Prometheus text).
 pub fn answer<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Request) -> String {
-    if *request == Request::Metrics {
-        return metrics_text(pipeline, info);
+    prepare(pipeline, info, request).text()
+}
+
+/// The answer to a call, as far as the loop goes: ready, or waiting for a read of the kernel
+/// that another thread does (a dump of every grant must not stall the packets).
+pub enum Answer {
+    Now(String),
+    Later(Box<dyn FnOnce() -> String + Send>),
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Now(text) => f.debug_tuple("Now").field(text).finish(),
+            Self::Later(_) => f.write_str("Later(..)"),
+        }
     }
+}
+
+impl Answer {
+    /// The text, reading the kernel here if that is what is left to do.
+    pub fn text(self) -> String {
+        match self {
+            Self::Now(text) => text,
+            Self::Later(read) => read(),
+        }
+    }
+}
+
+fn ok_json(value: anyhow::Result<serde_json::Value>) -> String {
+    match value {
+        Ok(value) => serde_json::json!({ "ok": true, "result": value }),
+        Err(e) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+    }
+    .to_string()
+}
+
+/// Does the loop's part of a call. `status`, `list` and a metrics scrape take what the loop
+/// knows (counters, config) now and leave the kernel's part (every live grant) to a
+/// [`crate::firewall::KernelReader`], when the backend has one.
+pub fn prepare<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Request) -> Answer {
+    let reader = pipeline.firewall.reader();
+    match (request, reader) {
+        (Request::Metrics, reader) => metrics_answer(pipeline, info, reader),
+        (Request::Status, Some(mut reader)) => {
+            let mut status = Status::running(
+                info,
+                &pipeline.config,
+                pipeline.firewall.name(),
+                pipeline.stats.counters(),
+                pipeline.now(),
+                None,
+            );
+            Answer::Later(Box::new(move || {
+                if let Ok(view) = reader.read() {
+                    status.live_grants = Some(view.grants.len());
+                    status.blacklisted = Some(view.blacklisted.len());
+                }
+                ok_json(serde_json::to_value(status).map_err(Into::into))
+            }))
+        }
+        (Request::List, Some(mut reader)) => Answer::Later(Box::new(move || {
+            ok_json(
+                reader
+                    .read()
+                    .map(|view| listing_of(view, "daemon"))
+                    .and_then(|l| Ok(serde_json::to_value(l)?)),
+            )
+        })),
+        (request, _) => Answer::Now(answer_on_the_loop(pipeline, info, request)),
+    }
+}
+
+/// Everything answered on the loop: revoke and flush (they change the kernel), and status and
+/// list for a backend without a reader.
+fn answer_on_the_loop<C: Clock>(
+    pipeline: &mut Pipeline<C>,
+    info: &Info,
+    request: &Request,
+) -> String {
     if matches!(request, Request::Revoke { .. } | Request::Flush) {
         // A grant whose journal sync is still running must not land after the revoke.
         pipeline.settle(crate::daemon::SETTLE_AT_MOST);
@@ -183,10 +265,11 @@ pub fn answer<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Reque
     let now = pipeline.now();
     let result: anyhow::Result<serde_json::Value> = (|| match request {
         Request::Status => {
-            let kernel = match (pipeline.firewall.list(), pipeline.firewall.blacklisted()) {
-                (Ok(g), Ok(b)) => Some((g.len(), b.len())),
-                _ => None,
-            };
+            let kernel = pipeline
+                .firewall
+                .view()
+                .ok()
+                .map(|v| (v.grants.len(), v.blacklisted.len()));
             let status = Status::running(
                 info,
                 &pipeline.config,
@@ -227,13 +310,9 @@ pub fn answer<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Reque
                 revoked: gone.iter().map(Grant::from).collect(),
             })?)
         }
-        Request::Metrics => unreachable!("answered above"),
+        Request::Metrics => bail!("metrics are not a JSON call"),
     })();
-    match result {
-        Ok(value) => serde_json::json!({ "ok": true, "result": value }),
-        Err(e) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
-    }
-    .to_string()
+    ok_json(result)
 }
 
 fn log_removed<C: Clock>(pipeline: &mut Pipeline<C>, what: &str, gone: &[LiveGrant]) {
@@ -255,33 +334,37 @@ fn log_removed<C: Clock>(pipeline: &mut Pipeline<C>, what: &str, gone: &[LiveGra
     );
 }
 
-fn metrics_text<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info) -> String {
-    let mut gauges = crate::metrics::Gauges {
+/// The Prometheus text: counters and the latency histogram from the loop, the live grants
+/// per service and the blacklist from the kernel (through `reader` off the loop if given).
+fn metrics_answer<C: Clock>(
+    pipeline: &mut Pipeline<C>,
+    info: &Info,
+    reader: Option<Box<dyn crate::firewall::KernelReader>>,
+) -> Answer {
+    let gauges = crate::metrics::Gauges {
         start_time: info.started,
         config_load_time: info.config_loaded,
         ..Default::default()
     };
-    let mut active: std::collections::BTreeMap<String, u64> = pipeline
-        .config
-        .services
-        .keys()
-        .map(|s| (s.clone(), 0))
-        .collect();
-    if let Ok(grants) = pipeline.firewall.list() {
-        for g in grants {
-            *active.entry(g.service).or_default() += 1;
+    let services: Vec<String> = pipeline.config.services.keys().cloned().collect();
+    let counters = pipeline.stats.counters();
+    let latency = pipeline.stats.grant_latency.clone();
+    let render = move |view: Option<KernelView>, mut gauges: crate::metrics::Gauges| {
+        let mut active: std::collections::BTreeMap<String, u64> =
+            services.into_iter().map(|s| (s, 0)).collect();
+        if let Some(view) = &view {
+            for g in &view.grants {
+                *active.entry(g.service.clone()).or_default() += 1;
+            }
         }
+        gauges.active_grants = active.into_iter().collect();
+        gauges.blacklisted = view.map_or(0, |v| v.blacklisted.len() as u64);
+        crate::metrics::render(&counters, &latency, &gauges)
+    };
+    match reader {
+        Some(mut reader) => Answer::Later(Box::new(move || render(reader.read().ok(), gauges))),
+        None => Answer::Now(render(pipeline.firewall.view().ok(), gauges)),
     }
-    gauges.active_grants = active.into_iter().collect();
-    gauges.blacklisted = pipeline
-        .firewall
-        .blacklisted()
-        .map_or(0, |b| b.len() as u64);
-    crate::metrics::render(
-        &pipeline.stats.counters(),
-        &pipeline.stats.grant_latency,
-        &gauges,
-    )
 }
 
 /// The bound control socket, before its thread starts.
@@ -504,9 +587,20 @@ impl Hub {
     }
 
     /// Answers one request from an operator task (the caller may have given up waiting).
+    /// Answers a call: at once, or, for a read of every grant, from a blocking-pool thread
+    /// while the loop goes back to the packets.
     pub fn answer<C: Clock>(&mut self, pipeline: &mut Pipeline<C>, call: Call) {
-        let text = answer(pipeline, &self.info, &call.request);
-        let _ = call.reply.send(text);
+        match prepare(pipeline, &self.info, &call.request) {
+            Answer::Now(text) => {
+                let _ = call.reply.send(text);
+            }
+            Answer::Later(read) => {
+                let reply = call.reply;
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(read());
+                });
+            }
+        }
     }
 
     pub fn stopping(&mut self) {
@@ -744,6 +838,14 @@ mod tests {
     const NOW: Micros = 1_763_726_400_000_000;
 
     fn pipeline<'a>(clock: &'a ManualClock, name: &str) -> (Pipeline<&'a ManualClock>, PathBuf) {
+        pipeline_with(clock, name, Memory::default())
+    }
+
+    fn pipeline_with<'a>(
+        clock: &'a ManualClock,
+        name: &str,
+        firewall: Memory,
+    ) -> (Pipeline<&'a ManualClock>, PathBuf) {
         let dir = std::env::temp_dir().join(format!("spad-control-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -754,16 +856,20 @@ mod tests {
         );
         let config = Config::parse(&dir.join("spad.toml"), &text).unwrap();
         let server = Server::new(PrivateKey::from_bytes([2; 32]));
-        let p = Pipeline::new(config, server, Box::new(Memory::default()), clock).unwrap();
+        let p = Pipeline::new(config, server, Box::new(firewall), clock).unwrap();
         (p, dir)
     }
 
     /// Alice's SPA packet opening `service`, from 198.51.100.7, through the whole pipeline.
     fn alice_opens(p: &mut Pipeline<&ManualClock>, service: &str) {
+        alice_opens_at(p, service, NOW);
+    }
+
+    fn alice_opens_at(p: &mut Pipeline<&ManualClock>, service: &str, timestamp: Micros) {
         use spa_shared::payload::{Kind, Request as SpaRequest};
         let request = SpaRequest {
             kind: Kind::Open,
-            timestamp: NOW,
+            timestamp,
             nonce: [7; 16],
             duration_secs: 0,
             address: None,
@@ -874,6 +980,93 @@ mod tests {
 
     /// An operator's revoke while the client's grant still waits for its journal sync: the
     /// grant lands first and the revoke removes it; it never lands after the revoke.
+    /// `status`, `list` and a metrics scrape leave their read of the kernel (every grant) to
+    /// another thread: while that read is held, the loop decides and grants a packet; the
+    /// answers then carry what the reader saw. Revoke and flush stay on the loop.
+    #[test]
+    fn status_list_and_metrics_read_the_kernel_off_the_loop() {
+        let clock = ManualClock::new(NOW);
+        let (views, gate) = std::sync::mpsc::channel();
+        let firewall = Memory {
+            gated_reads: Some(std::sync::Arc::new(std::sync::Mutex::new(gate))),
+            ..Memory::default()
+        };
+        let (mut p, dir) = pipeline_with(&clock, "offloop", firewall);
+        let seen = KernelView {
+            grants: vec![LiveGrant {
+                address: "203.0.113.9".parse().unwrap(),
+                service: "vpn".into(),
+                remaining: Duration::from_secs(20),
+                owner: "bob".into(),
+            }],
+            blacklisted: vec![("192.0.2.66".parse().unwrap(), Duration::from_secs(60))],
+        };
+        let requests = [Request::Status, Request::List, Request::Metrics];
+        for (n, request) in requests.into_iter().enumerate() {
+            let answer = prepare(&mut p, &info(), &request);
+            assert!(
+                matches!(answer, Answer::Later(_)),
+                "{request:?}: {answer:?}"
+            );
+            let reading = std::thread::spawn(move || answer.text());
+            // The read waits for the gate; the loop is free meanwhile.
+            let service = ["ssh", "vpn", "ssh"][n];
+            if n > 0 {
+                clock.advance(1_000_000);
+            }
+            alice_opens_at(&mut p, service, NOW + n as u64 * 1_000_000);
+            assert!(
+                p.firewall
+                    .list()
+                    .unwrap()
+                    .iter()
+                    .any(|g| g.service == service),
+                "granted while {request:?} reads the kernel"
+            );
+            views.send(seen.clone()).unwrap();
+            let text = reading.join().unwrap();
+            match request {
+                Request::Status => {
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    assert_eq!(v["result"]["live_grants"], 1, "{text}");
+                    assert_eq!(v["result"]["blacklisted"], 1, "{text}");
+                }
+                Request::List => {
+                    assert!(
+                        text.contains("203.0.113.9") && text.contains("192.0.2.66"),
+                        "{text}"
+                    );
+                }
+                _ => {
+                    assert!(
+                        text.contains("spad_active_grants{service=\"vpn\"} 1"),
+                        "{text}"
+                    );
+                    assert!(
+                        text.contains("spad_active_grants{service=\"ssh\"} 0"),
+                        "{text}"
+                    );
+                    assert!(text.contains("spad_blacklisted_sources 1"), "{text}");
+                }
+            }
+        }
+        for request in [
+            Request::Flush,
+            Request::Revoke {
+                address: None,
+                client: Some("alice".into()),
+                services: Vec::new(),
+            },
+        ] {
+            let answer = prepare(&mut p, &info(), &request);
+            assert!(
+                matches!(answer, Answer::Now(_)),
+                "{request:?} changes the kernel: on the loop"
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn a_revoke_settles_a_grant_waiting_for_its_sync_first() {
         let clock = ManualClock::new(NOW);

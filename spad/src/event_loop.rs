@@ -200,7 +200,6 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
     let capture_desc = describe_capture(&config);
     let mut pipeline = Pipeline::new(config, server, firewall, SystemClock)?;
     pipeline.verifier = crate::verify::Verifier::for_this_machine();
-    pipeline.verifier.start_pool();
     let public = pipeline.server_public_key();
     pipeline.log.line(
         SystemClock.now(),
@@ -221,8 +220,10 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
             ),
         );
     }
-    // The journal's syncs leave the loop (after the privilege drop, so the thread holds no
-    // more than the loop does).
+    // The handshake pool, and the journal's syncs, leave the loop: after the privilege drop,
+    // which refuses to run with other threads (they would keep root), so no thread holds more
+    // than the loop does. The pool starts now rather than with the first busy batch.
+    pipeline.verifier.start_pool();
     let synced = std::sync::Arc::new(tokio::sync::Notify::new());
     let wake = std::sync::Arc::clone(&synced);
     pipeline

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::{Access, Firewall, LiveGrant};
+use std::sync::{mpsc, Arc, Mutex};
+
+use super::{Access, Firewall, KernelReader, KernelView, LiveGrant};
 use crate::config::Config;
 
 /// Records grants in a map; time does not pass here, tests inspect what was asked.
@@ -14,6 +16,23 @@ pub struct Memory {
     pub blacklist: BTreeMap<IpAddr, Duration>,
     pub installs: usize,
     pub fail_next_grant: bool,
+    /// When set, [`Firewall::reader`] hands out readers that each wait for the view a test
+    /// sends here (to hold a read of the kernel while the loop goes on).
+    pub gated_reads: Option<Arc<Mutex<mpsc::Receiver<KernelView>>>>,
+}
+
+/// A reader that returns whatever view the test sends, when it sends it.
+struct GatedReader(Arc<Mutex<mpsc::Receiver<KernelView>>>);
+
+impl KernelReader for GatedReader {
+    fn read(&mut self) -> anyhow::Result<KernelView> {
+        let gate = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("gate poisoned"))?;
+        gate.recv()
+            .map_err(|_| anyhow::anyhow!("the test dropped the gate"))
+    }
 }
 
 impl Firewall for Memory {
@@ -77,6 +96,10 @@ impl Firewall for Memory {
     }
     fn protection(&mut self) -> anyhow::Result<String> {
         Ok(format!("installed {}", self.installs))
+    }
+    fn reader(&self) -> Option<Box<dyn KernelReader>> {
+        let gate = self.gated_reads.as_ref()?;
+        Some(Box::new(GatedReader(Arc::clone(gate))))
     }
     fn remove(&mut self) -> anyhow::Result<()> {
         self.grants.clear();

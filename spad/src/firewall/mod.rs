@@ -40,6 +40,21 @@ pub struct LiveGrant {
     pub owner: String,
 }
 
+/// What the kernel holds now: the live grants and the blacklist, read together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelView {
+    pub grants: Vec<LiveGrant>,
+    pub blacklisted: Vec<(IpAddr, Duration)>,
+}
+
+/// Reads the kernel's grants and blacklist on a thread other than the event loop's, through
+/// sockets of its own: `spad status`, `spad list` and a metrics scrape dump every set element
+/// (a tenth of a second with 20,000 grants), which must not stall the packets meanwhile. It
+/// shares nothing with the backend it came from, and only reads.
+pub trait KernelReader: Send {
+    fn read(&mut self) -> anyhow::Result<KernelView>;
+}
+
 /// What a firewall backend does for the daemon.
 pub trait Firewall {
     /// Short name for logs (`nftables`, `iptables`, `memory`).
@@ -82,6 +97,18 @@ pub trait Firewall {
     /// Removes everything this backend installed: protected ports become reachable by all.
     /// Only `spad uninstall` (and benchmarks) call this.
     fn remove(&mut self) -> anyhow::Result<()>;
+    /// The live grants and the blacklist, in one read of the kernel where the backend can.
+    fn view(&mut self) -> anyhow::Result<KernelView> {
+        Ok(KernelView {
+            grants: self.list()?,
+            blacklisted: self.blacklisted()?,
+        })
+    }
+    /// A reader for another thread (see [`KernelReader`]); `None` if this backend has none,
+    /// and the caller reads through [`Firewall::view`] instead.
+    fn reader(&self) -> Option<Box<dyn KernelReader>> {
+        None
+    }
 }
 
 /// Whether a live grant is still allowed by `config` (its service exists and its owner, if a

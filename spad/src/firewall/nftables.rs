@@ -22,7 +22,7 @@ use super::netlink::{
     attributes, Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use super::plan::{Family, Plan, PortMatch, Rule, SetId, SetRole, Source, Verdict};
-use super::{still_allowed, Access, Firewall, LiveGrant};
+use super::{still_allowed, Access, Firewall, KernelReader, KernelView, LiveGrant};
 use crate::config::Config;
 use crate::net::Proto;
 
@@ -657,6 +657,92 @@ impl Remembered {
     }
 }
 
+/// One netlink dump request on `socket` (an absent table or set reads as empty).
+fn dump(socket: &mut Socket, kind: u16, attrs: &[(u16, &str)]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut m = Message::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | kind,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        NFPROTO_INET,
+        0,
+    );
+    for (attr, value) in attrs {
+        m.attr_str(*attr, value);
+    }
+    match socket.dump(m) {
+        Ok(bodies) => Ok(bodies),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(Vec::new()),
+        Err(e) => Err(e).context("reading the nftables table over netlink"),
+    }
+}
+
+/// Chains, sets and elements of `table`, read over netlink.
+fn read_table(socket: &mut Socket, table: &str) -> anyhow::Result<Existing> {
+    let chains = parse_names(
+        &dump(socket, NFT_MSG_GETCHAIN, &[])?,
+        table,
+        NFTA_CHAIN_TABLE,
+        NFTA_CHAIN_NAME,
+    );
+    let sets = parse_names(
+        &dump(socket, NFT_MSG_GETSET, &[(NFTA_SET_TABLE, table)])?,
+        table,
+        NFTA_SET_TABLE,
+        NFTA_SET_NAME,
+    );
+    let mut elements = Vec::new();
+    for set in &sets {
+        let bodies = dump(
+            socket,
+            NFT_MSG_GETSETELEM,
+            &[
+                (NFTA_SET_ELEM_LIST_TABLE, table),
+                (NFTA_SET_ELEM_LIST_SET, set),
+            ],
+        )?;
+        elements.extend(parse_element_dump(set, &bodies));
+    }
+    Ok(Existing {
+        chains,
+        sets,
+        elements,
+    })
+}
+
+/// The live grants and the blacklist of a table's view.
+fn view_of(existing: &Existing) -> KernelView {
+    KernelView {
+        grants: live_grants(existing)
+            .into_iter()
+            .map(|(c, id)| LiveGrant {
+                address: c.address,
+                service: id.service,
+                remaining: c.remaining,
+                owner: c.owner.clone(),
+            })
+            .collect(),
+        blacklisted: existing
+            .elements
+            .iter()
+            .filter(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist))
+            .map(|c| (c.address, c.remaining))
+            .collect(),
+    }
+}
+
+/// Reads spad's table on a netlink socket of its own (see [`KernelReader`]).
+#[derive(Debug)]
+struct TableReader {
+    table: String,
+}
+
+impl KernelReader for TableReader {
+    fn read(&mut self) -> anyhow::Result<KernelView> {
+        let mut socket = Socket::open()
+            .context("cannot open a netfilter netlink socket (needs CAP_NET_ADMIN)")?;
+        Ok(view_of(&read_table(&mut socket, &self.table)?))
+    }
+}
+
 /// The nftables backend.
 #[derive(Debug)]
 pub struct Nftables {
@@ -680,53 +766,12 @@ impl Nftables {
     }
 
     fn dump(&mut self, kind: u16, attrs: &[(u16, &str)]) -> anyhow::Result<Vec<Vec<u8>>> {
-        let mut m = Message::new(
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            NFPROTO_INET,
-            0,
-        );
-        for (attr, value) in attrs {
-            m.attr_str(*attr, value);
-        }
-        match self.socket.dump(m) {
-            Ok(bodies) => Ok(bodies),
-            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(Vec::new()),
-            Err(e) => Err(e).context("reading the nftables table over netlink"),
-        }
+        dump(&mut self.socket, kind, attrs)
     }
 
     /// Chains, sets and elements of spad's table, read over netlink (milliseconds exact).
     pub fn existing(&mut self) -> anyhow::Result<Existing> {
-        let table = self.table.clone();
-        let chains = parse_names(
-            &self.dump(NFT_MSG_GETCHAIN, &[])?,
-            &table,
-            NFTA_CHAIN_TABLE,
-            NFTA_CHAIN_NAME,
-        );
-        let sets = parse_names(
-            &self.dump(NFT_MSG_GETSET, &[(NFTA_SET_TABLE, &table)])?,
-            &table,
-            NFTA_SET_TABLE,
-            NFTA_SET_NAME,
-        );
-        let mut elements = Vec::new();
-        for set in &sets {
-            let bodies = self.dump(
-                NFT_MSG_GETSETELEM,
-                &[
-                    (NFTA_SET_ELEM_LIST_TABLE, &table),
-                    (NFTA_SET_ELEM_LIST_SET, set),
-                ],
-            )?;
-            elements.extend(parse_element_dump(set, &bodies));
-        }
-        let existing = Existing {
-            chains,
-            sets,
-            elements,
-        };
+        let existing = read_table(&mut self.socket, &self.table)?;
         // A missing table keeps the memory: it is what a repair restores from.
         if !existing.sets.is_empty() {
             self.remembered.replace_from(&existing, Instant::now());
@@ -927,16 +972,17 @@ impl Firewall for Nftables {
     }
 
     fn list(&mut self) -> anyhow::Result<Vec<LiveGrant>> {
-        let existing = self.existing()?;
-        Ok(live_grants(&existing)
-            .into_iter()
-            .map(|(c, id)| LiveGrant {
-                address: c.address,
-                service: id.service,
-                remaining: c.remaining,
-                owner: c.owner.clone(),
-            })
-            .collect())
+        Ok(self.view()?.grants)
+    }
+
+    fn view(&mut self) -> anyhow::Result<KernelView> {
+        Ok(view_of(&self.existing()?))
+    }
+
+    fn reader(&self) -> Option<Box<dyn KernelReader>> {
+        Some(Box::new(TableReader {
+            table: self.table.clone(),
+        }))
     }
 
     fn blacklist(&mut self, address: IpAddr, duration: Duration) -> anyhow::Result<()> {
@@ -966,13 +1012,7 @@ impl Firewall for Nftables {
     }
 
     fn blacklisted(&mut self) -> anyhow::Result<Vec<(IpAddr, Duration)>> {
-        Ok(self
-            .existing()?
-            .elements
-            .into_iter()
-            .filter(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist))
-            .map(|c| (c.address, c.remaining))
-            .collect())
+        Ok(self.view()?.blacklisted)
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
