@@ -6,7 +6,8 @@
 //! accepts connections (at most [`CONNECTIONS`] at once), reads one JSON request line (at most
 //! [`MAX_REQUEST`] bytes, within [`IO_TIMEOUT`]) and forwards it over a bounded channel to the
 //! daemon's loop, which answers between batches ([`Hub::answer`]): the single-threaded pipeline
-//! is never shared. The metrics endpoint uses the same channel.
+//! is never shared. The metrics endpoint uses the same channel. A call that reads every live
+//! grant (`status`, `list`, metrics) leaves that read to another thread ([`prepare`]).
 //!
 //! Client side: the `spad` subcommands send a request and print the answer; when nothing
 //! answers they say so and read the kernel directly with the config on disk.

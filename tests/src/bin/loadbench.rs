@@ -144,10 +144,10 @@ impl Bench {
         run("ip", &full);
     }
 
-    /// Counters of the running spad, from `spad status --json` (empty if it does not answer).
-    fn counters(&self) -> HashMap<String, u64> {
+    /// `spad status --json` of the running spad (null if it does not answer).
+    fn status(&self) -> serde_json::Value {
         let (Some(spad), Some(config)) = (&self.spad_path, &self.config_path) else {
-            return HashMap::new();
+            return serde_json::Value::Null;
         };
         let out = Command::new("ip")
             .args([
@@ -155,9 +155,14 @@ impl Bench {
             ])
             .output();
         let Ok(out) = out else {
-            return HashMap::new();
+            return serde_json::Value::Null;
         };
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Counters of the running spad, from `spad status --json` (empty if it does not answer).
+    fn counters(&self) -> HashMap<String, u64> {
+        let json = self.status();
         json["counters"]
             .as_array()
             .map(|all| {
@@ -918,6 +923,61 @@ fn main() {
             c.sent,
             ms(c.p50),
             ms(c.p99)
+        );
+    }
+
+    // What an operator's reads cost the packets: `spad status` every 250 ms (a dashboard, or
+    // a Prometheus scrape: both read every live grant) while 1,000/s arrive, with the last
+    // step's grants still live. Sources from the top of the range, clear of the ladder's.
+    {
+        let live = bench.status()["live_grants"].as_u64().unwrap_or(0);
+        let rate = 1_000u64;
+        let warm = (rate as u128 * WARM_UP.as_millis() / 1000) as usize;
+        let count = 2 * rate as usize;
+        let offset = 65_000 - warm - count;
+        let packets = seal_packets(&keys, &server_public, warm + count, 80);
+        while events.try_recv().is_ok() {}
+        let reading = Arc::new(AtomicBool::new(true));
+        let reader = {
+            let reading = Arc::clone(&reading);
+            let (gw, spad, config) = (
+                bench.gw.clone(),
+                bench.spad_path.clone(),
+                bench.config_path.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut took = Vec::new();
+                while reading.load(Ordering::Relaxed) {
+                    let start = Instant::now();
+                    let _ = Command::new("ip")
+                        .args(["netns", "exec", &gw])
+                        .args([spad.as_deref().unwrap_or("spad"), "status", "-c"])
+                        .arg(config.as_deref().unwrap_or("spad.toml"))
+                        .arg("--json")
+                        .output();
+                    took.push(start.elapsed());
+                    std::thread::sleep(Duration::from_millis(250).saturating_sub(start.elapsed()));
+                }
+                took
+            })
+        };
+        let measured_from = u32::from(source(offset + warm));
+        let mut sent = paced(&fd, &packets, rate, offset, |_| {});
+        let granted = collect(&events, &sent, Duration::from_secs(2));
+        reading.store(false, Ordering::Relaxed);
+        let mut took = reader.join().unwrap();
+        took.sort();
+        sent.retain(|(a, _)| *a >= measured_from);
+        let o = outcome(&sent, &granted, Duration::ZERO, false);
+        println!(
+            "status every 250 ms at {rate}/s with {live} grants live: granted {}/{} p50 {} ms p99 {} ms; {} status calls took p50 {} / max {} ms",
+            o.granted,
+            o.sent,
+            ms(o.p50),
+            ms(o.p99),
+            took.len(),
+            ms(percentile(&took, 50)),
+            ms(took.last().copied().unwrap_or_default())
         );
     }
 
