@@ -197,6 +197,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
     let hub = Hub::bind(&config, &config_path, SystemClock.now())?;
     let source = open_source(&config)?;
     let firewall = crate::firewall::open(&config)?;
+    // Subscribed before the install, so a change anyone makes around it is seen (`Guard::rearm`).
+    let subscription = crate::firewall::guard::Subscription::open(firewall.name());
     let capture_desc = describe_capture(&config);
     let mut pipeline = Pipeline::new(config, server, firewall, SystemClock)?;
     pipeline.verifier = crate::verify::Verifier::for_this_machine();
@@ -229,7 +231,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
     pipeline
         .sync_in_background(std::sync::Arc::new(move || wake.notify_one()))
         .context("starting the journal's sync thread")?;
-    let (guard, warning) = Guard::new(&mut *pipeline.firewall, &pipeline.config);
+    hold_before_the_guard(&mut pipeline);
+    let (guard, warning) = Guard::watching(subscription, &mut *pipeline.firewall, &pipeline.config);
     if let Some(w) = warning {
         pipeline.log.line(SystemClock.now(), &w);
     }
@@ -442,6 +445,26 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// Tests only (debug builds): `SPAD_TEST_HOLD_BEFORE_GUARD_MS` widens the moment between
+/// the install and the guard's start, so a test can change the table inside it. Release
+/// builds have no such variable.
+fn hold_before_the_guard<C: crate::clock::Clock>(pipeline: &mut Pipeline<C>) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Some(ms) = std::env::var("SPAD_TEST_HOLD_BEFORE_GUARD_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    pipeline.log.line(
+        SystemClock.now(),
+        &format!("test hook: holding {ms} ms before the guard starts"),
+    );
+    std::thread::sleep(Duration::from_millis(ms.min(10_000)));
 }
 
 /// Resolves when the guard's netlink monitor has events; never without a monitor.

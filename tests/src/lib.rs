@@ -577,6 +577,16 @@ impl Lab {
 
     /// Starts `spad run` in the gateway namespace with the lab config and a backend.
     pub fn start_spad(&mut self, config: &str, backend: Backend) -> usize {
+        self.start_spad_with_env(config, backend, &[])
+    }
+
+    /// Like [`Lab::start_spad`], with extra environment variables for the daemon.
+    pub fn start_spad_with_env(
+        &mut self,
+        config: &str,
+        backend: Backend,
+        env: &[(&str, &str)],
+    ) -> usize {
         let started = self.log().matches("listening port=").count();
         let log = fs::OpenOptions::new()
             .create(true)
@@ -600,6 +610,7 @@ impl Lab {
             .args(["netns", "exec", &self.gw])
             .arg(binary("spad"))
             .args(["run", "-c", path.to_str().unwrap()])
+            .envs(env.iter().copied())
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -463,6 +463,54 @@ pub fn conceal_drop_hides_every_watched_port_alike(backend: Backend) {
     }
 }
 
+/// Someone deletes spad's table between spad's install and the moment its guard takes the
+/// installed protection as the reference (a boot script's `nft flush ruleset` racing spad's
+/// start). The guard must not take the damage as the norm: it repairs, and the port stays
+/// filtered. The test hook (debug builds only) holds that moment open for 1.5 s. nftables
+/// only: iptables announces no changes, and is compared every 0.7 s against what it read.
+#[test]
+fn a_table_deleted_while_spad_starts_is_put_back() {
+    if !spa_e2e::e2e_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(CONF);
+    let _ssh = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let daemon = lab.start_spad_with_env(
+        CONF,
+        Backend::Nftables,
+        &[("SPAD_TEST_HOLD_BEFORE_GUARD_MS", "1500")],
+    );
+    assert!(lab.wait_log("test hook: holding", 1), "{}", lab.log());
+    tamper(&lab, Backend::Nftables, 1);
+    // While the table is gone, nothing filters: the guard must notice once it runs.
+    assert!(
+        lab.wait_log("protection reinstalled", 1),
+        "the deletion was taken as the norm:\n{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::TimedOut);
+    assert_eq!(tcp_probe(&lab.b, Lab::gw6(22), T), Connect::TimedOut);
+    // Its own start is not a tamper: a restart without interference repairs nothing.
+    lab.stop_spad(daemon, false);
+    let repairs = lab.log().matches("protection reinstalled").count();
+    let daemon = lab.start_spad_with_env(
+        CONF,
+        Backend::Nftables,
+        &[("SPAD_TEST_HOLD_BEFORE_GUARD_MS", "300")],
+    );
+    assert!(lab.wait_log("test hook: holding", 2), "{}", lab.log());
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    assert_eq!(
+        lab.log().matches("protection reinstalled").count(),
+        repairs,
+        "{}",
+        lab.log()
+    );
+    lab.stop_spad(daemon, false);
+}
+
 both_backends!(
     flush_and_tampering_never_open_protected_ports,
     a_second_daemon_refuses_and_names_the_first,

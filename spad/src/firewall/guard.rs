@@ -29,6 +29,14 @@ pub const POLL_NFTABLES: Duration = Duration::from_secs(5);
 /// `spad revoke` in another process).
 const NEWSETELEM: u16 = 12;
 const DELSETELEM: u16 = 14;
+/// `NFT_MSG_NEWGEN`: sent after each committed transaction, after its other events, from
+/// the netlink port of the socket that committed it.
+const NEWGEN: u16 = 15;
+/// The most monitor reads a re-arm makes to empty the queue (each up to a batch of them).
+const REARM_DRAINS: usize = 64;
+/// What the guard expects when it may not trust the kernel's protection: it matches nothing,
+/// so the next check repairs.
+const UNTRUSTED: &str = "(untrusted: changed by another process around spad's own install)";
 /// `NFTA_SET_ELEM_LIST_SET`.
 const SET_ATTR: u16 = 2;
 
@@ -59,6 +67,37 @@ pub fn element_changes(kind: u16, body: &[u8], table: &str) -> Option<(bool, Vec
     ))
 }
 
+/// Whether a monitor message is the end of a committed transaction (`NFT_MSG_NEWGEN`).
+fn ends_transaction(kind: u16) -> bool {
+    kind >> 8 == NFNL_SUBSYS_NFTABLES && kind & 0xff == NEWGEN
+}
+
+/// Whether, in `events` (`(kind, sender port, body)` in the kernel's order), the last
+/// transaction that changed `table`'s structure came from a netlink port `ours` does not know:
+/// then a fingerprint of the protection read before these events may already hold that
+/// change. A process's first netlink socket gets its process id as port (as `nft` does), so
+/// spad knows the ports of the `nft` runs it started; a port it cannot place (a clash gives a
+/// random one) makes it repair once more, never less.
+pub fn changed_by_another(
+    events: &[(u16, u32, Vec<u8>)],
+    table: &str,
+    ours: impl Fn(u32) -> bool,
+) -> bool {
+    let mut touched = false;
+    let mut another = false;
+    for (kind, sender, body) in events {
+        if touches_table(*kind, body, table) {
+            touched = true;
+        } else if ends_transaction(*kind) {
+            if touched {
+                another = !ours(*sender);
+            }
+            touched = false;
+        }
+    }
+    another
+}
+
 fn of_table(kind: u16, body: &[u8], table: &str) -> bool {
     if kind >> 8 != NFNL_SUBSYS_NFTABLES {
         return false;
@@ -78,30 +117,62 @@ fn of_table(kind: u16, body: &[u8], table: &str) -> bool {
 #[derive(Debug)]
 pub struct Guard {
     expected: String,
+    /// The last re-arm did not trust the kernel (see [`Guard::rearm`]).
+    distrusted: bool,
     monitor: Option<Monitor>,
     interval: Duration,
     next_check: Instant,
     table: String,
 }
 
+/// The guard's subscription to the kernel's ruleset events, taken before spad installs its
+/// protection, so no change made around the install goes unseen.
+#[derive(Debug)]
+pub struct Subscription {
+    monitor: Option<Monitor>,
+    warning: Option<String>,
+}
+
+impl Subscription {
+    /// Subscribes for a backend named `backend` (only nftables announces changes).
+    pub fn open(backend: &str) -> Self {
+        if backend != "nftables" {
+            return Self {
+                monitor: None,
+                warning: None,
+            };
+        }
+        match Monitor::open(NFNLGRP_NFTABLES) {
+            Ok(m) => Self {
+                monitor: Some(m),
+                warning: None,
+            },
+            Err(e) => Self {
+                monitor: None,
+                warning: Some(format!(
+                    "warning: no nftables monitor ({e}); checking the ruleset every {}s",
+                    POLL_IPTABLES.as_secs_f32()
+                )),
+            },
+        }
+    }
+}
+
 impl Guard {
-    /// Starts watching the protection `firewall` has just installed for `config`.
+    /// Starts watching the protection `firewall` has just installed for `config`, subscribing
+    /// only now (see [`Guard::watching`] for a subscription taken before the install).
     pub fn new(firewall: &mut dyn Firewall, config: &Config) -> (Self, Option<String>) {
-        let nft = firewall.name() == "nftables";
-        let (monitor, warning) = if nft {
-            match Monitor::open(NFNLGRP_NFTABLES) {
-                Ok(m) => (Some(m), None),
-                Err(e) => (
-                    None,
-                    Some(format!(
-                        "warning: no nftables monitor ({e}); checking the ruleset every {}s",
-                        POLL_IPTABLES.as_secs_f32()
-                    )),
-                ),
-            }
-        } else {
-            (None, None)
-        };
+        Self::watching(Subscription::open(firewall.name()), firewall, config)
+    }
+
+    /// Starts watching the protection `firewall` has installed for `config` since
+    /// `subscription` was taken.
+    pub fn watching(
+        subscription: Subscription,
+        firewall: &mut dyn Firewall,
+        config: &Config,
+    ) -> (Self, Option<String>) {
+        let Subscription { monitor, warning } = subscription;
         let interval = if monitor.is_some() {
             POLL_NFTABLES
         } else {
@@ -109,6 +180,7 @@ impl Guard {
         };
         let mut guard = Self {
             expected: String::new(),
+            distrusted: false,
             monitor,
             interval,
             next_check: Instant::now(),
@@ -129,11 +201,55 @@ impl Guard {
     }
 
     /// Takes the current protection as the reference: after spad's own install or reload.
+    ///
+    /// The fingerprint is read first, then the events queued since are looked at: if another
+    /// process changed the table's structure after spad's own last change (say, someone
+    /// deleted the table between spad's install and this read), the fingerprint may hold that
+    /// change, and is not trusted: the next check, at once, repairs.
     pub fn rearm(&mut self, firewall: &mut dyn Firewall) {
-        if let Ok(fingerprint) = firewall.protection() {
-            self.expected = fingerprint;
+        let fingerprint = firewall.protection();
+        let mut events = Vec::new();
+        let mut lost = false;
+        if let Some(monitor) = &mut self.monitor {
+            for _ in 0..REARM_DRAINS {
+                match monitor.drain_with_senders() {
+                    Ok(batch) if batch.is_empty() => break,
+                    Ok(batch) => events.extend(batch),
+                    Err(_) => {
+                        lost = true;
+                        break;
+                    }
+                }
+            }
         }
-        self.next_check = Instant::now() + self.interval;
+        for (kind, _, body) in &events {
+            if let Some((added, elements)) = element_changes(*kind, body, &self.table) {
+                for element in &elements {
+                    firewall.observe_element(added, element);
+                }
+            }
+        }
+        if lost {
+            // Events were lost: who changed what cannot be told; trusted, as before.
+            let _ = firewall.resync_grants();
+        }
+        // At most one distrust in a row: a repair this causes is trusted, whatever the
+        // events say, so a port spad cannot place never makes it repair in a loop.
+        let another = !lost
+            && !self.distrusted
+            && changed_by_another(&events, &self.table, super::changed_by_us);
+        self.distrusted = another;
+        match fingerprint {
+            Ok(_) if another => {
+                self.expected = UNTRUSTED.to_string();
+                self.next_check = Instant::now();
+            }
+            Ok(fingerprint) => {
+                self.expected = fingerprint;
+                self.next_check = Instant::now() + self.interval;
+            }
+            Err(_) => self.next_check = Instant::now() + self.interval,
+        }
     }
 
     /// Drains the monitor: whether the protection must be checked now. Element changes are
@@ -217,6 +333,57 @@ mod tests {
     use super::*;
     use crate::firewall::memory::Memory;
     use crate::firewall::netlink::Message;
+
+    /// Who made the last structural change to the table decides; element changes, other
+    /// tables and transactions without structural changes do not count.
+    #[test]
+    fn the_last_structural_change_names_its_sender() {
+        let structural = |table: &str| {
+            let mut m = Message::new((NFNL_SUBSYS_NFTABLES << 8) | 2, 0, NFPROTO_INET, 0);
+            m.attr_str(1, table);
+            ((NFNL_SUBSYS_NFTABLES << 8) | 2, m.finish(1)[16..].to_vec())
+        };
+        let element = {
+            let mut m = Message::new((NFNL_SUBSYS_NFTABLES << 8) | NEWSETELEM, 0, NFPROTO_INET, 0);
+            m.attr_str(1, "spad");
+            (
+                (NFNL_SUBSYS_NFTABLES << 8) | NEWSETELEM,
+                m.finish(1)[16..].to_vec(),
+            )
+        };
+        let gen = ((NFNL_SUBSYS_NFTABLES << 8) | NEWGEN, vec![1, 0, 0, 0]);
+        let from = |event: &(u16, Vec<u8>), sender: u32| (event.0, sender, event.1.clone());
+        let ours = |port: u32| port == 100;
+        let spad = structural("spad");
+        let other = structural("other");
+        // spad's install, then someone deletes a chain of it: another's.
+        let events = vec![
+            from(&spad, 100),
+            from(&gen, 100),
+            from(&spad, 7),
+            from(&gen, 7),
+        ];
+        assert!(changed_by_another(&events, "spad", ours));
+        // Someone's change first, then spad's install over it: spad's.
+        let events = vec![
+            from(&spad, 7),
+            from(&gen, 7),
+            from(&spad, 100),
+            from(&gen, 100),
+        ];
+        assert!(!changed_by_another(&events, "spad", ours));
+        // After spad's install: others' grants, another table, a transaction of elements only.
+        let events = vec![
+            from(&spad, 100),
+            from(&gen, 100),
+            from(&element, 7),
+            from(&gen, 7),
+            from(&other, 8),
+            from(&gen, 8),
+        ];
+        assert!(!changed_by_another(&events, "spad", ours));
+        assert!(!changed_by_another(&[], "spad", ours));
+    }
 
     #[test]
     fn structural_events_of_our_inet_table_only() {

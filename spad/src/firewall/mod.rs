@@ -261,6 +261,31 @@ pub fn conceal_verdict(conceal: Conceal, proto: Proto, nft: bool) -> &'static st
 
 /// Runs a firewall tool (`nft`, `iptables-restore`, `ipset`, ...) with `input` on stdin and
 /// returns its stdout. Only for install, listing and removal: grants never spawn processes.
+/// The tool processes this daemon started (`nft -f`, newest last, a bounded few): the guard
+/// tells spad's own ruleset changes from anyone else's by the process the kernel names for
+/// each committed transaction.
+static OWN_TOOLS: std::sync::Mutex<std::collections::VecDeque<u32>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const OWN_TOOLS_KEPT: usize = 64;
+
+/// Whether process `pid` is this daemon or a tool it started.
+pub(crate) fn changed_by_us(pid: u32) -> bool {
+    pid == std::process::id()
+        || OWN_TOOLS
+            .lock()
+            .map(|tools| tools.contains(&pid))
+            .unwrap_or(false)
+}
+
+fn remember_tool(pid: u32) {
+    if let Ok(mut tools) = OWN_TOOLS.lock() {
+        if tools.len() == OWN_TOOLS_KEPT {
+            tools.pop_front();
+        }
+        tools.push_back(pid);
+    }
+}
+
 pub(crate) fn run_tool(
     program: &str,
     args: &[&str],
@@ -281,6 +306,7 @@ pub(crate) fn run_tool(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run `{program}` (install the {package} package)"))?;
+    remember_tool(child.id());
     if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
         stdin.write_all(text.as_bytes())?;
     }
