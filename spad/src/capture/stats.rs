@@ -70,6 +70,11 @@ pub struct CaptureStats {
     pub kernel_packets: u64,
     /// Frames the kernel dropped because the socket's receive queue was full (`tp_drops`).
     pub kernel_drops: u64,
+    /// Times the host's address table was read (AF_PACKET; the first read included).
+    pub address_reads: u64,
+    /// The address table is re-read on a timer because the kernel's address events could not
+    /// be subscribed to (AF_PACKET; see [`host::RefreshSchedule`](super::host::RefreshSchedule)).
+    pub address_timer: bool,
 }
 
 impl CaptureStats {
@@ -87,6 +92,9 @@ impl CaptureStats {
         self.delivered += other.delivered;
         self.kernel_packets += other.kernel_packets;
         self.kernel_drops += other.kernel_drops;
+        self.address_reads += other.address_reads;
+        // A state, not a count: the source added last is the one running.
+        self.address_timer = other.address_timer;
         for (mine, theirs) in self.dropped.iter_mut().zip(other.dropped) {
             *mine += theirs;
         }
@@ -99,7 +107,9 @@ impl CaptureStats {
 }
 
 impl fmt::Display for CaptureStats {
-    /// `received=… delivered=… kernel-drops=… other-host=… …` (one `key=value` per counter).
+    /// `received=… delivered=… kernel-drops=… other-host=… … address-reads=…` (one
+    /// `key=value` per counter), then `address-events=unavailable` when the address table
+    /// follows a timer instead of the kernel's events.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -108,6 +118,10 @@ impl fmt::Display for CaptureStats {
         )?;
         for reason in DropReason::ALL {
             write!(f, " {}={}", reason.name(), self.dropped(reason))?;
+        }
+        write!(f, " address-reads={}", self.address_reads)?;
+        if self.address_timer {
+            write!(f, " address-events=unavailable")?;
         }
         Ok(())
     }
