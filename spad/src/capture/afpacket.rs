@@ -700,6 +700,89 @@ mod tests {
         };
     }
 
+    /// The cost of a stream of frames for a foreign address, with the address table following
+    /// events and with the timer (the old behaviour): table re-reads per second and the time
+    /// the capture spends per frame. Needs root. `cargo test -p spad --release --lib
+    /// foreign_stream_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement: prints figures, asserts nothing about them"]
+    fn foreign_stream_cost() {
+        let t = Instant::now();
+        for _ in 0..20 {
+            HostAddresses::read().unwrap();
+        }
+        println!(
+            "this host's namespace: one re-read of the table: {:.0} µs",
+            t.elapsed().as_secs_f64() * 1e6 / 20.0
+        );
+        in_throwaway_namespace(|| {
+            let tx = Sender::new();
+            for addresses in [1, 256] {
+                if addresses > 1 {
+                    // A router's worth of addresses: each re-read dumps them all.
+                    let batch: String = (1..addresses)
+                        .map(|i| format!("addr add 10.10.{}.{}/32 dev vb\n", i / 250, i % 250 + 1))
+                        .collect();
+                    let mut child = std::process::Command::new("ip")
+                        .args(["-batch", "-"])
+                        .stdin(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    use std::io::Write;
+                    child
+                        .stdin
+                        .take()
+                        .unwrap()
+                        .write_all(batch.as_bytes())
+                        .unwrap();
+                    assert!(child.wait().unwrap().success());
+                }
+                let t = Instant::now();
+                for _ in 0..20 {
+                    HostAddresses::read().unwrap();
+                }
+                println!(
+                    "addresses={addresses:<4} one re-read of the table: {:.0} µs",
+                    t.elapsed().as_secs_f64() * 1e6 / 20.0
+                );
+                for events in [false, true] {
+                    let mut source = capture_on_vb(events);
+                    source.housekeeping(); // the events of the addresses just added
+                    let reads = source.stats().address_reads;
+                    let mut busy = Duration::ZERO;
+                    let start = Instant::now();
+                    let mut sent = 0u64;
+                    while start.elapsed() < Duration::from_secs(3) {
+                        for _ in 0..256 {
+                            tx.udp_to("198.51.100.7");
+                        }
+                        sent += 256;
+                        let t = Instant::now();
+                        while source.stats().received < sent && t.elapsed() < Duration::from_secs(1)
+                        {
+                            assert!(source.recv(Duration::ZERO).unwrap().is_none());
+                        }
+                        busy += t.elapsed();
+                    }
+                    let wall = start.elapsed().as_secs_f64();
+                    let stats = source.stats();
+                    let reads = stats.address_reads - reads;
+                    println!(
+                        "addresses={addresses:<4} table={:<6} frames={} ({:.0}/s offered) \
+                         re-reads={reads} ({:.1}/s) capture time per frame={:.2} µs \
+                         (capacity about {:.0} frames/s)",
+                        if events { "events" } else { "timer" },
+                        stats.received,
+                        stats.received as f64 / wall,
+                        reads as f64 / wall,
+                        busy.as_secs_f64() * 1e6 / stats.received as f64,
+                        stats.received as f64 / busy.as_secs_f64(),
+                    );
+                }
+            }
+        });
+    }
+
     #[test]
     fn rotation_with_nothing_waiting_or_no_rings() {
         assert_eq!(Rotation::new(2).pick(|_| false), None);
