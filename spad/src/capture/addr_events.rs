@@ -1,7 +1,7 @@
 //! Tells the capture when this host's IP addresses may have changed, so the address table
 //! ([`HostAddresses`](super::host::HostAddresses)) is re-read only then instead of on a timer
 //! and on every frame for a foreign address. A `NETLINK_ROUTE` socket subscribed to the
-//! kernel's address and link groups receives one message per change; [`AddressEvents::changed`]
+//! kernel's IPv4 and IPv6 address groups receives one message per change; [`AddressEvents::changed`]
 //! drains it without blocking and answers one question: did anything happen since the last
 //! call? It never says "no" when it cannot be sure: lost events (`ENOBUFS`), any socket error
 //! and any message it cannot parse count as a change. [`announces_change`] is the pure part.
@@ -30,14 +30,17 @@ pub const RTM_DELLINK: u16 = 17;
 pub const RTM_NEWADDR: u16 = 20;
 pub const RTM_DELADDR: u16 = 21;
 
-/// Multicast groups (linux/rtnetlink.h): an interface appears, goes or changes; an IPv4 or
-/// an IPv6 address is added or removed.
-const RTNLGRP_LINK: u32 = 1;
+/// Multicast groups (linux/rtnetlink.h): an IPv4 or an IPv6 address is added or removed.
+///
+/// The link group (`RTNLGRP_LINK`) is left out on purpose: the table is keyed by interface
+/// index, and an index never changes while an interface lives; an interface that goes away
+/// takes its addresses with it and the kernel sends an `RTM_DELADDR` for each (checked on
+/// 6.18 with `ip monitor address` and `ip link del`), and a new one's addresses arrive as
+/// `RTM_NEWADDR`. Link events (carrier changes, wireless notices) would only add re-reads.
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
 /// The legacy bitmask of the groups subscribed to (`RTMGRP_*` = 1 << (`RTNLGRP_*` - 1)).
-const GROUPS: u32 =
-    group_bit(RTNLGRP_LINK) | group_bit(RTNLGRP_IPV4_IFADDR) | group_bit(RTNLGRP_IPV6_IFADDR);
+const GROUPS: u32 = group_bit(RTNLGRP_IPV4_IFADDR) | group_bit(RTNLGRP_IPV6_IFADDR);
 
 const fn group_bit(group: u32) -> u32 {
     1 << (group - 1)
@@ -49,7 +52,7 @@ const BUFFER: usize = 1 << 20;
 /// Most datagrams one [`AddressEvents::changed`] reads: bounded work per call.
 const DRAIN: usize = 1024;
 
-/// A subscription to this network namespace's address and link events.
+/// A subscription to this network namespace's address events.
 #[derive(Debug)]
 pub struct AddressEvents {
     fd: OwnedFd,
@@ -81,8 +84,8 @@ impl AddressEvents {
         })
     }
 
-    /// Whether an address or link event (or a lost event, or a socket error) arrived since the
-    /// last call. Never blocks: one `recv` that finds nothing when nothing happened.
+    /// Whether an address event (or a lost event, or a socket error) arrived since the last
+    /// call. Never blocks: one `recv` that finds nothing when nothing happened.
     pub fn changed(&mut self) -> bool {
         let mut changed = false;
         for _ in 0..DRAIN {
@@ -102,8 +105,8 @@ impl AddressEvents {
     }
 }
 
-/// Whether one datagram from the socket announces a change of this host's addresses or
-/// interfaces. Anything malformed (a truncated header, a length past the end, trailing
+/// Whether one datagram from the socket announces a change of this host's addresses (a link
+/// message, should one arrive, counts too). Anything malformed (a truncated header, a length past the end, trailing
 /// bytes) counts as a change: never a panic, never a missed change.
 pub fn announces_change(mut datagram: &[u8]) -> bool {
     if datagram.is_empty() {
@@ -166,8 +169,8 @@ mod tests {
 
     #[test]
     fn the_group_mask_is_the_kernels_rtmgrp_bits() {
-        // RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR (linux/rtnetlink.h).
-        assert_eq!(GROUPS, 0x1 | 0x10 | 0x100);
+        // RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR (linux/rtnetlink.h).
+        assert_eq!(GROUPS, 0x10 | 0x100);
     }
 
     #[test]

@@ -700,6 +700,31 @@ mod tests {
         };
     }
 
+    /// Needs root (skipped otherwise). The subscription leaves out link events: an interface
+    /// that goes away (its only address IPv4, no link-local) is still announced, by the
+    /// removal of its address.
+    #[test]
+    fn an_interface_removed_is_announced_by_its_addresses() {
+        let Some(()) = in_throwaway_namespace(|| {
+            ip("link add vc type veth peer name vd");
+            ip("link set vc addrgenmode none");
+            ip("link set vd addrgenmode none");
+            ip("addr add 10.9.1.2/24 dev vd");
+            ip("link set vd up");
+            ip("link set vc up");
+            // Subscribed after the address came: what follows can only be its removal.
+            let mut events = AddressEvents::open().unwrap();
+            assert!(!events.changed(), "nothing happened since the subscription");
+            ip("link del vc");
+            assert!(
+                poll_until(Duration::from_secs(5), || events.changed()),
+                "deleting an interface with an address sent no address event"
+            );
+        }) else {
+            return;
+        };
+    }
+
     /// The cost of a stream of frames for a foreign address, with the address table following
     /// events and with the timer (the old behaviour): table re-reads per second and the time
     /// the capture spends per frame. Needs root. `cargo test -p spad --release --lib
