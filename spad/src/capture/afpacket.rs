@@ -278,7 +278,7 @@ impl Source for AfPacket {
 
     /// Re-reads the host's addresses when the kernel announced a change (or, without
     /// events, once a second while frames arrive): on the loop's tick, not on a packet's path
-    /// (a netlink dump costs milliseconds on a router with many addresses).
+    /// (a netlink dump whose cost grows with the number of addresses).
     fn housekeeping(&mut self) {
         let what = self.schedule.on_tick(Instant::now());
         self.upkeep(what);
