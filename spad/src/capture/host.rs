@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use super::checksum;
 use super::frame::{self, Frame};
@@ -118,6 +119,107 @@ impl HostAddresses {
             .iter()
             .find(|(i, _)| *i == ifindex)
             .is_some_and(|(_, list)| list.contains(&address))
+    }
+}
+
+/// What the capture does about its address table at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upkeep {
+    Nothing,
+    /// Look for address events (one non-blocking `recv`); re-read the table only if any.
+    CheckEvents,
+    /// Re-read the table.
+    Read,
+}
+
+/// When to re-read the host's address table (a netlink dump whose cost grows with the number
+/// of addresses: 30-200 µs here with 1-256, see `foreign_stream_cost`). A pure schedule: the
+/// time is passed in.
+///
+/// With address events ([`addr_events`](super::addr_events)) the table is re-read when the
+/// kernel announces a change: looked for on every tick and, at most every [`Self::ON_MISS`],
+/// when a frame names an address not in the table (so an address added a moment ago works
+/// before the next tick); plus a safety re-read every [`Self::SAFETY`] while frames arrive,
+/// in case an event is ever lost silently. A stream of frames for foreign addresses (a router
+/// forwarding traffic to a knock port, or a hostile sender) costs one non-blocking `recv` per
+/// [`Self::ON_MISS`], not a re-read.
+///
+/// Without them (route netlink unavailable) it is re-read on a timer, every [`Self::TIMER`]
+/// while frames arrive, and at most every [`Self::ON_MISS`] on a miss.
+#[derive(Debug, Clone)]
+pub struct RefreshSchedule {
+    events: bool,
+    checked: Instant,
+    read: Instant,
+    /// Frames arrived since the last re-read.
+    active: bool,
+}
+
+impl RefreshSchedule {
+    /// A miss looks (or, without events, re-reads) at most this often.
+    pub const ON_MISS: Duration = Duration::from_millis(100);
+    /// Without events: the timer.
+    pub const TIMER: Duration = Duration::from_secs(1);
+    /// With events: the safety re-read.
+    pub const SAFETY: Duration = Duration::from_secs(60);
+
+    /// A schedule for a table just read at `now`.
+    pub fn new(events: bool, now: Instant) -> Self {
+        Self {
+            events,
+            checked: now,
+            read: now,
+            active: false,
+        }
+    }
+
+    /// Whether it follows address events (else the timer).
+    pub fn follows_events(&self) -> bool {
+        self.events
+    }
+
+    /// A frame arrived.
+    pub fn frame(&mut self) {
+        self.active = true;
+    }
+
+    /// A frame named an address the table does not have.
+    pub fn on_miss(&mut self, now: Instant) -> Upkeep {
+        if self.events {
+            if now.saturating_duration_since(self.checked) < Self::ON_MISS {
+                return Upkeep::Nothing;
+            }
+            self.checked = now;
+            Upkeep::CheckEvents
+        } else if now.saturating_duration_since(self.read) >= Self::ON_MISS {
+            Upkeep::Read
+        } else {
+            Upkeep::Nothing
+        }
+    }
+
+    /// The event loop's tick.
+    pub fn on_tick(&mut self, now: Instant) -> Upkeep {
+        let every = if self.events {
+            Self::SAFETY
+        } else {
+            Self::TIMER
+        };
+        if self.active && now.saturating_duration_since(self.read) >= every {
+            Upkeep::Read
+        } else if self.events {
+            self.checked = now;
+            Upkeep::CheckEvents
+        } else {
+            Upkeep::Nothing
+        }
+    }
+
+    /// The table was re-read at `now`.
+    pub fn read_done(&mut self, now: Instant) {
+        self.read = now;
+        self.checked = now;
+        self.active = false;
     }
 }
 
@@ -332,6 +434,75 @@ mod tests {
             judge(&meta, &spa("192.0.2.99"), &h).map(|_| ()),
             Err(DropReason::NotOurAddress)
         );
+    }
+
+    #[test]
+    fn with_events_a_stream_of_misses_only_looks_for_events_every_100_ms() {
+        let start = Instant::now();
+        let mut s = RefreshSchedule::new(true, start);
+        let mut looks = 0;
+        // Ten seconds of frames for a foreign address, one every millisecond.
+        for ms in 1..=10_000u64 {
+            let now = start + Duration::from_millis(ms);
+            s.frame();
+            match s.on_miss(now) {
+                Upkeep::Nothing => {}
+                Upkeep::CheckEvents => looks += 1,
+                Upkeep::Read => panic!("a miss never re-reads by itself (at {ms} ms)"),
+            }
+        }
+        assert_eq!(looks, 100);
+    }
+
+    #[test]
+    fn with_events_the_tick_looks_and_re_reads_only_for_safety() {
+        let start = Instant::now();
+        let mut s = RefreshSchedule::new(true, start);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(s.on_tick(at(200)), Upkeep::CheckEvents, "idle: look");
+        s.frame();
+        assert_eq!(
+            s.on_tick(at(400)),
+            Upkeep::CheckEvents,
+            "frames: still look"
+        );
+        // A tick's look counts as the miss's look.
+        assert_eq!(s.on_miss(at(450)), Upkeep::Nothing);
+        assert_eq!(s.on_miss(at(500)), Upkeep::CheckEvents);
+        let safety = RefreshSchedule::SAFETY.as_millis() as u64;
+        assert_eq!(s.on_tick(at(safety)), Upkeep::Read, "the safety re-read");
+        s.read_done(at(safety));
+        assert_eq!(
+            s.on_tick(at(safety * 3)),
+            Upkeep::CheckEvents,
+            "no frames since: no safety re-read"
+        );
+        s.frame();
+        assert_eq!(s.on_tick(at(safety * 3)), Upkeep::Read);
+    }
+
+    #[test]
+    fn without_events_the_old_timer_and_refresh_on_miss_remain() {
+        let start = Instant::now();
+        let mut s = RefreshSchedule::new(false, start);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(s.on_miss(at(50)), Upkeep::Nothing, "too soon");
+        assert_eq!(s.on_miss(at(100)), Upkeep::Read);
+        s.read_done(at(100));
+        assert_eq!(s.on_miss(at(150)), Upkeep::Nothing);
+        assert_eq!(s.on_tick(at(2000)), Upkeep::Nothing, "idle: no re-read");
+        s.frame();
+        assert_eq!(s.on_tick(at(1000)), Upkeep::Nothing, "not a second yet");
+        assert_eq!(s.on_tick(at(1100)), Upkeep::Read);
+        // Ten seconds of misses re-read ten times a second: the cost events remove.
+        let mut reads = 0;
+        for ms in 1101..=11_100u64 {
+            if s.on_miss(at(ms)) == Upkeep::Read {
+                reads += 1;
+                s.read_done(at(ms));
+            }
+        }
+        assert_eq!(reads, 100);
     }
 
     #[test]

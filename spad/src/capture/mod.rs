@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::net::canonical;
 
+pub mod addr_events;
 pub mod afpacket;
 pub mod bpf;
 pub mod checksum;

@@ -70,6 +70,11 @@ pub struct CaptureStats {
     pub kernel_packets: u64,
     /// Frames the kernel dropped because the socket's receive queue was full (`tp_drops`).
     pub kernel_drops: u64,
+    /// Times the host's address table was read (AF_PACKET; the first read included).
+    pub address_reads: u64,
+    /// The address table is re-read on a timer because the kernel's address events could not
+    /// be subscribed to (AF_PACKET; see [`host::RefreshSchedule`](super::host::RefreshSchedule)).
+    pub address_timer: bool,
 }
 
 impl CaptureStats {
@@ -87,6 +92,9 @@ impl CaptureStats {
         self.delivered += other.delivered;
         self.kernel_packets += other.kernel_packets;
         self.kernel_drops += other.kernel_drops;
+        self.address_reads += other.address_reads;
+        // A state, not a count: the source added last is the one running.
+        self.address_timer = other.address_timer;
         for (mine, theirs) in self.dropped.iter_mut().zip(other.dropped) {
             *mine += theirs;
         }
@@ -99,7 +107,9 @@ impl CaptureStats {
 }
 
 impl fmt::Display for CaptureStats {
-    /// `received=… delivered=… kernel-drops=… other-host=… …` (one `key=value` per counter).
+    /// `received=… delivered=… kernel-drops=… other-host=… … address-reads=…` (one
+    /// `key=value` per counter), then `address-events=unavailable` when the address table
+    /// follows a timer instead of the kernel's events.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -109,16 +119,23 @@ impl fmt::Display for CaptureStats {
         for reason in DropReason::ALL {
             write!(f, " {}={}", reason.name(), self.dropped(reason))?;
         }
+        write!(f, " address-reads={}", self.address_reads)?;
+        if self.address_timer {
+            write!(f, " address-events=unavailable")?;
+        }
         Ok(())
     }
 }
 
 /// Watches a source's kernel drop counter from the daemon loop: at most once per
 /// [`DropWatch::EVERY`], a warning line when the kernel dropped frames since the last look.
+/// It also says, once, when the capture's address table follows a timer because the
+/// kernel's address events could not be subscribed to.
 #[derive(Debug, Default)]
 pub struct DropWatch {
     last_check: Option<Instant>,
     kernel_drops: u64,
+    said_address_timer: bool,
 }
 
 impl DropWatch {
@@ -137,6 +154,15 @@ impl DropWatch {
         let new = stats.kernel_drops.checked_sub(self.kernel_drops);
         self.kernel_drops = stats.kernel_drops;
         match new {
+            Some(0) | None if stats.address_timer && !self.said_address_timer => {
+                self.said_address_timer = true;
+                Some(
+                    "warning: capture: the kernel's address events (route netlink) are \
+                     unavailable: this host's addresses are re-read once a second while frames \
+                     arrive and on a frame for an unknown address"
+                        .to_string(),
+                )
+            }
             Some(0) | None => None,
             Some(n) => Some(format!(
                 "warning: capture: the kernel dropped {n} frames (receive queue full); {stats}"
@@ -173,7 +199,7 @@ mod tests {
         assert_eq!(total.dropped_total(), 56);
     }
 
-    struct Fake(u64);
+    struct Fake(u64, bool);
     impl Source for Fake {
         fn recv(&mut self, _: Duration) -> std::io::Result<Option<crate::capture::Received<'_>>> {
             Ok(None)
@@ -184,16 +210,33 @@ mod tests {
         fn stats(&mut self) -> CaptureStats {
             CaptureStats {
                 kernel_drops: self.0,
+                address_timer: self.1,
                 ..CaptureStats::default()
             }
         }
     }
 
     #[test]
+    fn an_address_table_on_the_timer_is_said_once() {
+        let start = Instant::now();
+        let mut watch = DropWatch::default();
+        let mut source = Fake(0, true);
+        let line = watch.check(&mut source, start).unwrap();
+        assert!(line.starts_with("warning: capture:"), "{line}");
+        assert!(line.contains("address events"), "{line}");
+        source.0 = 3;
+        let drops = watch.check(&mut source, start + DropWatch::EVERY).unwrap();
+        assert!(drops.contains("dropped 3 frames"), "{drops}");
+        assert_eq!(watch.check(&mut source, start + DropWatch::EVERY * 2), None);
+        let mut events = Fake(0, false);
+        assert_eq!(DropWatch::default().check(&mut events, start), None);
+    }
+
+    #[test]
     fn new_kernel_drops_are_reported_once_per_interval() {
         let start = Instant::now();
         let mut watch = DropWatch::default();
-        let mut source = Fake(0);
+        let mut source = Fake(0, false);
         assert_eq!(watch.check(&mut source, start), None);
         source.0 = 5;
         assert_eq!(
