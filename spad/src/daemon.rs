@@ -98,6 +98,10 @@ impl Stats {
                 "capture_kernel_drops".to_string(),
                 self.capture.kernel_drops,
             ),
+            (
+                "capture_address_reads".to_string(),
+                self.capture.address_reads,
+            ),
         ]);
         out.extend(capture::stats::DropReason::ALL.into_iter().map(|reason| {
             // Label values in the refusals' style: `not_our_address`.

@@ -511,6 +511,45 @@ fn a_table_deleted_while_spad_starts_is_put_back() {
     lab.stop_spad(daemon, false);
 }
 
+/// The table deleted again and again while spad puts it back: each deletion may land
+/// between a repair and the guard's reading of it. The guard never takes a missing table as
+/// the norm: it ends up in place and the port filtered. nftables only, as above.
+#[test]
+fn a_table_deleted_over_and_over_ends_up_back() {
+    if !spa_e2e::e2e_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(CONF);
+    let _ssh = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let daemon = lab.start_spad(CONF, Backend::Nftables);
+    let table_there = || {
+        std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &lab.gw, "nft", "list", "table", "inet", "spad",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    for round in 0..5 {
+        // Bounded: each round deletes at most 20 times, as fast as `nft` runs.
+        for _ in 0..20 {
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &lab.gw, "nft", "delete", "table", "inet", "spad",
+                ])
+                .output();
+        }
+        assert!(
+            wait_until(Duration::from_secs(10), table_there),
+            "round {round}: the table stayed deleted:\n{}",
+            lab.log()
+        );
+    }
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::TimedOut);
+    assert_eq!(tcp_probe(&lab.b, Lab::gw6(22), T), Connect::TimedOut);
+    lab.stop_spad(daemon, false);
+}
+
 both_backends!(
     flush_and_tampering_never_open_protected_ports,
     a_second_daemon_refuses_and_names_the_first,

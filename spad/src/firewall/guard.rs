@@ -37,6 +37,12 @@ const REARM_DRAINS: usize = 64;
 /// What the guard expects when it may not trust the kernel's protection: it matches nothing,
 /// so the next check repairs.
 const UNTRUSTED: &str = "(untrusted: changed by another process around spad's own install)";
+/// Readings distrusted in a row that are repaired at once; after them, at most one repair per
+/// [`RETRY_AFTER`] (someone keeps changing the table, or spad cannot tell its own `nft` runs
+/// apart): never trusted, never a busy loop.
+const DISTRUSTS_AT_ONCE: u32 = 3;
+/// How soon a failed or repeated repair is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// `NFTA_SET_ELEM_LIST_SET`.
 const SET_ATTR: u16 = 2;
 
@@ -117,8 +123,8 @@ fn of_table(kind: u16, body: &[u8], table: &str) -> bool {
 #[derive(Debug)]
 pub struct Guard {
     expected: String,
-    /// The last re-arm did not trust the kernel (see [`Guard::rearm`]).
-    distrusted: bool,
+    /// Re-arms in a row that did not trust the kernel (see [`Guard::rearm`]).
+    distrusts: u32,
     monitor: Option<Monitor>,
     interval: Duration,
     next_check: Instant,
@@ -180,7 +186,7 @@ impl Guard {
         };
         let mut guard = Self {
             expected: String::new(),
-            distrusted: false,
+            distrusts: 0,
             monitor,
             interval,
             next_check: Instant::now(),
@@ -205,7 +211,8 @@ impl Guard {
     /// The fingerprint is read first, then the events queued since are looked at: if another
     /// process changed the table's structure after spad's own last change (say, someone
     /// deleted the table between spad's install and this read), the fingerprint may hold that
-    /// change, and is not trusted: the next check, at once, repairs.
+    /// change, and is not trusted: the next check, at once, repairs. An empty reading (nothing
+    /// installed, right after spad installed) is never trusted either.
     pub fn rearm(&mut self, firewall: &mut dyn Firewall) {
         let fingerprint = firewall.protection();
         let mut events = Vec::new();
@@ -233,18 +240,19 @@ impl Guard {
             // Events were lost: who changed what cannot be told; trusted, as before.
             let _ = firewall.resync_grants();
         }
-        // At most one distrust in a row: a repair this causes is trusted, whatever the
-        // events say, so a port spad cannot place never makes it repair in a loop.
-        let another = !lost
-            && !self.distrusted
-            && changed_by_another(&events, &self.table, super::changed_by_us);
-        self.distrusted = another;
+        let another = !lost && changed_by_another(&events, &self.table, super::changed_by_us);
         match fingerprint {
-            Ok(_) if another => {
+            Ok(fingerprint) if another || fingerprint.is_empty() => {
+                self.distrusts = self.distrusts.saturating_add(1);
                 self.expected = UNTRUSTED.to_string();
-                self.next_check = Instant::now();
+                self.next_check = if self.distrusts <= DISTRUSTS_AT_ONCE {
+                    Instant::now()
+                } else {
+                    Instant::now() + RETRY_AFTER
+                };
             }
             Ok(fingerprint) => {
+                self.distrusts = 0;
                 self.expected = fingerprint;
                 self.next_check = Instant::now() + self.interval;
             }
@@ -319,8 +327,9 @@ impl Guard {
                 ));
             }
             Err(e) => {
-                // Retry on the next turn of the loop.
-                self.next_check = now;
+                // Retry soon, not on every turn of the loop: the guard comes before the
+                // capture in the loop's order, and a failing `nft` must not starve it.
+                self.next_check = now + RETRY_AFTER;
                 lines.push(format!("error: reinstalling the protection failed: {e:#}"));
             }
         }

@@ -268,13 +268,16 @@ static OWN_TOOLS: std::sync::Mutex<std::collections::VecDeque<u32>> =
     std::sync::Mutex::new(std::collections::VecDeque::new());
 const OWN_TOOLS_KEPT: usize = 64;
 
-/// Whether process `pid` is this daemon or a tool it started.
-pub(crate) fn changed_by_us(pid: u32) -> bool {
-    pid == std::process::id()
-        || OWN_TOOLS
-            .lock()
-            .map(|tools| tools.contains(&pid))
-            .unwrap_or(false)
+/// Whether netlink port `port` is one of the tools this daemon started (a process's first
+/// netlink socket gets its process id as port; spad itself changes the structure of its
+/// table only through `nft`, so its own sockets need not be known). A port that another
+/// process in the same network namespace happens to share (another pid namespace's `nft`)
+/// counts as spad's: the guard then behaves as it did before it looked at ports.
+pub(crate) fn changed_by_us(port: u32) -> bool {
+    OWN_TOOLS
+        .lock()
+        .map(|tools| tools.contains(&port))
+        .unwrap_or(false)
 }
 
 fn remember_tool(pid: u32) {
