@@ -631,6 +631,8 @@ impl<C: Clock> Pipeline<C> {
     /// journal: before a reload, an operator's revoke or flush, and at shutdown, so nothing
     /// decided earlier lands after them.
     pub fn settle(&mut self, limit: std::time::Duration) {
+        // It may wait for the disk: the lines logged so far go out first.
+        self.log.flush();
         // Bounded: the sync in flight, then at most one for what waited behind it (which
         // `committed` starts), then nothing is left.
         for _ in 0..4 {

@@ -65,8 +65,15 @@ pub fn run(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
         .enable_time()
         .build()
         .context("starting the event loop")?;
-    runtime.block_on(serve(config_path, overrides))
+    let result = runtime.block_on(serve(config_path, overrides));
+    // A read of the kernel for a control call may still run on a blocking thread (a hung
+    // `ipset save`, say): exit without waiting long for it.
+    runtime.shutdown_timeout(SHUTDOWN_WAITS_FOR_READS);
+    result
 }
+
+/// How long exiting waits for the control calls' kernel reads still running.
+const SHUTDOWN_WAITS_FOR_READS: Duration = Duration::from_secs(1);
 
 /// Registers a duplicate of `fd` with the reactor, for readability. The duplicate shares
 /// the socket (its readiness and its queue) and belongs to the returned `AsyncFd` alone.
@@ -341,6 +348,8 @@ impl Daemon {
     }
 
     fn check_guard(&mut self) {
+        // A repair runs `nft`: what this turn logged so far goes out first.
+        self.pipeline.log.flush();
         for line in self
             .guard
             .poll(&mut *self.pipeline.firewall, &self.pipeline.config)
@@ -379,6 +388,7 @@ impl Daemon {
     /// SIGHUP: a new config and key, and a new capture if what it must see changed. On any
     /// error the running config stays.
     fn reload(&mut self) {
+        self.pipeline.log.flush();
         self.hub.reloading();
         if let Err(e) = self.try_reload() {
             self.pipeline.log.line(

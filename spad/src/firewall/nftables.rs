@@ -677,18 +677,31 @@ fn dump(socket: &mut Socket, kind: u16, attrs: &[(u16, &str)]) -> anyhow::Result
 
 /// Chains, sets and elements of `table`, read over netlink.
 fn read_table(socket: &mut Socket, table: &str) -> anyhow::Result<Existing> {
-    let chains = parse_names(
-        &dump(socket, NFT_MSG_GETCHAIN, &[])?,
-        table,
-        NFTA_CHAIN_TABLE,
-        NFTA_CHAIN_NAME,
-    );
-    let sets = parse_names(
-        &dump(socket, NFT_MSG_GETSET, &[(NFTA_SET_TABLE, table)])?,
-        table,
-        NFTA_SET_TABLE,
-        NFTA_SET_NAME,
-    );
+    Ok(read_table_once(socket, table)?.0)
+}
+
+/// Reads of a table made while others change it: a dump is not one snapshot.
+const CONSISTENT_READ_TRIES: usize = 3;
+
+/// Like [`read_table`], and whether the read is one snapshot: every message of it carries
+/// the ruleset generation it was made in (`nfgenmsg.res_id`, its low 16 bits), and a
+/// transaction committed meanwhile changes it. An element the dump met twice (a set being
+/// resized under it) is kept once.
+fn read_table_once(socket: &mut Socket, table: &str) -> anyhow::Result<(Existing, bool)> {
+    let mut generations = std::collections::BTreeSet::new();
+    let mut seen = |bodies: &[Vec<u8>]| {
+        for body in bodies {
+            if let Some(g) = body.get(2..4) {
+                generations.insert([g[0], g[1]]);
+            }
+        }
+    };
+    let chain_bodies = dump(socket, NFT_MSG_GETCHAIN, &[])?;
+    seen(&chain_bodies);
+    let chains = parse_names(&chain_bodies, table, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME);
+    let set_bodies = dump(socket, NFT_MSG_GETSET, &[(NFTA_SET_TABLE, table)])?;
+    seen(&set_bodies);
+    let sets = parse_names(&set_bodies, table, NFTA_SET_TABLE, NFTA_SET_NAME);
     let mut elements = Vec::new();
     for set in &sets {
         let bodies = dump(
@@ -699,13 +712,23 @@ fn read_table(socket: &mut Socket, table: &str) -> anyhow::Result<Existing> {
                 (NFTA_SET_ELEM_LIST_SET, set),
             ],
         )?;
-        elements.extend(parse_element_dump(set, &bodies));
+        seen(&bodies);
+        let mut met = std::collections::HashSet::new();
+        elements.extend(
+            parse_element_dump(set, &bodies)
+                .into_iter()
+                .filter(|c| met.insert(c.address)),
+        );
     }
-    Ok(Existing {
-        chains,
-        sets,
-        elements,
-    })
+    let consistent = generations.len() <= 1;
+    Ok((
+        Existing {
+            chains,
+            sets,
+            elements,
+        },
+        consistent,
+    ))
 }
 
 /// The live grants and the blacklist of a table's view.
@@ -736,10 +759,21 @@ struct TableReader {
 }
 
 impl KernelReader for TableReader {
+    /// Reads again (a few times at most) while grants land during the read; under a steady
+    /// stream of grants the last read is used, each element once, and may miss or include
+    /// the grants made while it ran.
     fn read(&mut self) -> anyhow::Result<KernelView> {
         let mut socket = Socket::open()
             .context("cannot open a netfilter netlink socket (needs CAP_NET_ADMIN)")?;
-        Ok(view_of(&read_table(&mut socket, &self.table)?))
+        let mut last = None;
+        for _ in 0..CONSISTENT_READ_TRIES {
+            let (existing, consistent) = read_table_once(&mut socket, &self.table)?;
+            last = Some(existing);
+            if consistent {
+                break;
+            }
+        }
+        Ok(last.map(|e| view_of(&e)).unwrap_or_default())
     }
 }
 
@@ -1181,6 +1215,87 @@ mod tests {
             Ok(())
         };
         // A thread of its own: `unshare` moves only the calling thread into the new namespace.
+        std::thread::spawn(run).join().unwrap().unwrap();
+    }
+
+    /// The off-loop reader against the real kernel in a namespace of the test's own: a quiet
+    /// table reads as one snapshot with every grant once; while another socket keeps
+    /// granting, the read says it is not one snapshot and still lists each element once.
+    #[test]
+    fn the_kernel_reader_lists_each_grant_once_and_knows_a_moving_table() {
+        if !rustix::process::geteuid().is_root() || !available() {
+            eprintln!("skipped: needs root and nft");
+            return;
+        }
+        let run = || -> anyhow::Result<()> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let table = "spadrd";
+            let config = config(&format!("table = \"{table}\"\n"));
+            let mut fw = Nftables::open(table)?;
+            fw.install(&config)?;
+            let access = |i: u32| Access {
+                address: std::net::Ipv4Addr::from(0x0ac9_0000 + i).into(),
+                service: "ssh".into(),
+                timeout: Duration::from_secs(600),
+                idle: None,
+                owner: "alice".into(),
+            };
+            let grants: Vec<Access> = (0..3000).map(access).collect();
+            for chunk in grants.chunks(100) {
+                fw.grant(chunk)?;
+            }
+            fw.blacklist("192.0.2.66".parse()?, Duration::from_secs(60))?;
+            let mut reader = fw.reader().expect("nftables has a reader");
+            let view = reader.read()?;
+            assert_eq!(view.grants.len(), 3000);
+            assert_eq!(view.blacklisted.len(), 1);
+            let mut socket = Socket::open()?;
+            assert!(
+                read_table_once(&mut socket, table)?.1,
+                "a quiet table: one snapshot"
+            );
+            // Another thread grants without pause while this one reads.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writer = {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || -> anyhow::Result<u32> {
+                    let mut fw = Nftables::open(table)?;
+                    let mut n = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 200_000 {
+                        fw.grant(&[access(100_000 + n)])?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            };
+            let mut moving = false;
+            for _ in 0..20 {
+                let (existing, consistent) = read_table_once(&mut socket, table)?;
+                let mut addresses: Vec<(String, IpAddr)> = existing
+                    .elements
+                    .iter()
+                    .map(|c| (c.set.clone(), c.address))
+                    .collect();
+                let all = addresses.len();
+                addresses.sort();
+                addresses.dedup();
+                assert_eq!(addresses.len(), all, "an element listed twice");
+                moving |= !consistent;
+                if moving {
+                    break;
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let granted = writer.join().expect("writer")?;
+            assert!(granted > 0);
+            assert!(
+                moving,
+                "grants landed during the reads, and no read noticed"
+            );
+            Ok(())
+        };
+        // A thread of its own: `unshare` moves only the calling thread into the new namespace;
+        // the writer it starts is created inside it and shares it.
         std::thread::spawn(run).join().unwrap().unwrap();
     }
 
