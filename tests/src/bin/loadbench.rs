@@ -236,6 +236,22 @@ impl Bench {
                 "netns", "exec", &self.gw, "nft", "flush", "set", "inet", TABLE, "a4_ssh",
             ],
         );
+        // spad hears of every element the flush removed (its guard follows them): a step
+        // starts once that is done, not on top of it.
+        self.wait_idle();
+    }
+
+    /// Waits (3 s at most) until spad used under 2 ms of CPU in 100 ms.
+    fn wait_idle(&self) {
+        let mut before = self.cpu();
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.cpu();
+            if now.saturating_sub(before) < Duration::from_millis(2) {
+                return;
+            }
+            before = now;
+        }
     }
 }
 
