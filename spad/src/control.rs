@@ -216,14 +216,16 @@ fn ok_json(value: anyhow::Result<serde_json::Value>) -> String {
     .to_string()
 }
 
+/// What finishes a call once the kernel has been read.
+type WithKernel = Box<dyn FnOnce(anyhow::Result<KernelView>) -> String + Send>;
+
 /// Does the loop's part of a call. `status`, `list` and a metrics scrape take what the loop
 /// knows (counters, config) now and leave the kernel's part (every live grant) to a
-/// [`crate::firewall::KernelReader`], when the backend has one.
+/// [`crate::firewall::KernelReader`] on another thread, when the backend has one; without
+/// one the kernel is read here. Revoke and flush change the kernel: on the loop, always.
 pub fn prepare<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Request) -> Answer {
-    let reader = pipeline.firewall.reader();
-    match (request, reader) {
-        (Request::Metrics, reader) => metrics_answer(pipeline, info, reader),
-        (Request::Status, Some(mut reader)) => {
+    let finish: WithKernel = match request {
+        Request::Status => {
             let mut status = Status::running(
                 info,
                 &pipeline.config,
@@ -232,59 +234,36 @@ pub fn prepare<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Requ
                 pipeline.now(),
                 None,
             );
-            Answer::Later(Box::new(move || {
-                if let Ok(view) = reader.read() {
+            Box::new(move |view| {
+                if let Ok(view) = view {
                     status.live_grants = Some(view.grants.len());
                     status.blacklisted = Some(view.blacklisted.len());
                 }
                 ok_json(serde_json::to_value(status).map_err(Into::into))
-            }))
+            })
         }
-        (Request::List, Some(mut reader)) => Answer::Later(Box::new(move || {
+        Request::List => Box::new(|view| {
             ok_json(
-                reader
-                    .read()
-                    .map(|view| listing_of(view, "daemon"))
+                view.map(|view| listing_of(view, "daemon"))
                     .and_then(|l| Ok(serde_json::to_value(l)?)),
             )
-        })),
-        (request, _) => Answer::Now(answer_on_the_loop(pipeline, info, request)),
+        }),
+        Request::Metrics => metrics_with_kernel(pipeline, info),
+        Request::Revoke { .. } | Request::Flush => {
+            return Answer::Now(change_on_the_loop(pipeline, request))
+        }
+    };
+    match pipeline.firewall.reader() {
+        Some(mut reader) => Answer::Later(Box::new(move || finish(reader.read()))),
+        None => Answer::Now(finish(pipeline.firewall.view())),
     }
 }
 
-/// Everything answered on the loop: revoke and flush (they change the kernel), and status and
-/// list for a backend without a reader.
-fn answer_on_the_loop<C: Clock>(
-    pipeline: &mut Pipeline<C>,
-    info: &Info,
-    request: &Request,
-) -> String {
-    if matches!(request, Request::Revoke { .. } | Request::Flush) {
-        // A grant whose journal sync is still running must not land after the revoke.
-        pipeline.settle(crate::daemon::SETTLE_AT_MOST);
-    }
-    let now = pipeline.now();
+/// Revoke and flush, on the loop: they change the kernel.
+fn change_on_the_loop<C: Clock>(pipeline: &mut Pipeline<C>, request: &Request) -> String {
+    // A grant whose journal sync is still running must not land after the revoke.
+    pipeline.settle(crate::daemon::SETTLE_AT_MOST);
     let result: anyhow::Result<serde_json::Value> = (|| match request {
-        Request::Status => {
-            let kernel = pipeline
-                .firewall
-                .view()
-                .ok()
-                .map(|v| (v.grants.len(), v.blacklisted.len()));
-            let status = Status::running(
-                info,
-                &pipeline.config,
-                pipeline.firewall.name(),
-                pipeline.stats.counters(),
-                now,
-                kernel,
-            );
-            Ok(serde_json::to_value(status)?)
-        }
-        Request::List => Ok(serde_json::to_value(listing(
-            &mut *pipeline.firewall,
-            "daemon",
-        )?)?),
         Request::Revoke {
             address,
             client,
@@ -311,7 +290,9 @@ fn answer_on_the_loop<C: Clock>(
                 revoked: gone.iter().map(Grant::from).collect(),
             })?)
         }
-        Request::Metrics => bail!("metrics are not a JSON call"),
+        Request::Status | Request::List | Request::Metrics => {
+            bail!("not a change: answered by `prepare`")
+        }
     })();
     ok_json(result)
 }
@@ -336,13 +317,9 @@ fn log_removed<C: Clock>(pipeline: &mut Pipeline<C>, what: &str, gone: &[LiveGra
 }
 
 /// The Prometheus text: counters and the latency histogram from the loop, the live grants
-/// per service and the blacklist from the kernel (through `reader` off the loop if given).
-fn metrics_answer<C: Clock>(
-    pipeline: &mut Pipeline<C>,
-    info: &Info,
-    reader: Option<Box<dyn crate::firewall::KernelReader>>,
-) -> Answer {
-    let gauges = crate::metrics::Gauges {
+/// per service and the blacklist from the kernel.
+fn metrics_with_kernel<C: Clock>(pipeline: &Pipeline<C>, info: &Info) -> WithKernel {
+    let mut gauges = crate::metrics::Gauges {
         start_time: info.started,
         config_load_time: info.config_loaded,
         ..Default::default()
@@ -350,22 +327,17 @@ fn metrics_answer<C: Clock>(
     let services: Vec<String> = pipeline.config.services.keys().cloned().collect();
     let counters = pipeline.stats.counters();
     let latency = pipeline.stats.grant_latency.clone();
-    let render = move |view: Option<KernelView>, mut gauges: crate::metrics::Gauges| {
+    Box::new(move |view| {
+        let view = view.ok();
         let mut active: std::collections::BTreeMap<String, u64> =
             services.into_iter().map(|s| (s, 0)).collect();
-        if let Some(view) = &view {
-            for g in &view.grants {
-                *active.entry(g.service.clone()).or_default() += 1;
-            }
+        for g in view.iter().flat_map(|v| &v.grants) {
+            *active.entry(g.service.clone()).or_default() += 1;
         }
         gauges.active_grants = active.into_iter().collect();
         gauges.blacklisted = view.map_or(0, |v| v.blacklisted.len() as u64);
         crate::metrics::render(&counters, &latency, &gauges)
-    };
-    match reader {
-        Some(mut reader) => Answer::Later(Box::new(move || render(reader.read().ok(), gauges))),
-        None => Answer::Now(render(pipeline.firewall.view().ok(), gauges)),
-    }
+    })
 }
 
 /// The bound control socket, before its thread starts.

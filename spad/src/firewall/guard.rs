@@ -219,7 +219,7 @@ impl Guard {
         let mut lost = false;
         if let Some(monitor) = &mut self.monitor {
             for _ in 0..REARM_DRAINS {
-                match monitor.drain_with_senders() {
+                match monitor.drain() {
                     Ok(batch) if batch.is_empty() => break,
                     Ok(batch) => events.extend(batch),
                     Err(_) => {
@@ -229,13 +229,7 @@ impl Guard {
                 }
             }
         }
-        for (kind, _, body) in &events {
-            if let Some((added, elements)) = element_changes(*kind, body, &self.table) {
-                for element in &elements {
-                    firewall.observe_element(added, element);
-                }
-            }
-        }
+        self.observe_elements(firewall, &events);
         if lost {
             // Events were lost: who changed what cannot be told; trusted, as before.
             let _ = firewall.resync_grants();
@@ -269,22 +263,28 @@ impl Guard {
         };
         match monitor.drain() {
             Ok(events) => {
-                for (kind, body) in &events {
-                    if let Some((added, elements)) = element_changes(*kind, body, &self.table) {
-                        for element in &elements {
-                            firewall.observe_element(added, element);
-                        }
-                    }
-                }
+                self.observe_elements(firewall, &events);
                 events
                     .iter()
-                    .any(|(kind, body)| touches_table(*kind, body, &self.table))
+                    .any(|(kind, _, body)| touches_table(*kind, body, &self.table))
             }
             // Lost events (ENOBUFS) or a broken socket: re-read the live grants (an element
             // event may be among those lost), then check.
             Err(_) => {
                 let _ = firewall.resync_grants();
                 true
+            }
+        }
+    }
+
+    /// Passes the element changes among `events` to the backend, so what it remembers of its
+    /// grants follows the kernel.
+    fn observe_elements(&self, firewall: &mut dyn Firewall, events: &[(u16, u32, Vec<u8>)]) {
+        for (kind, _, body) in events {
+            if let Some((added, elements)) = element_changes(*kind, body, &self.table) {
+                for element in &elements {
+                    firewall.observe_element(added, element);
+                }
             }
         }
     }

@@ -301,13 +301,21 @@ fn live_entries<'a>(
         .collect()
 }
 
+/// Whether ipset `set` belongs to `table` (`TABLE-...`).
+fn ours(table: &str, set: &str) -> bool {
+    set.strip_prefix(table)
+        .is_some_and(|rest| rest.starts_with('-'))
+}
+
 /// `ipset save`, kept to `table`'s sets.
 fn saved(table: &str) -> anyhow::Result<(Vec<String>, Vec<Entry>)> {
-    let ours = |set: &str| set.starts_with(&format!("{table}-"));
     let (sets, entries) = parse_save(&tool("ipset", &["save"], None)?);
     Ok((
-        sets.into_iter().filter(|s| ours(s)).collect(),
-        entries.into_iter().filter(|e| ours(&e.set)).collect(),
+        sets.into_iter().filter(|s| ours(table, s)).collect(),
+        entries
+            .into_iter()
+            .filter(|e| ours(table, &e.set))
+            .collect(),
     ))
 }
 
@@ -418,10 +426,6 @@ impl Iptables {
     /// Grant entries that are live as the kernel enforces them (see [`live_entries`]).
     fn live<'a>(&'a self, entries: &'a [Entry]) -> Vec<(&'a Entry, &'a SetId)> {
         live_entries(&self.sets, entries)
-    }
-
-    fn ours(&self, set: &str) -> bool {
-        set.starts_with(&format!("{}-", self.table))
     }
 
     fn saved(&self) -> anyhow::Result<(Vec<String>, Vec<Entry>)> {
@@ -633,7 +637,7 @@ impl Firewall for Iptables {
             }
         }
         let names = tool("ipset", &["list", "-n"], None)?;
-        for name in names.lines().filter(|n| self.ours(n)) {
+        for name in names.lines().filter(|n| ours(&self.table, n)) {
             let _ = writeln!(out, "ipset {name}");
         }
         Ok(out)

@@ -321,20 +321,12 @@ impl Monitor {
         self.fd.as_fd()
     }
 
-    /// Every message queued so far as `(nlmsg type, body after the 16-byte header)`, without
-    /// blocking. `ENOBUFS` means events were lost: the caller must assume anything changed.
-    pub fn drain(&mut self) -> io::Result<Vec<(u16, Vec<u8>)>> {
-        Ok(self
-            .drain_with_senders()?
-            .into_iter()
-            .map(|(kind, _, body)| (kind, body))
-            .collect())
-    }
-
-    /// Like [`Monitor::drain`], with each message's `nlmsg_pid`: for nftables events, the
-    /// netlink port of the socket that asked for the change (a process's first socket gets
-    /// its process id, as seen in its own pid namespace).
-    pub fn drain_with_senders(&mut self) -> io::Result<Vec<(u16, u32, Vec<u8>)>> {
+    /// Every message queued so far as `(nlmsg type, nlmsg_pid, body after the 16-byte
+    /// header)`, without blocking. For nftables events `nlmsg_pid` is the netlink port of the
+    /// socket that asked for the change (a process's first socket gets its process id, as seen
+    /// in its own pid namespace). `ENOBUFS` means events were lost: the caller must assume
+    /// anything changed.
+    pub fn drain(&mut self) -> io::Result<Vec<(u16, u32, Vec<u8>)>> {
         let mut out = Vec::new();
         // Bounded: at most this many datagrams per call; the rest waits for the next one.
         // Enough for the events of a full batch of grants, so a busy loop does not fall behind.

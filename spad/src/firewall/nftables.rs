@@ -1157,16 +1157,7 @@ mod tests {
     /// revoke leave it unchanged; a rule added, a chain flushed or the table deleted change it.
     #[test]
     fn the_fingerprint_ignores_grants_and_sees_every_tamper() {
-        if !rustix::process::geteuid().is_root() || !available() {
-            eprintln!("skipped: needs root and nft");
-            return;
-        }
-        let run = || -> anyhow::Result<()> {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let table = "spadfp";
-            let config = config(&format!("table = \"{table}\"\n"));
-            let mut fw = Nftables::open(table)?;
-            fw.install(&config)?;
+        with_own_table("spadfp", |table, config, fw| {
             let clean = fw.protection()?;
             assert!(!clean.is_empty());
             let grants: Vec<Access> = (0..1000u32)
@@ -1192,12 +1183,12 @@ mod tests {
                     .filter(|e| short.contains(&e.address))
                     .count())
             };
-            assert!(left(&mut fw)? > 0);
+            assert!(left(fw)? > 0);
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while left(&mut fw)? > 0 && std::time::Instant::now() < deadline {
+            while left(fw)? > 0 && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            assert_eq!(left(&mut fw)?, 0, "the 1 s grants expired");
+            assert_eq!(left(fw)?, 0, "the 1 s grants expired");
             assert_eq!(fw.protection()?, clean, "grants are not protection");
             let nft_in_ns = |args: &[&str]| nft(args, None).map(|_| ());
             nft_in_ns(&[
@@ -1205,7 +1196,7 @@ mod tests {
             ])?;
             let added = fw.protection()?;
             assert_ne!(added, clean, "a rule added");
-            fw.install(&config)?;
+            fw.install(config)?;
             assert_eq!(fw.protection()?.len(), clean.len(), "reinstalled");
             let reinstalled = fw.protection()?;
             nft_in_ns(&["flush", "chain", "inet", table, "input"])?;
@@ -1213,8 +1204,27 @@ mod tests {
             nft_in_ns(&["delete", "table", "inet", table])?;
             assert_eq!(fw.protection()?, "", "the table deleted");
             Ok(())
+        });
+    }
+
+    /// Runs `test` in a network namespace of its own, on a thread of its own (`unshare` moves
+    /// only the calling thread; threads it starts share the namespace), with `table`
+    /// installed; skipped (and said so) without root and `nft`.
+    fn with_own_table(
+        table: &'static str,
+        test: impl FnOnce(&'static str, &Config, &mut Nftables) -> anyhow::Result<()> + Send + 'static,
+    ) {
+        if !rustix::process::geteuid().is_root() || !available() {
+            eprintln!("skipped: needs root and nft");
+            return;
+        }
+        let run = move || -> anyhow::Result<()> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let config = config(&format!("table = \"{table}\"\n"));
+            let mut fw = Nftables::open(table)?;
+            fw.install(&config)?;
+            test(table, &config, &mut fw)
         };
-        // A thread of its own: `unshare` moves only the calling thread into the new namespace.
         std::thread::spawn(run).join().unwrap().unwrap();
     }
 
@@ -1223,16 +1233,7 @@ mod tests {
     /// granting, the read says it is not one snapshot and still lists each element once.
     #[test]
     fn the_kernel_reader_lists_each_grant_once_and_knows_a_moving_table() {
-        if !rustix::process::geteuid().is_root() || !available() {
-            eprintln!("skipped: needs root and nft");
-            return;
-        }
-        let run = || -> anyhow::Result<()> {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let table = "spadrd";
-            let config = config(&format!("table = \"{table}\"\n"));
-            let mut fw = Nftables::open(table)?;
-            fw.install(&config)?;
+        with_own_table("spadrd", |table, _, fw| {
             let access = |i: u32| Access {
                 address: std::net::Ipv4Addr::from(0x0ac9_0000 + i).into(),
                 service: "ssh".into(),
@@ -1293,10 +1294,7 @@ mod tests {
                 "grants landed during the reads, and no read noticed"
             );
             Ok(())
-        };
-        // A thread of its own: `unshare` moves only the calling thread into the new namespace;
-        // the writer it starts is created inside it and shares it.
-        std::thread::spawn(run).join().unwrap().unwrap();
+        });
     }
 
     fn element(set: &str, address: &str, remaining_ms: u64) -> Carried {

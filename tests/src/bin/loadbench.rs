@@ -149,15 +149,7 @@ impl Bench {
         let (Some(spad), Some(config)) = (&self.spad_path, &self.config_path) else {
             return serde_json::Value::Null;
         };
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", &self.gw, spad, "status", "-c", config, "--json",
-            ])
-            .output();
-        let Ok(out) = out else {
-            return serde_json::Value::Null;
-        };
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
+        spad_status(&self.gw, spad, config)
     }
 
     /// Counters of the running spad, from `spad status --json` (empty if it does not answer).
@@ -253,6 +245,17 @@ impl Bench {
             before = now;
         }
     }
+}
+
+/// `spad status --json` of the spad running in namespace `gw` (null if it does not answer).
+fn spad_status(gw: &str, spad: &str, config: &str) -> serde_json::Value {
+    let out = Command::new("ip")
+        .args(["netns", "exec", gw, spad, "status", "-c", config, "--json"])
+        .output();
+    let Ok(out) = out else {
+        return serde_json::Value::Null;
+    };
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
 /// The spoofed source of packet `i` of a step.
@@ -958,19 +961,14 @@ fn main() {
             let reading = Arc::clone(&reading);
             let (gw, spad, config) = (
                 bench.gw.clone(),
-                bench.spad_path.clone(),
-                bench.config_path.clone(),
+                bench.spad_path.clone().unwrap_or_default(),
+                bench.config_path.clone().unwrap_or_default(),
             );
             std::thread::spawn(move || {
                 let mut took = Vec::new();
                 while reading.load(Ordering::Relaxed) {
                     let start = Instant::now();
-                    let _ = Command::new("ip")
-                        .args(["netns", "exec", &gw])
-                        .args([spad.as_deref().unwrap_or("spad"), "status", "-c"])
-                        .arg(config.as_deref().unwrap_or("spad.toml"))
-                        .arg("--json")
-                        .output();
+                    spad_status(&gw, &spad, &config);
                     took.push(start.elapsed());
                     std::thread::sleep(Duration::from_millis(250).saturating_sub(start.elapsed()));
                 }
