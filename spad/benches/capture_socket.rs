@@ -85,7 +85,8 @@ fn main() {
                 high: 62201,
             }];
             let mut source =
-                AfPacket::open(&["eth0".to_string()], &watches, true, SlotSize::Small).unwrap();
+                AfPacket::open(&["eth0".to_string()], &watches, true, SlotSize::Small, None)
+                    .unwrap();
             to_sender.send(()).unwrap();
             let (mut parsed, mut cpu) = (0u64, Duration::ZERO);
             while bursts_in.recv().is_ok() {

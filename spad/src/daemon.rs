@@ -99,6 +99,10 @@ impl Stats {
                 self.capture.kernel_drops,
             ),
             (
+                "capture_kernel_source_limited".to_string(),
+                self.capture.kernel_source_limited,
+            ),
+            (
                 "capture_address_reads".to_string(),
                 self.capture.address_reads,
             ),

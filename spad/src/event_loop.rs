@@ -158,6 +158,7 @@ fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
             &watches(config),
             crate::knock::syn_only(config),
             capture::slot_size(config),
+            config.server.packet_budget(),
         )?),
         CaptureMode::Udp => Box::new(
             capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
@@ -218,6 +219,12 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
             pipeline.verifier.threads()
         ),
     );
+    if let Some(why) = source.budget_refused() {
+        pipeline.log.line(
+            SystemClock.now(),
+            &format!("warning: packet-rate is not enforced in the kernel ({why}); spad's own per-source limits still apply"),
+        );
+    }
     if let Some(user) = pipeline.config.server.user.clone() {
         let account = crate::privilege::lookup_user(&user)?;
         crate::privilege::drop_to(&account, &pipeline.config.server.state_dir)?;
@@ -407,7 +414,8 @@ impl Daemon {
             || config.server.port != running.server.port
             || config.server.interfaces != running.server.interfaces
             || watches(&config) != watches(running)
-            || capture::slot_size(&config) != capture::slot_size(running);
+            || capture::slot_size(&config) != capture::slot_size(running)
+            || config.server.packet_budget() != running.server.packet_budget();
         let capture = if recapture {
             Some(Capture::new(open_source(&config)?)?)
         } else {
@@ -415,6 +423,12 @@ impl Daemon {
         };
         self.pipeline.reload(config, server)?;
         if let Some(capture) = capture {
+            if let Some(why) = capture.source.budget_refused() {
+                self.pipeline.log.line(
+                    SystemClock.now(),
+                    &format!("warning: packet-rate is not enforced in the kernel ({why}); spad's own per-source limits still apply"),
+                );
+            }
             let old = std::mem::replace(&mut self.capture, capture);
             let mut old_source = old.source;
             self.retired_capture.add(&old_source.stats());

@@ -73,6 +73,9 @@ fn counter_help(base: &str) -> String {
         "capture_delivered" => "Frames the capture handed to the daemon.".into(),
         "capture_kernel_packets" => "Frames the kernel passed through the BPF prefilter.".into(),
         "capture_kernel_drops" => "Frames the kernel dropped: capture receive queue full.".into(),
+        "capture_kernel_source_limited" => {
+            "Frames the kernel's prefilter dropped: their source was over packet-rate.".into()
+        }
         "capture_dropped" => "Frames the capture dropped in userspace, by reason.".into(),
         "capture_address_reads" => {
             "Reads of the host's address table (at start and when addresses change).".into()

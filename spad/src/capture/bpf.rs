@@ -19,18 +19,18 @@ pub struct Insn {
     pub k: u32,
 }
 
-const LD_H_ABS: u16 = 0x28;
-const LD_B_ABS: u16 = 0x30;
-const LD_H_IND: u16 = 0x48;
-const LD_B_IND: u16 = 0x50;
-const LDX_B_MSH: u16 = 0xb1;
-const ALU_AND_K: u16 = 0x54;
-const JMP_JEQ_K: u16 = 0x15;
-const JMP_JGE_K: u16 = 0x35;
-const JMP_JGT_K: u16 = 0x25;
-const JMP_JSET_K: u16 = 0x45;
-const RET_K: u16 = 0x06;
-const SKF_AD_PROTOCOL: u32 = (-0x1000i32) as u32;
+pub(crate) const LD_H_ABS: u16 = 0x28;
+pub(crate) const LD_B_ABS: u16 = 0x30;
+pub(crate) const LD_H_IND: u16 = 0x48;
+pub(crate) const LD_B_IND: u16 = 0x50;
+pub(crate) const LDX_B_MSH: u16 = 0xb1;
+pub(crate) const ALU_AND_K: u16 = 0x54;
+pub(crate) const JMP_JEQ_K: u16 = 0x15;
+pub(crate) const JMP_JGE_K: u16 = 0x35;
+pub(crate) const JMP_JGT_K: u16 = 0x25;
+pub(crate) const JMP_JSET_K: u16 = 0x45;
+pub(crate) const RET_K: u16 = 0x06;
+pub(crate) const SKF_AD_PROTOCOL: u32 = (-0x1000i32) as u32;
 
 /// A port range to pass for one protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! stay closed), or a plain UDP socket. Both hand the daemon borrowed packet bytes with a
 //! bounded wait, so the loop can notice signals and timers, and count what they drop.
 //!
-//! Rooms: [`bpf`] (the kernel prefilter), [`socket`] (opening a capture socket),
+//! Rooms: [`bpf`] (the kernel prefilter), [`ebpf`] (the same with a per-source budget), [`socket`] (opening a capture socket),
 //! [`ring`] (the receive ring shared with the kernel), [`afpacket`] (fair reading), [`host`] (does the host accept this frame?),
 //! [`frame`] (IP/UDP/TCP parsing), [`checksum`], [`stats`] (drop counters).
 
@@ -17,6 +17,7 @@ pub mod addr_events;
 pub mod afpacket;
 pub mod bpf;
 pub mod checksum;
+pub mod ebpf;
 pub mod frame;
 pub mod host;
 pub mod ring;
@@ -60,6 +61,12 @@ pub trait Source {
 
     /// Periodic upkeep, called from the event loop's tick (never on a packet's path).
     fn housekeeping(&mut self) {}
+
+    /// Why the per-source packet budget asked for is not enforced in the kernel (`None`:
+    /// it is, or this source has none).
+    fn budget_refused(&self) -> Option<String> {
+        None
+    }
 
     /// Counters since the source was opened: frames read and delivered, userspace drops
     /// by reason, and the kernel's own counts where the source has them.

@@ -70,6 +70,11 @@ pub struct CaptureStats {
     pub kernel_packets: u64,
     /// Frames the kernel dropped because the socket's receive queue was full (`tp_drops`).
     pub kernel_drops: u64,
+    /// Frames the kernel's filter dropped because their source was over its packet budget
+    /// (`packet-rate`, `packet-burst`; AF_PACKET with the eBPF prefilter only).
+    pub kernel_source_limited: u64,
+    /// The per-source packet budget is enforced in the kernel (a state, not a count).
+    pub kernel_budget: bool,
     /// Times the host's address table was read (AF_PACKET; the first read included).
     pub address_reads: u64,
     /// The address table is re-read on a timer because the kernel's address events could not
@@ -92,6 +97,8 @@ impl CaptureStats {
         self.delivered += other.delivered;
         self.kernel_packets += other.kernel_packets;
         self.kernel_drops += other.kernel_drops;
+        self.kernel_source_limited += other.kernel_source_limited;
+        self.kernel_budget = other.kernel_budget;
         self.address_reads += other.address_reads;
         // A state, not a count: the source added last is the one running.
         self.address_timer = other.address_timer;
@@ -116,6 +123,9 @@ impl fmt::Display for CaptureStats {
             "received={} delivered={} kernel-packets={} kernel-drops={}",
             self.received, self.delivered, self.kernel_packets, self.kernel_drops
         )?;
+        if self.kernel_budget || self.kernel_source_limited > 0 {
+            write!(f, " kernel-source-limited={}", self.kernel_source_limited)?;
+        }
         for reason in DropReason::ALL {
             write!(f, " {}={}", reason.name(), self.dropped(reason))?;
         }

@@ -38,6 +38,10 @@ pub(super) struct RawServer {
     handshake_rate: Spanned<u32>,
     #[serde(default = "default_handshake_burst")]
     handshake_burst: Spanned<u32>,
+    #[serde(default = "default_packet_rate")]
+    packet_rate: Spanned<u32>,
+    #[serde(default = "default_packet_burst")]
+    packet_burst: Spanned<u32>,
     metrics: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
 }
@@ -47,6 +51,12 @@ fn default_handshake_rate() -> Spanned<u32> {
 }
 fn default_handshake_burst() -> Spanned<u32> {
     Spanned::new(0..0, 200)
+}
+fn default_packet_rate() -> Spanned<u32> {
+    Spanned::new(0..0, 1000)
+}
+fn default_packet_burst() -> Spanned<u32> {
+    Spanned::new(0..0, 2000)
 }
 fn default_port() -> Spanned<u16> {
     Spanned::new(0..0, 62201)
@@ -114,10 +124,28 @@ pub struct Server {
     pub handshake_rate: u32,
     /// Handshakes a source may make at once before `handshake_rate` applies.
     pub handshake_burst: u32,
+    /// Packets per second per source address (IPv6: per /64) the kernel passes to the
+    /// AF_PACKET capture; 0 = no kernel budget.
+    pub packet_rate: u32,
+    /// Packets a source may send at once before `packet_rate` applies.
+    pub packet_burst: u32,
     /// Where the Prometheus endpoint listens (opt-in).
     pub metrics: Option<std::net::SocketAddr>,
     /// The unprivileged user `spad run` becomes after opening its sockets.
     pub user: Option<String>,
+}
+
+/// The highest `packet-rate` and `packet-burst`.
+pub const MAX_PACKET_RATE: u32 = 1_000_000;
+
+impl Server {
+    /// The per-source packet budget the kernel enforces for the AF_PACKET capture, if any.
+    pub fn packet_budget(&self) -> Option<crate::capture::ebpf::SourceBudget> {
+        (self.packet_rate > 0).then_some(crate::capture::ebpf::SourceBudget {
+            rate: self.packet_rate,
+            burst: self.packet_burst,
+        })
+    }
 }
 
 /// Checks interface names against the host's interfaces (when they can be listed).
@@ -179,6 +207,19 @@ pub(super) fn build(
             ));
         }
     }
+    let (packet_rate, packet_burst) = (*raw.packet_rate.get_ref(), *raw.packet_burst.get_ref());
+    if packet_rate > MAX_PACKET_RATE {
+        return Err(at(
+            &raw.packet_rate,
+            format!("packet-rate is at most {MAX_PACKET_RATE}; write e.g. 1000, or 0 for no kernel budget"),
+        ));
+    }
+    if packet_rate > 0 && !(1..=MAX_PACKET_RATE).contains(&packet_burst) {
+        return Err(at(
+            &raw.packet_burst,
+            format!("packet-burst is 1-{MAX_PACKET_RATE} packets; write e.g. 2000"),
+        ));
+    }
     if *raw.port.get_ref() == 0 {
         return Err(at(&raw.port, "port 0 is not a port; the default is 62201"));
     }
@@ -200,6 +241,8 @@ pub(super) fn build(
         conceal: raw.conceal,
         handshake_rate: *raw.handshake_rate.get_ref(),
         handshake_burst: *raw.handshake_burst.get_ref(),
+        packet_rate,
+        packet_burst,
         metrics: match &raw.metrics {
             Some(m) => Some(m.get_ref().parse().map_err(|_| {
                 at(

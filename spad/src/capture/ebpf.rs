@@ -1,0 +1,573 @@
+//! The kernel prefilter with a per-source packet budget: the classic program of
+//! [`bpf`](super::bpf), translated to eBPF, with a budget check on every frame it would pass.
+//!
+//! A flood from one source (a replayed packet, garbage at the SPA port, a knock storm) is
+//! then dropped inside the kernel, before it takes a slot of the capture ring or a moment of
+//! the daemon's time: the ring stays free for everyone else even while the daemon is
+//! descheduled, and the drops are counted in a kernel counter the daemon maps and reads
+//! (`capture_kernel_source_limited`). The budget is a GCRA per source address (IPv6: per
+//! /64) in an LRU hash map, so a spoofed-source flood can only evict entries (which gives
+//! the evicted source a fresh budget), never lock a source out.
+//!
+//! Loading needs `CAP_BPF` (or `CAP_SYS_ADMIN`): the daemon does it while still root. When
+//! the kernel refuses (old kernel, no privilege, a reload after the privilege drop), the
+//! capture falls back to the classic program and says so; the per-source handshake budget in
+//! userspace still applies. The unsafe parts are the `bpf(2)` calls, `SO_ATTACH_BPF` and
+//! the read-only mapping of the counter; each is commented where it is made.
+
+use std::ffi::c_void;
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use socket2::Socket;
+
+use super::bpf::{self, Insn};
+
+/// How many packets per second one source (IPv6: one /64) may send to the watched ports,
+/// and how many at once, before the kernel drops the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceBudget {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+impl SourceBudget {
+    /// Nanoseconds of budget one packet costs.
+    fn cost_ns(self) -> u64 {
+        1_000_000_000 / u64::from(self.rate.max(1))
+    }
+
+    /// How far a source's theoretical arrival time may run ahead of now: the burst.
+    fn slack_ns(self) -> u64 {
+        u64::from(self.burst.max(1) - 1) * self.cost_ns()
+    }
+}
+
+/// Sources the kernel keeps a budget for; the least recently seen is forgotten first.
+pub const SOURCES: u32 = 16_384;
+
+/// A loaded program with its two maps, attached to any number of capture sockets.
+#[derive(Debug)]
+pub struct Limiter {
+    program: OwnedFd,
+    _buckets: OwnedFd,
+    _counter_map: OwnedFd,
+    counter: NonNull<c_void>,
+}
+
+// SAFETY: `counter` is a read-only shared mapping owned by this value and only ever read
+// through an atomic load; the kernel is the only writer.
+unsafe impl Send for Limiter {}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        // SAFETY: `counter` is the start of a mapping of `PAGE` bytes made in `load` and
+        // never unmapped elsewhere; nothing borrows it past this point.
+        let _ = unsafe { munmap(self.counter, PAGE) };
+    }
+}
+
+const PAGE: usize = 4096;
+
+impl Limiter {
+    /// Translates `classic` (a program from [`bpf::program`]) and loads it with `budget`.
+    pub fn load(classic: &[Insn], budget: SourceBudget) -> io::Result<Self> {
+        let buckets = create_map(MAP_LRU_HASH, 16, 8, SOURCES, 0, b"spad_sources")?;
+        let counter_map = create_map(MAP_ARRAY, 4, 8, 1, F_MMAPABLE, b"spad_limited")?;
+        let insns = translate(
+            classic,
+            budget,
+            buckets.as_raw_fd(),
+            counter_map.as_raw_fd(),
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let program = load_program(&insns)?;
+        // SAFETY: a fresh shared read-only mapping of the array map's first page (its one
+        // 8-byte value lives at offset 0); the fd stays open as long as the mapping.
+        let counter = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(PAGE).expect("non-zero"),
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                &counter_map,
+                0,
+            )
+        }
+        .map_err(io::Error::from)?;
+        Ok(Self {
+            program,
+            _buckets: buckets,
+            _counter_map: counter_map,
+            counter,
+        })
+    }
+
+    /// Attaches the program to `socket` in place of any filter it has.
+    pub fn attach(&self, socket: &Socket) -> io::Result<()> {
+        let fd: libc::c_int = self.program.as_raw_fd();
+        super::socket::set_option(socket, libc::SOL_SOCKET, libc::SO_ATTACH_BPF, &fd)
+    }
+
+    /// Frames dropped because their source was over budget, since the program was loaded.
+    pub fn limited(&self) -> u64 {
+        // SAFETY: the mapping is live, page-aligned and at least 8 bytes; the kernel updates
+        // the value with atomic adds, so an atomic load reads a whole value.
+        unsafe { (*self.counter.as_ptr().cast::<AtomicU64>()).load(Ordering::Relaxed) }
+    }
+}
+
+// ---- bpf(2) ----
+
+const CMD_MAP_CREATE: libc::c_long = 0;
+const CMD_PROG_LOAD: libc::c_long = 5;
+const MAP_ARRAY: u32 = 2;
+const MAP_LRU_HASH: u32 = 9;
+const F_MMAPABLE: u32 = 1 << 10;
+const PROG_SOCKET_FILTER: u32 = 1;
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a live, fully initialised `#[repr(C)]` prefix of `union bpf_attr`
+    // for `cmd`, and its size is passed with it; the kernel reads at most that many bytes
+    // (and writes back nothing we rely on).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *mut T).cast::<c_void>(),
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success both commands return a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+fn name16(name: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let n = name.len().min(15);
+    out[..n].copy_from_slice(&name[..n]);
+    out
+}
+
+fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    name: &[u8],
+) -> io::Result<OwnedFd> {
+    let mut attr = MapCreate {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags,
+        map_name: name16(name),
+        ..MapCreate::default()
+    };
+    bpf(CMD_MAP_CREATE, &mut attr)
+}
+
+fn load_program(insns: &[EInsn]) -> io::Result<OwnedFd> {
+    static LICENSE: &[u8] = b"MIT\0";
+    let attempt = |log: Option<&mut Vec<u8>>| {
+        let mut attr = ProgLoad {
+            prog_type: PROG_SOCKET_FILTER,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: LICENSE.as_ptr() as u64,
+            prog_name: name16(b"spad_prefilter"),
+            ..ProgLoad::default()
+        };
+        if let Some(log) = log {
+            attr.log_level = 1;
+            attr.log_size = log.len() as u32;
+            attr.log_buf = log.as_mut_ptr() as u64;
+        }
+        bpf(CMD_PROG_LOAD, &mut attr)
+    };
+    attempt(None).or_else(|first| {
+        // Once more with the verifier's log, so the error says why.
+        let mut log = vec![0u8; 1 << 16];
+        attempt(Some(&mut log)).map_err(|_| {
+            let text = String::from_utf8_lossy(&log);
+            let text = text.trim_end_matches('\0');
+            let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+            io::Error::new(first.kind(), format!("{first}; verifier: {tail}"))
+        })
+    })
+}
+
+// ---- the program ----
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct EInsn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+// Registers: r0 = A and return value, r1-r5 helper arguments (clobbered by calls),
+// r6 = the skb (needed by LD_ABS/LD_IND), r7 = X (later: now), r8 scratch, r9 = the length
+// to accept, r10 = frame pointer.
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R4: u8 = 4;
+const R6: u8 = 6;
+const R7: u8 = 7;
+const R8: u8 = 8;
+const R9: u8 = 9;
+const R10: u8 = 10;
+
+const LD_ABS_W: u8 = 0x20;
+const LD_ABS_H: u8 = 0x28;
+const LD_ABS_B: u8 = 0x30;
+const LD_IND_H: u8 = 0x48;
+const LD_IND_B: u8 = 0x50;
+const LD_IMM64: u8 = 0x18;
+const LDX_W: u8 = 0x61;
+const LDX_DW: u8 = 0x79;
+const STX_DW: u8 = 0x7b;
+const ST_W: u8 = 0x62;
+const ST_DW: u8 = 0x7a;
+const ATOMIC_DW: u8 = 0xdb;
+const MOV64_K: u8 = 0xb7;
+const MOV64_X: u8 = 0xbf;
+const ADD64_K: u8 = 0x07;
+const ADD64_X: u8 = 0x0f;
+const SUB64_X: u8 = 0x1f;
+const OR64_X: u8 = 0x4f;
+const AND64_K: u8 = 0x57;
+const LSH64_K: u8 = 0x67;
+const AND32_K: u8 = 0x54;
+const TO_BE: u8 = 0xdc;
+const JA: u8 = 0x05;
+const JEQ_K: u8 = 0x15;
+const JGT_K: u8 = 0x25;
+const JGE_K: u8 = 0x35;
+const JSET_K: u8 = 0x45;
+const JGT_X: u8 = 0x2d;
+const JGE_X: u8 = 0x3d;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+const PSEUDO_MAP_FD: u8 = 1;
+const HELPER_MAP_LOOKUP: i32 = 1;
+const HELPER_MAP_UPDATE: i32 = 2;
+const HELPER_KTIME_GET_NS: i32 = 5;
+/// `offsetof(struct __sk_buff, protocol)`.
+const SKB_PROTOCOL: i16 = 16;
+
+/// Why a classic program could not be translated.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TranslateError {
+    #[error("classic BPF opcode {0:#x} has no translation here")]
+    Opcode(u16),
+    #[error("a jump leaves the program")]
+    Jump,
+}
+
+/// An instruction with its jump target still a label.
+struct Emitter {
+    insns: Vec<(EInsn, Option<usize>)>,
+    labels: Vec<Option<usize>>,
+}
+
+impl Emitter {
+    fn label(&mut self) -> usize {
+        self.labels.push(None);
+        self.labels.len() - 1
+    }
+    fn place(&mut self, label: usize) {
+        self.labels[label] = Some(self.insns.len());
+    }
+    fn raw(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
+        self.insns.push((
+            EInsn {
+                code,
+                regs: dst | (src << 4),
+                off,
+                imm,
+            },
+            None,
+        ));
+    }
+    fn jump(&mut self, code: u8, dst: u8, src: u8, imm: i32, to: usize) {
+        self.insns.push((
+            EInsn {
+                code,
+                regs: dst | (src << 4),
+                off: 0,
+                imm,
+            },
+            Some(to),
+        ));
+    }
+    fn imm64(&mut self, dst: u8, src: u8, value: u64) {
+        self.raw(LD_IMM64, dst, src, 0, value as u32 as i32);
+        self.raw(0, 0, 0, 0, (value >> 32) as u32 as i32);
+    }
+    fn finish(self) -> Result<Vec<EInsn>, TranslateError> {
+        self.insns
+            .iter()
+            .enumerate()
+            .map(|(at, (insn, to))| {
+                let mut insn = *insn;
+                if let Some(label) = to {
+                    let target = self.labels[*label].ok_or(TranslateError::Jump)?;
+                    insn.off = i16::try_from(target as isize - at as isize - 1)
+                        .map_err(|_| TranslateError::Jump)?;
+                }
+                Ok(insn)
+            })
+            .collect()
+    }
+}
+
+/// The eBPF program: `classic` instruction for instruction, then the budget check on the
+/// way out of every accepting return.
+pub fn translate(
+    classic: &[Insn],
+    budget: SourceBudget,
+    buckets_fd: i32,
+    counter_fd: i32,
+) -> Result<Vec<EInsn>, TranslateError> {
+    let mut e = Emitter {
+        insns: Vec::new(),
+        labels: Vec::new(),
+    };
+    let starts: Vec<usize> = classic.iter().map(|_| e.label()).collect();
+    let (check, reject) = (e.label(), e.label());
+    let at = |i: usize| starts.get(i).copied().ok_or(TranslateError::Jump);
+    e.raw(MOV64_X, R6, R1, 0, 0);
+    for (i, insn) in classic.iter().enumerate() {
+        e.place(starts[i]);
+        let k = insn.k as i32;
+        match insn.code {
+            bpf::LD_H_ABS if insn.k == bpf::SKF_AD_PROTOCOL => {
+                e.raw(LDX_W, R0, R6, SKB_PROTOCOL, 0);
+                e.raw(TO_BE, R0, 0, 0, 16);
+            }
+            bpf::LD_H_ABS => e.raw(LD_ABS_H, 0, 0, 0, k),
+            bpf::LD_B_ABS => e.raw(LD_ABS_B, 0, 0, 0, k),
+            bpf::LD_H_IND => e.raw(LD_IND_H, 0, R7, 0, k),
+            bpf::LD_B_IND => e.raw(LD_IND_B, 0, R7, 0, k),
+            bpf::LDX_B_MSH => {
+                // X = 4 * (packet[k] & 0xf), keeping A.
+                e.raw(MOV64_X, R8, R0, 0, 0);
+                e.raw(LD_ABS_B, 0, 0, 0, k);
+                e.raw(MOV64_X, R7, R0, 0, 0);
+                e.raw(AND64_K, R7, 0, 0, 0xf);
+                e.raw(LSH64_K, R7, 0, 0, 2);
+                e.raw(MOV64_X, R0, R8, 0, 0);
+            }
+            bpf::ALU_AND_K => e.raw(AND32_K, R0, 0, 0, k),
+            bpf::RET_K if insn.k == 0 => e.jump(JA, 0, 0, 0, reject),
+            bpf::RET_K => {
+                e.raw(MOV64_K, R9, 0, 0, k);
+                e.jump(JA, 0, 0, 0, check);
+            }
+            code @ (bpf::JMP_JEQ_K | bpf::JMP_JGE_K | bpf::JMP_JGT_K | bpf::JMP_JSET_K) => {
+                let op = match code {
+                    bpf::JMP_JEQ_K => JEQ_K,
+                    bpf::JMP_JGE_K => JGE_K,
+                    bpf::JMP_JGT_K => JGT_K,
+                    _ => JSET_K,
+                };
+                // Classic compares the 32-bit A with k unsigned; A holds at most 16 bits here
+                // and every k is below 2^31, so the 64-bit compare with a sign-extended
+                // immediate is the same.
+                if insn.k > i32::MAX as u32 {
+                    return Err(TranslateError::Opcode(code));
+                }
+                e.jump(op, R0, 0, k, at(i + 1 + usize::from(insn.jt))?);
+                e.jump(JA, 0, 0, 0, at(i + 1 + usize::from(insn.jf))?);
+            }
+            other => return Err(TranslateError::Opcode(other)),
+        }
+    }
+
+    // The budget. Key (16 bytes at fp-16): the family, then the IPv4 address or the IPv6 /64.
+    let (v6_key, lookup, new_source, have, pass, over) = (
+        e.label(),
+        e.label(),
+        e.label(),
+        e.label(),
+        e.label(),
+        e.label(),
+    );
+    e.place(check);
+    e.raw(LDX_W, R0, R6, SKB_PROTOCOL, 0);
+    e.raw(TO_BE, R0, 0, 0, 16);
+    e.jump(JEQ_K, R0, 0, 0x86dd, v6_key);
+    e.raw(LD_ABS_W, 0, 0, 0, 12);
+    e.raw(STX_DW, R10, R0, -8, 0);
+    e.raw(ST_DW, R10, 0, -16, 4);
+    e.jump(JA, 0, 0, 0, lookup);
+    e.place(v6_key);
+    e.raw(LD_ABS_W, 0, 0, 0, 8);
+    e.raw(MOV64_X, R8, R0, 0, 0);
+    e.raw(LSH64_K, R8, 0, 0, 32);
+    e.raw(LD_ABS_W, 0, 0, 0, 12);
+    e.raw(OR64_X, R8, R0, 0, 0);
+    e.raw(STX_DW, R10, R8, -8, 0);
+    e.raw(ST_DW, R10, 0, -16, 6);
+    e.place(lookup);
+    e.raw(CALL, 0, 0, 0, HELPER_KTIME_GET_NS);
+    e.raw(MOV64_X, R7, R0, 0, 0);
+    e.imm64(R1, PSEUDO_MAP_FD, buckets_fd as u32 as u64);
+    e.raw(MOV64_X, R2, R10, 0, 0);
+    e.raw(ADD64_K, R2, 0, 0, -16);
+    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
+    e.jump(JEQ_K, R0, 0, 0, new_source);
+    // GCRA: tat = max(tat, now); over budget when tat - now > slack; else tat += cost.
+    e.raw(LDX_DW, R1, R0, 0, 0);
+    e.jump(JGE_X, R1, R7, 0, have);
+    e.raw(MOV64_X, R1, R7, 0, 0);
+    e.place(have);
+    e.raw(MOV64_X, R2, R1, 0, 0);
+    e.raw(SUB64_X, R2, R7, 0, 0);
+    e.imm64(R3, 0, budget.slack_ns());
+    e.jump(JGT_X, R2, R3, 0, over);
+    e.imm64(R3, 0, budget.cost_ns());
+    e.raw(ADD64_X, R1, R3, 0, 0);
+    e.raw(STX_DW, R0, R1, 0, 0);
+    e.jump(JA, 0, 0, 0, pass);
+    e.place(new_source);
+    e.imm64(R3, 0, budget.cost_ns());
+    e.raw(MOV64_X, R1, R7, 0, 0);
+    e.raw(ADD64_X, R1, R3, 0, 0);
+    e.raw(STX_DW, R10, R1, -24, 0);
+    e.imm64(R1, PSEUDO_MAP_FD, buckets_fd as u32 as u64);
+    e.raw(MOV64_X, R2, R10, 0, 0);
+    e.raw(ADD64_K, R2, 0, 0, -16);
+    e.raw(MOV64_X, R3, R10, 0, 0);
+    e.raw(ADD64_K, R3, 0, 0, -24);
+    e.raw(MOV64_K, R4, 0, 0, 0);
+    e.raw(CALL, 0, 0, 0, HELPER_MAP_UPDATE);
+    e.place(pass);
+    e.raw(MOV64_X, R0, R9, 0, 0);
+    e.raw(EXIT, 0, 0, 0, 0);
+    e.place(over);
+    e.raw(ST_W, R10, 0, -28, 0);
+    e.imm64(R1, PSEUDO_MAP_FD, counter_fd as u32 as u64);
+    e.raw(MOV64_X, R2, R10, 0, 0);
+    e.raw(ADD64_K, R2, 0, 0, -28);
+    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
+    e.jump(JEQ_K, R0, 0, 0, reject);
+    e.raw(MOV64_K, R1, 0, 0, 1);
+    e.raw(ATOMIC_DW, R0, R1, 0, 0);
+    e.place(reject);
+    e.raw(MOV64_K, R0, 0, 0, 0);
+    e.raw(EXIT, 0, 0, 0, 0);
+    e.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::bpf::Watch;
+    use crate::net::Proto;
+
+    fn watches() -> Vec<Watch> {
+        vec![
+            Watch {
+                proto: Proto::Udp,
+                low: 62201,
+                high: 62201,
+            },
+            Watch {
+                proto: Proto::Tcp,
+                low: 7000,
+                high: 7010,
+            },
+        ]
+    }
+
+    const BUDGET: SourceBudget = SourceBudget {
+        rate: 100,
+        burst: 20,
+    };
+
+    #[test]
+    fn every_jump_lands_inside_the_program() {
+        for syn_only in [false, true] {
+            let classic = bpf::program(&watches(), syn_only).unwrap();
+            let insns = translate(&classic, BUDGET, 3, 4).unwrap();
+            for (at, insn) in insns.iter().enumerate() {
+                let class = insn.code & 0x07;
+                if class == 0x05 && insn.code != CALL && insn.code != EXIT {
+                    let to = at as isize + 1 + isize::from(insn.off);
+                    assert!(
+                        (0..insns.len() as isize).contains(&to),
+                        "insn {at} jumps to {to}"
+                    );
+                }
+            }
+            assert_eq!(insns.last().unwrap().code, EXIT);
+        }
+    }
+
+    #[test]
+    fn budget_arithmetic() {
+        assert_eq!(BUDGET.cost_ns(), 10_000_000);
+        assert_eq!(BUDGET.slack_ns(), 19 * 10_000_000);
+        let one = SourceBudget { rate: 1, burst: 1 };
+        assert_eq!(one.slack_ns(), 0);
+    }
+
+    #[test]
+    fn an_opcode_without_translation_is_an_error() {
+        let classic = [Insn {
+            code: 0x07, // TAX
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }];
+        assert_eq!(
+            translate(&classic, BUDGET, 3, 4),
+            Err(TranslateError::Opcode(0x07))
+        );
+    }
+}
