@@ -18,6 +18,7 @@ pub mod memory;
 pub mod netlink;
 pub mod nftables;
 pub mod plan;
+mod remembered;
 
 /// One grant to install: `address` may reach `service` for `timeout` (and, for services with
 /// an idle timeout, only while it keeps sending traffic).

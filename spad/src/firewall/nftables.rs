@@ -9,7 +9,6 @@
 //! `i4_S`/`i6_S`, re-armed in the kernel by an `update` rule in a prerouting chain that runs
 //! before the conntrack shortcut. Access needs membership of both.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -22,6 +21,7 @@ use super::netlink::{
     attributes, Message, Socket, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use super::plan::{Family, Plan, PortMatch, Rule, SetId, SetRole, Source, Verdict};
+use super::remembered::{Mailbox, Remembered, Seen};
 use super::{still_allowed, Access, Firewall, KernelReader, KernelView, LiveGrant};
 use crate::config::Config;
 use crate::net::Proto;
@@ -548,115 +548,6 @@ pub fn parse_element_dump(set: &str, bodies: &[Vec<u8>]) -> Vec<Carried> {
     out
 }
 
-/// Grants and blacklist entries this daemon knows of, with their deadlines: what a repair
-/// restores when someone deleted the whole table (the kernel's copy is gone then). Indexed by
-/// address (an address has a handful of entries, one per set): every grant and every element
-/// event the monitor sees updates it, so each update must cost the same with 10 or 100,000
-/// grants live (a list scanned per update made granting quadratic under load).
-#[derive(Debug, Default)]
-struct Remembered {
-    by_address: HashMap<IpAddr, Vec<(Carried, Instant)>>,
-    /// Addresses left after expired entries were last dropped (see [`Self::forget_expired`]).
-    addresses_after_pruning: usize,
-}
-
-/// Addresses remembered before expired entries are looked for at all.
-const REMEMBERED_PRUNE_FLOOR: usize = 4096;
-
-impl Remembered {
-    /// Takes the kernel's view. An idle element ends with its grant here: traffic re-arms it
-    /// in the kernel unseen, so a restore gives it a fresh idle period (never past the grant).
-    fn replace_from(&mut self, existing: &Existing, now: Instant) {
-        let mut fresh = Remembered::default();
-        for c in &existing.elements {
-            if SetId::parse_nft(&c.set).is_some_and(|id| id.role != SetRole::Idle) {
-                fresh.add(c.clone(), now + c.remaining);
-            }
-        }
-        for c in &existing.elements {
-            let Some(id) = SetId::parse_nft(&c.set).filter(|id| id.role == SetRole::Idle) else {
-                continue;
-            };
-            let grant = SetId::grant(&id.service, id.family).nft_name();
-            if let Some(end) = fresh.deadline(&grant, c.address) {
-                fresh.add(c.clone(), end);
-            }
-        }
-        fresh.addresses_after_pruning = fresh.by_address.len();
-        *self = fresh;
-    }
-
-    /// When the entry of `set` for `address` ends, if there is one.
-    fn deadline(&self, set: &str, address: IpAddr) -> Option<Instant> {
-        self.by_address
-            .get(&address)?
-            .iter()
-            .find(|(c, _)| c.set == set)
-            .map(|(_, end)| *end)
-    }
-
-    fn add(&mut self, element: Carried, deadline: Instant) {
-        let entries = self.by_address.entry(element.address).or_default();
-        entries.retain(|(c, _)| c.set != element.set);
-        entries.push((element, deadline));
-    }
-
-    fn remove(&mut self, set: &str, address: IpAddr) {
-        if let Some(entries) = self.by_address.get_mut(&address) {
-            entries.retain(|(c, _)| c.set != set);
-            if entries.is_empty() {
-                self.by_address.remove(&address);
-            }
-        }
-    }
-
-    /// Keeps only the entries `keep` says yes to.
-    fn retain(&mut self, keep: impl Fn(&Carried) -> bool) {
-        self.by_address.retain(|_, entries| {
-            entries.retain(|(c, _)| keep(c));
-            !entries.is_empty()
-        });
-    }
-
-    /// Drops entries that ended before `now` (the kernel may not announce an expiry), once the
-    /// number of addresses has doubled since the last time: amortised O(1) per grant, and the
-    /// memory stays within twice what is live.
-    fn forget_expired(&mut self, now: Instant) {
-        if self.by_address.len() < REMEMBERED_PRUNE_FLOOR.max(2 * self.addresses_after_pruning) {
-            return;
-        }
-        self.by_address.retain(|_, entries| {
-            entries.retain(|(_, end)| *end > now);
-            !entries.is_empty()
-        });
-        self.addresses_after_pruning = self.by_address.len();
-    }
-
-    /// What is still due at `now`, as a table's view with time left (at most each
-    /// element's own timeout), ordered by set and address.
-    fn alive(&self, now: Instant) -> Existing {
-        let mut elements: Vec<Carried> = self
-            .by_address
-            .values()
-            .flatten()
-            .filter(|(_, end)| *end > now)
-            .map(|(c, end)| Carried {
-                remaining: (*end - now).min(c.timeout),
-                ..c.clone()
-            })
-            .collect();
-        elements.sort_by(|a, b| (&a.set, a.address).cmp(&(&b.set, b.address)));
-        let mut sets: Vec<String> = elements.iter().map(|c| c.set.clone()).collect();
-        sets.sort();
-        sets.dedup();
-        Existing {
-            chains: Vec::new(),
-            sets,
-            elements,
-        }
-    }
-}
-
 /// One netlink dump request on `socket` (an absent table or set reads as empty).
 fn dump(socket: &mut Socket, kind: u16, attrs: &[(u16, &str)]) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut m = Message::new(
@@ -756,6 +647,8 @@ fn view_of(existing: &Existing) -> KernelView {
 #[derive(Debug)]
 struct TableReader {
     table: String,
+    /// Where the idle timers it saw go, for the backend's memory (see [`Seen`]).
+    seen: Mailbox,
 }
 
 impl KernelReader for TableReader {
@@ -767,13 +660,23 @@ impl KernelReader for TableReader {
             .context("cannot open a netfilter netlink socket (needs CAP_NET_ADMIN)")?;
         let mut last = None;
         for _ in 0..CONSISTENT_READ_TRIES {
+            let started = Instant::now();
             let (existing, consistent) = read_table_once(&mut socket, &self.table)?;
-            last = Some(existing);
+            last = Some((existing, started));
             if consistent {
                 break;
             }
         }
-        Ok(last.map(|e| view_of(&e)).unwrap_or_default())
+        let Some((existing, started)) = last else {
+            return Ok(KernelView::default());
+        };
+        // Even a read that was not one snapshot shows each idle timer it met at a moment
+        // after `started`, with the time it had left then: a lower bound of its lapse.
+        let seen = Seen::of(&existing, started);
+        if !seen.is_empty() {
+            self.seen.leave(seen);
+        }
+        Ok(view_of(&existing))
     }
 }
 
@@ -785,6 +688,8 @@ pub struct Nftables {
     /// Services with an idle set, from the installed config.
     idle_services: Vec<String>,
     remembered: Remembered,
+    /// What readers on other threads saw, for `remembered`.
+    seen: Mailbox,
 }
 
 impl Nftables {
@@ -796,6 +701,7 @@ impl Nftables {
             socket,
             idle_services: Vec::new(),
             remembered: Remembered::default(),
+            seen: Mailbox::default(),
         })
     }
 
@@ -805,12 +711,20 @@ impl Nftables {
 
     /// Chains, sets and elements of spad's table, read over netlink (milliseconds exact).
     pub fn existing(&mut self) -> anyhow::Result<Existing> {
+        let started = Instant::now();
         let existing = read_table(&mut self.socket, &self.table)?;
         // A missing table keeps the memory: it is what a repair restores from.
         if !existing.sets.is_empty() {
-            self.remembered.replace_from(&existing, Instant::now());
+            self.remembered.replace_from(&existing, started);
         }
         Ok(existing)
+    }
+
+    /// Takes in what a reader on another thread saw since the last time.
+    fn learn_seen(&mut self) {
+        if let Some(seen) = self.seen.take() {
+            self.remembered.learn(&seen);
+        }
     }
 
     /// Elements of `existing` that `config` no longer allows, or whose idle timer lapsed.
@@ -902,7 +816,9 @@ impl Firewall for Nftables {
         let read_at = Instant::now();
         let mut existing = self.existing()?;
         if existing.sets.is_empty() {
-            // The whole table was deleted: restore what this daemon knew was granted.
+            // The whole table was deleted: restore what this daemon can show is still due
+            // (an idle timer only until it lapses as last seen: see `super::remembered`).
+            self.learn_seen();
             existing = self.remembered.alive(read_at);
         }
         let prune = Self::prune(config, &existing);
@@ -940,12 +856,12 @@ impl Firewall for Nftables {
                 remaining: timeout,
                 owner: g.owner.clone(),
             };
-            let end = now + g.timeout;
-            self.remembered
-                .add(element(SetId::grant(&g.service, family), g.timeout), end);
+            let grant = element(SetId::grant(&g.service, family), g.timeout);
+            self.remembered.add(grant, now + g.timeout, now);
             if let Some(idle) = g.idle {
-                self.remembered
-                    .add(element(SetId::idle(&g.service, family), idle), end);
+                // Lapses one idle period from now at the earliest (never past the grant).
+                let timer = element(SetId::idle(&g.service, family), idle);
+                self.remembered.add_idle(timer, now + idle, now);
             }
         }
         let mut messages = Vec::with_capacity(grants.len() * 6);
@@ -1016,6 +932,7 @@ impl Firewall for Nftables {
     fn reader(&self) -> Option<Box<dyn KernelReader>> {
         Some(Box::new(TableReader {
             table: self.table.clone(),
+            seen: self.seen.clone(),
         }))
     }
 
@@ -1025,6 +942,7 @@ impl Firewall for Nftables {
         } else {
             "blacklist4"
         };
+        let now = Instant::now();
         self.remembered.add(
             Carried {
                 set: set.to_string(),
@@ -1033,7 +951,8 @@ impl Firewall for Nftables {
                 remaining: duration,
                 owner: "blacklist".into(),
             },
-            Instant::now() + duration,
+            now + duration,
+            now,
         );
         let messages = vec![
             element_message(&self.table, set, address, Some((duration, "blacklist"))),
@@ -1050,9 +969,10 @@ impl Firewall for Nftables {
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
+        // Read first: the read refills the memory, which must keep only the blacklist.
+        let existing = self.existing()?;
         self.remembered
             .retain(|c| SetId::parse_nft(&c.set).is_some_and(|id| id.role == SetRole::Blacklist));
-        let existing = self.existing()?;
         let mut text = String::new();
         for set in &existing.sets {
             if SetId::parse_nft(set).is_some_and(|id| id.role != SetRole::Blacklist) {
@@ -1077,15 +997,13 @@ impl Firewall for Nftables {
         } else {
             element.remaining
         };
+        // The event is read a moment after the kernel committed it: `now + left` is late by
+        // that moment (the loop drains the monitor on every turn).
         match SetId::parse_nft(&element.set) {
-            // An idle element ends with its grant (see `Remembered::replace_from`).
             Some(id) if id.role == SetRole::Idle => {
-                let grant = SetId::grant(&id.service, id.family).nft_name();
-                if let Some(end) = self.remembered.deadline(&grant, element.address) {
-                    self.remembered.add(element.clone(), end);
-                }
+                self.remembered.add_idle(element.clone(), now + left, now);
             }
-            Some(_) => self.remembered.add(element.clone(), now + left),
+            Some(_) => self.remembered.add(element.clone(), now + left, now),
             None => {}
         }
     }
@@ -1214,13 +1132,22 @@ mod tests {
         table: &'static str,
         test: impl FnOnce(&'static str, &Config, &mut Nftables) -> anyhow::Result<()> + Send + 'static,
     ) {
+        with_own_config(table, "", test);
+    }
+
+    /// [`with_own_table`] with `extra` config text (tables) after `[server]`.
+    fn with_own_config(
+        table: &'static str,
+        extra: &'static str,
+        test: impl FnOnce(&'static str, &Config, &mut Nftables) -> anyhow::Result<()> + Send + 'static,
+    ) {
         if !rustix::process::geteuid().is_root() || !available() {
             eprintln!("skipped: needs root and nft");
             return;
         }
         let run = move || -> anyhow::Result<()> {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let config = config(&format!("table = \"{table}\"\n"));
+            let config = config(&format!("table = \"{table}\"\n{extra}"));
             let mut fw = Nftables::open(table)?;
             fw.install(&config)?;
             test(table, &config, &mut fw)
@@ -1293,6 +1220,67 @@ mod tests {
                 moving,
                 "grants landed during the reads, and no read noticed"
             );
+            Ok(())
+        });
+    }
+
+    /// After the whole table was deleted, the repair restores an idle timer only while spad
+    /// can show it has not lapsed (real kernel, own namespace): one lapsed since spad's own
+    /// grant stays out, one re-armed behind spad's back and seen by an off-loop read comes
+    /// back, and so does one granted after that read.
+    #[test]
+    fn a_repair_restores_only_idle_timers_known_to_be_alive() {
+        const DOOR: &str =
+            "[doors.ops]\nsequence = [\"7000/tcp\", \"8000/udp\"]\nservices = [\"vpn\"]\n";
+        with_own_config("spadidle", DOOR, |table, config, fw| {
+            let address = |last: u8| IpAddr::from([198, 51, 100, last]);
+            let access = |last: u8, idle_ms: u64| Access {
+                address: address(last),
+                service: "vpn".into(),
+                timeout: Duration::from_secs(3600),
+                idle: Some(Duration::from_millis(idle_ms)),
+                owner: "door:ops".into(),
+            };
+            let (lapsing, rearmed, late) = (1, 2, 3);
+            fw.grant(&[access(lapsing, 300), access(rearmed, 300)])?;
+            // Re-armed behind this backend's back (as traffic would), then seen by a reader.
+            Nftables::open(table)?.grant(&[access(rearmed, 60_000)])?;
+            let view = fw.reader().expect("nftables has a reader").read()?;
+            assert_eq!(view.grants.len(), 2);
+            fw.grant(&[access(late, 60_000)])?;
+            // Watched through another backend: a read by `fw` would teach it the truth.
+            let mut watcher = Nftables::open(table)?;
+            let mut in_idle_set = |last: u8| -> anyhow::Result<bool> {
+                Ok(watcher
+                    .existing()?
+                    .elements
+                    .iter()
+                    .any(|c| c.set == "i4_vpn" && c.address == address(last)))
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while in_idle_set(lapsing)? && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(!in_idle_set(lapsing)?, "the 300 ms idle timer lapsed");
+            nft(&["delete", "table", "inet", table], None)?;
+            fw.repair(config)?;
+            let existing = fw.existing()?;
+            let mut idle: Vec<IpAddr> = existing
+                .elements
+                .iter()
+                .filter(|c| c.set == "i4_vpn")
+                .map(|c| c.address)
+                .collect();
+            idle.sort();
+            assert_eq!(idle, vec![address(rearmed), address(late)]);
+            let mut granted: Vec<IpAddr> = existing
+                .elements
+                .iter()
+                .filter(|c| c.set == "a4_vpn")
+                .map(|c| c.address)
+                .collect();
+            granted.sort();
+            assert_eq!(idle, granted, "a grant without its idle timer is not live");
             Ok(())
         });
     }
@@ -1420,81 +1408,6 @@ mod tests {
         assert_eq!(elements[0].timeout, Duration::from_millis(30_500));
         assert_eq!(elements[0].owner, "alice");
         assert!(parse_element_dump("a4_ssh", &[vec![1, 2, 3], bytes[16..40].to_vec()]).is_empty());
-    }
-
-    #[test]
-    fn remembered_grants_restore_with_time_left_and_idle_ends_with_its_grant() {
-        let now = Instant::now();
-        let mut memory = Remembered::default();
-        let existing = Existing {
-            chains: Vec::new(),
-            sets: vec!["a4_vpn".into(), "i4_vpn".into()],
-            elements: vec![
-                element("a4_vpn", "198.51.100.7", 2_000),
-                element("i4_vpn", "198.51.100.7", 500),
-                element("i4_vpn", "198.51.100.9", 500),
-            ],
-        };
-        memory.replace_from(&existing, now);
-        let later = memory.alive(now + Duration::from_millis(1_000));
-        let left: Vec<(String, u128)> = later
-            .elements
-            .iter()
-            .map(|c| (c.set.clone(), c.remaining.as_millis()))
-            .collect();
-        // The idle element outlives its last reading (traffic may have re-armed it) but not
-        // its grant; an idle element without a grant is not restored.
-        assert_eq!(
-            left,
-            vec![("a4_vpn".to_string(), 1_000), ("i4_vpn".to_string(), 1_000)]
-        );
-        assert!(memory
-            .alive(now + Duration::from_millis(2_000))
-            .elements
-            .is_empty());
-        memory.remove("a4_vpn", "198.51.100.7".parse().unwrap());
-        assert_eq!(memory.alive(now).elements.len(), 1);
-    }
-
-    #[test]
-    fn remembered_entries_are_per_set_and_address_and_expired_ones_are_forgotten() {
-        let now = Instant::now();
-        let mut memory = Remembered::default();
-        let address = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-        let entry = |set: &str, i: u32| Carried {
-            set: set.into(),
-            address: address(i),
-            timeout: Duration::from_secs(30),
-            remaining: Duration::from_secs(30),
-            owner: "alice".into(),
-        };
-        // Short-lived grants, enough to cross the pruning floor.
-        for i in 0..REMEMBERED_PRUNE_FLOOR as u32 {
-            memory.add(entry("a4_ssh", i), now + Duration::from_secs(1));
-        }
-        // A second set for one address, then the same set again (replaced, not duplicated).
-        memory.add(entry("a4_vpn", 0), now + Duration::from_secs(60));
-        memory.add(entry("a4_ssh", 0), now + Duration::from_secs(90));
-        assert_eq!(
-            memory.deadline("a4_ssh", address(0)),
-            Some(now + Duration::from_secs(90))
-        );
-        assert_eq!(
-            memory.deadline("a4_vpn", address(0)),
-            Some(now + Duration::from_secs(60))
-        );
-        assert_eq!(memory.deadline("a4_vpn", address(1)), None);
-        memory.remove("a4_vpn", address(0));
-        assert_eq!(memory.deadline("a4_vpn", address(0)), None);
-        assert!(memory.deadline("a4_ssh", address(0)).is_some());
-        // Later, the short ones have ended: the next grant forgets them.
-        memory.forget_expired(now + Duration::from_secs(2));
-        assert_eq!(memory.by_address.len(), 1, "only the 90 s grant is left");
-        assert_eq!(memory.alive(now + Duration::from_secs(2)).elements.len(), 1);
-        // Below the floor nothing is scanned.
-        memory.add(entry("a4_ssh", 7), now);
-        memory.forget_expired(now + Duration::from_secs(2));
-        assert_eq!(memory.by_address.len(), 2);
     }
 
     #[test]
