@@ -66,6 +66,48 @@ fn find_group(group: &str, name: &str) -> Option<u32> {
     })
 }
 
+/// Gives up CAP_BPF for good once the capture is open: the unit grants it only so the
+/// capture can load its eBPF prefilter ([`crate::capture::ebpf`]). Removed from the
+/// effective, permitted, inheritable and ambient sets (no privilege needed to give one up);
+/// a reload that must load a new prefilter then falls back to the classic one. As root
+/// nothing changes (root keeps everything until `user =` drops it). Must run on the only
+/// thread: capabilities are per thread. Returns whether it gave CAP_BPF up.
+pub fn shed_bpf() -> anyhow::Result<bool> {
+    use rustix::thread as t;
+    if rustix::process::geteuid().is_root() {
+        return Ok(false);
+    }
+    let sets = t::capabilities(None).context("capget")?;
+    if !sets.permitted.contains(CapabilitySet::BPF) {
+        return Ok(false);
+    }
+    let threads = std::fs::read_dir("/proc/self/task")
+        .context("reading /proc/self/task")?
+        .count();
+    if threads != 1 {
+        bail!("internal: cannot give up CAP_BPF with {threads} threads running");
+    }
+    t::configure_capability_in_ambient_set(CapabilitySet::BPF, false)
+        .context("lowering the ambient CAP_BPF")?;
+    t::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: sets.effective - CapabilitySet::BPF,
+            permitted: sets.permitted - CapabilitySet::BPF,
+            inheritable: sets.inheritable - CapabilitySet::BPF,
+        },
+    )
+    .context("capset")?;
+    if t::capabilities(None)
+        .context("capget")?
+        .permitted
+        .contains(CapabilitySet::BPF)
+    {
+        bail!("giving up CAP_BPF did not take effect");
+    }
+    Ok(true)
+}
+
 /// Becomes `account` with only [`KEPT`], after handing it `state_dir`. Must run as root, on
 /// the only thread. Verifies the result and fails (so the daemon stops) if anything is off.
 pub fn drop_to(account: &Account, state_dir: &Path) -> anyhow::Result<()> {

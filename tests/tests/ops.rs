@@ -530,9 +530,9 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
         Command::new("ip")
             .args(["netns", "exec", &lab.gw, "setpriv"])
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .args(["--inh-caps=-all,+net_admin,+net_raw"])
-            .args(["--ambient-caps=-all,+net_admin,+net_raw"])
-            .args(["--bounding-set=-all,+net_admin,+net_raw"])
+            .args(["--inh-caps=-all,+net_admin,+net_raw,+bpf"])
+            .args(["--ambient-caps=-all,+net_admin,+net_raw,+bpf"])
+            .args(["--bounding-set=-all,+net_admin,+net_raw,+bpf"])
             .arg(binary("spad"))
             .args(["run", "-c", config.to_str().unwrap()])
             .stdin(Stdio::null())
@@ -551,7 +551,16 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     let pid = status["pid"].as_u64().unwrap();
     assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
+    // CAP_BPF loaded the prefilter with its per-source budget, then was given up.
     assert_eq!(proc_field(pid, "CapEff"), "0000000000003000");
+    assert_eq!(proc_field(pid, "CapPrm"), "0000000000003000");
+    assert_eq!(proc_field(pid, "CapAmb"), "0000000000003000");
+    assert!(read_log().contains("gave up CAP_BPF"), "{}", read_log());
+    assert!(
+        !read_log().contains("packet-rate is not enforced"),
+        "{}",
+        read_log()
+    );
     lab.knock(&lab.a, "alice", &["ssh"], &[], false);
     assert!(
         wait_until(Duration::from_secs(10), || read_log()
