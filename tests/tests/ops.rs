@@ -3,7 +3,10 @@
 //! disk, the Prometheus endpoint serves text a real parser (`promtool`) accepts, the systemd
 //! notify protocol is spoken to a listener on `NOTIFY_SOCKET`, log lines carry journald
 //! priorities, and `user = "nobody"` leaves the daemon with only CAP_NET_ADMIN + CAP_NET_RAW
-//! while knocks still open ports. Every daemon test runs on nftables and on iptables + ipset.
+//! while knocks still open ports. The kernel's per-source packet budget (`packet-rate`) loaded
+//! as root holds after the drop, gives way to the classic prefilter with a warning when a reload
+//! cannot load it again, and is off with `packet-rate = 0`. Every daemon test runs on nftables
+//! and on iptables + ipset.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -502,6 +505,187 @@ pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
     assert!(!lab.log().contains("error:"), "{}", lab.log());
 }
 
+/// Datagrams in a flood from one source: more than the default `packet-burst` (2,000), sent
+/// faster than the default `packet-rate` (1,000/s) refills it.
+const FLOOD: u64 = 3000;
+
+/// `FLOOD` datagrams of garbage (refused in userspace at the size or mac1 check) from client
+/// namespace `ns` to the SPA port, as fast as one socket sends them. The gateway's link-layer
+/// address is resolved first (one datagram to an unwatched port), so no datagram of the flood
+/// waits, or is lost, in the neighbour queue.
+fn flood_spa_port(lab: &Lab, ns: &str) {
+    in_ns(ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.send_to(b"", Lab::gw4(9)).unwrap();
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&lab.ip(ns, &["neigh", "show", GW4]).stdout).contains("lladdr")
+        }),
+        "{GW4} not resolved in {ns}"
+    );
+    in_ns(ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let garbage = [0x5a_u8; 136];
+        for _ in 0..FLOOD {
+            socket.send_to(&garbage, Lab::gw4(62201)).unwrap();
+        }
+    });
+}
+
+/// A counter of the stop line `stopping: name=value ...` (0 when absent).
+fn stopped_counter(log: &str, name: &str) -> u64 {
+    let stop = log
+        .lines()
+        .rfind(|l| l.contains("stopping:"))
+        .unwrap_or_else(|| panic!("no stopping line:\n{log}"));
+    stop.split(&format!(" {name}="))
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+const BUDGET_REFUSED: &str = "warning: packet-rate is not enforced in the kernel (";
+
+/// Started as root, spad loads the per-source packet budget into the kernel before it drops to
+/// `nobody`: a flood from one address is cut there (`capture_kernel_source_limited`). A reload
+/// that changes the watched ports re-opens the capture as `nobody`, without CAP_BPF: the kernel
+/// refuses the program, spad says so and falls back to the classic prefilter, and the new
+/// capture works: the moved door opens and an SPA knock from the flooding address is granted.
+pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knocks_working(
+    backend: Backend,
+) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, "user = \"nobody\"");
+    let nobody = 65534;
+    for secret in ["keys/server.key", "keys/carol.totp"] {
+        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
+    }
+    let daemon = lab.start_spad(CONF, backend);
+    assert!(
+        lab.wait_log("running as nobody (uid 65534)", 1),
+        "{}",
+        lab.log()
+    );
+    assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
+
+    // The budget loaded as root holds after the drop: the flood is cut in the kernel.
+    flood_spa_port(&lab, &lab.b);
+    let mut status = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = json(&spad_cli(&lab, &["status", "--json"]));
+            counter(&status, "capture_kernel_source_limited") > 0
+                && counter(&status, "capture_kernel_source_limited")
+                    + counter(&status, "capture_kernel_packets")
+                    >= FLOOD
+        }),
+        "{status}"
+    );
+    let limited = counter(&status, "capture_kernel_source_limited");
+    assert!(
+        counter(&status, "capture_kernel_packets") < FLOOD,
+        "the kernel passed the whole flood: {status}"
+    );
+
+    // Door ops moves from 7000/tcp to 6000/tcp: outside every range watched so far.
+    let config = lab.path(CONF);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let moved = text
+        .replace(
+            "sequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]",
+            "sequence = [\"6000/tcp\", \"8000/udp\", \"9000/tcp\"]",
+        )
+        .replace(
+            "close-sequence = [\"9000/tcp\", \"8000/udp\", \"7000/tcp\"]",
+            "close-sequence = [\"9000/tcp\", \"8000/udp\", \"6000/tcp\"]",
+        );
+    assert_ne!(
+        moved, text,
+        "conf/{CONF} changed: door ops is not where it was"
+    );
+    std::fs::write(&config, moved).unwrap();
+    lab.reload_spad(daemon);
+    assert!(
+        lab.wait_log("reloaded; kept 0 live grants", 1),
+        "{}",
+        lab.log()
+    );
+    assert!(lab.wait_log(BUDGET_REFUSED, 1), "{}", lab.log());
+    assert!(!lab.log().contains("reload failed"), "{}", lab.log());
+
+    // The new capture sees the new port ...
+    lab.exec(&lab.a, "knock", &[GW4, "6000", "8000:udp", "9000"]);
+    assert!(
+        lab.wait_log("203.0.113.10: door ops: OPEN", 1)
+            && lab.wait_log("granted owner=door:ops address=203.0.113.10 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    // ... and SPA: a knock from the address that flooded is granted.
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
+    lab.knock(&lab.b, "alice", &["ssh"], &[], false);
+    assert!(
+        lab.wait_log("granted owner=alice address=203.0.113.20 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
+
+    // The kernel's cuts before the reload stay counted after the capture was replaced.
+    lab.stop_spad(daemon, false);
+    let log = lab.log();
+    assert!(
+        stopped_counter(&log, "capture_kernel_source_limited") >= limited,
+        "{log}"
+    );
+    assert!(!log.contains("error:"), "{log}");
+}
+
+/// `packet-rate = 0`: no kernel budget. The same flood passes the prefilter whole and is
+/// refused in userspace; nothing is cut in the kernel, and a knock after it is granted.
+pub fn packet_rate_0_leaves_a_flood_to_userspace(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, "packet-rate = 0");
+    let daemon = lab.start_spad(CONF, backend);
+    flood_spa_port(&lab, &lab.b);
+    let mut status = serde_json::Value::Null;
+    let refused = |status: &serde_json::Value| {
+        counter(status, "refusals{reason=\"size\"}") + counter(status, "refusals{reason=\"mac1\"}")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = json(&spad_cli(&lab, &["status", "--json"]));
+            counter(&status, "capture_kernel_packets") >= FLOOD
+                && refused(&status) + counter(&status, "capture_kernel_drops") >= FLOOD
+        }),
+        "{status}"
+    );
+    assert_eq!(
+        counter(&status, "capture_kernel_source_limited"),
+        0,
+        "{status}"
+    );
+    lab.knock(&lab.b, "alice", &["ssh"], &[], false);
+    assert!(
+        lab.wait_log("granted owner=alice address=203.0.113.20 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
+    lab.stop_spad(daemon, false);
+    let log = lab.log();
+    assert_eq!(
+        stopped_counter(&log, "capture_kernel_source_limited"),
+        0,
+        "{log}"
+    );
+    assert!(!log.contains(BUDGET_REFUSED), "{log}");
+}
+
 pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: Backend) {
     let lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
@@ -663,4 +847,6 @@ both_backends!(
     runs_as_an_unprivileged_user_with_two_capabilities,
     knock_commands_run_without_capabilities_unless_the_door_says_so,
     starts_unprivileged_with_ambient_capabilities_as_the_unit_does,
+    a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knocks_working,
+    packet_rate_0_leaves_a_flood_to_userspace,
 );
