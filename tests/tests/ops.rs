@@ -686,6 +686,96 @@ pub fn packet_rate_0_leaves_a_flood_to_userspace(backend: Backend) {
     assert!(!log.contains(BUDGET_REFUSED), "{log}");
 }
 
+/// Sends garbage to the SPA port from client namespace `ns` with the source address of client
+/// `a` (a raw socket), evenly paced at `per_second`, until `stop` is set or 30 s pass.
+fn spoof_a_evenly(
+    ns: &str,
+    per_second: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        in_ns(&ns, move || {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let raw = Socket::new(
+                Domain::IPV4,
+                Type::RAW,
+                Some(Protocol::from(libc::IPPROTO_RAW)),
+            )
+            .unwrap();
+            let payload = [0x5a_u8; 136];
+            let total = (20 + 8 + payload.len()) as u16;
+            // IPv4 (the kernel fills in the checksum) + UDP without a checksum.
+            let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+            packet[2..4].copy_from_slice(&total.to_be_bytes());
+            packet.extend_from_slice(&[203, 0, 113, 10, 203, 0, 113, 1]);
+            packet.extend_from_slice(&40000u16.to_be_bytes());
+            packet.extend_from_slice(&62201u16.to_be_bytes());
+            packet.extend_from_slice(&(total - 20).to_be_bytes());
+            packet.extend_from_slice(&[0, 0]);
+            packet.extend_from_slice(&payload);
+            let to = socket2::SockAddr::from(Lab::gw4(0));
+            let interval = Duration::from_secs(1) / per_second;
+            let start = Instant::now();
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(30)
+            {
+                // Evenly, as a steady attacker would: no gap for the budget to refill in.
+                while start.elapsed() < interval * sent {
+                    std::hint::spin_loop();
+                }
+                raw.send_to(&packet, &to).unwrap();
+                sent += 1;
+            }
+            u64::from(sent)
+        })
+    })
+}
+
+/// KNOWN ISSUE, ignored until decided: with the default `packet-rate` (1,000/s), a steady flood
+/// of 5,000 garbage datagrams per second (about 6.5 Mbit/s) with a client's source address
+/// spoofed takes that client's budget, and the kernel drops its real knocks too: measured 1 of
+/// 10 granted (10 of 10 with `packet-rate = 0`, where userspace refuses the garbage at its
+/// size check and keeps up). Run: `cargo test -p spa-e2e --test ops -- --ignored spoofing`.
+#[test]
+#[ignore = "known issue: a flood spoofing a client's address at 5,000/s takes its kernel packet budget"]
+fn a_flood_spoofing_a_clients_address_does_not_lock_it_out() {
+    if !e2e_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let daemon = lab.start_spad(CONF, Backend::Nftables);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = spoof_a_evenly(&lab.b, 5000, stop.clone());
+    // Past the burst: the budget of a's address is spent.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let status = json(&spad_cli(&lab, &["status", "--json"]));
+            counter(&status, "capture_kernel_source_limited") > 1000
+        }),
+        "{}",
+        lab.log()
+    );
+    let mut granted = 0;
+    for _ in 0..10 {
+        lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+        if wait_until(Duration::from_millis(300), || {
+            lab.log().matches("granted owner=alice").count() > granted
+        }) {
+            granted += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    lab.stop_spad(daemon, false);
+    assert!(
+        granted >= 9,
+        "{granted} of 10 knocks granted while {sent} datagrams spoofed a's address"
+    );
+}
+
 pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: Backend) {
     let lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
