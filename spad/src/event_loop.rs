@@ -225,6 +225,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
             &format!("warning: packet-rate is not enforced in the kernel ({why}); spad's own per-source limits still apply"),
         );
     }
+    crate::privilege::shed_bpf()?;
     if let Some(user) = pipeline.config.server.user.clone() {
         let account = crate::privilege::lookup_user(&user)?;
         crate::privilege::drop_to(&account, &pipeline.config.server.state_dir)?;

@@ -141,6 +141,44 @@ pub fn drop_to(account: &Account, state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives up CAP_BPF once the capture is open: it is needed only to load the capture's eBPF
+/// prefilter (`packet-rate`), which the unit grants it for. A process not running as root keeps
+/// no CAP_BPF afterwards (a root one keeps what root has; `user` drops it with the rest). A
+/// reload that must load a new prefilter then falls back to the classic one, and says so.
+/// Like every credential change it is per thread: it refuses to run once a second thread exists.
+pub fn shed_bpf() -> anyhow::Result<()> {
+    use rustix::thread as t;
+    let sets = t::capabilities(None).context("capget")?;
+    let held = sets.effective | sets.permitted | sets.inheritable;
+    if rustix::process::geteuid().is_root() || !held.contains(CapabilitySet::BPF) {
+        return Ok(());
+    }
+    let threads = std::fs::read_dir("/proc/self/task")
+        .context("reading /proc/self/task")?
+        .count();
+    if threads != 1 {
+        bail!("internal: cannot drop CAP_BPF with {threads} threads running");
+    }
+    let without = |set: CapabilitySet| set.difference(CapabilitySet::BPF);
+    // Lowering the permitted and inheritable sets takes it out of the ambient set too.
+    t::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: without(sets.effective),
+            permitted: without(sets.permitted),
+            inheritable: without(sets.inheritable),
+        },
+    )
+    .context("capset (dropping CAP_BPF)")?;
+    let now = t::capabilities(None).context("capget")?;
+    if (now.effective | now.permitted | now.inheritable).contains(CapabilitySet::BPF)
+        || t::capability_is_in_ambient_set(CapabilitySet::BPF).unwrap_or(true)
+    {
+        bail!("dropping CAP_BPF did not take effect");
+    }
+    Ok(())
+}
+
 /// Gives `dir` and everything in it (bounded depth) to user `uid`, keeping each group (the
 /// control socket's `spad` group stays); nothing else is writable to it.
 fn hand_over(dir: &Path, uid: u32) -> anyhow::Result<()> {

@@ -776,6 +776,19 @@ fn a_flood_spoofing_a_clients_address_does_not_lock_it_out() {
     );
 }
 
+/// The unit's `AmbientCapabilities=` in `setpriv`'s words (`+net_admin,+net_raw,...`).
+fn unit_capabilities() -> String {
+    let unit = std::fs::read_to_string(workspace().join("conf/spad.service")).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities= in conf/spad.service");
+    line.split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: Backend) {
     let lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
@@ -798,15 +811,16 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
         ),
     )
     .unwrap();
+    let caps = unit_capabilities();
     let log_path = lab.path("unit.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut daemon = Daemon(
         Command::new("ip")
             .args(["netns", "exec", &lab.gw, "setpriv"])
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .args(["--inh-caps=-all,+net_admin,+net_raw"])
-            .args(["--ambient-caps=-all,+net_admin,+net_raw"])
-            .args(["--bounding-set=-all,+net_admin,+net_raw"])
+            .arg(format!("--inh-caps=-all,{caps}"))
+            .arg(format!("--ambient-caps=-all,{caps}"))
+            .arg(format!("--bounding-set=-all,{caps}"))
             .arg(binary("spad"))
             .args(["run", "-c", config.to_str().unwrap()])
             .stdin(Stdio::null())
@@ -825,7 +839,21 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     let pid = status["pid"].as_u64().unwrap();
     assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
-    assert_eq!(proc_field(pid, "CapEff"), "0000000000003000");
+    // CAP_BPF served to load the prefilter and is gone: CAP_NET_ADMIN and CAP_NET_RAW only.
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(proc_field(pid, set), "0000000000003000", "{set}");
+    }
+    assert!(!read_log().contains(BUDGET_REFUSED), "{}", read_log());
+    // The per-source packet budget is in force: a flood from one address is cut in the kernel.
+    flood_spa_port(&lab, &lab.b);
+    assert!(
+        wait_until(Duration::from_secs(10), || counter(
+            &json(&spad_cli(&lab, &["status", "--json"])),
+            "capture_kernel_source_limited"
+        ) > 0),
+        "{}",
+        read_log()
+    );
     lab.knock(&lab.a, "alice", &["ssh"], &[], false);
     assert!(
         wait_until(Duration::from_secs(10), || read_log()
