@@ -98,10 +98,9 @@ pub fn shed_bpf() -> anyhow::Result<bool> {
         },
     )
     .context("capset")?;
-    if t::capabilities(None)
-        .context("capget")?
-        .permitted
-        .contains(CapabilitySet::BPF)
+    let now = t::capabilities(None).context("capget")?;
+    if (now.effective | now.permitted | now.inheritable).contains(CapabilitySet::BPF)
+        || t::capability_is_in_ambient_set(CapabilitySet::BPF).unwrap_or(true)
     {
         bail!("giving up CAP_BPF did not take effect");
     }

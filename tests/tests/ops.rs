@@ -3,7 +3,10 @@
 //! disk, the Prometheus endpoint serves text a real parser (`promtool`) accepts, the systemd
 //! notify protocol is spoken to a listener on `NOTIFY_SOCKET`, log lines carry journald
 //! priorities, and `user = "nobody"` leaves the daemon with only CAP_NET_ADMIN + CAP_NET_RAW
-//! while knocks still open ports. Every daemon test runs on nftables and on iptables + ipset.
+//! while knocks still open ports. The kernel's per-source packet budget (`packet-rate`) loaded
+//! as root holds after the drop, gives way to the classic prefilter with a warning when a reload
+//! cannot load it again, and is off with `packet-rate = 0`. Every daemon test runs on nftables
+//! and on iptables + ipset.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -502,6 +505,290 @@ pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
     assert!(!lab.log().contains("error:"), "{}", lab.log());
 }
 
+/// Datagrams in a flood from one source: more than the default `packet-burst` (2,000), sent
+/// faster than the default `packet-rate` (1,000/s) refills it.
+const FLOOD: u64 = 3000;
+
+/// `FLOOD` datagrams of garbage (refused in userspace at the size or mac1 check) from client
+/// namespace `ns` to the SPA port, as fast as one socket sends them. The gateway's link-layer
+/// address is resolved first (one datagram to an unwatched port), so no datagram of the flood
+/// waits, or is lost, in the neighbour queue.
+fn flood_spa_port(lab: &Lab, ns: &str) {
+    in_ns(ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.send_to(b"", Lab::gw4(9)).unwrap();
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&lab.ip(ns, &["neigh", "show", GW4]).stdout).contains("lladdr")
+        }),
+        "{GW4} not resolved in {ns}"
+    );
+    in_ns(ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let garbage = [0x5a_u8; 136];
+        for _ in 0..FLOOD {
+            socket.send_to(&garbage, Lab::gw4(62201)).unwrap();
+        }
+    });
+}
+
+/// A counter of the stop line `stopping: name=value ...` (0 when absent).
+fn stopped_counter(log: &str, name: &str) -> u64 {
+    let stop = log
+        .lines()
+        .rfind(|l| l.contains("stopping:"))
+        .unwrap_or_else(|| panic!("no stopping line:\n{log}"));
+    stop.split(&format!(" {name}="))
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+const BUDGET_REFUSED: &str = "warning: packet-rate is not enforced in the kernel (";
+
+/// Started as root, spad loads the per-source packet budget into the kernel before it drops to
+/// `nobody`: a flood from one address is cut there (`capture_kernel_source_limited`). A reload
+/// that changes the watched ports re-opens the capture as `nobody`, without CAP_BPF: the kernel
+/// refuses the program, spad says so and falls back to the classic prefilter, and the new
+/// capture works: the moved door opens and an SPA knock from the flooding address is granted.
+pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knocks_working(
+    backend: Backend,
+) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, "user = \"nobody\"");
+    let nobody = 65534;
+    for secret in ["keys/server.key", "keys/carol.totp"] {
+        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
+    }
+    let daemon = lab.start_spad(CONF, backend);
+    assert!(
+        lab.wait_log("running as nobody (uid 65534)", 1),
+        "{}",
+        lab.log()
+    );
+    assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
+
+    // The budget loaded as root holds after the drop: the flood is cut in the kernel.
+    flood_spa_port(&lab, &lab.b);
+    let mut status = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = json(&spad_cli(&lab, &["status", "--json"]));
+            counter(&status, "capture_kernel_source_limited") > 0
+                && counter(&status, "capture_kernel_source_limited")
+                    + counter(&status, "capture_kernel_packets")
+                    >= FLOOD
+        }),
+        "{status}"
+    );
+    let limited = counter(&status, "capture_kernel_source_limited");
+    assert!(
+        counter(&status, "capture_kernel_packets") < FLOOD,
+        "the kernel passed the whole flood: {status}"
+    );
+
+    // Door ops moves from 7000/tcp to 6000/tcp: outside every range watched so far.
+    let config = lab.path(CONF);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let moved = text
+        .replace(
+            "sequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]",
+            "sequence = [\"6000/tcp\", \"8000/udp\", \"9000/tcp\"]",
+        )
+        .replace(
+            "close-sequence = [\"9000/tcp\", \"8000/udp\", \"7000/tcp\"]",
+            "close-sequence = [\"9000/tcp\", \"8000/udp\", \"6000/tcp\"]",
+        );
+    assert_ne!(
+        moved, text,
+        "conf/{CONF} changed: door ops is not where it was"
+    );
+    std::fs::write(&config, moved).unwrap();
+    lab.reload_spad(daemon);
+    assert!(
+        lab.wait_log("reloaded; kept 0 live grants", 1),
+        "{}",
+        lab.log()
+    );
+    assert!(lab.wait_log(BUDGET_REFUSED, 1), "{}", lab.log());
+    assert!(!lab.log().contains("reload failed"), "{}", lab.log());
+
+    // The new capture sees the new port ...
+    lab.exec(&lab.a, "knock", &[GW4, "6000", "8000:udp", "9000"]);
+    assert!(
+        lab.wait_log("203.0.113.10: door ops: OPEN", 1)
+            && lab.wait_log("granted owner=door:ops address=203.0.113.10 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    // ... and SPA: a knock from the address that flooded is granted.
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
+    lab.knock(&lab.b, "alice", &["ssh"], &[], false);
+    assert!(
+        lab.wait_log("granted owner=alice address=203.0.113.20 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
+
+    // The kernel's cuts before the reload stay counted after the capture was replaced.
+    lab.stop_spad(daemon, false);
+    let log = lab.log();
+    assert!(
+        stopped_counter(&log, "capture_kernel_source_limited") >= limited,
+        "{log}"
+    );
+    assert!(!log.contains("error:"), "{log}");
+}
+
+/// `packet-rate = 0`: no kernel budget. The same flood passes the prefilter whole and is
+/// refused in userspace; nothing is cut in the kernel, and a knock after it is granted.
+pub fn packet_rate_0_leaves_a_flood_to_userspace(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, "packet-rate = 0");
+    let daemon = lab.start_spad(CONF, backend);
+    flood_spa_port(&lab, &lab.b);
+    let mut status = serde_json::Value::Null;
+    let refused = |status: &serde_json::Value| {
+        counter(status, "refusals{reason=\"size\"}") + counter(status, "refusals{reason=\"mac1\"}")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = json(&spad_cli(&lab, &["status", "--json"]));
+            counter(&status, "capture_kernel_packets") >= FLOOD
+                && refused(&status) + counter(&status, "capture_kernel_drops") >= FLOOD
+        }),
+        "{status}"
+    );
+    assert_eq!(
+        counter(&status, "capture_kernel_source_limited"),
+        0,
+        "{status}"
+    );
+    lab.knock(&lab.b, "alice", &["ssh"], &[], false);
+    assert!(
+        lab.wait_log("granted owner=alice address=203.0.113.20 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::Open);
+    lab.stop_spad(daemon, false);
+    let log = lab.log();
+    assert_eq!(
+        stopped_counter(&log, "capture_kernel_source_limited"),
+        0,
+        "{log}"
+    );
+    assert!(!log.contains(BUDGET_REFUSED), "{log}");
+}
+
+/// Sends garbage to the SPA port from client namespace `ns` with the source address of client
+/// `a` (a raw socket), evenly paced at `per_second`, until `stop` is set or 30 s pass.
+fn spoof_a_evenly(
+    ns: &str,
+    per_second: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        in_ns(&ns, move || {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let raw = Socket::new(
+                Domain::IPV4,
+                Type::RAW,
+                Some(Protocol::from(libc::IPPROTO_RAW)),
+            )
+            .unwrap();
+            let payload = [0x5a_u8; 136];
+            let total = (20 + 8 + payload.len()) as u16;
+            // IPv4 (the kernel fills in the checksum) + UDP without a checksum.
+            let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+            packet[2..4].copy_from_slice(&total.to_be_bytes());
+            packet.extend_from_slice(&[203, 0, 113, 10, 203, 0, 113, 1]);
+            packet.extend_from_slice(&40000u16.to_be_bytes());
+            packet.extend_from_slice(&62201u16.to_be_bytes());
+            packet.extend_from_slice(&(total - 20).to_be_bytes());
+            packet.extend_from_slice(&[0, 0]);
+            packet.extend_from_slice(&payload);
+            let to = socket2::SockAddr::from(Lab::gw4(0));
+            let interval = Duration::from_secs(1) / per_second;
+            let start = Instant::now();
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(30)
+            {
+                // Evenly, as a steady attacker would: no gap for the budget to refill in.
+                while start.elapsed() < interval * sent {
+                    std::hint::spin_loop();
+                }
+                raw.send_to(&packet, &to).unwrap();
+                sent += 1;
+            }
+            u64::from(sent)
+        })
+    })
+}
+
+/// KNOWN ISSUE, ignored until decided: with the default `packet-rate` (1,000/s), a steady flood
+/// of 5,000 garbage datagrams per second (about 6.5 Mbit/s) with a client's source address
+/// spoofed takes that client's budget, and the kernel drops its real knocks too: measured 1 of
+/// 10 granted (10 of 10 with `packet-rate = 0`, where userspace refuses the garbage at its
+/// size check and keeps up). Run: `cargo test -p spa-e2e --test ops -- --ignored spoofing`.
+#[test]
+#[ignore = "known issue: a flood spoofing a client's address at 5,000/s takes its kernel packet budget"]
+fn a_flood_spoofing_a_clients_address_does_not_lock_it_out() {
+    if !e2e_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let daemon = lab.start_spad(CONF, Backend::Nftables);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = spoof_a_evenly(&lab.b, 5000, stop.clone());
+    // Past the burst: the budget of a's address is spent.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let status = json(&spad_cli(&lab, &["status", "--json"]));
+            counter(&status, "capture_kernel_source_limited") > 1000
+        }),
+        "{}",
+        lab.log()
+    );
+    let mut granted = 0;
+    for _ in 0..10 {
+        lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+        if wait_until(Duration::from_millis(300), || {
+            lab.log().matches("granted owner=alice").count() > granted
+        }) {
+            granted += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    lab.stop_spad(daemon, false);
+    assert!(
+        granted >= 9,
+        "{granted} of 10 knocks granted while {sent} datagrams spoofed a's address"
+    );
+}
+
+/// The unit's `AmbientCapabilities=` in `setpriv`'s words (`+net_admin,+net_raw,...`).
+fn unit_capabilities() -> String {
+    let unit = std::fs::read_to_string(workspace().join("conf/spad.service")).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities= in conf/spad.service");
+    line.split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: Backend) {
     let lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
@@ -524,15 +811,16 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
         ),
     )
     .unwrap();
+    let caps = unit_capabilities();
     let log_path = lab.path("unit.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut daemon = Daemon(
         Command::new("ip")
             .args(["netns", "exec", &lab.gw, "setpriv"])
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .args(["--inh-caps=-all,+net_admin,+net_raw,+bpf"])
-            .args(["--ambient-caps=-all,+net_admin,+net_raw,+bpf"])
-            .args(["--bounding-set=-all,+net_admin,+net_raw,+bpf"])
+            .arg(format!("--inh-caps=-all,{caps}"))
+            .arg(format!("--ambient-caps=-all,{caps}"))
+            .arg(format!("--bounding-set=-all,{caps}"))
             .arg(binary("spad"))
             .args(["run", "-c", config.to_str().unwrap()])
             .stdin(Stdio::null())
@@ -551,13 +839,19 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     let pid = status["pid"].as_u64().unwrap();
     assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
-    // CAP_BPF loaded the prefilter with its per-source budget, then was given up.
-    assert_eq!(proc_field(pid, "CapEff"), "0000000000003000");
-    assert_eq!(proc_field(pid, "CapPrm"), "0000000000003000");
-    assert_eq!(proc_field(pid, "CapAmb"), "0000000000003000");
+    // CAP_BPF served to load the prefilter and is gone: CAP_NET_ADMIN and CAP_NET_RAW only.
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(proc_field(pid, set), "0000000000003000", "{set}");
+    }
+    assert!(!read_log().contains(BUDGET_REFUSED), "{}", read_log());
     assert!(read_log().contains("gave up CAP_BPF"), "{}", read_log());
+    // The per-source packet budget is in force: a flood from one address is cut in the kernel.
+    flood_spa_port(&lab, &lab.b);
     assert!(
-        !read_log().contains("packet-rate is not enforced"),
+        wait_until(Duration::from_secs(10), || counter(
+            &json(&spad_cli(&lab, &["status", "--json"])),
+            "capture_kernel_source_limited"
+        ) > 0),
         "{}",
         read_log()
     );
@@ -672,4 +966,6 @@ both_backends!(
     runs_as_an_unprivileged_user_with_two_capabilities,
     knock_commands_run_without_capabilities_unless_the_door_says_so,
     starts_unprivileged_with_ambient_capabilities_as_the_unit_does,
+    a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knocks_working,
+    packet_rate_0_leaves_a_flood_to_userspace,
 );

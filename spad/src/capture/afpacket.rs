@@ -701,6 +701,49 @@ mod tests {
         assert_eq!(stats.delivered, stats.kernel_packets, "{stats}");
     }
 
+    /// Needs root (skipped otherwise). IPv6 sources share one budget per /64: two addresses of
+    /// one /64 spend it together (100 sent, 50 at once pass); another /64 has its own. The same
+    /// two interface identifiers in IPv4 terms (two addresses) would have two budgets.
+    #[test]
+    fn the_kernel_budget_of_ipv6_sources_is_per_64() {
+        let watches = [bpf::Watch {
+            proto: Proto::Udp,
+            low: KNOCK_PORT,
+            high: KNOCK_PORT,
+        }];
+        let Some(stats) = in_throwaway_namespace(move || {
+            let tx = Sender::new();
+            let mut source = open_on_vb(Some(SourceBudget { rate: 1, burst: 50 }), &watches);
+            if let Some(why) = source.budget_refused() {
+                eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
+                return None;
+            }
+            let to: std::net::IpAddr = "fd00::2".parse().unwrap();
+            let send = |from: &str, count: usize| {
+                let from: std::net::IpAddr = from.parse().unwrap();
+                for _ in 0..count {
+                    tx.ip_packet(&crate::capture::frame::build::udp(
+                        from, to, 40000, KNOCK_PORT, b"flood",
+                    ));
+                }
+            };
+            send("fd00::1", 50);
+            send("fd00::ffff:1:2:3", 50); // the same /64: its budget is spent
+            send("fd00:0:0:1::1", 10); // the next /64
+            Some(drained(&mut source, 60))
+        })
+        .flatten() else {
+            return;
+        };
+        // 50 at once, at most one more earned while they went out, and the other /64's 10.
+        assert!((60..=61).contains(&stats.kernel_packets), "passed: {stats}");
+        assert_eq!(
+            stats.kernel_source_limited + stats.kernel_packets,
+            110,
+            "{stats}"
+        );
+    }
+
     /// Needs root (skipped otherwise). With a budget no packet exceeds, the eBPF program
     /// passes exactly what the classic one passes: two captures on one interface, one of each,
     /// see the same packets of every kind the prefilter distinguishes.

@@ -325,3 +325,78 @@ fn handshake_budget_defaults_and_zero_is_refused_with_its_location() {
         (5, 7)
     );
 }
+
+/// `base()` with `lines` added to `[server]` (from line 4 on).
+fn with_server_lines(lines: &str) -> String {
+    base().replace(
+        "private-key = \"server.key\"",
+        &format!("private-key = \"server.key\"\n{lines}"),
+    )
+}
+
+#[test]
+fn packet_budget_defaults_to_1000_per_second_and_2000_at_once() {
+    let config = parse(&base()).unwrap();
+    assert_eq!(
+        (config.server.packet_rate, config.server.packet_burst),
+        (1000, 2000)
+    );
+    assert_eq!(
+        config.server.packet_budget(),
+        Some(crate::capture::ebpf::SourceBudget {
+            rate: 1000,
+            burst: 2000
+        })
+    );
+    let config = parse(&with_server_lines("packet-rate = 50\npacket-burst = 7")).unwrap();
+    assert_eq!(
+        config.server.packet_budget(),
+        Some(crate::capture::ebpf::SourceBudget { rate: 50, burst: 7 })
+    );
+}
+
+#[test]
+fn packet_rate_0_turns_the_kernel_budget_off() {
+    let config = parse(&with_server_lines("packet-rate = 0")).unwrap();
+    assert_eq!(config.server.packet_rate, 0);
+    assert_eq!(config.server.packet_budget(), None);
+    // The burst does not matter without a rate.
+    let config = parse(&with_server_lines("packet-rate = 0\npacket-burst = 0")).unwrap();
+    assert_eq!(config.server.packet_budget(), None);
+}
+
+#[test]
+fn a_packet_rate_above_the_maximum_is_refused_with_its_location_and_a_hint() {
+    let err = parse(&with_server_lines("packet-rate = 2000000")).unwrap_err();
+    assert_eq!(
+        (err.file.as_str(), err.line, err.column),
+        ("/etc/spad/spad.toml", 4, 15),
+        "{err}"
+    );
+    assert!(
+        err.message.contains("packet-rate is at most 1000000"),
+        "{err}"
+    );
+    assert!(err.message.contains("write e.g. 1000"), "{err}");
+    assert!(err.message.contains("0 for no kernel budget"), "{err}");
+    // The highest rate itself is accepted.
+    let config = parse(&with_server_lines("packet-rate = 1000000")).unwrap();
+    assert_eq!(config.server.packet_rate, 1_000_000);
+}
+
+#[test]
+fn a_packet_burst_of_0_with_a_rate_is_refused_with_its_location_and_a_hint() {
+    let err = parse(&with_server_lines("packet-rate = 10\npacket-burst = 0")).unwrap_err();
+    assert_eq!(
+        (err.file.as_str(), err.line, err.column),
+        ("/etc/spad/spad.toml", 5, 16),
+        "{err}"
+    );
+    assert!(err.message.contains("packet-burst is 1-1000000"), "{err}");
+    assert!(err.message.contains("write e.g. 2000"), "{err}");
+    // With the default rate too.
+    let err = parse(&with_server_lines("packet-burst = 0")).unwrap_err();
+    assert_eq!(err.line, 4, "{err}");
+    let err = parse(&with_server_lines("packet-burst = 1000001")).unwrap_err();
+    assert!(err.message.contains("packet-burst is 1-1000000"), "{err}");
+}
