@@ -449,6 +449,8 @@ impl Daemon {
         // Grants whose journal sync is running are installed if it finishes in time.
         self.pipeline.settle(STOP_WAITS_FOR_SYNC);
         let now = SystemClock.now();
+        // The counters below include the capture's as of now, not as of the last tick.
+        self.refresh_capture_stats();
         let capture = self.capture.source.stats();
         self.pipeline.log.line(now, &format!("capture: {capture}"));
         let counters: Vec<String> = self

@@ -256,7 +256,7 @@ pub fn a_replay_flood_is_dropped_before_the_handshake(backend: Backend) {
     // Some copies may be lost in the capture queue; those seen were all dropped before DH.
     assert!(count("recent_packet") > 0, "{stop}");
     assert_eq!(count("replayed") + count("handshake"), 0, "{stop}");
-    // The default packet-rate (1,000/s, 2,000 at once) cut the rest of the 3,000 in the
+    // The default packet-rate (20,000/s, 1,000 at once) cut the rest of the 3,000 in the
     // kernel, before the capture ring; every copy is accounted for by one counter or another.
     let counter = |name: &str| -> usize {
         stop.split(&format!(" {name}="))

@@ -53,10 +53,10 @@ fn default_handshake_burst() -> Spanned<u32> {
     Spanned::new(0..0, 200)
 }
 fn default_packet_rate() -> Spanned<u32> {
-    Spanned::new(0..0, 1000)
+    Spanned::new(0..0, 20_000)
 }
 fn default_packet_burst() -> Spanned<u32> {
-    Spanned::new(0..0, 2000)
+    Spanned::new(0..0, 1_000)
 }
 fn default_port() -> Spanned<u16> {
     Spanned::new(0..0, 62201)

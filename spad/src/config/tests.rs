@@ -335,17 +335,17 @@ fn with_server_lines(lines: &str) -> String {
 }
 
 #[test]
-fn packet_budget_defaults_to_1000_per_second_and_2000_at_once() {
+fn packet_budget_defaults_to_20000_per_second_and_1000_at_once() {
     let config = parse(&base()).unwrap();
     assert_eq!(
         (config.server.packet_rate, config.server.packet_burst),
-        (1000, 2000)
+        (20_000, 1_000)
     );
     assert_eq!(
         config.server.packet_budget(),
         Some(crate::capture::ebpf::SourceBudget {
-            rate: 1000,
-            burst: 2000
+            rate: 20_000,
+            burst: 1_000
         })
     );
     let config = parse(&with_server_lines("packet-rate = 50\npacket-burst = 7")).unwrap();
