@@ -725,7 +725,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(4096))]
 
         /// With a budget that never runs out, the eBPF program passes exactly what the
         /// classic program passes, and charges the budget only for what it passes. The one
