@@ -247,6 +247,25 @@ pub struct EInsn {
     imm: i32,
 }
 
+#[cfg(test)]
+impl EInsn {
+    /// The raw fields as the kernel reads them (code, dst | src << 4, off, imm), for the
+    /// interpreter in [`ebpf_interp`](super::ebpf_interp).
+    pub(crate) fn fields(&self) -> (u8, u8, i16, i32) {
+        (self.code, self.regs, self.off, self.imm)
+    }
+
+    /// An instruction from raw fields, for the interpreter's own tests.
+    pub(crate) fn from_fields(code: u8, regs: u8, off: i16, imm: i32) -> Self {
+        Self {
+            code,
+            regs,
+            off,
+            imm,
+        }
+    }
+}
+
 // Registers: r0 = A and return value, r1-r5 helper arguments (clobbered by calls),
 // r6 = the skb (needed by LD_ABS/LD_IND), r7 = X (later: now), r8 scratch, r9 = the length
 // to accept, r10 = frame pointer.

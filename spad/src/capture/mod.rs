@@ -18,6 +18,8 @@ pub mod afpacket;
 pub mod bpf;
 pub mod checksum;
 pub mod ebpf;
+#[cfg(test)]
+mod ebpf_interp;
 pub mod frame;
 pub mod host;
 pub mod ring;
