@@ -745,7 +745,7 @@ mod tests {
     }
 
     /// Needs root (skipped otherwise). With a budget no packet exceeds, the eBPF program
-    /// passes exactly what the classic one passes: two captures on one interface, one of each,
+    /// passes what the classic one passes (frames under 16 bytes aside, see `translate`): two captures on one interface, one of each,
     /// see the same packets of every kind the prefilter distinguishes.
     #[test]
     fn the_translated_prefilter_passes_what_the_classic_one_passes() {
