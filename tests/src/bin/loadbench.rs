@@ -17,7 +17,7 @@
 //! per-source `packet-rate`), and the same garbage from 16,000 spoofed sources (each under
 //! that budget, so all of it reaches spad's keyed pre-check). Timing lives here, in a
 //! benchmark, never in tests. Needs root. `scripts/bench.sh` builds and runs it:
-//! `target/release/loadbench [--rates 1000,2000,...] [--seconds 2] [--no-fwknopd]
+//! `target/release/loadbench [--rates 1000,2000,...] [--seconds 2] [--packet-rate N] [--no-fwknopd]
 //! [--fwknopd-pcap]`.
 //!
 //! When `fwknopd` and `fwknop` are on PATH, the same ladder is then sent to fwknopd in the
@@ -836,6 +836,7 @@ fn main() {
         .display()
         .to_string();
     let mut with_fwknopd = true;
+    let mut packet_rate: Option<u32> = None;
     let mut fwknopd_udp = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -856,9 +857,16 @@ fn main() {
             }
             "--spad" => spad = args.next().expect("--spad PATH"),
             "--no-fwknopd" => with_fwknopd = false,
+            "--packet-rate" => {
+                packet_rate = Some(
+                    args.next()
+                        .and_then(|s| s.parse::<u32>().ok())
+                        .expect("--packet-rate N (spad's packet-rate; 0 = no kernel budget)"),
+                )
+            }
             "--fwknopd-pcap" => fwknopd_udp = false,
             other => {
-                eprintln!("loadbench: unknown argument {other}; use --rates, --seconds, --spad, --no-fwknopd, --fwknopd-pcap");
+                eprintln!("loadbench: unknown argument {other}; use --rates, --seconds, --spad, --packet-rate, --no-fwknopd, --fwknopd-pcap");
                 std::process::exit(2);
             }
         }
@@ -869,8 +877,9 @@ fn main() {
     let server = PrivateKey::from_bytes([0x77; 32]);
     let server_public = server.public_key();
     let keys: Vec<PrivateKey> = (0..CLIENTS).map(client_key).collect();
+    let budget = packet_rate.map_or(String::new(), |rate| format!("packet-rate = {rate}\n"));
     let mut config = format!(
-        "[server]\nprivate-key = \"server.key\"\nport = {PORT}\ncapture = \"af-packet\"\ninterfaces = [\"eth0\"]\nstate-dir = \"state\"\nbackend = \"nftables\"\ntable = \"{TABLE}\"\n\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"10m\"\n"
+        "[server]\nprivate-key = \"server.key\"\nport = {PORT}\ncapture = \"af-packet\"\ninterfaces = [\"eth0\"]\nstate-dir = \"state\"\nbackend = \"nftables\"\ntable = \"{TABLE}\"\n{budget}\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"10m\"\n"
     );
     for (i, key) in keys.iter().enumerate() {
         config.push_str(&format!(
