@@ -225,11 +225,18 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
             &format!("warning: packet-rate is not enforced in the kernel ({why}); spad's own per-source limits still apply"),
         );
     }
-    if crate::privilege::shed_bpf()? {
-        pipeline.log.line(
+    // Not fatal: a daemon that cannot give CAP_BPF up (a system-call filter that refuses
+    // capset) still guards the bastion; it says so, and keeps one capability too many.
+    match crate::privilege::shed_bpf() {
+        Ok(true) => pipeline.log.line(
             SystemClock.now(),
             "gave up CAP_BPF (needed only to load the capture's prefilter)",
-        );
+        ),
+        Ok(false) => {}
+        Err(e) => pipeline.log.line(
+            SystemClock.now(),
+            &format!("warning: could not give up CAP_BPF, running with it: {e:#} (allow capset in the unit's SystemCallFilter)"),
+        ),
     }
     if let Some(user) = pipeline.config.server.user.clone() {
         let account = crate::privilege::lookup_user(&user)?;
