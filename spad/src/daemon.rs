@@ -103,6 +103,10 @@ impl Stats {
                 self.capture.kernel_source_limited,
             ),
             (
+                "capture_kernel_budget_engagements".to_string(),
+                self.capture.budget_engagements,
+            ),
+            (
                 "capture_address_reads".to_string(),
                 self.capture.address_reads,
             ),

@@ -386,11 +386,27 @@ impl Daemon {
     }
 
     fn refresh_capture_stats(&mut self) {
+        let was_engaged = self.pipeline.stats.capture.budget_engaged;
         self.pipeline.stats.capture = self.retired_capture.clone();
         self.pipeline
             .stats
             .capture
             .add(&self.capture.source.stats());
+        let capture = &self.pipeline.stats.capture;
+        if capture.budget_engaged != was_engaged {
+            let line = if capture.budget_engaged {
+                format!(
+                    "capture: spad is falling behind; the per-source packet budget is engaged ({}/s per source)",
+                    self.pipeline.config.server.packet_rate
+                )
+            } else {
+                format!(
+                    "capture: the per-source packet budget is released ({} frames cut so far)",
+                    capture.kernel_source_limited
+                )
+            };
+            self.pipeline.log.line(SystemClock.now(), &line);
+        }
     }
 
     fn housekeeping(&mut self) {
@@ -427,14 +443,26 @@ impl Daemon {
             || config.server.port != running.server.port
             || config.server.interfaces != running.server.interfaces
             || watches(&config) != watches(running)
-            || capture::slot_size(&config) != capture::slot_size(running)
-            || config.server.packet_budget() != running.server.packet_budget();
+            || capture::slot_size(&config) != capture::slot_size(running);
+        // A new budget alone goes into the loaded program's control map: no new program,
+        // so it works after the privilege drop too.
+        let (new_budget, old_budget) = (
+            config.server.packet_budget(),
+            running.server.packet_budget(),
+        );
+        let recapture =
+            recapture || (new_budget != old_budget && !self.capture.source.set_budget(new_budget));
         let capture = if recapture {
             Some(Capture::new(open_source(&config)?)?)
         } else {
             None
         };
-        self.pipeline.reload(config, server)?;
+        if let Err(e) = self.pipeline.reload(config, server) {
+            if capture.is_none() && new_budget != old_budget {
+                self.capture.source.set_budget(old_budget);
+            }
+            return Err(e);
+        }
         if let Some(capture) = capture {
             if let Some(why) = capture.source.budget_refused() {
                 self.pipeline.log.line(

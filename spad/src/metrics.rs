@@ -76,6 +76,9 @@ fn counter_help(base: &str) -> String {
         "capture_kernel_source_limited" => {
             "Frames the kernel's prefilter dropped: their source was over packet-rate.".into()
         }
+        "capture_kernel_budget_engagements" => {
+            "Times the per-source packet budget was engaged because spad fell behind.".into()
+        }
         "capture_dropped" => "Frames the capture dropped in userspace, by reason.".into(),
         "capture_address_reads" => {
             "Reads of the host's address table (at start and when addresses change).".into()

@@ -648,6 +648,27 @@ impl Lab {
         panic!("spad did not stop");
     }
 
+    /// Makes started `spad` number `index` fall behind, as a flood beyond its means or a
+    /// moment without CPU would: it is stopped (SIGSTOP) while 1,500 datagrams from client
+    /// namespace `ns` queue in its capture ring, then continued. That engages the kernel's
+    /// per-source packet budget (a quarter of a ring waiting); this waits for the log to
+    /// say so (10 s at most) and returns whether it did.
+    pub fn make_spad_fall_behind(&self, index: usize, ns: &str, to: SocketAddr) -> bool {
+        let pid = self.spad_pid(index) as i32;
+        let before = self.log().matches("packet budget is engaged").count();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        in_ns(ns, move || {
+            let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+            for _ in 0..1500 {
+                let _ = s.send_to(b"fall behind", to);
+            }
+        });
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        self.wait_log("packet budget is engaged", before + 1)
+    }
+
     /// Process id of a started `spad` (`ip netns exec` execs it, so the child's pid is spad's).
     pub fn spad_pid(&self, index: usize) -> u32 {
         self.children[index].id()

@@ -16,6 +16,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use super::addr_events::AddressEvents;
 use super::ebpf::{Limiter, SourceBudget};
 use super::host::{self, HostAddresses, RefreshSchedule, Upkeep, PACKET_OUTGOING};
+use super::pressure::Pressure;
 use super::ring::{Ring, SlotSize};
 use super::stats::{CaptureStats, DropReason};
 use super::{bpf, socket, Received, Source};
@@ -43,7 +44,22 @@ pub struct AfPacket {
     limiter: Option<Limiter>,
     /// Why the budget asked for is not in force, when it is not.
     limiter_refused: Option<String>,
+    /// Whether a budget is configured (a reload can turn it off without a new program).
+    budget_on: bool,
+    /// When the budget is enforced: only while spad is falling behind.
+    pressure: Pressure,
+    /// Frames taken since the backlog was last looked at.
+    since_backlog_look: usize,
+    /// Ring drops already taken as a sign of pressure.
+    drops_seen: u64,
 }
+
+/// A ring with this many frames waiting means spad is falling behind: the per-source budget
+/// is engaged ([`Pressure`]). A quarter of the ring: the rest still holds several
+/// milliseconds of any flood while the budget takes hold.
+pub const BACKLOG: usize = super::ring::FRAMES / 4;
+/// Frames taken between two looks at the backlog (one atomic load each).
+const BACKLOG_LOOK_EVERY: usize = 64;
 
 /// Fair service across rings: up to [`BATCH`] frames from the current ring, then the next
 /// ring that has a frame waiting.
@@ -143,7 +159,7 @@ impl AfPacket {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
-        let (limiter, limiter_refused) = match budget.map(|b| Limiter::load(&program, b)) {
+        let (mut limiter, mut limiter_refused) = match budget.map(|b| Limiter::load(&program, b)) {
             None => (None, None),
             Some(Ok(limiter)) => (Some(limiter), None),
             Some(Err(e)) => (None, Some(e.to_string())),
@@ -151,10 +167,18 @@ impl AfPacket {
         let mut rings = Vec::new();
         for index in indexes {
             let ring = socket::create(&program)
-                .and_then(|socket| match &limiter {
-                    // Replaces the classic filter before the socket is bound.
-                    Some(limiter) => limiter.attach(&socket).map(|()| socket),
-                    None => Ok(socket),
+                .inspect(|socket| {
+                    // Replaces the classic filter before the socket is bound. A refusal
+                    // here (on the first socket) falls back to the classic filter, which
+                    // the socket still has.
+                    if let Some(l) = &limiter {
+                        if let Err(e) = l.attach(socket) {
+                            if rings.is_empty() {
+                                limiter_refused = Some(format!("attaching the program: {e}"));
+                                limiter = None;
+                            }
+                        }
+                    }
                 })
                 .and_then(|socket| Ring::new(socket, slot))
                 .and_then(|ring| socket::bind(ring.socket(), index).map(|()| ring))
@@ -170,6 +194,10 @@ impl AfPacket {
         Ok(Self {
             limiter,
             limiter_refused,
+            budget_on: budget.is_some(),
+            pressure: Pressure::new(),
+            since_backlog_look: 0,
+            drops_seen: 0,
             rotation: Rotation::new(rings.len()),
             rings,
             held: None,
@@ -232,12 +260,31 @@ impl AfPacket {
         }
     }
 
+    /// spad is falling behind: the budget is engaged (when one is configured and loaded).
+    fn behind(&mut self) {
+        if !self.budget_on {
+            return;
+        }
+        if let Some(limiter) = &self.limiter {
+            if self.pressure.behind(Instant::now()) {
+                limiter.set_engaged(true);
+            }
+        }
+    }
+
     /// Finds the next frame the host would accept, releasing and counting the others.
     /// Returns the ring it is in (its head frame), or `None` when no ring has one.
     fn next_accepted(&mut self) -> Option<usize> {
         loop {
             let rings = &self.rings;
             let index = self.rotation.pick(|i| rings[i].ready())?;
+            self.since_backlog_look += 1;
+            if self.since_backlog_look >= BACKLOG_LOOK_EVERY {
+                self.since_backlog_look = 0;
+                if self.rings[index].backlog_at_least(BACKLOG) {
+                    self.behind();
+                }
+            }
             let Some((meta, packet)) = self.rings[index].peek() else {
                 continue;
             };
@@ -247,6 +294,7 @@ impl AfPacket {
             }
             self.stats.received += 1;
             self.schedule.frame();
+
             let mut verdict = host::judge(&meta, packet, &self.hosts).map(|_| ());
             if verdict == Err(DropReason::NotOurAddress) {
                 // An address added a moment ago works before the next tick. With events this
@@ -301,8 +349,32 @@ impl Source for AfPacket {
     /// events, once a second while frames arrive): on the loop's tick, not on a packet's path
     /// (a netlink dump whose cost grows with the number of addresses).
     fn housekeeping(&mut self) {
-        let what = self.schedule.on_tick(Instant::now());
+        let now = Instant::now();
+        let what = self.schedule.on_tick(now);
         self.upkeep(what);
+        if let Some(limiter) = &self.limiter {
+            if self.pressure.tick(now, limiter.limited()) {
+                limiter.set_engaged(self.pressure.engaged());
+            }
+        }
+    }
+
+    fn set_budget(&mut self, budget: Option<SourceBudget>) -> bool {
+        match (&self.limiter, budget) {
+            (Some(limiter), Some(budget)) => {
+                limiter.set_budget(budget);
+                self.budget_on = true;
+                true
+            }
+            (Some(limiter), None) => {
+                limiter.set_engaged(false);
+                self.budget_on = false;
+                true
+            }
+            (None, None) => true,
+            // No program loaded: only a new capture can try to load one.
+            (None, Some(_)) => false,
+        }
     }
 
     fn budget_refused(&self) -> Option<String> {
@@ -320,9 +392,16 @@ impl Source for AfPacket {
                 self.stats.kernel_drops += u64::from(drops);
             }
         }
+        if self.stats.kernel_drops > self.drops_seen {
+            // Frames lost to a full ring: spad fell behind.
+            self.drops_seen = self.stats.kernel_drops;
+            self.behind();
+        }
         if let Some(limiter) = &self.limiter {
             self.stats.kernel_source_limited = limiter.limited();
         }
+        self.stats.budget_engaged = self.pressure.engaged();
+        self.stats.budget_engagements = self.pressure.engagements();
         self.stats.clone()
     }
 }
@@ -645,16 +724,17 @@ mod tests {
         stats
     }
 
-    /// Needs root (skipped otherwise). One source over its budget is cut in the kernel and
-    /// counted; another source, and the first one's budget, are untouched.
+    /// Needs root (skipped otherwise). The budget in three acts: released, a flood spad keeps
+    /// up with is not cut at all; a backlog of a quarter ring engages it; engaged, one source
+    /// over its budget is cut in the kernel and counted, while another source is untouched.
     #[test]
-    fn the_kernel_cuts_a_flooding_source_and_passes_the_others() {
+    fn a_backlog_engages_the_budget_which_then_cuts_only_the_flooding_source() {
         let watches = [bpf::Watch {
             proto: Proto::Udp,
             low: KNOCK_PORT,
             high: KNOCK_PORT,
         }];
-        let Some(stats) = in_throwaway_namespace(move || {
+        let Some(acts) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let budget = SourceBudget { rate: 1, burst: 50 };
             let mut source = open_on_vb(Some(budget), &watches);
@@ -667,38 +747,47 @@ mod tests {
                 "10.9.0.1".parse().unwrap(),
                 "10.9.0.3".parse().unwrap(),
             );
-            for _ in 0..1000 {
-                tx.ip_packet(&crate::capture::frame::build::udp(
-                    flooder, vb, 40000, KNOCK_PORT, b"flood",
-                ));
-            }
-            for _ in 0..10 {
-                tx.ip_packet(&crate::capture::frame::build::udp(
-                    other, vb, 40000, KNOCK_PORT, b"legit",
-                ));
-            }
-            // Not watched: the classic part drops it, unbudgeted and uncounted.
-            tx.ip_packet(&crate::capture::frame::build::udp(
-                other, vb, 40000, 5555, b"other",
-            ));
-            let stats = drained(&mut source, 60);
+            let send = |from, count, port| {
+                for _ in 0..count {
+                    tx.ip_packet(&crate::capture::frame::build::udp(
+                        from, vb, 40000, port, b"flood",
+                    ));
+                }
+            };
+            // 1: released. Read as they come (1,000 frames never make a backlog of 1,024).
+            send(flooder, 1000, KNOCK_PORT);
+            send(other, 10, KNOCK_PORT);
+            send(other, 1, 5555); // not watched: dropped by the classic part, uncounted
+            let released = drained(&mut source, 1010);
+            // 2: 1,500 frames wait before spad reads: a backlog.
+            send(flooder, 1500, KNOCK_PORT);
+            let backlog = drained(&mut source, 2510);
+            // 3: engaged.
+            send(flooder, 1000, KNOCK_PORT);
+            send(other, 10, KNOCK_PORT);
+            let engaged = drained(&mut source, 2570);
             std::thread::sleep(Duration::from_millis(50)); // nothing more may come
-            Some((drained(&mut source, 60), stats))
+            Some((released, backlog, engaged, drained(&mut source, 2570)))
         })
         .flatten() else {
             return;
         };
-        let (late, stats) = stats;
-        assert_eq!(late, stats, "frames trickled in after the count settled");
-        // 50 at once, and at most one more earned while the 1,000 went out.
-        assert!((60..=61).contains(&stats.kernel_packets), "passed: {stats}");
-        assert_eq!(
-            stats.kernel_source_limited + stats.kernel_packets,
-            1010,
-            "{stats}"
+        let (released, backlog, engaged, late) = acts;
+        assert_eq!(released.kernel_packets, 1010, "{released}");
+        assert_eq!(released.kernel_source_limited, 0, "{released}");
+        assert!(
+            !released.budget_engaged && released.kernel_budget,
+            "{released}"
         );
-        assert!(stats.kernel_budget);
-        assert_eq!(stats.delivered, stats.kernel_packets, "{stats}");
+        assert_eq!(backlog.kernel_packets, 2510, "{backlog}");
+        assert!(backlog.budget_engaged, "{backlog}");
+        assert_eq!(backlog.budget_engagements, 1, "{backlog}");
+        assert_eq!(late, engaged, "frames trickled in after the count settled");
+        // 50 at once from the flooder, at most one more earned meanwhile, and the other 10.
+        let passed = engaged.kernel_packets - backlog.kernel_packets;
+        assert!((60..=61).contains(&passed), "passed {passed}: {engaged}");
+        assert_eq!(engaged.kernel_source_limited + passed, 1010, "{engaged}");
+        assert_eq!(engaged.delivered, engaged.kernel_packets, "{engaged}");
     }
 
     /// Needs root (skipped otherwise). IPv6 sources share one budget per /64: two addresses of
@@ -714,6 +803,7 @@ mod tests {
         let Some(stats) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let mut source = open_on_vb(Some(SourceBudget { rate: 1, burst: 50 }), &watches);
+            source.behind(); // as if spad had fallen behind: the budget is enforced
             if let Some(why) = source.budget_refused() {
                 eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
                 return None;

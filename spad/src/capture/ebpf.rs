@@ -37,12 +37,12 @@ pub struct SourceBudget {
 
 impl SourceBudget {
     /// Nanoseconds of budget one packet costs.
-    fn cost_ns(self) -> u64 {
+    pub(crate) fn cost_ns(self) -> u64 {
         1_000_000_000 / u64::from(self.rate.max(1))
     }
 
     /// How far a source's theoretical arrival time may run ahead of now: the burst.
-    fn slack_ns(self) -> u64 {
+    pub(crate) fn slack_ns(self) -> u64 {
         u64::from(self.burst.max(1) - 1) * self.cost_ns()
     }
 }
@@ -50,61 +50,131 @@ impl SourceBudget {
 /// Sources the kernel keeps a budget for; the least recently seen is forgotten first.
 pub const SOURCES: u32 = 16_384;
 
-/// A loaded program with its two maps, attached to any number of capture sockets.
+/// A loaded program with its maps, attached to any number of capture sockets.
 #[derive(Debug)]
 pub struct Limiter {
     program: OwnedFd,
+    /// The budgets per source: only the program uses it, but it lives as long as we do.
     _buckets: OwnedFd,
     _counter_map: OwnedFd,
-    counter: NonNull<c_void>,
+    _control_map: OwnedFd,
+    /// Read-only view of the counter of frames cut.
+    counter: Mapping,
+    /// Read-write view of [`Control`]: the program reads it on every frame it would pass.
+    control: Mapping,
 }
 
-// SAFETY: `counter` is a read-only shared mapping owned by this value and only ever read
-// through an atomic load; the kernel is the only writer.
-unsafe impl Send for Limiter {}
+/// The one value of the control map, as the program reads it (all little-endian u64, at
+/// these offsets): whether the budget is enforced now, and the budget itself.
+mod control {
+    pub const ENGAGED: usize = 0;
+    pub const COST_NS: usize = 8;
+    pub const SLACK_NS: usize = 16;
+    pub const SIZE: u32 = 24;
+}
 
-impl Drop for Limiter {
-    fn drop(&mut self) {
-        // SAFETY: `counter` is the start of a mapping of `PAGE` bytes made in `load` and
-        // never unmapped elsewhere; nothing borrows it past this point.
-        let _ = unsafe { munmap(self.counter, PAGE) };
+/// A shared mapping of an array map's values (`BPF_F_MMAPABLE`): the value of index 0
+/// starts at offset 0. The length is one page as the kernel sees it (whatever its size).
+#[derive(Debug)]
+struct Mapping {
+    at: NonNull<c_void>,
+    len: NonZeroUsize,
+}
+
+impl Mapping {
+    fn new(map: &OwnedFd, writable: bool) -> io::Result<Self> {
+        let len = NonZeroUsize::new(page_size()).expect("a page is not empty");
+        let protection = if writable {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of the map's value area; the kernel checks that
+        // the map is mmapable and that `len` does not exceed it (its values are at most a
+        // page here), and the mapping is unmapped only in `drop`.
+        let at = unsafe { mmap(None, len, protection, MapFlags::MAP_SHARED, map, 0) }
+            .map_err(io::Error::from)?;
+        Ok(Self { at, len })
+    }
+
+    /// The u64 at `offset` (a multiple of 8 inside the first value).
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        assert!(offset % 8 == 0 && offset + 8 <= self.len.get());
+        // SAFETY: in bounds and 8-aligned (checked above; the mapping is page-aligned), and
+        // live as long as `self`; the kernel changes it only with atomic operations or
+        // whole aligned stores, so atomic access from here is sound.
+        unsafe {
+            &*self
+                .at
+                .as_ptr()
+                .cast::<u8>()
+                .add(offset)
+                .cast::<AtomicU64>()
+        }
     }
 }
 
-const PAGE: usize = 4096;
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `at`/`len` are exactly what `mmap` returned and took; no reference from
+        // `word` outlives `self`.
+        let _ = unsafe { munmap(self.at, self.len.get()) };
+    }
+}
+
+// SAFETY: a `Mapping` is owned memory shared only with the kernel, accessed only through
+// atomics; nothing in it is tied to the thread that made it.
+unsafe impl Send for Mapping {}
+
+fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// Why loading failed, with the step that failed (so "Operation not permitted" at map
+/// creation on an old kernel reads as the memlock limit it usually is there).
+fn step(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| {
+        let hint = match (what, e.raw_os_error()) {
+            ("creating the budget map", Some(libc::EPERM)) => {
+                " (needs CAP_BPF; before Linux 5.11 also a RLIMIT_MEMLOCK of a few MiB, e.g. LimitMEMLOCK=8M)"
+            }
+            ("loading the program", Some(libc::EPERM)) => " (needs CAP_BPF)",
+            _ => "",
+        };
+        io::Error::new(e.kind(), format!("{what}: {e}{hint}"))
+    }
+}
 
 impl Limiter {
-    /// Translates `classic` (a program from [`bpf::program`]) and loads it with `budget`.
+    /// Translates `classic` (a program from [`bpf::program`]) and loads it with `budget`,
+    /// released (see [`set_engaged`](Self::set_engaged)).
     pub fn load(classic: &[Insn], budget: SourceBudget) -> io::Result<Self> {
-        let buckets = create_map(MAP_LRU_HASH, 16, 8, SOURCES, 0, b"spad_sources")?;
-        let counter_map = create_map(MAP_ARRAY, 4, 8, 1, F_MMAPABLE, b"spad_limited")?;
+        let buckets = create_map(MAP_LRU_HASH, 16, 8, SOURCES, 0, b"spad_sources")
+            .map_err(step("creating the budget map"))?;
+        let counter_map = create_map(MAP_ARRAY, 4, 8, 1, F_MMAPABLE, b"spad_limited")
+            .map_err(step("creating the counter map"))?;
+        let control_map = create_map(MAP_ARRAY, 4, control::SIZE, 1, F_MMAPABLE, b"spad_control")
+            .map_err(step("creating the control map"))?;
+        let counter = Mapping::new(&counter_map, false).map_err(step("mapping the counter"))?;
+        let control = Mapping::new(&control_map, true).map_err(step("mapping the control"))?;
         let insns = translate(
             classic,
-            budget,
             buckets.as_raw_fd(),
             counter_map.as_raw_fd(),
+            control_map.as_raw_fd(),
         )
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let program = load_program(&insns)?;
-        // SAFETY: a fresh shared read-only mapping of the array map's first page (its one
-        // 8-byte value lives at offset 0); the fd stays open as long as the mapping.
-        let counter = unsafe {
-            mmap(
-                None,
-                NonZeroUsize::new(PAGE).expect("non-zero"),
-                ProtFlags::PROT_READ,
-                MapFlags::MAP_SHARED,
-                &counter_map,
-                0,
-            )
-        }
-        .map_err(io::Error::from)?;
-        Ok(Self {
+        let program = load_program(&insns).map_err(step("loading the program"))?;
+        let limiter = Self {
             program,
             _buckets: buckets,
             _counter_map: counter_map,
+            _control_map: control_map,
             counter,
-        })
+            control,
+        };
+        limiter.set_budget(budget);
+        Ok(limiter)
     }
 
     /// Attaches the program to `socket` in place of any filter it has.
@@ -115,9 +185,25 @@ impl Limiter {
 
     /// Frames dropped because their source was over budget, since the program was loaded.
     pub fn limited(&self) -> u64 {
-        // SAFETY: the mapping is live, page-aligned and at least 8 bytes; the kernel updates
-        // the value with atomic adds, so an atomic load reads a whole value.
-        unsafe { (*self.counter.as_ptr().cast::<AtomicU64>()).load(Ordering::Relaxed) }
+        self.counter.word(0).load(Ordering::Relaxed)
+    }
+
+    /// A new budget, in force from the next frame: a memory write, no system call, so it
+    /// works after the privilege drop too.
+    pub fn set_budget(&self, budget: SourceBudget) {
+        self.control
+            .word(control::COST_NS)
+            .store(budget.cost_ns(), Ordering::Relaxed);
+        self.control
+            .word(control::SLACK_NS)
+            .store(budget.slack_ns(), Ordering::Relaxed);
+    }
+
+    /// Enforces the budget (`true`) or passes every source (`false`, the state after load).
+    pub fn set_engaged(&self, engaged: bool) {
+        self.control
+            .word(control::ENGAGED)
+            .store(u64::from(engaged), Ordering::Relaxed);
     }
 }
 
@@ -317,6 +403,10 @@ const HELPER_MAP_UPDATE: i32 = 2;
 const HELPER_KTIME_GET_NS: i32 = 5;
 /// `offsetof(struct __sk_buff, protocol)`.
 const SKB_PROTOCOL: i16 = 16;
+/// `offsetof(struct __sk_buff, pkt_type)`.
+const SKB_PKT_TYPE: i16 = 4;
+/// `PACKET_OUTGOING`: a frame this host sends.
+const PACKET_OUTGOING: i32 = 4;
 
 /// Why a classic program could not be translated.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -393,9 +483,9 @@ impl Emitter {
 /// packet per CPU through.
 pub fn translate(
     classic: &[Insn],
-    budget: SourceBudget,
     buckets_fd: i32,
     counter_fd: i32,
+    control_fd: i32,
 ) -> Result<Vec<EInsn>, TranslateError> {
     let mut e = Emitter {
         insns: Vec::new(),
@@ -452,7 +542,9 @@ pub fn translate(
         }
     }
 
-    // The budget. Key (16 bytes at fp-16): the family, then the IPv4 address or the IPv6 /64.
+    // The budget. Stack: the key (16 bytes at fp-16: the family, then the IPv4 address or
+    // the IPv6 /64), a new source's value at fp-24, the counter's key at fp-28, the
+    // control's key at fp-32, the cost and slack read from the control at fp-40 and fp-48.
     let (v6_key, lookup, new_source, have, pass, over) = (
         e.label(),
         e.label(),
@@ -462,6 +554,22 @@ pub fn translate(
         e.label(),
     );
     e.place(check);
+    // The host's own outgoing frames are never charged (userspace skips them anyway).
+    e.raw(LDX_W, R0, R6, SKB_PKT_TYPE, 0);
+    e.jump(JEQ_K, R0, 0, PACKET_OUTGOING, pass);
+    // Released (no pressure) or no control: every source passes.
+    e.raw(ST_W, R10, 0, -32, 0);
+    e.imm64(R1, PSEUDO_MAP_FD, control_fd as u32 as u64);
+    e.raw(MOV64_X, R2, R10, 0, 0);
+    e.raw(ADD64_K, R2, 0, 0, -32);
+    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
+    e.jump(JEQ_K, R0, 0, 0, pass);
+    e.raw(LDX_DW, R1, R0, control::ENGAGED as i16, 0);
+    e.jump(JEQ_K, R1, 0, 0, pass);
+    e.raw(LDX_DW, R1, R0, control::COST_NS as i16, 0);
+    e.raw(STX_DW, R10, R1, -40, 0);
+    e.raw(LDX_DW, R1, R0, control::SLACK_NS as i16, 0);
+    e.raw(STX_DW, R10, R1, -48, 0);
     e.raw(LDX_W, R0, R6, SKB_PROTOCOL, 0);
     e.raw(TO_BE, R0, 0, 0, 16);
     e.jump(JEQ_K, R0, 0, 0x86dd, v6_key);
@@ -492,14 +600,14 @@ pub fn translate(
     e.place(have);
     e.raw(MOV64_X, R2, R1, 0, 0);
     e.raw(SUB64_X, R2, R7, 0, 0);
-    e.imm64(R3, 0, budget.slack_ns());
+    e.raw(LDX_DW, R3, R10, -48, 0);
     e.jump(JGT_X, R2, R3, 0, over);
-    e.imm64(R3, 0, budget.cost_ns());
+    e.raw(LDX_DW, R3, R10, -40, 0);
     e.raw(ADD64_X, R1, R3, 0, 0);
     e.raw(STX_DW, R0, R1, 0, 0);
     e.jump(JA, 0, 0, 0, pass);
     e.place(new_source);
-    e.imm64(R3, 0, budget.cost_ns());
+    e.raw(LDX_DW, R3, R10, -40, 0);
     e.raw(MOV64_X, R1, R7, 0, 0);
     e.raw(ADD64_X, R1, R3, 0, 0);
     e.raw(STX_DW, R10, R1, -24, 0);
@@ -558,7 +666,7 @@ mod tests {
     fn every_jump_lands_inside_the_program() {
         for syn_only in [false, true] {
             let classic = bpf::program(&watches(), syn_only).unwrap();
-            let insns = translate(&classic, BUDGET, 3, 4).unwrap();
+            let insns = translate(&classic, 3, 4, 5).unwrap();
             for (at, insn) in insns.iter().enumerate() {
                 let class = insn.code & 0x07;
                 if class == 0x05 && insn.code != CALL && insn.code != EXIT {
@@ -590,7 +698,7 @@ mod tests {
             k: 0,
         }];
         assert_eq!(
-            translate(&classic, BUDGET, 3, 4),
+            translate(&classic, 3, 4, 5),
             Err(TranslateError::Opcode(0x07))
         );
     }

@@ -23,15 +23,18 @@ const MAX_STEPS: usize = 10_000;
 const STACK: usize = 512;
 /// `offsetof(struct __sk_buff, protocol)`.
 const SKB_PROTOCOL: i16 = 16;
+/// `offsetof(struct __sk_buff, pkt_type)`.
+const SKB_PKT_TYPE: i16 = 4;
 /// Key and value sizes of the two maps, as `Limiter::load` creates them.
 const BUCKET_KEY: usize = 16;
 const COUNTER_KEY: usize = 4;
 
-/// Which of the two maps.
+/// Which of the three maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Map {
     Buckets,
     Counter,
+    Control,
 }
 
 /// What a register holds, typed as the verifier types it.
@@ -48,6 +51,8 @@ enum Value {
     /// A (non-null) pointer to the value of a map entry.
     Bucket([u8; BUCKET_KEY]),
     CounterSlot,
+    /// The control map's one value: engaged, cost, slack (u64 each, at 0, 8, 16).
+    ControlSlot,
 }
 
 /// The kernel side: the two maps, the clock, and the fds the program refers to them by.
@@ -55,6 +60,11 @@ enum Value {
 pub(crate) struct Kernel {
     pub buckets_fd: i32,
     pub counter_fd: i32,
+    pub control_fd: i32,
+    /// The control map's value as userspace writes it: engaged (0/1), cost, slack.
+    pub control: [u64; 3],
+    /// `__sk_buff.pkt_type` of the frames run (`PACKET_HOST` = 0 unless a test says).
+    pub pkt_type: u32,
     /// The LRU hash map (no eviction modelled: the tests stay far below its size).
     pub buckets: HashMap<[u8; BUCKET_KEY], u64>,
     /// The one value of the counter array map.
@@ -80,10 +90,13 @@ enum Load {
 }
 
 impl Kernel {
-    pub(crate) fn new(buckets_fd: i32, counter_fd: i32, now_ns: u64) -> Self {
+    pub(crate) fn new(buckets_fd: i32, counter_fd: i32, control_fd: i32, now_ns: u64) -> Self {
         Self {
             buckets_fd,
             counter_fd,
+            control_fd,
+            control: [0; 3],
+            pkt_type: 0,
             buckets: HashMap::new(),
             counter: 0,
             now_ns,
@@ -158,6 +171,9 @@ impl Machine<'_> {
                             1 if value == self.kernel.counter_fd as u32 as u64 => {
                                 Value::MapRef(Map::Counter)
                             }
+                            1 if value == self.kernel.control_fd as u32 as u64 => {
+                                Value::MapRef(Map::Control)
+                            }
                             _ => return Err(fault("LD_IMM64 of an unknown map or kind")),
                         };
                         next = pc + 2;
@@ -206,6 +222,9 @@ impl Machine<'_> {
                             let raw = u16::from_ne_bytes(self.protocol.to_be_bytes());
                             Value::Scalar(u64::from(raw))
                         }
+                        Value::Context if off == SKB_PKT_TYPE && width == 4 => {
+                            Value::Scalar(u64::from(self.kernel.pkt_type))
+                        }
                         Value::Context => return Err(fault("context field not modelled")),
                         Value::Stack(base) => {
                             Value::Scalar(self.read_stack(base + i64::from(off), width)?)
@@ -219,6 +238,9 @@ impl Machine<'_> {
                         ),
                         Value::CounterSlot if off == 0 && width == 8 => {
                             Value::Scalar(self.kernel.counter)
+                        }
+                        Value::ControlSlot if matches!(off, 0 | 8 | 16) && width == 8 => {
+                            Value::Scalar(self.kernel.control[off as usize / 8])
                         }
                         other => return Err(fault(&format!("load through {other:?}"))),
                     };
@@ -278,7 +300,7 @@ impl Machine<'_> {
                         let left = match self.regs[dst] {
                             Value::Scalar(v) => v,
                             // The null check of a map lookup: a map value is never null.
-                            Value::Bucket(_) | Value::CounterSlot
+                            Value::Bucket(_) | Value::CounterSlot | Value::ControlSlot
                                 if op == 0x10 && code & 0x08 == 0 && imm == 0 =>
                             {
                                 u64::MAX
@@ -459,7 +481,7 @@ impl Machine<'_> {
         };
         let size = match map {
             Map::Buckets => BUCKET_KEY,
-            Map::Counter => COUNTER_KEY,
+            Map::Counter | Map::Control => COUNTER_KEY,
         };
         self.stack_bytes(at, size)
     }
@@ -481,12 +503,12 @@ impl Machine<'_> {
                             Value::Scalar(0)
                         }
                     }
-                    Map::Counter => {
+                    Map::Counter | Map::Control => {
                         let index = u32::from_ne_bytes(key.try_into().map_err(|_| "key size")?);
-                        if index == 0 {
-                            Value::CounterSlot
-                        } else {
-                            Value::Scalar(0)
+                        match (index, map) {
+                            (0, Map::Counter) => Value::CounterSlot,
+                            (0, _) => Value::ControlSlot,
+                            _ => Value::Scalar(0),
                         }
                     }
                 }
@@ -583,6 +605,15 @@ mod tests {
 
     const BUCKETS_FD: i32 = 7;
     const COUNTER_FD: i32 = 9;
+    const CONTROL_FD: i32 = 11;
+
+    /// The kernel side with `budget` written to the control map by userspace, and engaged
+    /// (or not).
+    fn kernel_with(budget: SourceBudget, engaged: bool, now: u64) -> Kernel {
+        let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, CONTROL_FD, now);
+        kernel.control = [u64::from(engaged), budget.cost_ns(), budget.slack_ns()];
+        kernel
+    }
     const SPA_PORT: u16 = 62201;
     /// A budget no test of the classic part comes near.
     const ENDLESS: SourceBudget = SourceBudget {
@@ -744,7 +775,7 @@ mod tests {
             now in any::<u64>().prop_map(|t| t >> 2),
         ) {
             let classic = bpf::program(&watches, syn_only).unwrap();
-            let insns = translate(&classic, ENDLESS, BUCKETS_FD, COUNTER_FD).unwrap();
+            let insns = translate(&classic, BUCKETS_FD, COUNTER_FD, CONTROL_FD).unwrap();
             let packet = match packet {
                 Packet::Random(bytes) => bytes,
                 Packet::Built(shape) => shape.build(&watches),
@@ -754,7 +785,7 @@ mod tests {
                     _ if packet.len() < KEYED => 0,
                     passed => passed,
                 };
-                let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, now);
+                let mut kernel = kernel_with(ENDLESS, true, now);
                 let got = kernel.run(&insns, protocol, &packet).map_err(TestCaseError::fail)?;
                 prop_assert_eq!(got, expected, "protocol {:#06x}, packet {:02x?}", protocol, packet);
                 prop_assert_eq!(kernel.buckets.len(), usize::from(got != 0), "budget charged");
@@ -766,14 +797,14 @@ mod tests {
     /// The accepting length of the classic program (`RET 0x40000`).
     const PASS: u32 = 0x0004_0000;
 
-    fn spa_budget_program(budget: SourceBudget) -> Vec<EInsn> {
+    fn spa_budget_program() -> Vec<EInsn> {
         let watch = Watch {
             proto: Proto::Udp,
             low: SPA_PORT,
             high: SPA_PORT,
         };
         let classic = bpf::program(&[watch], true).unwrap();
-        translate(&classic, budget, BUCKETS_FD, COUNTER_FD).unwrap()
+        translate(&classic, BUCKETS_FD, COUNTER_FD, CONTROL_FD).unwrap()
     }
 
     /// Sends `count` SPA-port datagrams from `source` at the kernel's current time: how many
@@ -821,8 +852,8 @@ mod tests {
             source in any::<u128>(),
             now in any::<u64>().prop_map(|t| t >> 2),
         ) {
-            let program = spa_budget_program(budget);
-            let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, now);
+            let program = spa_budget_program();
+            let mut kernel = kernel_with(budget, true, now);
             let passed = send(&mut kernel, &program, address(v6, source), n)?;
             prop_assert_eq!(passed, n.min(budget.burst));
             prop_assert_eq!(kernel.counter, u64::from(n - n.min(budget.burst)));
@@ -839,17 +870,55 @@ mod tests {
             source in any::<u128>(),
             start in any::<u64>().prop_map(|t| t >> 2),
         ) {
-            let program = spa_budget_program(budget);
+            let program = spa_budget_program();
             let (burst, rate) = (budget.burst, u64::from(budget.rate));
             let k = 1 + k.index(burst as usize) as u32;
             let source = address(v6, source);
-            let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, start);
+            let mut kernel = kernel_with(budget, true, start);
             prop_assert_eq!(send(&mut kernel, &program, source, burst + 3)?, burst);
             kernel.now_ns += u64::from(k) * 1_000_000_000 / rate;
             prop_assert_eq!(send(&mut kernel, &program, source, burst + 3)?, k);
             prop_assert_eq!(kernel.counter, u64::from(3 + burst + 3 - k));
             kernel.now_ns += 1_000_000_000 * (2 * u64::from(burst) + 1) / rate + 1_000_000_000;
             prop_assert_eq!(send(&mut kernel, &program, source, burst + 3)?, burst);
+        }
+
+        /// Released (spad keeps up), the budget cuts nothing and is not even charged,
+        /// whatever the flood: a spoofed source cannot spend anyone's budget then. Engaged
+        /// again, every source starts with its whole burst.
+        #[test]
+        fn released_the_budget_cuts_nothing_and_charges_nothing(
+            budget in budget(),
+            n in 0u32..=250,
+            v6 in any::<bool>(),
+            source in any::<u128>(),
+            now in any::<u64>().prop_map(|t| t >> 2),
+        ) {
+            let program = spa_budget_program();
+            let mut kernel = kernel_with(budget, false, now);
+            prop_assert_eq!(send(&mut kernel, &program, address(v6, source), n)?, n);
+            prop_assert_eq!(kernel.counter, 0);
+            prop_assert_eq!(kernel.buckets.len(), 0);
+            kernel.control[0] = 1;
+            let again = send(&mut kernel, &program, address(v6, source), n)?;
+            prop_assert_eq!(again, n.min(budget.burst));
+        }
+
+        /// The host's own outgoing frames (`PACKET_OUTGOING`) are never charged, engaged or
+        /// not.
+        #[test]
+        fn outgoing_frames_are_never_charged(
+            budget in budget(),
+            n in 0u32..=250,
+            v6 in any::<bool>(),
+            source in any::<u128>(),
+        ) {
+            let program = spa_budget_program();
+            let mut kernel = kernel_with(budget, true, 1_000_000_000);
+            kernel.pkt_type = 4;
+            prop_assert_eq!(send(&mut kernel, &program, address(v6, source), n)?, n);
+            prop_assert_eq!(kernel.counter, 0);
+            prop_assert_eq!(kernel.buckets.len(), 0);
         }
 
         /// An IPv4 source and an IPv6 source whose /64 carries the same bits have budgets of
@@ -862,12 +931,12 @@ mod tests {
             bit in 0u32..32,
             v6_first in any::<bool>(),
         ) {
-            let program = spa_budget_program(budget);
+            let program = spa_budget_program();
             let burst = budget.burst;
             let four = IpAddr::V4(Ipv4Addr::from(v4));
             let six = IpAddr::V6(Ipv6Addr::from((u128::from(v4) << 64) | u128::from(low)));
             let (first, second) = if v6_first { (six, four) } else { (four, six) };
-            let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, 1_000_000_000);
+            let mut kernel = kernel_with(budget, true, 1_000_000_000);
             prop_assert_eq!(send(&mut kernel, &program, first, burst + 1)?, burst);
             prop_assert_eq!(send(&mut kernel, &program, second, burst + 1)?, burst);
             let neighbour = IpAddr::V4(Ipv4Addr::from(v4 ^ (1 << bit)));
@@ -885,9 +954,9 @@ mod tests {
             interface in 1u64..,
             bit in 0u32..64,
         ) {
-            let program = spa_budget_program(budget);
+            let program = spa_budget_program();
             let burst = budget.burst;
-            let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, 1_000_000_000);
+            let mut kernel = kernel_with(budget, true, 1_000_000_000);
             let at = |bits: u128| IpAddr::V6(Ipv6Addr::from(bits));
             prop_assert_eq!(send(&mut kernel, &program, at(base), burst + 1)?, burst);
             let same_64 = at(base ^ u128::from(interface));
@@ -907,7 +976,7 @@ mod tests {
     /// gives up rather than loop: otherwise a passing comparison would prove little.
     #[test]
     fn the_model_refuses_what_the_kernel_would_refuse() {
-        let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, 0);
+        let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, CONTROL_FD, 0);
         let run = |kernel: &mut Kernel, program: &[EInsn]| kernel.run(program, 0x0800, &[0x45; 20]);
         let skb = insn(0xbf, 6, 1, 0, 0); // r6 = r1
         let exit = insn(0x95, 0, 0, 0, 0);

@@ -22,6 +22,7 @@ pub mod ebpf;
 mod ebpf_interp;
 pub mod frame;
 pub mod host;
+pub mod pressure;
 pub mod ring;
 pub mod socket;
 pub mod stats;
@@ -68,6 +69,12 @@ pub trait Source {
     /// it is, or this source has none).
     fn budget_refused(&self) -> Option<String> {
         None
+    }
+
+    /// Applies a new per-source packet budget without re-opening the capture. `false`: it
+    /// cannot (no program is loaded to take it); the caller re-opens the capture.
+    fn set_budget(&mut self, budget: Option<ebpf::SourceBudget>) -> bool {
+        budget.is_none()
     }
 
     /// Counters since the source was opened: frames read and delivered, userspace drops

@@ -142,6 +142,13 @@ impl Ring {
         }
     }
 
+    /// Whether at least `frames` frames wait, the head included (`frames` ≤ [`FRAMES`]):
+    /// the kernel fills slots in order, so the slot `frames - 1` after the head tells.
+    pub fn backlog_at_least(&self, frames: usize) -> bool {
+        let index = (self.head + frames.clamp(1, FRAMES) - 1) % FRAMES;
+        self.status(index).load(Ordering::Acquire) & TP_STATUS_USER != 0
+    }
+
     /// Whether the kernel has handed over the head slot.
     pub fn ready(&self) -> bool {
         self.status(self.head).load(Ordering::Acquire) & TP_STATUS_USER != 0

@@ -73,8 +73,12 @@ pub struct CaptureStats {
     /// Frames the kernel's filter dropped because their source was over its packet budget
     /// (`packet-rate`, `packet-burst`; AF_PACKET with the eBPF prefilter only).
     pub kernel_source_limited: u64,
-    /// The per-source packet budget is enforced in the kernel (a state, not a count).
+    /// The per-source packet budget is loaded in the kernel (a state, not a count).
     pub kernel_budget: bool,
+    /// The budget is being enforced now: spad fell behind (a state).
+    pub budget_engaged: bool,
+    /// Times the budget was engaged.
+    pub budget_engagements: u64,
     /// Times the host's address table was read (AF_PACKET; the first read included).
     pub address_reads: u64,
     /// The address table is re-read on a timer because the kernel's address events could not
@@ -99,6 +103,8 @@ impl CaptureStats {
         self.kernel_drops += other.kernel_drops;
         self.kernel_source_limited += other.kernel_source_limited;
         self.kernel_budget = other.kernel_budget;
+        self.budget_engaged = other.budget_engaged;
+        self.budget_engagements += other.budget_engagements;
         self.address_reads += other.address_reads;
         // A state, not a count: the source added last is the one running.
         self.address_timer = other.address_timer;
@@ -124,7 +130,17 @@ impl fmt::Display for CaptureStats {
             self.received, self.delivered, self.kernel_packets, self.kernel_drops
         )?;
         if self.kernel_budget || self.kernel_source_limited > 0 {
-            write!(f, " kernel-source-limited={}", self.kernel_source_limited)?;
+            write!(
+                f,
+                " kernel-source-limited={} budget-engagements={}{}",
+                self.kernel_source_limited,
+                self.budget_engagements,
+                if self.budget_engaged {
+                    " budget=engaged"
+                } else {
+                    ""
+                }
+            )?;
         }
         for reason in DropReason::ALL {
             write!(f, " {}={}", reason.name(), self.dropped(reason))?;
