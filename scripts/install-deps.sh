@@ -3,9 +3,10 @@
 # Idempotent: packages already present are left alone.
 set -euo pipefail
 # qemu-user-static runs the aarch64 client; dnsmasq-base is the lab's DNS server (no service);
-# prometheus brings promtool; faketime makes stale fwknop packets.
+# prometheus brings promtool; faketime makes stale fwknop packets; linux-libc-dev has the system-call
+# numbers (asm/unistd_64.h) the test of the unit's SystemCallFilter= maps names to.
 packages=(nftables iptables ipset iproute2 tcpdump nmap netcat-openbsd knockd fwknop-client oathtool procps
-  prometheus systemd faketime qemu-user-static dnsmasq-base)
+  prometheus systemd faketime qemu-user-static dnsmasq-base linux-libc-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -793,6 +793,178 @@ fn unit_capabilities() -> String {
         .join(",")
 }
 
+/// The system calls a unit's `SystemCallFilter=` lines allow, by name, as systemd merges them:
+/// the first non-empty line sets the mode (an allow list, which starts from `@default`, or a
+/// `~` deny list), later lines add or remove names in that mode's set (a `~` line removes from
+/// an allow list), an empty assignment resets. `expand` gives a `@group`'s direct members.
+/// Returns `(allow_list, set)`: the allowed names, or the refused ones for a deny list.
+fn unit_syscall_filter(
+    unit: &str,
+    mut expand: impl FnMut(&str) -> Vec<String>,
+) -> Option<(bool, std::collections::BTreeSet<String>)> {
+    let mut filter: Option<(bool, std::collections::BTreeSet<String>)> = None;
+    for value in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let value = value.trim();
+        if value.is_empty() {
+            filter = None;
+            continue;
+        }
+        let (invert, names) = match value.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
+        let mut changes: Vec<(bool, &str)> = Vec::new();
+        if filter.is_none() && !invert {
+            // systemd's parser starts a new allow list with @default.
+            changes.push((true, "@default"));
+        }
+        let (allow_list, set) = filter.get_or_insert_with(|| (!invert, Default::default()));
+        // An allow list gains positive names and loses `~` ones; a deny list the reverse.
+        let adds = invert != *allow_list;
+        changes.extend(names.split_whitespace().map(|n| (adds, n)));
+        for (add, name) in changes {
+            assert!(
+                !name.contains(':'),
+                "SystemCallFilter={value}: per-call errno `{name}` is not emulated"
+            );
+            let mut pending = vec![name.to_string()];
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some(name) = pending.pop() {
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
+                if name.starts_with('@') {
+                    pending.extend(expand(&name));
+                } else if add {
+                    set.insert(name);
+                } else {
+                    set.remove(&name);
+                }
+            }
+        }
+    }
+    filter
+}
+
+/// A `@group`'s direct members (names and sub-groups), as `systemd-analyze syscall-filter`
+/// lists them (the first line names the group, `#` lines are comments).
+fn systemd_syscall_group(group: &str) -> Vec<String> {
+    let out = Command::new("systemd-analyze")
+        .args(["syscall-filter", "--no-pager", group])
+        .output()
+        .expect("systemd-analyze (package systemd) expands the unit's @groups");
+    assert!(
+        out.status.success(),
+        "systemd-analyze syscall-filter {group}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines().map(str::trim);
+    assert_eq!(lines.next(), Some(group), "{text}");
+    lines
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// x86_64 system-call numbers by name, from the kernel's header (package linux-libc-dev; the
+/// second path is where distributions without multiarch directories put it).
+fn x86_64_syscall_numbers() -> std::collections::BTreeMap<String, u32> {
+    let header = [
+        "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+        "/usr/include/asm/unistd_64.h",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("/usr/include/x86_64-linux-gnu/asm/unistd_64.h (package linux-libc-dev)");
+    let text = std::fs::read_to_string(header).unwrap();
+    let numbers: std::collections::BTreeMap<String, u32> = text
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("#define __NR_")?.split_whitespace();
+            Some((words.next()?.to_string(), words.next()?.parse().ok()?))
+        })
+        .collect();
+    assert!(numbers.len() > 300, "{header}: {} numbers", numbers.len());
+    numbers
+}
+
+/// The `unit_seccomp` REFUSED file for conf/spad.service: `NUMBER name` for every x86_64 system
+/// call its `SystemCallFilter=` refuses (those without a number in the header are left out).
+fn unit_refused_syscalls(unit: &str) -> String {
+    assert!(
+        unit.lines().any(|l| l == "SystemCallErrorNumber=EPERM"),
+        "unit_seccomp refuses with EPERM, as SystemCallErrorNumber=EPERM in the unit does"
+    );
+    let numbers = x86_64_syscall_numbers();
+    let (allow_list, set) =
+        unit_syscall_filter(unit, systemd_syscall_group).expect("SystemCallFilter= in the unit");
+    numbers
+        .iter()
+        .filter(|(name, _)| set.contains(*name) != allow_list)
+        .map(|(name, number)| format!("{number} {name}\n"))
+        .collect()
+}
+
+/// The merge rules on made-up groups (nested, one cycle), then the shipped unit's refused set:
+/// what @privileged and the other `~` groups take away is refused, what the unit allows back
+/// (bpf, capset) and the basics are not.
+#[test]
+fn the_units_syscall_filter_is_computed_as_systemd_merges_it() {
+    let groups = |group: &str| -> Vec<String> {
+        match group {
+            "@default" => vec!["execve".into(), "exit".into()],
+            "@service" => vec!["@io".into(), "capset".into(), "setuid".into()],
+            "@io" => vec!["read".into(), "write".into(), "@service".into()],
+            "@privileged" => vec!["capset".into(), "setuid".into(), "bpf".into()],
+            other => panic!("unexpected group {other}"),
+        }
+    };
+    let names = |set: &std::collections::BTreeSet<String>| {
+        set.iter().cloned().collect::<Vec<_>>().join(" ")
+    };
+    let allow =
+        "SystemCallFilter=@service\nSystemCallFilter=~@privileged write\nSystemCallFilter=capset\n";
+    let (allow_list, set) = unit_syscall_filter(allow, groups).unwrap();
+    assert!(allow_list);
+    assert_eq!(names(&set), "capset execve exit read");
+    let deny = "SystemCallFilter=~@privileged\nSystemCallFilter=bpf\n";
+    let (allow_list, set) = unit_syscall_filter(deny, groups).unwrap();
+    assert!(!allow_list);
+    assert_eq!(names(&set), "capset setuid");
+    let reset = "SystemCallFilter=read\nSystemCallFilter=\nSystemCallFilter=~bpf\n";
+    assert_eq!(names(&unit_syscall_filter(reset, groups).unwrap().1), "bpf");
+    if std::env::consts::ARCH == "x86_64" {
+        // The shipped unit, expanded by systemd-analyze.
+        let unit = std::fs::read_to_string(workspace().join("conf/spad.service")).unwrap();
+        let refused = unit_refused_syscalls(&unit);
+        let refused: Vec<&str> = refused
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .collect();
+        for name in [
+            "mount",
+            "reboot",
+            "setuid",
+            "chown",
+            "ptrace",
+            "init_module",
+            "settimeofday",
+        ] {
+            assert!(refused.contains(&name), "{name} allowed: {refused:?}");
+        }
+        for name in ["bpf", "capset", "read", "sendto", "execve", "rt_sigreturn"] {
+            assert!(!refused.contains(&name), "{name} refused");
+        }
+    }
+}
+
+/// spad started as conf/spad.service starts it: user nobody, the unit's ambient capabilities
+/// (`setpriv`), no_new_privs and the unit's system-call filter (`unit_seccomp`, x86_64), loads
+/// the kernel packet budget, gives CAP_BPF up, grants, reloads and stops cleanly.
 pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: Backend) {
     let lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
@@ -816,6 +988,21 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     )
     .unwrap();
     let caps = unit_capabilities();
+    // SystemCallFilter=: spad runs under the unit's filter, so a system call it needs that the
+    // unit refuses fails here as it would in production (capset once did: spad exited at start).
+    let mut seccomp = Vec::new();
+    if std::env::consts::ARCH == "x86_64" {
+        let unit = std::fs::read_to_string(workspace().join("conf/spad.service")).unwrap();
+        let refused = lab.path("unit-refused-syscalls");
+        std::fs::write(&refused, unit_refused_syscalls(&unit)).unwrap();
+        seccomp.push(binary("unit_seccomp"));
+        seccomp.push(refused);
+    } else {
+        eprintln!(
+            "starts_unprivileged_with_ambient_capabilities_as_the_unit_does: the unit's system-call filter is emulated on x86_64 only; running spad without it on {}",
+            std::env::consts::ARCH
+        );
+    }
     let log_path = lab.path("unit.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut daemon = Daemon(
@@ -825,6 +1012,7 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
             .arg(format!("--inh-caps=-all,{caps}"))
             .arg(format!("--ambient-caps=-all,{caps}"))
             .arg(format!("--bounding-set=-all,{caps}"))
+            .args(&seccomp)
             .arg(binary("spad"))
             .args(["run", "-c", config.to_str().unwrap()])
             .stdin(Stdio::null())
@@ -843,9 +1031,19 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     let pid = status["pid"].as_u64().unwrap();
     assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
+    if !seccomp.is_empty() {
+        // NoNewPrivileges=yes, and the filter is on the daemon itself (mode 2: a BPF filter).
+        assert_eq!(proc_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(proc_field(pid, "Seccomp"), "2");
+    }
     // CAP_BPF served to load the prefilter and is gone: CAP_NET_ADMIN and CAP_NET_RAW only.
     for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-        assert_eq!(proc_field(pid, set), "0000000000003000", "{set}");
+        assert_eq!(
+            proc_field(pid, set),
+            "0000000000003000",
+            "{set}\n{}",
+            read_log()
+        );
     }
     assert!(!read_log().contains(BUDGET_REFUSED), "{}", read_log());
     assert!(read_log().contains("gave up CAP_BPF"), "{}", read_log());
