@@ -111,6 +111,23 @@ pub fn run(program: &str, args: &[&str]) -> Output {
     out
 }
 
+/// [`Lab::make_spad_fall_behind`] for a spad with process id `pid` whose log `log` reads.
+pub fn make_fall_behind(pid: u32, ns: &str, to: SocketAddr, log: impl Fn() -> String) -> bool {
+    let engaged = |log: &str| log.matches("packet budget is engaged").count();
+    let before = engaged(&log());
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    in_ns(ns, move || {
+        let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+        for _ in 0..1500 {
+            let _ = s.send_to(b"fall behind", to);
+        }
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    wait_until(Duration::from_secs(10), || engaged(&log()) > before)
+}
+
 /// Polls `condition` every 50 ms until it holds or `limit` passes. Returns whether it held.
 pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -654,19 +671,7 @@ impl Lab {
     /// per-source packet budget (a quarter of a ring waiting); this waits for the log to
     /// say so (10 s at most) and returns whether it did.
     pub fn make_spad_fall_behind(&self, index: usize, ns: &str, to: SocketAddr) -> bool {
-        let pid = self.spad_pid(index) as i32;
-        let before = self.log().matches("packet budget is engaged").count();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
-        in_ns(ns, move || {
-            let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
-            for _ in 0..1500 {
-                let _ = s.send_to(b"fall behind", to);
-            }
-        });
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGCONT) };
-        self.wait_log("packet budget is engaged", before + 1)
+        make_fall_behind(self.spad_pid(index), ns, to, || self.log())
     }
 
     /// Process id of a started `spad` (`ip netns exec` execs it, so the child's pid is spad's).

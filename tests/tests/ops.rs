@@ -570,7 +570,17 @@ pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knock
     );
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
 
-    // The budget loaded as root holds after the drop: the flood is cut in the kernel.
+    // The budget loaded as root holds after the drop: once spad falls behind, the flood is
+    // cut in the kernel.
+    assert!(
+        lab.make_spad_fall_behind(daemon, &lab.b.clone(), Lab::gw4(62201)),
+        "{}",
+        lab.log()
+    );
+    let passed_before = counter(
+        &json(&spad_cli(&lab, &["status", "--json"])),
+        "capture_kernel_packets",
+    );
     flood_spa_port(&lab, &lab.b);
     let mut status = serde_json::Value::Null;
     assert!(
@@ -579,13 +589,14 @@ pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knock
             counter(&status, "capture_kernel_source_limited") > 0
                 && counter(&status, "capture_kernel_source_limited")
                     + counter(&status, "capture_kernel_packets")
+                    - passed_before
                     >= FLOOD
         }),
         "{status}"
     );
     let limited = counter(&status, "capture_kernel_source_limited");
     assert!(
-        counter(&status, "capture_kernel_packets") < FLOOD,
+        counter(&status, "capture_kernel_packets") - passed_before < FLOOD,
         "the kernel passed the whole flood: {status}"
     );
 
@@ -1047,7 +1058,13 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     }
     assert!(!read_log().contains(BUDGET_REFUSED), "{}", read_log());
     assert!(read_log().contains("gave up CAP_BPF"), "{}", read_log());
-    // The per-source packet budget is in force: a flood from one address is cut in the kernel.
+    // The per-source packet budget is loaded: once spad falls behind, a flood from one address
+    // is cut in the kernel.
+    assert!(
+        spa_e2e::make_fall_behind(pid as u32, &lab.b.clone(), Lab::gw4(62201), read_log),
+        "{}",
+        read_log()
+    );
     flood_spa_port(&lab, &lab.b);
     assert!(
         wait_until(Duration::from_secs(10), || counter(
