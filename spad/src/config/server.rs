@@ -181,6 +181,24 @@ impl Interfaces {
 }
 
 /// Validates `[server]`; relative paths are taken against `base`.
+/// `packet-rate` and `packet-burst`, checked.
+fn packet_budget(raw: &RawServer) -> Result<(u32, u32), Located> {
+    let (packet_rate, packet_burst) = (*raw.packet_rate.get_ref(), *raw.packet_burst.get_ref());
+    if packet_rate > MAX_PACKET_RATE {
+        return Err(at(
+            &raw.packet_rate,
+            format!("packet-rate is at most {MAX_PACKET_RATE}; write e.g. 20000, or 0 for no kernel budget"),
+        ));
+    }
+    if packet_rate > 0 && !(1..=MAX_PACKET_RATE).contains(&packet_burst) {
+        return Err(at(
+            &raw.packet_burst,
+            format!("packet-burst is 1-{MAX_PACKET_RATE} packets; write e.g. 1000"),
+        ));
+    }
+    Ok((packet_rate, packet_burst))
+}
+
 pub(super) fn build(
     raw: &RawServer,
     base: &Path,
@@ -207,19 +225,7 @@ pub(super) fn build(
             ));
         }
     }
-    let (packet_rate, packet_burst) = (*raw.packet_rate.get_ref(), *raw.packet_burst.get_ref());
-    if packet_rate > MAX_PACKET_RATE {
-        return Err(at(
-            &raw.packet_rate,
-            format!("packet-rate is at most {MAX_PACKET_RATE}; write e.g. 1000, or 0 for no kernel budget"),
-        ));
-    }
-    if packet_rate > 0 && !(1..=MAX_PACKET_RATE).contains(&packet_burst) {
-        return Err(at(
-            &raw.packet_burst,
-            format!("packet-burst is 1-{MAX_PACKET_RATE} packets; write e.g. 2000"),
-        ));
-    }
+    let (packet_rate, packet_burst) = packet_budget(raw)?;
     if *raw.port.get_ref() == 0 {
         return Err(at(&raw.port, "port 0 is not a port; the default is 62201"));
     }

@@ -377,7 +377,7 @@ fn a_packet_rate_above_the_maximum_is_refused_with_its_location_and_a_hint() {
         err.message.contains("packet-rate is at most 1000000"),
         "{err}"
     );
-    assert!(err.message.contains("write e.g. 1000"), "{err}");
+    assert!(err.message.contains("write e.g. 20000"), "{err}");
     assert!(err.message.contains("0 for no kernel budget"), "{err}");
     // The highest rate itself is accepted.
     let config = parse(&with_server_lines("packet-rate = 1000000")).unwrap();
@@ -393,7 +393,7 @@ fn a_packet_burst_of_0_with_a_rate_is_refused_with_its_location_and_a_hint() {
         "{err}"
     );
     assert!(err.message.contains("packet-burst is 1-1000000"), "{err}");
-    assert!(err.message.contains("write e.g. 2000"), "{err}");
+    assert!(err.message.contains("write e.g. 1000"), "{err}");
     // With the default rate too.
     let err = parse(&with_server_lines("packet-burst = 0")).unwrap_err();
     assert_eq!(err.line, 4, "{err}");
