@@ -176,6 +176,52 @@ fn describe_capture(config: &Config) -> String {
     }
 }
 
+/// What the log says about the kernel's per-source budget: one line when it engages, and
+/// one when it has stayed released for [`BUDGET_QUIET`]. Under a long flood it engages and
+/// releases every few seconds (see `capture::pressure`); the log says so once, not each time.
+#[derive(Debug, Default)]
+struct BudgetLog {
+    said_engaged: bool,
+    released_since: Option<std::time::Instant>,
+}
+
+/// How long the budget must stay released before the log says so.
+const BUDGET_QUIET: Duration = Duration::from_secs(30);
+
+impl BudgetLog {
+    /// The line to log for the budget's state now, if any.
+    fn observe(
+        &mut self,
+        engaged: bool,
+        now: std::time::Instant,
+        rate: u32,
+        engagements: u64,
+        cut: u64,
+    ) -> Option<String> {
+        if engaged {
+            self.released_since = None;
+            if !self.said_engaged {
+                self.said_engaged = true;
+                return Some(format!("capture: spad is falling behind; the per-source packet budget is engaged ({rate}/s per source, while spad falls behind)"));
+            }
+            return None;
+        }
+        if !self.said_engaged {
+            return None;
+        }
+        let since = *self.released_since.get_or_insert(now);
+        if now.duration_since(since) < BUDGET_QUIET {
+            return None;
+        }
+        self.said_engaged = false;
+        self.released_since = None;
+        Some(format!(
+            "capture: the per-source packet budget has stayed released for {} s (engaged {engagements} times in all, {cut} frames cut)",
+            BUDGET_QUIET.as_secs()
+        ))
+    }
+}
+
 /// Everything the loop owns.
 struct Daemon {
     config_path: PathBuf,
@@ -185,6 +231,7 @@ struct Daemon {
     /// Counters of capture sources replaced by a reload, so `spad status` never goes back.
     retired_capture: CaptureStats,
     capture_drops: DropWatch,
+    budget_said: BudgetLog,
     /// The guard's netlink monitor, registered with the reactor (nftables only).
     guard_events: Option<AsyncFd<OwnedFd>>,
     guard: Guard,
@@ -271,6 +318,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
         capture: Capture::new(source).context("watching the capture sockets")?,
         retired_capture: CaptureStats::default(),
         capture_drops: DropWatch::default(),
+        budget_said: BudgetLog::default(),
         guard_events: guard
             .event_fd()
             .map(watch)
@@ -386,25 +434,19 @@ impl Daemon {
     }
 
     fn refresh_capture_stats(&mut self) {
-        let was_engaged = self.pipeline.stats.capture.budget_engaged;
         self.pipeline.stats.capture = self.retired_capture.clone();
         self.pipeline
             .stats
             .capture
             .add(&self.capture.source.stats());
         let capture = &self.pipeline.stats.capture;
-        if capture.budget_engaged != was_engaged {
-            let line = if capture.budget_engaged {
-                format!(
-                    "capture: spad is falling behind; the per-source packet budget is engaged ({}/s per source)",
-                    self.pipeline.config.server.packet_rate
-                )
-            } else {
-                format!(
-                    "capture: the per-source packet budget is released ({} frames cut so far)",
-                    capture.kernel_source_limited
-                )
-            };
+        if let Some(line) = self.budget_said.observe(
+            capture.budget_engaged,
+            std::time::Instant::now(),
+            self.pipeline.config.server.packet_rate,
+            capture.budget_engagements,
+            capture.kernel_source_limited,
+        ) {
             self.pipeline.log.line(SystemClock.now(), &line);
         }
     }
@@ -545,6 +587,30 @@ async fn guard_event(events: Option<&AsyncFd<OwnedFd>>) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_is_said_engaged_once_and_released_after_a_quiet_spell() {
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut said = BudgetLog::default();
+        assert_eq!(said.observe(false, at(0), 20_000, 0, 0), None);
+        let line = said.observe(true, at(100), 20_000, 1, 0).unwrap();
+        assert!(line.contains("engaged (20000/s per source"), "{line}");
+        assert_eq!(said.observe(true, at(200), 20_000, 1, 10), None);
+        // Released for less than the quiet spell, engaged again: nothing more to say.
+        assert_eq!(said.observe(false, at(2_200), 20_000, 1, 10), None);
+        assert_eq!(said.observe(false, at(20_000), 20_000, 1, 10), None);
+        assert_eq!(said.observe(true, at(21_000), 20_000, 2, 20), None);
+        // Released for the whole quiet spell: said once, with the totals.
+        assert_eq!(said.observe(false, at(23_000), 20_000, 2, 30), None);
+        let line = said.observe(false, at(53_000), 20_000, 2, 30).unwrap();
+        assert!(
+            line.contains("released for 30 s (engaged 2 times in all, 30 frames cut)"),
+            "{line}"
+        );
+        assert_eq!(said.observe(false, at(60_000), 20_000, 2, 30), None);
+        assert!(said.observe(true, at(61_000), 20_000, 3, 30).is_some());
+    }
     use crate::capture::UdpListener;
 
     fn runtime() -> tokio::runtime::Runtime {

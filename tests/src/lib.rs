@@ -117,6 +117,26 @@ pub fn make_fall_behind(pid: u32, ns: &str, to: SocketAddr, log: impl Fn() -> St
     let before = engaged(&log());
     // SAFETY: signalling a process this test started.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    // The stop is asynchronous: wait until every thread of spad is stopped (state `T`).
+    let stopped = || {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                        stat.rsplit(')')
+                            .next()
+                            .and_then(|r| r.split_whitespace().next())
+                            == Some("T")
+                    })
+                })
+            })
+            .unwrap_or(false)
+    };
+    if !wait_until(Duration::from_secs(5), stopped) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        return false;
+    }
     in_ns(ns, move || {
         let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
         for _ in 0..1500 {
@@ -669,7 +689,9 @@ impl Lab {
     /// moment without CPU would: it is stopped (SIGSTOP) while 1,500 datagrams from client
     /// namespace `ns` queue in its capture ring, then continued. That engages the kernel's
     /// per-source packet budget (a quarter of a ring waiting); this waits for the log to
-    /// say so (10 s at most) and returns whether it did.
+    /// say so (10 s at most) and returns whether it did. spad says so once until the budget
+    /// has stayed released for 30 s, so use it once per daemon. The budget stays engaged
+    /// for 2 s after: send what it should cut right away.
     pub fn make_spad_fall_behind(&self, index: usize, ns: &str, to: SocketAddr) -> bool {
         make_fall_behind(self.spad_pid(index), ns, to, || self.log())
     }

@@ -173,8 +173,8 @@ impl AfPacket {
                     // the socket still has.
                     if let Some(l) = &limiter {
                         if let Err(e) = l.attach(socket) {
+                            limiter_refused = Some(format!("attaching the program: {e}"));
                             if rings.is_empty() {
-                                limiter_refused = Some(format!("attaching the program: {e}"));
                                 limiter = None;
                             }
                         }
@@ -262,13 +262,18 @@ impl AfPacket {
 
     /// spad is falling behind: the budget is engaged (when one is configured and loaded).
     fn behind(&mut self) {
-        if !self.budget_on {
-            return;
+        if self.budget_on && self.limiter.is_some() {
+            self.pressure.behind(Instant::now());
+            self.sync_flag();
         }
+    }
+
+    /// Writes the kernel's flag from the one state it follows: a budget configured, and
+    /// engaged. A memory write; done on every change and every tick, so the kernel's flag
+    /// and spad's state cannot disagree for longer than a tick.
+    fn sync_flag(&self) {
         if let Some(limiter) = &self.limiter {
-            if self.pressure.behind(Instant::now()) {
-                limiter.set_engaged(true);
-            }
+            limiter.set_engaged(self.budget_on && self.pressure.engaged());
         }
     }
 
@@ -352,29 +357,27 @@ impl Source for AfPacket {
         let now = Instant::now();
         let what = self.schedule.on_tick(now);
         self.upkeep(what);
-        if let Some(limiter) = &self.limiter {
-            if self.pressure.tick(now, limiter.limited()) {
-                limiter.set_engaged(self.pressure.engaged());
-            }
-        }
+        self.pressure.tick(now);
+        self.sync_flag();
     }
 
     fn set_budget(&mut self, budget: Option<SourceBudget>) -> bool {
-        match (&self.limiter, budget) {
+        let applied = match (&self.limiter, budget) {
             (Some(limiter), Some(budget)) => {
                 limiter.set_budget(budget);
                 self.budget_on = true;
                 true
             }
-            (Some(limiter), None) => {
-                limiter.set_engaged(false);
+            (Some(_), None) => {
                 self.budget_on = false;
                 true
             }
             (None, None) => true,
             // No program loaded: only a new capture can try to load one.
             (None, Some(_)) => false,
-        }
+        };
+        self.sync_flag();
+        applied
     }
 
     fn budget_refused(&self) -> Option<String> {
@@ -400,7 +403,7 @@ impl Source for AfPacket {
         if let Some(limiter) = &self.limiter {
             self.stats.kernel_source_limited = limiter.limited();
         }
-        self.stats.budget_engaged = self.pressure.engaged();
+        self.stats.budget_engaged = self.budget_on && self.pressure.engaged();
         self.stats.budget_engagements = self.pressure.engagements();
         self.stats.clone()
     }
@@ -788,6 +791,68 @@ mod tests {
         assert!((60..=61).contains(&passed), "passed {passed}: {engaged}");
         assert_eq!(engaged.kernel_source_limited + passed, 1010, "{engaged}");
         assert_eq!(engaged.delivered, engaged.kernel_packets, "{engaged}");
+    }
+
+    /// Needs root (skipped otherwise). The kernel's flag follows spad's state through a
+    /// reload: `packet-rate = 0` while engaged stops the cuts at once, and a budget again,
+    /// while still engaged, resumes them.
+    #[test]
+    fn the_kernel_flag_follows_the_budget_through_reloads() {
+        let watches = [bpf::Watch {
+            proto: Proto::Udp,
+            low: KNOCK_PORT,
+            high: KNOCK_PORT,
+        }];
+        let Some(counts) = in_throwaway_namespace(move || {
+            let tx = Sender::new();
+            let budget = SourceBudget { rate: 1, burst: 10 };
+            let mut source = open_on_vb(Some(budget), &watches);
+            if let Some(why) = source.budget_refused() {
+                eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
+                return None;
+            }
+            let (vb, flooder) = ("10.9.0.2".parse().unwrap(), "10.9.0.1".parse().unwrap());
+            let send = |count| {
+                for _ in 0..count {
+                    tx.ip_packet(&crate::capture::frame::build::udp(
+                        flooder, vb, 40000, KNOCK_PORT, b"flood",
+                    ));
+                }
+            };
+            // Reads until every frame offered so far is either passed or cut.
+            let settle = |source: &mut AfPacket, offered: u64| {
+                let mut stats = source.stats();
+                poll_until(Duration::from_secs(5), || {
+                    while source.recv(Duration::ZERO).unwrap().is_some() {}
+                    stats = source.stats();
+                    stats.kernel_packets + stats.kernel_source_limited >= offered
+                });
+                stats
+            };
+            source.behind();
+            send(100);
+            let engaged = settle(&mut source, 100).kernel_packets;
+            assert!(source.set_budget(None));
+            send(100);
+            let off = settle(&mut source, 200).kernel_packets - engaged;
+            assert!(source.set_budget(Some(budget)));
+            send(100);
+            let stats = settle(&mut source, 300);
+            Some((engaged, off, stats.kernel_packets - engaged - off, stats))
+        })
+        .flatten() else {
+            return;
+        };
+        let (engaged, off, again, stats) = counts;
+        assert!(
+            (10..=11).contains(&engaged),
+            "engaged passed {engaged}: {stats}"
+        );
+        assert_eq!(off, 100, "with packet-rate = 0 nothing is cut: {stats}");
+        assert!(
+            again <= 1,
+            "engaged again, the spent budget cuts: {again}, {stats}"
+        );
     }
 
     /// Needs root (skipped otherwise). IPv6 sources share one budget per /64: two addresses of

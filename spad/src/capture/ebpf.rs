@@ -1,19 +1,21 @@
 //! The kernel prefilter with a per-source packet budget: the classic program of
 //! [`bpf`](super::bpf), translated to eBPF, with a budget check on every frame it would pass.
 //!
-//! A flood from one source (a replayed packet, garbage at the SPA port, a knock storm) is
-//! then dropped inside the kernel, before it takes a slot of the capture ring or a moment of
-//! the daemon's time: the ring stays free for everyone else even while the daemon is
-//! descheduled, and the drops are counted in a kernel counter the daemon maps and reads
-//! (`capture_kernel_source_limited`). The budget is a GCRA per source address (IPv6: per
-//! /64) in an LRU hash map, so a spoofed-source flood can only evict entries (which gives
-//! the evicted source a fresh budget), never lock a source out.
+//! While the budget is engaged, a flood from one source (a replayed packet, garbage at the
+//! SPA port, a knock storm) is dropped inside the kernel, before it takes a slot of the
+//! capture ring or a moment of the daemon's time, and the drops are counted in a kernel
+//! counter the daemon maps and reads (`capture_kernel_source_limited`). The budget is a GCRA
+//! per source address (IPv6: per /64) in an LRU hash map. It is engaged only while the daemon
+//! falls behind ([`pressure`](super::pressure)), through a flag in a control map the daemon
+//! maps and writes: a flood spoofing a client's address spends that client's budget only
+//! then.
 //!
-//! Loading needs `CAP_BPF` (or `CAP_SYS_ADMIN`): the daemon does it while still root. When
-//! the kernel refuses (old kernel, no privilege, a reload after the privilege drop), the
-//! capture falls back to the classic program and says so; the per-source handshake budget in
-//! userspace still applies. The unsafe parts are the `bpf(2)` calls, `SO_ATTACH_BPF` and
-//! the read-only mapping of the counter; each is commented where it is made.
+//! Loading needs `CAP_BPF` (or `CAP_SYS_ADMIN`): the daemon does it before it gives the
+//! privilege up. When the kernel refuses (old kernel, no privilege, a reload after the
+//! privilege drop), the capture falls back to the classic program and says so; the
+//! per-source handshake budget in userspace still applies. The unsafe parts are the
+//! `bpf(2)` calls and the mappings of the counter and the control; each is commented where
+//! it is made.
 
 use std::ffi::c_void;
 use std::io;

@@ -118,6 +118,10 @@ impl UdpListener {
 }
 
 impl Source for UdpListener {
+    fn set_budget(&mut self, _budget: Option<ebpf::SourceBudget>) -> bool {
+        true // no kernel budget with a UDP listener: nothing to re-open for
+    }
+
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
         // A zero timeout only reads what is there (the event loop drains a batch that way).
         if !timeout.is_zero() {
