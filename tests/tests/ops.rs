@@ -791,6 +791,34 @@ fn a_flood_spoofing_a_clients_address_does_not_lock_it_out() {
     );
 }
 
+/// With `capture = "udp"` there is no kernel budget, so a reload that changes `packet-rate`
+/// changes nothing there: it must not re-open the UDP listener (its port is still bound: the
+/// whole reload failed with "Address already in use", and every other change in the same
+/// edit was lost). The reload takes effect and knocks still work.
+#[test]
+fn a_new_packet_rate_reloads_a_udp_listener_in_place() {
+    if !e2e_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(CONF);
+    let conf = lab.path(CONF);
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(
+        text.contains("capture = \"af-packet\""),
+        "the lab's config changed"
+    );
+    let text = text.replace("capture = \"af-packet\"", "capture = \"udp\"");
+    std::fs::write(&conf, &text).unwrap();
+    let daemon = lab.start_spad(CONF, Backend::Nftables);
+    server_option(&lab, "packet-rate = 30000");
+    lab.reload_spad(daemon);
+    assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
+    assert!(!lab.log().contains("reload failed"), "{}", lab.log());
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+    lab.stop_spad(daemon, false);
+}
+
 /// The unit's `AmbientCapabilities=` in `setpriv`'s words (`+net_admin,+net_raw,...`).
 fn unit_capabilities() -> String {
     let unit = std::fs::read_to_string(workspace().join("conf/spad.service")).unwrap();
