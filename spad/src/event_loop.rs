@@ -481,27 +481,52 @@ impl Daemon {
     fn try_reload(&mut self) -> anyhow::Result<()> {
         let (config, server) = load(&self.config_path, &self.overrides)?;
         let running = &self.pipeline.config;
-        let recapture = config.server.capture != running.server.capture
-            || config.server.port != running.server.port
+        // What only a new capture can change: the kind, the interfaces, the slot size.
+        let structural = config.server.capture != running.server.capture
             || config.server.interfaces != running.server.interfaces
-            || watches(&config) != watches(running)
             || capture::slot_size(&config) != capture::slot_size(running);
-        // A new budget alone goes into the loaded program's control map: no new program,
-        // so it works after the privilege drop too.
+        // New ports and a new budget go into a loaded eBPF prefilter's control map: no new
+        // program, so they work after the privilege drop too. Otherwise a new capture.
+        let (new_watches, old_watches) = (
+            (watches(&config), crate::knock::syn_only(&config)),
+            (watches(running), crate::knock::syn_only(running)),
+        );
+        let ports_changed = config.server.port != running.server.port || new_watches != old_watches;
         let (new_budget, old_budget) = (
             config.server.packet_budget(),
             running.server.packet_budget(),
         );
-        let recapture =
-            recapture || (new_budget != old_budget && !self.capture.source.set_budget(new_budget));
+        let budget_changed = new_budget != old_budget;
+        let recapture = structural
+            || (ports_changed
+                && !self
+                    .capture
+                    .source
+                    .set_watches(&new_watches.0, new_watches.1))
+            || (budget_changed && !self.capture.source.set_budget(new_budget));
+        // On any error below, what went into the running prefilter goes back out.
+        let revert = |source: &mut dyn capture::Source| {
+            if ports_changed {
+                source.set_watches(&old_watches.0, old_watches.1);
+            }
+            if budget_changed {
+                source.set_budget(old_budget);
+            }
+        };
         let capture = if recapture {
-            Some(Capture::new(open_source(&config)?)?)
+            match open_source(&config).and_then(|source| Ok(Capture::new(source)?)) {
+                Ok(capture) => Some(capture),
+                Err(e) => {
+                    revert(&mut *self.capture.source);
+                    return Err(e);
+                }
+            }
         } else {
             None
         };
         if let Err(e) = self.pipeline.reload(config, server) {
-            if capture.is_none() && new_budget != old_budget {
-                self.capture.source.set_budget(old_budget);
+            if capture.is_none() {
+                revert(&mut *self.capture.source);
             }
             return Err(e);
         }

@@ -111,10 +111,10 @@ pub fn run(program: &str, args: &[&str]) -> Output {
     out
 }
 
-/// [`Lab::make_spad_fall_behind`] for a spad with process id `pid` whose log `log` reads.
-pub fn make_fall_behind(pid: u32, ns: &str, to: SocketAddr, log: impl Fn() -> String) -> bool {
-    let engaged = |log: &str| log.matches("packet budget is engaged").count();
-    let before = engaged(&log());
+/// [`Lab::make_spad_fall_behind`] for a spad with process id `pid`; `passed` reads the frames
+/// its prefilter has judged (`capture_kernel_packets` + `capture_kernel_source_limited`).
+pub fn make_fall_behind(pid: u32, ns: &str, to: SocketAddr, passed: impl Fn() -> u64) -> bool {
+    let before = passed();
     // SAFETY: signalling a process this test started.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     // The stop is asynchronous: wait until every thread of spad is stopped (state `T`).
@@ -145,7 +145,9 @@ pub fn make_fall_behind(pid: u32, ns: &str, to: SocketAddr, log: impl Fn() -> St
     });
     // SAFETY: as above.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-    wait_until(Duration::from_secs(10), || engaged(&log()) > before)
+    // Once the prefilter has judged them all and spad has read the backlog, the budget is
+    // engaged (or, if it still was, its hold starts again).
+    wait_until(Duration::from_secs(10), || passed() >= before + 1500)
 }
 
 /// Polls `condition` every 50 ms until it holds or `limit` passes. Returns whether it held.
@@ -685,15 +687,35 @@ impl Lab {
         panic!("spad did not stop");
     }
 
-    /// Makes started `spad` number `index` fall behind, as a flood beyond its means or a
-    /// moment without CPU would: it is stopped (SIGSTOP) while 1,500 datagrams from client
-    /// namespace `ns` queue in its capture ring, then continued. That engages the kernel's
-    /// per-source packet budget (a quarter of a ring waiting); this waits for the log to
-    /// say so (10 s at most) and returns whether it did. spad says so once until the budget
-    /// has stayed released for 30 s, so use it once per daemon. The budget stays engaged
-    /// for 2 s after: send what it should cut right away.
-    pub fn make_spad_fall_behind(&self, index: usize, ns: &str, to: SocketAddr) -> bool {
-        make_fall_behind(self.spad_pid(index), ns, to, || self.log())
+    /// Makes started `spad` number `index` (running `config`) fall behind, as a flood beyond
+    /// its means or a moment without CPU would: it is stopped (SIGSTOP) while 1,500
+    /// datagrams from client namespace `ns` queue in its capture ring, then continued. That
+    /// engages the kernel's per-source packet budget (a quarter of a ring waiting) for 2 s:
+    /// send what it should cut right away. Waits (10 s at most) until spad has read the
+    /// backlog; returns whether it did.
+    pub fn make_spad_fall_behind(
+        &self,
+        index: usize,
+        config: &str,
+        ns: &str,
+        to: SocketAddr,
+    ) -> bool {
+        make_fall_behind(self.spad_pid(index), ns, to, || {
+            let out = self.spad_gw(&["status", "--json"], config);
+            let status: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            let counter = |name: &str| {
+                status["counters"]
+                    .as_array()
+                    .and_then(|all| {
+                        all.iter()
+                            .find(|c| c["name"] == name)
+                            .and_then(|c| c["value"].as_u64())
+                    })
+                    .unwrap_or(0)
+            };
+            counter("capture_kernel_packets") + counter("capture_kernel_source_limited")
+        })
     }
 
     /// Process id of a started `spad` (`ip netns exec` execs it, so the child's pid is spad's).

@@ -548,11 +548,14 @@ fn stopped_counter(log: &str, name: &str) -> u64 {
 const BUDGET_REFUSED: &str = "warning: packet-rate is not enforced in the kernel (";
 
 /// Started as root, spad loads the per-source packet budget into the kernel before it drops to
-/// `nobody`: a flood from one address is cut there (`capture_kernel_source_limited`). A reload
-/// that changes the watched ports re-opens the capture as `nobody`, without CAP_BPF: the kernel
-/// refuses the program, spad says so and falls back to the classic prefilter, and the new
-/// capture works: the moved door opens and an SPA knock from the flooding address is granted.
-pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knocks_working(
+/// `nobody`: once spad falls behind, a flood from one address is cut there
+/// (`capture_kernel_source_limited`). A reload that moves a door's ports needs no new program
+/// (the ports are in the prefilter's control map): no warning, the moved door opens, and the
+/// budget still cuts. A reload that changes the interfaces re-opens the capture as `nobody`,
+/// without CAP_BPF: the kernel refuses the program, spad says so and falls back to the
+/// classic prefilter, and the new capture works: an SPA knock from the flooding address is
+/// granted.
+pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_capture(
     backend: Backend,
 ) {
     let mut lab = Lab::new(CONF);
@@ -573,7 +576,7 @@ pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knock
     // The budget loaded as root holds after the drop: once spad falls behind, the flood is
     // cut in the kernel.
     assert!(
-        lab.make_spad_fall_behind(daemon, &lab.b.clone(), Lab::gw4(62201)),
+        lab.make_spad_fall_behind(daemon, CONF, &lab.b.clone(), Lab::gw4(62201)),
         "{}",
         lab.log()
     );
@@ -623,10 +626,10 @@ pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knock
         "{}",
         lab.log()
     );
-    assert!(lab.wait_log(BUDGET_REFUSED, 1), "{}", lab.log());
+    assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
     assert!(!lab.log().contains("reload failed"), "{}", lab.log());
 
-    // The new capture sees the new port ...
+    // The prefilter watches the new port ...
     lab.exec(&lab.a, "knock", &[GW4, "6000", "8000:udp", "9000"]);
     assert!(
         lab.wait_log("203.0.113.10: door ops: OPEN", 1)
@@ -635,7 +638,32 @@ pub fn a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knock
         lab.log()
     );
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
-    // ... and SPA: a knock from the address that flooded is granted.
+    // ... and its budget still cuts (the backlog from a, whose budget is whole).
+    assert!(
+        lab.make_spad_fall_behind(daemon, CONF, &lab.a.clone(), Lab::gw4(62201)),
+        "{}",
+        lab.log()
+    );
+    flood_spa_port(&lab, &lab.b);
+    assert!(
+        wait_until(Duration::from_secs(10), || counter(
+            &json(&spad_cli(&lab, &["status", "--json"])),
+            "capture_kernel_source_limited"
+        ) > limited),
+        "{}",
+        lab.log()
+    );
+
+    // All interfaces instead of eth0: a new capture, which cannot load a program as nobody.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let everywhere = text.replacen("interfaces = [\"eth0\"]", "interfaces = []", 1);
+    assert_ne!(everywhere, text, "conf/{CONF} changed: no interfaces line");
+    std::fs::write(&config, everywhere).unwrap();
+    lab.reload_spad(daemon);
+    assert!(lab.wait_log("reloaded; kept", 2), "{}", lab.log());
+    assert!(lab.wait_log(BUDGET_REFUSED, 1), "{}", lab.log());
+    assert!(!lab.log().contains("reload failed"), "{}", lab.log());
+    // The new capture works: a knock from the address that flooded is granted.
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
     lab.knock(&lab.b, "alice", &["ssh"], &[], false);
     assert!(
@@ -1089,7 +1117,11 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     // The per-source packet budget is loaded: once spad falls behind, a flood from one address
     // is cut in the kernel.
     assert!(
-        spa_e2e::make_fall_behind(pid as u32, &lab.b.clone(), Lab::gw4(62201), read_log),
+        spa_e2e::make_fall_behind(pid as u32, &lab.b.clone(), Lab::gw4(62201), || {
+            let status = json(&spad_cli(&lab, &["status", "--json"]));
+            counter(&status, "capture_kernel_packets")
+                + counter(&status, "capture_kernel_source_limited")
+        }),
         "{}",
         read_log()
     );
@@ -1213,6 +1245,6 @@ both_backends!(
     runs_as_an_unprivileged_user_with_two_capabilities,
     knock_commands_run_without_capabilities_unless_the_door_says_so,
     starts_unprivileged_with_ambient_capabilities_as_the_unit_does,
-    a_reload_without_cap_bpf_falls_back_to_the_classic_filter_and_keeps_knocks_working,
+    a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_capture,
     packet_rate_0_leaves_a_flood_to_userspace,
 );

@@ -230,7 +230,7 @@ pub fn a_replay_flood_is_dropped_before_the_handshake(backend: Backend) {
     // spad falls behind, which engages the kernel's per-source budget (for 2 s, and as long
     // as it keeps cutting a flood).
     assert!(
-        lab.make_spad_fall_behind(0, &lab.b.clone(), Lab::gw4(62201)),
+        lab.make_spad_fall_behind(0, CONF, &lab.b.clone(), Lab::gw4(62201)),
         "{}",
         lab.log()
     );

@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::addr_events::AddressEvents;
-use super::ebpf::{Limiter, SourceBudget};
+use super::ebpf::{Limiter, Ports, SourceBudget};
 use super::host::{self, HostAddresses, RefreshSchedule, Upkeep, PACKET_OUTGOING};
 use super::pressure::Pressure;
 use super::ring::{Ring, SlotSize};
@@ -159,11 +159,12 @@ impl AfPacket {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
-        let (mut limiter, mut limiter_refused) = match budget.map(|b| Limiter::load(&program, b)) {
-            None => (None, None),
-            Some(Ok(limiter)) => (Some(limiter), None),
-            Some(Err(e)) => (None, Some(e.to_string())),
-        };
+        let (mut limiter, mut limiter_refused) =
+            match budget.map(|b| Limiter::load(&Ports::new(watches, syn_only), b)) {
+                None => (None, None),
+                Some(Ok(limiter)) => (Some(limiter), None),
+                Some(Err(e)) => (None, Some(e.to_string())),
+            };
         let mut rings = Vec::new();
         for index in indexes {
             let ring = socket::create(&program)
@@ -359,6 +360,17 @@ impl Source for AfPacket {
         self.upkeep(what);
         self.pressure.tick(now);
         self.sync_flag();
+    }
+
+    fn set_watches(&mut self, watches: &[bpf::Watch], syn_only: bool) -> bool {
+        match &self.limiter {
+            Some(limiter) => {
+                limiter.set_ports(&Ports::new(watches, syn_only));
+                true
+            }
+            // The classic program has its ports built in: a new capture attaches a new one.
+            None => false,
+        }
     }
 
     fn set_budget(&mut self, budget: Option<SourceBudget>) -> bool {
@@ -900,10 +912,10 @@ mod tests {
     }
 
     /// Needs root (skipped otherwise). With a budget no packet exceeds, the eBPF program
-    /// passes what the classic one passes (frames under 16 bytes aside, see `translate`): two captures on one interface, one of each,
+    /// passes what the classic one passes (frames under 16 bytes aside, see `prefilter`): two captures on one interface, one of each,
     /// see the same packets of every kind the prefilter distinguishes.
     #[test]
-    fn the_translated_prefilter_passes_what_the_classic_one_passes() {
+    fn the_ebpf_prefilter_passes_what_the_classic_one_passes() {
         let watches = [
             bpf::Watch {
                 proto: Proto::Udp,

@@ -111,7 +111,7 @@ impl Asm {
 }
 
 /// Merges overlapping or adjacent ranges per protocol.
-fn merge(watches: &[Watch], proto: Proto) -> Vec<(u16, u16)> {
+pub(crate) fn merge(watches: &[Watch], proto: Proto) -> Vec<(u16, u16)> {
     let mut ranges: Vec<(u16, u16)> = watches
         .iter()
         .filter(|w| w.proto == proto)

@@ -1,5 +1,7 @@
-//! The kernel prefilter with a per-source packet budget: the classic program of
-//! [`bpf`](super::bpf), translated to eBPF, with a budget check on every frame it would pass.
+//! The kernel prefilter with a per-source packet budget: what the classic program of
+//! [`bpf`](super::bpf) passes, as eBPF that reads the watched ports from a map (so a reload
+//! that changes ports needs no new program and no privilege), with a budget check on every
+//! frame it would pass.
 //!
 //! While the budget is engaged, a flood from one source (a replayed packet, garbage at the
 //! SPA port, a knock storm) is dropped inside the kernel, before it takes a slot of the
@@ -22,12 +24,12 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use socket2::Socket;
 
-use super::bpf::{self, Insn};
+use super::bpf;
 
 /// How many packets per second one source (IPv6: one /64) may send to the watched ports,
 /// and how many at once, before the kernel drops the rest.
@@ -68,11 +70,61 @@ pub struct Limiter {
 
 /// The one value of the control map, as the program reads it (all little-endian u64, at
 /// these offsets): whether the budget is enforced now, and the budget itself.
-mod control {
+pub(crate) mod control {
     pub const ENGAGED: usize = 0;
     pub const COST_NS: usize = 8;
     pub const SLACK_NS: usize = 16;
-    pub const SIZE: u32 = 24;
+    /// TCP passes only as SYN-without-ACK (u64, 0 or 1).
+    pub const SYN_ONLY: usize = 24;
+    /// Port ranges per protocol: [`RANGES`] pairs of (low u32, high u32); an unused pair
+    /// is (1, 0), which no port matches.
+    pub const UDP: usize = 32;
+    pub const TCP: usize = UDP + 8 * RANGES;
+    pub const RANGES: usize = 16;
+    pub const SIZE: u32 = (TCP + 8 * RANGES) as u32;
+}
+
+/// The watched ports as the program reads them from the control value: merged ranges per
+/// protocol, at most [`control::RANGES`] each (more collapse into one range from the lowest
+/// to the highest: userspace still filters exactly, as with the classic program).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports {
+    pub syn_only: bool,
+    pub udp: Vec<(u16, u16)>,
+    pub tcp: Vec<(u16, u16)>,
+}
+
+impl Ports {
+    pub fn new(watches: &[bpf::Watch], syn_only: bool) -> Self {
+        let fit = |mut ranges: Vec<(u16, u16)>| {
+            if ranges.len() > control::RANGES {
+                let low = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+                let high = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+                ranges = vec![(low, high)];
+            }
+            ranges
+        };
+        Self {
+            syn_only,
+            udp: fit(bpf::merge(watches, crate::net::Proto::Udp)),
+            tcp: fit(bpf::merge(watches, crate::net::Proto::Tcp)),
+        }
+    }
+
+    /// The control value's port fields as (offset, u32 value) pairs, every slot written.
+    pub(crate) fn words(&self) -> Vec<(usize, u32)> {
+        let mut out = Vec::with_capacity(4 * control::RANGES);
+        for (base, ranges) in [(control::UDP, &self.udp), (control::TCP, &self.tcp)] {
+            for i in 0..control::RANGES {
+                let (low, high) = ranges
+                    .get(i)
+                    .map_or((1, 0), |&(l, h)| (u32::from(l), u32::from(h)));
+                out.push((base + 8 * i, low));
+                out.push((base + 8 * i + 4, high));
+            }
+        }
+        out
+    }
 }
 
 /// A shared mapping of an array map's values (`BPF_F_MMAPABLE`): the value of index 0
@@ -116,6 +168,22 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// The u32 at `offset` (a multiple of 4 inside the first value).
+    fn word32(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset % 4 == 0 && offset + 4 <= self.len.get());
+        // SAFETY: as in `word`, for 4 aligned bytes.
+        unsafe {
+            &*self
+                .at
+                .as_ptr()
+                .cast::<u8>()
+                .add(offset)
+                .cast::<AtomicU32>()
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `at`/`len` are exactly what `mmap` returned and took; no reference from
@@ -148,9 +216,9 @@ fn step(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
 }
 
 impl Limiter {
-    /// Translates `classic` (a program from [`bpf::program`]) and loads it with `budget`,
-    /// released (see [`set_engaged`](Self::set_engaged)).
-    pub fn load(classic: &[Insn], budget: SourceBudget) -> io::Result<Self> {
+    /// Loads the prefilter for `ports` with `budget`, released (see
+    /// [`set_engaged`](Self::set_engaged)).
+    pub fn load(ports: &Ports, budget: SourceBudget) -> io::Result<Self> {
         let buckets = create_map(MAP_LRU_HASH, 16, 8, SOURCES, 0, b"spad_sources")
             .map_err(step("creating the budget map"))?;
         let counter_map = create_map(MAP_ARRAY, 4, 8, 1, F_MMAPABLE, b"spad_limited")
@@ -159,8 +227,7 @@ impl Limiter {
             .map_err(step("creating the control map"))?;
         let counter = Mapping::new(&counter_map, false).map_err(step("mapping the counter"))?;
         let control = Mapping::new(&control_map, true).map_err(step("mapping the control"))?;
-        let insns = translate(
-            classic,
+        let insns = prefilter(
             buckets.as_raw_fd(),
             counter_map.as_raw_fd(),
             control_map.as_raw_fd(),
@@ -175,6 +242,7 @@ impl Limiter {
             counter,
             control,
         };
+        limiter.set_ports(ports);
         limiter.set_budget(budget);
         Ok(limiter)
     }
@@ -199,6 +267,19 @@ impl Limiter {
         self.control
             .word(control::SLACK_NS)
             .store(budget.slack_ns(), Ordering::Relaxed);
+    }
+
+    /// New watched ports, in force from the next frame: memory writes, so a reload that
+    /// changes ports needs no new program (and no privilege). While the slots are rewritten
+    /// a frame may see a mix of old and new ranges: at worst it is passed to userspace, which
+    /// filters exactly, or dropped during those few microseconds.
+    pub fn set_ports(&self, ports: &Ports) {
+        for (offset, value) in ports.words() {
+            self.control.word32(offset).store(value, Ordering::Relaxed);
+        }
+        self.control
+            .word(control::SYN_ONLY)
+            .store(u64::from(ports.syn_only), Ordering::Relaxed);
     }
 
     /// Enforces the budget (`true`) or passes every source (`false`, the state after load).
@@ -354,9 +435,10 @@ impl EInsn {
     }
 }
 
-// Registers: r0 = A and return value, r1-r5 helper arguments (clobbered by calls),
-// r6 = the skb (needed by LD_ABS/LD_IND), r7 = X (later: now), r8 scratch, r9 = the length
-// to accept, r10 = frame pointer.
+// Registers: r0 = loads and the return value, r1-r5 helper arguments (clobbered by calls and
+// LD_ABS/LD_IND), r6 = the skb (needed by LD_ABS/LD_IND), r7 = the IPv4 header length (later:
+// now), r8 = the control value (later: scratch), r9 = the length to accept, r10 = frame
+// pointer.
 const R0: u8 = 0;
 const R1: u8 = 1;
 const R2: u8 = 2;
@@ -392,8 +474,6 @@ const AND32_K: u8 = 0x54;
 const TO_BE: u8 = 0xdc;
 const JA: u8 = 0x05;
 const JEQ_K: u8 = 0x15;
-const JGT_K: u8 = 0x25;
-const JGE_K: u8 = 0x35;
 const JSET_K: u8 = 0x45;
 const JGT_X: u8 = 0x2d;
 const JGE_X: u8 = 0x3d;
@@ -410,11 +490,9 @@ const SKB_PKT_TYPE: i16 = 4;
 /// `PACKET_OUTGOING`: a frame this host sends.
 const PACKET_OUTGOING: i32 = 4;
 
-/// Why a classic program could not be translated.
+/// Why the program could not be assembled (a bug here, never the config's fault).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TranslateError {
-    #[error("classic BPF opcode {0:#x} has no translation here")]
-    Opcode(u16),
+pub enum AssembleError {
     #[error("a jump leaves the program")]
     Jump,
 }
@@ -459,16 +537,16 @@ impl Emitter {
         self.raw(LD_IMM64, dst, src, 0, value as u32 as i32);
         self.raw(0, 0, 0, 0, (value >> 32) as u32 as i32);
     }
-    fn finish(self) -> Result<Vec<EInsn>, TranslateError> {
+    fn finish(self) -> Result<Vec<EInsn>, AssembleError> {
         self.insns
             .iter()
             .enumerate()
             .map(|(at, (insn, to))| {
                 let mut insn = *insn;
                 if let Some(label) = to {
-                    let target = self.labels[*label].ok_or(TranslateError::Jump)?;
+                    let target = self.labels[*label].ok_or(AssembleError::Jump)?;
                     insn.off = i16::try_from(target as isize - at as isize - 1)
-                        .map_err(|_| TranslateError::Jump)?;
+                        .map_err(|_| AssembleError::Jump)?;
                 }
                 Ok(insn)
             })
@@ -476,72 +554,119 @@ impl Emitter {
     }
 }
 
-/// The eBPF program: `classic` instruction for instruction, then the budget check on the
-/// way out of every accepting return. It passes exactly what `classic` passes (checked
-/// against both interpreters in `ebpf_interp`'s property test), except frames shorter than
-/// 16 bytes, which the key's address load drops: no IP packet is that short, and userspace
-/// would drop it as malformed anyway. The read-check-store of a source's budget is not
-/// atomic across CPUs, so one source hitting several CPUs at once may get about one extra
-/// packet per CPU through.
-pub fn translate(
-    classic: &[Insn],
+/// The length a passed frame is accepted with (the classic program's `RET`).
+const ACCEPT: i32 = 0x0004_0000;
+
+/// The eBPF prefilter: what the classic program of [`bpf::program`] passes, with the watched
+/// ports read from the control value ([`Ports`]) instead of built in, so a reload that
+/// changes ports is a memory write; then the budget check on the way out of every pass. It
+/// passes exactly what the classic program for the same watches passes (checked against both
+/// interpreters in `ebpf_interp`'s property test, and against the real kernel in
+/// `afpacket`'s tests), except frames shorter than 16 bytes, which the key's address load
+/// drops: no IP packet is that short, and userspace would drop it as malformed anyway. The
+/// read-check-store of a source's budget is not atomic across CPUs, so one source hitting
+/// several CPUs at once may get about one extra packet per CPU through.
+pub fn prefilter(
     buckets_fd: i32,
     counter_fd: i32,
     control_fd: i32,
-) -> Result<Vec<EInsn>, TranslateError> {
+) -> Result<Vec<EInsn>, AssembleError> {
     let mut e = Emitter {
         insns: Vec::new(),
         labels: Vec::new(),
     };
-    let starts: Vec<usize> = classic.iter().map(|_| e.label()).collect();
     let (check, reject) = (e.label(), e.label());
-    let at = |i: usize| starts.get(i).copied().ok_or(TranslateError::Jump);
+    let [v4, v6, udp4, tcp4, tcp4_port, udp6, tcp6, tcp6_port, udp_ports, tcp_ports] =
+        [(); 10].map(|()| e.label());
     e.raw(MOV64_X, R6, R1, 0, 0);
-    for (i, insn) in classic.iter().enumerate() {
-        e.place(starts[i]);
-        let k = insn.k as i32;
-        match insn.code {
-            bpf::LD_H_ABS if insn.k == bpf::SKF_AD_PROTOCOL => {
-                e.raw(LDX_W, R0, R6, SKB_PROTOCOL, 0);
-                e.raw(TO_BE, R0, 0, 0, 16);
-            }
-            bpf::LD_H_ABS => e.raw(LD_ABS_H, 0, 0, 0, k),
-            bpf::LD_B_ABS => e.raw(LD_ABS_B, 0, 0, 0, k),
-            bpf::LD_H_IND => e.raw(LD_IND_H, 0, R7, 0, k),
-            bpf::LD_B_IND => e.raw(LD_IND_B, 0, R7, 0, k),
-            bpf::LDX_B_MSH => {
-                // X = 4 * (packet[k] & 0xf), keeping A.
-                e.raw(MOV64_X, R8, R0, 0, 0);
-                e.raw(LD_ABS_B, 0, 0, 0, k);
-                e.raw(MOV64_X, R7, R0, 0, 0);
-                e.raw(AND64_K, R7, 0, 0, 0xf);
-                e.raw(LSH64_K, R7, 0, 0, 2);
-                e.raw(MOV64_X, R0, R8, 0, 0);
-            }
-            bpf::ALU_AND_K => e.raw(AND32_K, R0, 0, 0, k),
-            bpf::RET_K if insn.k == 0 => e.jump(JA, 0, 0, 0, reject),
-            bpf::RET_K => {
-                e.raw(MOV64_K, R9, 0, 0, k);
-                e.jump(JA, 0, 0, 0, check);
-            }
-            code @ (bpf::JMP_JEQ_K | bpf::JMP_JGE_K | bpf::JMP_JGT_K | bpf::JMP_JSET_K) => {
-                let op = match code {
-                    bpf::JMP_JEQ_K => JEQ_K,
-                    bpf::JMP_JGE_K => JGE_K,
-                    bpf::JMP_JGT_K => JGT_K,
-                    _ => JSET_K,
-                };
-                // Classic compares the 32-bit A with k unsigned; A holds at most 16 bits here
-                // and every k is below 2^31, so the 64-bit compare with a sign-extended
-                // immediate is the same.
-                if insn.k > i32::MAX as u32 {
-                    return Err(TranslateError::Opcode(code));
-                }
-                e.jump(op, R0, 0, k, at(i + 1 + usize::from(insn.jt))?);
-                e.jump(JA, 0, 0, 0, at(i + 1 + usize::from(insn.jf))?);
-            }
-            other => return Err(TranslateError::Opcode(other)),
+    // The control value, in r8 until a port has matched (LD_ABS and LD_IND keep r6-r9).
+    e.raw(ST_W, R10, 0, -32, 0);
+    e.imm64(R1, PSEUDO_MAP_FD, control_fd as u32 as u64);
+    e.raw(MOV64_X, R2, R10, 0, 0);
+    e.raw(ADD64_K, R2, 0, 0, -32);
+    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
+    e.jump(JEQ_K, R0, 0, 0, reject);
+    e.raw(MOV64_X, R8, R0, 0, 0);
+    e.raw(MOV64_K, R9, 0, 0, ACCEPT);
+    // IPv4 or IPv6 (`skb->protocol`, big-endian).
+    e.raw(LDX_W, R0, R6, SKB_PROTOCOL, 0);
+    e.raw(TO_BE, R0, 0, 0, 16);
+    e.jump(JEQ_K, R0, 0, 0x0800, v4);
+    e.jump(JEQ_K, R0, 0, 0x86dd, v6);
+    e.jump(JA, 0, 0, 0, reject);
+
+    e.place(v4);
+    e.raw(LD_ABS_H, 0, 0, 0, 6);
+    e.jump(JSET_K, R0, 0, 0x3fff, reject); // fragments
+    e.raw(LD_ABS_B, 0, 0, 0, 9);
+    e.jump(JEQ_K, R0, 0, 17, udp4);
+    e.jump(JEQ_K, R0, 0, 6, tcp4);
+    e.jump(JA, 0, 0, 0, reject);
+
+    e.place(v6);
+    e.raw(LD_ABS_B, 0, 0, 0, 6);
+    e.jump(JEQ_K, R0, 0, 17, udp6);
+    e.jump(JEQ_K, R0, 0, 6, tcp6);
+    // Extension headers before the transport header (hop-by-hop, routing, fragment,
+    // destination options) pass whole: userspace walks the chain.
+    for next_header in [0, 43, 44, 60] {
+        e.jump(JEQ_K, R0, 0, next_header, check);
+    }
+    e.jump(JA, 0, 0, 0, reject);
+
+    // r7 = the IPv4 header's length.
+    let header_length = |e: &mut Emitter| {
+        e.raw(LD_ABS_B, 0, 0, 0, 0);
+        e.raw(MOV64_X, R7, R0, 0, 0);
+        e.raw(AND64_K, R7, 0, 0, 0xf);
+        e.raw(LSH64_K, R7, 0, 0, 2);
+    };
+    // With SYN-only on, a segment other than SYN-without-ACK is rejected; `flags` loads
+    // the TCP flags byte into r0.
+    let syn_only = |e: &mut Emitter, flags: &dyn Fn(&mut Emitter), then: usize| {
+        e.raw(LDX_DW, R1, R8, control::SYN_ONLY as i16, 0);
+        e.jump(JEQ_K, R1, 0, 0, then);
+        flags(e);
+        e.raw(AND32_K, R0, 0, 0, 0x12);
+        e.jump(JEQ_K, R0, 0, 0x02, then);
+        e.jump(JA, 0, 0, 0, reject);
+    };
+
+    e.place(udp4);
+    header_length(&mut e);
+    e.raw(LD_IND_H, 0, R7, 0, 2);
+    e.jump(JA, 0, 0, 0, udp_ports);
+
+    e.place(tcp4);
+    header_length(&mut e);
+    syn_only(&mut e, &|e| e.raw(LD_IND_B, 0, R7, 0, 13), tcp4_port);
+    e.place(tcp4_port);
+    e.raw(LD_IND_H, 0, R7, 0, 2);
+    e.jump(JA, 0, 0, 0, tcp_ports);
+
+    e.place(udp6);
+    e.raw(LD_ABS_H, 0, 0, 0, 42);
+    e.jump(JA, 0, 0, 0, udp_ports);
+
+    e.place(tcp6);
+    syn_only(&mut e, &|e| e.raw(LD_ABS_B, 0, 0, 0, 53), tcp6_port);
+    e.place(tcp6_port);
+    e.raw(LD_ABS_H, 0, 0, 0, 42);
+    e.jump(JA, 0, 0, 0, tcp_ports);
+
+    // r0 = the destination port: passes when some range holds it.
+    for (label, base) in [(udp_ports, control::UDP), (tcp_ports, control::TCP)] {
+        e.place(label);
+        for i in 0..control::RANGES {
+            let next = e.label();
+            let at = (base + 8 * i) as i16;
+            e.raw(LDX_W, R1, R8, at, 0);
+            e.jump(JGT_X, R1, R0, 0, next);
+            e.raw(LDX_W, R2, R8, at + 4, 0);
+            e.jump(JGE_X, R2, R0, 0, check);
+            e.place(next);
         }
+        e.jump(JA, 0, 0, 0, reject);
     }
 
     // The budget. Stack: the key (16 bytes at fp-16: the family, then the IPv4 address or
@@ -644,64 +769,59 @@ mod tests {
     use crate::capture::bpf::Watch;
     use crate::net::Proto;
 
-    fn watches() -> Vec<Watch> {
-        vec![
-            Watch {
-                proto: Proto::Udp,
-                low: 62201,
-                high: 62201,
-            },
-            Watch {
-                proto: Proto::Tcp,
-                low: 7000,
-                high: 7010,
-            },
-        ]
-    }
-
-    const BUDGET: SourceBudget = SourceBudget {
-        rate: 100,
-        burst: 20,
-    };
-
     #[test]
     fn every_jump_lands_inside_the_program() {
-        for syn_only in [false, true] {
-            let classic = bpf::program(&watches(), syn_only).unwrap();
-            let insns = translate(&classic, 3, 4, 5).unwrap();
-            for (at, insn) in insns.iter().enumerate() {
-                let class = insn.code & 0x07;
-                if class == 0x05 && insn.code != CALL && insn.code != EXIT {
-                    let to = at as isize + 1 + isize::from(insn.off);
-                    assert!(
-                        (0..insns.len() as isize).contains(&to),
-                        "insn {at} jumps to {to}"
-                    );
-                }
+        let insns = prefilter(3, 4, 5).unwrap();
+        for (at, insn) in insns.iter().enumerate() {
+            let class = insn.code & 0x07;
+            if class == 0x05 && insn.code != CALL && insn.code != EXIT {
+                let to = at as isize + 1 + isize::from(insn.off);
+                assert!(
+                    (0..insns.len() as isize).contains(&to),
+                    "insn {at} jumps to {to}"
+                );
             }
-            assert_eq!(insns.last().unwrap().code, EXIT);
         }
+        assert_eq!(insns.last().unwrap().code, EXIT);
     }
 
     #[test]
     fn budget_arithmetic() {
-        assert_eq!(BUDGET.cost_ns(), 10_000_000);
-        assert_eq!(BUDGET.slack_ns(), 19 * 10_000_000);
+        let budget = SourceBudget {
+            rate: 100,
+            burst: 20,
+        };
+        assert_eq!(budget.cost_ns(), 10_000_000);
+        assert_eq!(budget.slack_ns(), 19 * 10_000_000);
         let one = SourceBudget { rate: 1, burst: 1 };
         assert_eq!(one.slack_ns(), 0);
     }
 
     #[test]
-    fn an_opcode_without_translation_is_an_error() {
-        let classic = [Insn {
-            code: 0x07, // TAX
-            jt: 0,
-            jf: 0,
-            k: 0,
-        }];
-        assert_eq!(
-            translate(&classic, 3, 4, 5),
-            Err(TranslateError::Opcode(0x07))
+    fn ports_fill_every_slot_and_collapse_beyond_the_slots() {
+        let watch = |proto, low, high| Watch { proto, low, high };
+        let ports = Ports::new(
+            &[
+                watch(Proto::Udp, 62201, 62201),
+                watch(Proto::Tcp, 7000, 7005),
+                watch(Proto::Tcp, 7006, 7010),
+            ],
+            true,
         );
+        assert_eq!(ports.udp, vec![(62201, 62201)]);
+        assert_eq!(ports.tcp, vec![(7000, 7010)]);
+        let words = ports.words();
+        assert_eq!(words.len(), 4 * control::RANGES);
+        assert!(words.contains(&(control::UDP, 62201)));
+        assert!(words.contains(&(control::UDP + 4, 62201)));
+        assert!(words.contains(&(control::UDP + 8, 1)), "unused: (1, 0)");
+        assert!(words.contains(&(control::UDP + 12, 0)));
+        assert!(words.contains(&(control::TCP + 4, 7010)));
+        let many: Vec<Watch> = (0..=control::RANGES as u16)
+            .map(|i| watch(Proto::Udp, 1000 + 10 * i, 1000 + 10 * i))
+            .collect();
+        let ports = Ports::new(&many, false);
+        assert_eq!(ports.udp, vec![(1000, 1000 + 10 * control::RANGES as u16)]);
+        assert!(ports.tcp.is_empty());
     }
 }

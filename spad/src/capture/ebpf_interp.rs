@@ -1,8 +1,8 @@
-//! A model of the kernel running the translated prefilter, so the unit tests can prove the
-//! translation in [`ebpf`](super::ebpf) against the classic program of [`bpf`](super::bpf)
+//! A model of the kernel running the eBPF prefilter, so the unit tests can prove the
+//! program of [`ebpf`](super::ebpf) against the classic program of [`bpf`](super::bpf)
 //! on any packet, without privileges or a kernel.
 //!
-//! It runs exactly the eBPF subset `translate` emits and refuses anything else: LD_ABS and
+//! It runs exactly the eBPF subset `prefilter` emits and refuses anything else: LD_ABS and
 //! LD_IND (big-endian loads from the network header; out of bounds ends the program with 0,
 //! as in the kernel), the `__sk_buff.protocol` load, the byte swap, the ALU ops, LD_IMM64
 //! (with map references), stack and map-value loads and stores, the conditional jumps, the
@@ -10,7 +10,7 @@
 //! way the verifier types them (uninitialised, scalar, context, stack pointer, map, map
 //! value): reading a register a call or LD_ABS clobbered, reading uninitialised stack, or
 //! using a pointer as a number is a fault, not a value. Opcodes are decoded from the eBPF
-//! encoding itself, not from the constants of the translator, so a wrong constant there
+//! encoding itself, not from the constants of the assembler, so a wrong constant there
 //! shows up here. The two maps live in memory and the clock is a field the test sets.
 
 use std::collections::HashMap;
@@ -51,7 +51,7 @@ enum Value {
     /// A (non-null) pointer to the value of a map entry.
     Bucket([u8; BUCKET_KEY]),
     CounterSlot,
-    /// The control map's one value: engaged, cost, slack (u64 each, at 0, 8, 16).
+    /// The control map's one value (`ebpf::control`: engaged, cost, slack, SYN-only, ports).
     ControlSlot,
 }
 
@@ -61,8 +61,8 @@ pub(crate) struct Kernel {
     pub buckets_fd: i32,
     pub counter_fd: i32,
     pub control_fd: i32,
-    /// The control map's value as userspace writes it: engaged (0/1), cost, slack.
-    pub control: [u64; 3],
+    /// The control map's value as userspace writes it (little-endian fields).
+    pub control: Vec<u8>,
     /// `__sk_buff.pkt_type` of the frames run (`PACKET_HOST` = 0 unless a test says).
     pub pkt_type: u32,
     /// The LRU hash map (no eviction modelled: the tests stay far below its size).
@@ -90,12 +90,31 @@ enum Load {
 }
 
 impl Kernel {
+    /// Writes a u64 field of the control value, as userspace does.
+    pub(crate) fn set_u64(&mut self, at: usize, value: u64) {
+        self.control[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// Writes a u32 field of the control value.
+    pub(crate) fn set_u32(&mut self, at: usize, value: u32) {
+        self.control[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// What `Limiter::set_ports` writes.
+    pub(crate) fn set_ports(&mut self, ports: &crate::capture::ebpf::Ports) {
+        use crate::capture::ebpf::control;
+        for (at, value) in ports.words() {
+            self.set_u32(at, value);
+        }
+        self.set_u64(control::SYN_ONLY, u64::from(ports.syn_only));
+    }
+
     pub(crate) fn new(buckets_fd: i32, counter_fd: i32, control_fd: i32, now_ns: u64) -> Self {
         Self {
             buckets_fd,
             counter_fd,
             control_fd,
-            control: [0; 3],
+            control: vec![0; crate::capture::ebpf::control::SIZE as usize],
             pkt_type: 0,
             buckets: HashMap::new(),
             counter: 0,
@@ -192,7 +211,7 @@ impl Machine<'_> {
                             _ => return Err(fault("LD_ABS/LD_IND of 8 bytes")),
                         };
                         // The kernel computes the offset in 32 bits (src + imm) and treats
-                        // negative ones as ancillary loads, which translate never emits.
+                        // negative ones as ancillary loads, which the prefilter never emits.
                         let offset = if mode == 0x20 {
                             imm
                         } else {
@@ -239,8 +258,14 @@ impl Machine<'_> {
                         Value::CounterSlot if off == 0 && width == 8 => {
                             Value::Scalar(self.kernel.counter)
                         }
-                        Value::ControlSlot if matches!(off, 0 | 8 | 16) && width == 8 => {
-                            Value::Scalar(self.kernel.control[off as usize / 8])
+                        Value::ControlSlot
+                            if off >= 0
+                                && (width == 8 || width == 4)
+                                && off as usize % width == 0
+                                && off as usize + width <= self.kernel.control.len() =>
+                        {
+                            let at = off as usize;
+                            Value::Scalar(from_memory(&self.kernel.control[at..at + width]))
                         }
                         other => return Err(fault(&format!("load through {other:?}"))),
                     };
@@ -599,7 +624,7 @@ mod tests {
 
     use super::*;
     use crate::capture::bpf::{self, Watch};
-    use crate::capture::ebpf::{translate, SourceBudget};
+    use crate::capture::ebpf::{control, prefilter, Ports, SourceBudget};
     use crate::capture::frame::build;
     use crate::net::Proto;
 
@@ -607,12 +632,25 @@ mod tests {
     const COUNTER_FD: i32 = 9;
     const CONTROL_FD: i32 = 11;
 
-    /// The kernel side with `budget` written to the control map by userspace, and engaged
-    /// (or not).
-    fn kernel_with(budget: SourceBudget, engaged: bool, now: u64) -> Kernel {
+    /// The kernel side with `ports` and `budget` written to the control map by userspace,
+    /// and the budget engaged (or not).
+    fn kernel_for(ports: &Ports, budget: SourceBudget, engaged: bool, now: u64) -> Kernel {
         let mut kernel = Kernel::new(BUCKETS_FD, COUNTER_FD, CONTROL_FD, now);
-        kernel.control = [u64::from(engaged), budget.cost_ns(), budget.slack_ns()];
+        kernel.set_ports(ports);
+        kernel.set_u64(control::ENGAGED, u64::from(engaged));
+        kernel.set_u64(control::COST_NS, budget.cost_ns());
+        kernel.set_u64(control::SLACK_NS, budget.slack_ns());
         kernel
+    }
+
+    /// [`kernel_for`] the SPA port alone, SYN-only.
+    fn kernel_with(budget: SourceBudget, engaged: bool, now: u64) -> Kernel {
+        let watch = Watch {
+            proto: Proto::Udp,
+            low: SPA_PORT,
+            high: SPA_PORT,
+        };
+        kernel_for(&Ports::new(&[watch], true), budget, engaged, now)
     }
     const SPA_PORT: u16 = 62201;
     /// A budget no test of the classic part comes near.
@@ -764,7 +802,7 @@ mod tests {
         /// short to hold a source address (under 16 bytes; userspace drops anything under
         /// 20) cannot be keyed, and the kernel's out-of-bounds load drops it.
         #[test]
-        fn the_translation_passes_what_the_classic_program_passes(
+        fn the_prefilter_passes_what_the_classic_program_passes(
             watches in watches(),
             syn_only in any::<bool>(),
             packet in prop_oneof![
@@ -775,7 +813,8 @@ mod tests {
             now in any::<u64>().prop_map(|t| t >> 2),
         ) {
             let classic = bpf::program(&watches, syn_only).unwrap();
-            let insns = translate(&classic, BUCKETS_FD, COUNTER_FD, CONTROL_FD).unwrap();
+            let insns = prefilter(BUCKETS_FD, COUNTER_FD, CONTROL_FD).unwrap();
+            let ports = Ports::new(&watches, syn_only);
             let packet = match packet {
                 Packet::Random(bytes) => bytes,
                 Packet::Built(shape) => shape.build(&watches),
@@ -785,7 +824,7 @@ mod tests {
                     _ if packet.len() < KEYED => 0,
                     passed => passed,
                 };
-                let mut kernel = kernel_with(ENDLESS, true, now);
+                let mut kernel = kernel_for(&ports, ENDLESS, true, now);
                 let got = kernel.run(&insns, protocol, &packet).map_err(TestCaseError::fail)?;
                 prop_assert_eq!(got, expected, "protocol {:#06x}, packet {:02x?}", protocol, packet);
                 prop_assert_eq!(kernel.buckets.len(), usize::from(got != 0), "budget charged");
@@ -798,13 +837,7 @@ mod tests {
     const PASS: u32 = 0x0004_0000;
 
     fn spa_budget_program() -> Vec<EInsn> {
-        let watch = Watch {
-            proto: Proto::Udp,
-            low: SPA_PORT,
-            high: SPA_PORT,
-        };
-        let classic = bpf::program(&[watch], true).unwrap();
-        translate(&classic, BUCKETS_FD, COUNTER_FD, CONTROL_FD).unwrap()
+        prefilter(BUCKETS_FD, COUNTER_FD, CONTROL_FD).unwrap()
     }
 
     /// Sends `count` SPA-port datagrams from `source` at the kernel's current time: how many
@@ -899,7 +932,7 @@ mod tests {
             prop_assert_eq!(send(&mut kernel, &program, address(v6, source), n)?, n);
             prop_assert_eq!(kernel.counter, 0);
             prop_assert_eq!(kernel.buckets.len(), 0);
-            kernel.control[0] = 1;
+            kernel.set_u64(control::ENGAGED, 1);
             let again = send(&mut kernel, &program, address(v6, source), n)?;
             prop_assert_eq!(again, n.min(budget.burst));
         }
@@ -972,7 +1005,7 @@ mod tests {
         EInsn::from_fields(code, dst | (src << 4), off, imm)
     }
 
-    /// The model is as strict as the verifier where the translation could go wrong, and
+    /// The model is as strict as the verifier where the program could go wrong, and
     /// gives up rather than loop: otherwise a passing comparison would prove little.
     #[test]
     fn the_model_refuses_what_the_kernel_would_refuse() {

@@ -71,6 +71,12 @@ pub trait Source {
         None
     }
 
+    /// Watches new ports without re-opening the capture (`false`: it cannot; the caller
+    /// re-opens it). Only a loaded eBPF prefilter can: its ports are in a map.
+    fn set_watches(&mut self, _watches: &[bpf::Watch], _syn_only: bool) -> bool {
+        false
+    }
+
     /// Applies a new per-source packet budget without re-opening the capture. `false`: it
     /// cannot (no program is loaded to take it); the caller re-opens the capture.
     fn set_budget(&mut self, budget: Option<ebpf::SourceBudget>) -> bool {
