@@ -234,6 +234,8 @@ pub fn prepare<C: Clock>(pipeline: &mut Pipeline<C>, info: &Info, request: &Requ
                 pipeline.now(),
                 None,
             );
+            status.kernel_budget =
+                Some(crate::status::kernel_budget_state(&pipeline.stats.capture).to_string());
             Box::new(move |view| {
                 if let Ok(view) = view {
                     status.live_grants = Some(view.grants.len());
@@ -319,9 +321,11 @@ fn log_removed<C: Clock>(pipeline: &mut Pipeline<C>, what: &str, gone: &[LiveGra
 /// The Prometheus text: counters and the latency histogram from the loop, the live grants
 /// per service and the blacklist from the kernel.
 fn metrics_with_kernel<C: Clock>(pipeline: &Pipeline<C>, info: &Info) -> WithKernel {
+    let capture = &pipeline.stats.capture;
     let mut gauges = crate::metrics::Gauges {
         start_time: info.started,
         config_load_time: info.config_loaded,
+        kernel_budget: (capture.kernel_budget, capture.budget_engaged),
         ..Default::default()
     };
     let services: Vec<String> = pipeline.config.services.keys().cloned().collect();

@@ -553,7 +553,8 @@ impl Daemon {
         let now = SystemClock.now();
         // The counters below include the capture's as of now, not as of the last tick.
         self.refresh_capture_stats();
-        let capture = self.capture.source.stats();
+        // Every capture of this run, those replaced by reloads included.
+        let capture = self.pipeline.stats.capture.clone();
         self.pipeline.log.line(now, &format!("capture: {capture}"));
         let counters: Vec<String> = self
             .pipeline

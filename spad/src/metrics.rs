@@ -95,6 +95,8 @@ pub struct Gauges {
     pub blacklisted: u64,
     pub start_time: Micros,
     pub config_load_time: Micros,
+    /// The kernel's per-source packet budget: loaded, and engaged now.
+    pub kernel_budget: (bool, bool),
 }
 
 /// Renders the whole scrape in the Prometheus text format (version 0.0.4).
@@ -162,6 +164,12 @@ pub fn render(counters: &[(String, u64)], latency: &Histogram, gauges: &Gauges) 
         out,
         "# HELP spad_blacklisted_sources Sources on the knock blacklist now.\n# TYPE spad_blacklisted_sources gauge\nspad_blacklisted_sources {}",
         gauges.blacklisted
+    );
+    let _ = writeln!(
+        out,
+        "# HELP spad_capture_kernel_budget_loaded The per-source packet budget is loaded in the kernel (1) or not (0: none configured, or refused: see the log).\n# TYPE spad_capture_kernel_budget_loaded gauge\nspad_capture_kernel_budget_loaded {}\n# HELP spad_capture_kernel_budget_engaged The per-source packet budget is enforced now, because spad fell behind (1) or not (0).\n# TYPE spad_capture_kernel_budget_engaged gauge\nspad_capture_kernel_budget_engaged {}",
+        u8::from(gauges.kernel_budget.0),
+        u8::from(gauges.kernel_budget.1)
     );
     let _ = writeln!(
         out,

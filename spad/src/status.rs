@@ -65,6 +65,20 @@ pub struct Status {
     /// Grants live in the kernel now (read from the kernel when not running, if possible).
     pub live_grants: Option<usize>,
     pub blacklisted: Option<usize>,
+    /// The kernel's per-source packet budget now: `off` (none configured, or not loaded:
+    /// see the log's warning), `released` (loaded, not enforced) or `engaged` (spad fell
+    /// behind: enforced). `None` when not running.
+    #[serde(default)]
+    pub kernel_budget: Option<String>,
+}
+
+/// The word [`Status::kernel_budget`] uses for a capture's state.
+pub fn kernel_budget_state(capture: &crate::capture::CaptureStats) -> &'static str {
+    match (capture.kernel_budget, capture.budget_engaged) {
+        (false, _) => "off",
+        (true, false) => "released",
+        (true, true) => "engaged",
+    }
 }
 
 /// One counter of [`Status::counters`].
@@ -105,6 +119,7 @@ impl Status {
                 .collect(),
             live_grants: kernel.map(|k| k.0),
             blacklisted: kernel.map(|k| k.1),
+            kernel_budget: None,
         }
     }
 
@@ -158,6 +173,9 @@ impl Status {
             self.capture.as_deref().unwrap_or("?"),
             self.port.unwrap_or_default()
         );
+        if let Some(budget) = &self.kernel_budget {
+            let _ = writeln!(out, "budget:     per-source packet budget {budget}");
+        }
         let show = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
         let _ = writeln!(
             out,

@@ -572,6 +572,8 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
         lab.log()
     );
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
+    let budget = |lab: &Lab| json(&spad_cli(lab, &["status", "--json"]))["kernel_budget"].clone();
+    assert_eq!(budget(&lab), "released");
 
     // The budget loaded as root holds after the drop: once spad falls behind, the flood is
     // cut in the kernel.
@@ -580,6 +582,7 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
         "{}",
         lab.log()
     );
+    assert_eq!(budget(&lab), "engaged", "{}", lab.log());
     let passed_before = counter(
         &json(&spad_cli(&lab, &["status", "--json"])),
         "capture_kernel_packets",
@@ -663,6 +666,7 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
     assert!(lab.wait_log("reloaded; kept", 2), "{}", lab.log());
     assert!(lab.wait_log(BUDGET_REFUSED, 1), "{}", lab.log());
     assert!(!lab.log().contains("reload failed"), "{}", lab.log());
+    assert_eq!(budget(&lab), "off");
     // The new capture works: a knock from the address that flooded is granted.
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
     lab.knock(&lab.b, "alice", &["ssh"], &[], false);
