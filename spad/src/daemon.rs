@@ -37,6 +37,10 @@ pub struct Stats {
     pub granted: u64,
     pub closed: u64,
     pub knocks: u64,
+    /// Frames to a port neither the SPA port nor any door watches, which a widened
+    /// prefilter passed (more ranges than it holds): dropped before the knock engine, so
+    /// they cannot count toward anyone's knock rate.
+    pub unwatched: u64,
     pub reloads: u64,
     /// Sources put on the knock blacklist.
     pub blacklistings: u64,
@@ -69,6 +73,7 @@ impl Stats {
             ("granted", self.granted),
             ("closed", self.closed),
             ("knocks", self.knocks),
+            ("unwatched", self.unwatched),
             ("reloads", self.reloads),
             ("blacklistings", self.blacklistings),
             ("fwknop_granted", self.fwknop_granted),
@@ -157,6 +162,8 @@ pub struct Pipeline<C: Clock> {
     opened: Vec<Result<Authenticated, OpenError>>,
     pub firewall: Box<dyn Firewall>,
     pub knocks: Knocks,
+    /// The knock ranges exactly (the prefilter may pass more).
+    watched: Vec<capture::bpf::Watch>,
     clock: C,
     pub log: Logger,
     pub stats: Stats,
@@ -266,6 +273,7 @@ impl<C: Clock> Pipeline<C> {
         );
         let buckets =
             SourceBuckets::new(config.server.handshake_rate, config.server.handshake_burst);
+        let watched = crate::knock::watched_ranges(&config);
         Ok(Self {
             config,
             server: Arc::new(server),
@@ -278,6 +286,7 @@ impl<C: Clock> Pipeline<C> {
             verifier: Verifier::single(),
             opened: Vec::new(),
             firewall,
+            watched,
             knocks,
             clock,
             log,
@@ -309,6 +318,7 @@ impl<C: Clock> Pipeline<C> {
         self.server = Arc::new(
             server.restricted_to(self.clients_by_key.keys().copied(), Some(&*self.server)),
         );
+        self.watched = crate::knock::watched_ranges(&config);
         self.config = config;
         self.stats.reloads += 1;
         self.log
@@ -348,6 +358,12 @@ impl<C: Clock> Pipeline<C> {
                 let Some(f) = frame::parse(bytes) else { return };
                 if f.proto == Proto::Udp && f.port == self.config.server.port {
                     self.handle_spa(f.source, f.payload);
+                } else if !self
+                    .watched
+                    .iter()
+                    .any(|w| w.proto == f.proto && (w.low..=w.high).contains(&f.port))
+                {
+                    self.stats.unwatched += 1;
                 } else {
                     self.handle_knock(
                         f.source,
@@ -1007,6 +1023,27 @@ mod tests {
         let server = Server::new(PrivateKey::from_bytes([2; 32]));
         let pipeline = Pipeline::new(config, server, Box::new(Memory::default()), clock).unwrap();
         (pipeline, client, dir)
+    }
+
+    /// A frame a widened prefilter passed for a port nothing watches is dropped and counted
+    /// before the knock engine: it cannot count toward anyone's knock rate.
+    #[test]
+    fn a_frame_to_a_port_nothing_watches_never_reaches_the_knock_engine() {
+        let clock = ManualClock::new(NOW);
+        let (mut p, _, _dir) = setup(&clock);
+        let frame = crate::capture::frame::build::tcp(
+            "203.0.113.7".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+            40000,
+            10000,
+            0x02,
+        );
+        for _ in 0..100 {
+            p.handle(&capture::Received::Ip(&frame));
+        }
+        assert_eq!(p.stats.unwatched, 100);
+        assert_eq!(p.stats.knocks, 0);
+        assert_eq!(p.stats.packets, 100);
     }
 
     /// [`setup`], with `require-address = true` for alice.

@@ -232,6 +232,10 @@ struct Daemon {
     retired_capture: CaptureStats,
     capture_drops: DropWatch,
     budget_said: BudgetLog,
+    /// The ports the capture was last given (with SYN-only). Kept, not recomputed from the
+    /// running config: the watches read a one-time sequence file, so recomputing them would
+    /// see a re-armed file as no change.
+    applied_watches: (Vec<capture::bpf::Watch>, bool),
     /// The guard's netlink monitor, registered with the reactor (nftables only).
     guard_events: Option<AsyncFd<OwnedFd>>,
     guard: Guard,
@@ -319,6 +323,10 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
         retired_capture: CaptureStats::default(),
         capture_drops: DropWatch::default(),
         budget_said: BudgetLog::default(),
+        applied_watches: (
+            watches(&pipeline.config),
+            crate::knock::syn_only(&pipeline.config),
+        ),
         guard_events: guard
             .event_fd()
             .map(watch)
@@ -481,17 +489,18 @@ impl Daemon {
     fn try_reload(&mut self) -> anyhow::Result<()> {
         let (config, server) = load(&self.config_path, &self.overrides)?;
         let running = &self.pipeline.config;
-        // What only a new capture can change: the kind, the interfaces, the slot size.
+        // What only a new capture can change: the kind, the interfaces, the slot size, and
+        // the port a UDP listener is bound to.
         let structural = config.server.capture != running.server.capture
             || config.server.interfaces != running.server.interfaces
-            || capture::slot_size(&config) != capture::slot_size(running);
+            || capture::slot_size(&config) != capture::slot_size(running)
+            || (config.server.capture == CaptureMode::Udp
+                && config.server.port != running.server.port);
         // New ports and a new budget go into a loaded eBPF prefilter's control map: no new
         // program, so they work after the privilege drop too. Otherwise a new capture.
-        let (new_watches, old_watches) = (
-            (watches(&config), crate::knock::syn_only(&config)),
-            (watches(running), crate::knock::syn_only(running)),
-        );
-        let ports_changed = config.server.port != running.server.port || new_watches != old_watches;
+        let new_watches = (watches(&config), crate::knock::syn_only(&config));
+        let old_watches = self.applied_watches.clone();
+        let ports_changed = new_watches != old_watches;
         let (new_budget, old_budget) = (
             config.server.packet_budget(),
             running.server.packet_budget(),
@@ -541,6 +550,7 @@ impl Daemon {
             let mut old_source = old.source;
             self.retired_capture.add(&old_source.stats());
         }
+        self.applied_watches = new_watches;
         Ok(())
     }
 

@@ -64,6 +64,9 @@ fn counter_help(base: &str) -> String {
         "granted" => "Grants installed (SPA and knock doors).".into(),
         "closed" => "Grants closed on request (SPA close or close sequence).".into(),
         "knocks" => "Knock segments seen on watched ports.".into(),
+        "unwatched" => {
+            "Frames to a port nothing watches, passed by a widened prefilter; dropped before the knock engine.".into()
+        }
         "reloads" => "Configuration reloads that took effect.".into(),
         "blacklistings" => "Sources put on the knock blacklist.".into(),
         "door_opens" => "Knock doors completed (open sequence heard), per door.".into(),

@@ -112,7 +112,7 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 }
 
 /// [`Lab::make_spad_fall_behind`] for a spad with process id `pid`; `passed` reads the frames
-/// its prefilter has judged (`capture_kernel_packets` + `capture_kernel_source_limited`).
+/// spad has read or its prefilter cut (`capture_received` + `capture_kernel_source_limited`).
 pub fn make_fall_behind(pid: u32, ns: &str, to: SocketAddr, passed: impl Fn() -> u64) -> bool {
     let before = passed();
     // SAFETY: signalling a process this test started.
@@ -145,8 +145,8 @@ pub fn make_fall_behind(pid: u32, ns: &str, to: SocketAddr, passed: impl Fn() ->
     });
     // SAFETY: as above.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-    // Once the prefilter has judged them all and spad has read the backlog, the budget is
-    // engaged (or, if it still was, its hold starts again).
+    // Once spad has read the backlog (it looks at the backlog every 64 frames it reads),
+    // the budget is engaged, or its hold starts again if it still was.
     wait_until(Duration::from_secs(10), || passed() >= before + 1500)
 }
 
@@ -714,7 +714,7 @@ impl Lab {
                     })
                     .unwrap_or(0)
             };
-            counter("capture_kernel_packets") + counter("capture_kernel_source_limited")
+            counter("capture_received") + counter("capture_kernel_source_limited")
         })
     }
 

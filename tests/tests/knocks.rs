@@ -447,7 +447,36 @@ pub fn valid_totp_knocks_on_every_skew_step_are_not_failures(backend: Backend) {
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(443), T), Connect::Open);
 }
 
+/// The operator's way to re-arm a used-up one-time door (docs/operations.md): append new
+/// sequences to the list and reload. The capture must watch the new ports at once: the
+/// capture's ports used to be compared with ones recomputed from the same (already
+/// re-read) list, so no change was seen and the new sequence was filtered out in the kernel
+/// until an unrelated port change or a restart.
+pub fn a_re_armed_one_time_door_opens_after_a_reload(backend: Backend) {
+    let (mut lab, _e) = lab("knockd.toml", backend);
+    knock(&lab, &lab.a, &["7100", "7200", "7300"]);
+    assert!(
+        lab.wait_log("203.0.113.10: door emergency: OPEN", 1),
+        "{}",
+        lab.log()
+    );
+    std::fs::write(
+        lab.path("onetime.txt"),
+        "7100,7200,7300\n10100,10200,10300\n",
+    )
+    .unwrap();
+    lab.reload_spad(0);
+    assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
+    knock(&lab, &lab.b, &["10100", "10200", "10300"]);
+    assert!(
+        lab.wait_log("203.0.113.20: door emergency: OPEN", 1),
+        "{}",
+        lab.log()
+    );
+}
+
 both_backends!(
+    a_re_armed_one_time_door_opens_after_a_reload,
     knockd_client_opens_a_mixed_door_and_closes_it,
     nc_and_nmap_loops_open_a_door,
     progress_is_per_source,

@@ -851,6 +851,38 @@ fn a_new_packet_rate_reloads_a_udp_listener_in_place() {
     lab.stop_spad(daemon, false);
 }
 
+/// With `capture = "udp"`, a reload that moves a door's ports (knocks are not heard by a UDP
+/// listener) must not re-open the listener: its port is still bound, and the whole reload
+/// failed with "Address already in use".
+#[test]
+fn a_moved_door_reloads_a_udp_listener_in_place() {
+    if !e2e_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(CONF);
+    let conf = lab.path(CONF);
+    let text = std::fs::read_to_string(&conf)
+        .unwrap()
+        .replace("capture = \"af-packet\"", "capture = \"udp\"");
+    std::fs::write(&conf, &text).unwrap();
+    let daemon = lab.start_spad(CONF, Backend::Nftables);
+    let moved = text.replace(
+        "sequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]",
+        "sequence = [\"6000/tcp\", \"8000/udp\", \"9000/tcp\"]",
+    );
+    assert_ne!(
+        moved, text,
+        "conf/{CONF} changed: door ops is not where it was"
+    );
+    std::fs::write(&conf, moved).unwrap();
+    lab.reload_spad(daemon);
+    assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
+    assert!(!lab.log().contains("reload failed"), "{}", lab.log());
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
+    lab.stop_spad(daemon, false);
+}
+
 /// The unit's `AmbientCapabilities=` in `setpriv`'s words (`+net_admin,+net_raw,...`).
 fn unit_capabilities() -> String {
     let unit = std::fs::read_to_string(workspace().join("conf/spad.service")).unwrap();
@@ -1123,8 +1155,7 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     assert!(
         spa_e2e::make_fall_behind(pid as u32, &lab.b.clone(), Lab::gw4(62201), || {
             let status = json(&spad_cli(&lab, &["status", "--json"]));
-            counter(&status, "capture_kernel_packets")
-                + counter(&status, "capture_kernel_source_limited")
+            counter(&status, "capture_received") + counter(&status, "capture_kernel_source_limited")
         }),
         "{}",
         read_log()

@@ -52,6 +52,8 @@ pub struct AfPacket {
     since_backlog_look: usize,
     /// Ring drops already taken as a sign of pressure.
     drops_seen: u64,
+    /// The program could not be attached to every ring (those have the classic filter).
+    attach_failed: bool,
 }
 
 /// A ring with this many frames waiting means spad is falling behind: the per-source budget
@@ -166,6 +168,7 @@ impl AfPacket {
                 Some(Err(e)) => (None, Some(e.to_string())),
             };
         let mut rings = Vec::new();
+        let mut attach_failed = false;
         for index in indexes {
             let ring = socket::create(&program)
                 .inspect(|socket| {
@@ -174,6 +177,7 @@ impl AfPacket {
                     // the socket still has.
                     if let Some(l) = &limiter {
                         if let Err(e) = l.attach(socket) {
+                            attach_failed = true;
                             limiter_refused = Some(format!("attaching the program: {e}"));
                             if rings.is_empty() {
                                 limiter = None;
@@ -199,6 +203,7 @@ impl AfPacket {
             pressure: Pressure::new(),
             since_backlog_look: 0,
             drops_seen: 0,
+            attach_failed,
             rotation: Rotation::new(rings.len()),
             rings,
             held: None,
@@ -364,6 +369,9 @@ impl Source for AfPacket {
 
     fn set_watches(&mut self, watches: &[bpf::Watch], syn_only: bool) -> bool {
         match &self.limiter {
+            // A ring the program could not be attached to has the classic filter, with the
+            // old ports built in: only a new capture updates it.
+            Some(_) if self.attach_failed => false,
             Some(limiter) => {
                 limiter.set_ports(&Ports::new(watches, syn_only));
                 true
@@ -415,6 +423,7 @@ impl Source for AfPacket {
         if let Some(limiter) = &self.limiter {
             self.stats.kernel_source_limited = limiter.limited();
         }
+        self.stats.kernel_budget = self.limiter.is_some() && self.budget_on;
         self.stats.budget_engaged = self.budget_on && self.pressure.engaged();
         self.stats.budget_engagements = self.pressure.engagements();
         self.stats.clone()

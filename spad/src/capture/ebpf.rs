@@ -76,11 +76,14 @@ pub(crate) mod control {
     pub const SLACK_NS: usize = 16;
     /// TCP passes only as SYN-without-ACK (u64, 0 or 1).
     pub const SYN_ONLY: usize = 24;
-    /// Port ranges per protocol: [`RANGES`] pairs of (low u32, high u32); an unused pair
-    /// is (1, 0), which no port matches.
-    pub const UDP: usize = 32;
+    /// How many of the range slots below are in use, per protocol (u64 each).
+    pub const UDP_COUNT: usize = 32;
+    pub const TCP_COUNT: usize = 40;
+    /// Port ranges per protocol: [`RANGES`] pairs of (low u32, high u32), the first
+    /// `*_COUNT` in use; an unused pair is (1, 0), which no port matches either.
+    pub const UDP: usize = 48;
     pub const TCP: usize = UDP + 8 * RANGES;
-    pub const RANGES: usize = 16;
+    pub const RANGES: usize = 64;
     pub const SIZE: u32 = (TCP + 8 * RANGES) as u32;
 }
 
@@ -111,7 +114,8 @@ impl Ports {
         }
     }
 
-    /// The control value's port fields as (offset, u32 value) pairs, every slot written.
+    /// The control value's port fields as (offset, u32 value) pairs, every slot written
+    /// (the counts are written separately, see [`counts`](Self::counts)).
     pub(crate) fn words(&self) -> Vec<(usize, u32)> {
         let mut out = Vec::with_capacity(4 * control::RANGES);
         for (base, ranges) in [(control::UDP, &self.udp), (control::TCP, &self.tcp)] {
@@ -124,6 +128,14 @@ impl Ports {
             }
         }
         out
+    }
+
+    /// The slots in use per protocol, as (offset, count).
+    pub(crate) fn counts(&self) -> [(usize, u64); 2] {
+        [
+            (control::UDP_COUNT, self.udp.len() as u64),
+            (control::TCP_COUNT, self.tcp.len() as u64),
+        ]
     }
 }
 
@@ -274,8 +286,17 @@ impl Limiter {
     /// a frame may see a mix of old and new ranges: at worst it is passed to userspace, which
     /// filters exactly, or dropped during those few microseconds.
     pub fn set_ports(&self, ports: &Ports) {
+        // Fewer slots first (a shrinking list stops being read before it is rewritten),
+        // then the slots, then the new count.
+        for (offset, count) in ports.counts() {
+            let word = self.control.word(offset);
+            word.store(word.load(Ordering::Relaxed).min(count), Ordering::Relaxed);
+        }
         for (offset, value) in ports.words() {
             self.control.word32(offset).store(value, Ordering::Relaxed);
+        }
+        for (offset, count) in ports.counts() {
+            self.control.word(offset).store(count, Ordering::Relaxed);
         }
         self.control
             .word(control::SYN_ONLY)
@@ -654,12 +675,18 @@ pub fn prefilter(
     e.raw(LD_ABS_H, 0, 0, 0, 42);
     e.jump(JA, 0, 0, 0, tcp_ports);
 
-    // r0 = the destination port: passes when some range holds it.
-    for (label, base) in [(udp_ports, control::UDP), (tcp_ports, control::TCP)] {
+    // r0 = the destination port: passes when one of the ranges in use holds it (r3 = how
+    // many are; the walk stops there).
+    for (label, base, count) in [
+        (udp_ports, control::UDP, control::UDP_COUNT),
+        (tcp_ports, control::TCP, control::TCP_COUNT),
+    ] {
         e.place(label);
+        e.raw(LDX_DW, R3, R8, count as i16, 0);
         for i in 0..control::RANGES {
             let next = e.label();
             let at = (base + 8 * i) as i16;
+            e.jump(JEQ_K, R3, 0, i as i32, reject);
             e.raw(LDX_W, R1, R8, at, 0);
             e.jump(JGT_X, R1, R0, 0, next);
             e.raw(LDX_W, R2, R8, at + 4, 0);

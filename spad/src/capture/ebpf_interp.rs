@@ -106,6 +106,9 @@ impl Kernel {
         for (at, value) in ports.words() {
             self.set_u32(at, value);
         }
+        for (at, count) in ports.counts() {
+            self.set_u64(at, count);
+        }
         self.set_u64(control::SYN_ONLY, u64::from(ports.syn_only));
     }
 

@@ -128,6 +128,10 @@ impl Source for UdpListener {
         true // no kernel budget with a UDP listener: nothing to re-open for
     }
 
+    fn set_watches(&mut self, _watches: &[bpf::Watch], _syn_only: bool) -> bool {
+        true // knocks are not heard by a UDP listener; a new SPA port is a new capture
+    }
+
     fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received<'_>>> {
         // A zero timeout only reads what is there (the event loop drains a batch that way).
         if !timeout.is_zero() {
