@@ -937,14 +937,14 @@ mod tests {
                 high: 7010,
             },
         ];
-        let Some((classic, translated, expected)) = in_throwaway_namespace(move || {
+        let Some((classic, ebpf, expected)) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let generous = SourceBudget {
                 rate: 1_000_000,
                 burst: 1_000_000,
             };
-            let mut translated = open_on_vb(Some(generous), &watches);
-            if let Some(why) = translated.budget_refused() {
+            let mut ebpf = open_on_vb(Some(generous), &watches);
+            if let Some(why) = ebpf.budget_refused() {
                 eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
                 return None;
             }
@@ -979,19 +979,16 @@ mod tests {
                 tx.ip_packet(packet);
             }
             let classic = drained(&mut classic, expected);
-            let translated = drained(&mut translated, expected);
-            Some((classic, translated, expected))
+            let ebpf = drained(&mut ebpf, expected);
+            Some((classic, ebpf, expected))
         })
         .flatten() else {
             return;
         };
         assert_eq!(classic.kernel_packets, expected, "classic: {classic}");
-        assert_eq!(
-            translated.kernel_packets, expected,
-            "translated: {translated}"
-        );
-        assert_eq!(translated.kernel_source_limited, 0);
-        assert_eq!(translated.delivered, classic.delivered);
+        assert_eq!(ebpf.kernel_packets, expected, "ebpf: {ebpf}");
+        assert_eq!(ebpf.kernel_source_limited, 0);
+        assert_eq!(ebpf.delivered, classic.delivered);
     }
 
     fn capture_on_vb(events: bool) -> AfPacket {
