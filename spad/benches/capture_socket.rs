@@ -84,9 +84,14 @@ fn main() {
                 low: 62201,
                 high: 62201,
             }];
-            let mut source =
-                AfPacket::open(&["eth0".to_string()], &watches, true, SlotSize::Small, None)
-                    .unwrap();
+            let mut source = AfPacket::open(
+                &["eth0".to_string()],
+                &watches,
+                true,
+                SlotSize::Small,
+                spad::capture::afpacket::Prefilter::Classic,
+            )
+            .unwrap();
             to_sender.send(()).unwrap();
             let (mut parsed, mut cpu) = (0u64, Duration::ZERO);
             while bursts_in.recv().is_ok() {

@@ -158,7 +158,7 @@ fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
             &watches(config),
             crate::knock::syn_only(config),
             capture::slot_size(config),
-            config.server.packet_budget(),
+            capture::afpacket::Prefilter::Ebpf(config.server.packet_budget()),
         )?),
         CaptureMode::Udp => Box::new(
             capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,

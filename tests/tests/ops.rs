@@ -687,6 +687,55 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
     assert!(!log.contains("error:"), "{log}");
 }
 
+/// Started as root with `packet-rate = 0` and dropped to `nobody`: the eBPF prefilter is
+/// loaded anyway, without a budget, so a reload that turns a budget on needs no new program
+/// (nor CAP_BPF): no warning, the status goes from `off` to `released`, and once spad falls
+/// behind a flood is cut in the kernel.
+pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, "user = \"nobody\"");
+    server_option(&lab, "packet-rate = 0");
+    let nobody = 65534;
+    for secret in ["keys/server.key", "keys/carol.totp"] {
+        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
+    }
+    let daemon = lab.start_spad(CONF, backend);
+    assert!(
+        lab.wait_log("running as nobody (uid 65534)", 1),
+        "{}",
+        lab.log()
+    );
+    let budget = |lab: &Lab| json(&spad_cli(lab, &["status", "--json"]))["kernel_budget"].clone();
+    assert_eq!(budget(&lab), "off");
+    let config = lab.path(CONF);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("packet-rate = 0\n", "packet-rate = 1000\n", 1),
+    )
+    .unwrap();
+    lab.reload_spad(daemon);
+    assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
+    assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
+    assert_eq!(budget(&lab), "released");
+    assert!(
+        lab.make_spad_fall_behind(daemon, CONF, &lab.a.clone(), Lab::gw4(62201)),
+        "{}",
+        lab.log()
+    );
+    flood_spa_port(&lab, &lab.b);
+    assert!(
+        wait_until(Duration::from_secs(10), || counter(
+            &json(&spad_cli(&lab, &["status", "--json"])),
+            "capture_kernel_source_limited"
+        ) > 0),
+        "{}",
+        lab.log()
+    );
+    lab.stop_spad(daemon, false);
+}
+
 /// `packet-rate = 0`: no kernel budget. The same flood passes the prefilter whole and is
 /// refused in userspace; nothing is cut in the kernel, and a knock after it is granted.
 pub fn packet_rate_0_leaves_a_flood_to_userspace(backend: Backend) {
@@ -1282,4 +1331,5 @@ both_backends!(
     starts_unprivileged_with_ambient_capabilities_as_the_unit_does,
     a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_capture,
     packet_rate_0_leaves_a_flood_to_userspace,
+    a_budget_turned_on_by_a_reload_as_nobody_takes_effect,
 );

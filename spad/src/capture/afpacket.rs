@@ -60,6 +60,16 @@ pub struct AfPacket {
 /// is engaged ([`Pressure`]). A quarter of the ring: the rest still holds several
 /// milliseconds of any flood while the budget takes hold.
 pub const BACKLOG: usize = super::ring::FRAMES / 4;
+/// Which kernel prefilter a capture gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefilter {
+    /// The classic program only: no eBPF, no budget.
+    Classic,
+    /// The eBPF program when the kernel takes it (else the classic one), with this budget.
+    /// `None`: loaded without a budget, so a reload can add one, or move ports, in place.
+    Ebpf(Option<SourceBudget>),
+}
+
 /// Frames taken between two looks at the backlog (one atomic load each).
 const BACKLOG_LOOK_EVERY: usize = 64;
 
@@ -107,7 +117,7 @@ impl AfPacket {
         watches: &[bpf::Watch],
         syn_only: bool,
         slot: SlotSize,
-        budget: Option<SourceBudget>,
+        prefilter: Prefilter,
     ) -> anyhow::Result<Self> {
         // Subscribed before the table is first read, so no change in between goes unseen.
         Self::open_with(
@@ -115,7 +125,7 @@ impl AfPacket {
             watches,
             syn_only,
             slot,
-            budget,
+            prefilter,
             AddressEvents::open().ok(),
         )
     }
@@ -126,9 +136,13 @@ impl AfPacket {
         watches: &[bpf::Watch],
         syn_only: bool,
         slot: SlotSize,
-        budget: Option<SourceBudget>,
+        prefilter: Prefilter,
         events: Option<AddressEvents>,
     ) -> anyhow::Result<Self> {
+        let (ebpf, budget) = match prefilter {
+            Prefilter::Classic => (false, None),
+            Prefilter::Ebpf(budget) => (true, budget),
+        };
         let program = match bpf::program(watches, syn_only) {
             Ok(p) => p,
             Err(_) => {
@@ -161,12 +175,20 @@ impl AfPacket {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
-        let (mut limiter, mut limiter_refused) =
-            match budget.map(|b| Limiter::load(&Ports::new(watches, syn_only), b)) {
-                None => (None, None),
-                Some(Ok(limiter)) => (Some(limiter), None),
-                Some(Err(e)) => (None, Some(e.to_string())),
-            };
+        // Loaded even with `packet-rate = 0` (the budget then stays off): a reload that turns
+        // a budget on later, or changes ports, is then a memory write, also after the
+        // privilege drop. Only a refusal of a budget asked for is reported.
+        let loaded = ebpf.then(|| {
+            Limiter::load(
+                &Ports::new(watches, syn_only),
+                budget.unwrap_or(SourceBudget { rate: 1, burst: 1 }),
+            )
+        });
+        let (mut limiter, mut limiter_refused) = match loaded {
+            None => (None, None),
+            Some(Ok(limiter)) => (Some(limiter), None),
+            Some(Err(e)) => (None, budget.map(|_| e.to_string())),
+        };
         let mut rings = Vec::new();
         let mut attach_failed = false;
         for index in indexes {
@@ -178,7 +200,9 @@ impl AfPacket {
                     if let Some(l) = &limiter {
                         if let Err(e) = l.attach(socket) {
                             attach_failed = true;
-                            limiter_refused = Some(format!("attaching the program: {e}"));
+                            if budget.is_some() {
+                                limiter_refused = Some(format!("attaching the program: {e}"));
+                            }
                             if rings.is_empty() {
                                 limiter = None;
                             }
@@ -195,7 +219,7 @@ impl AfPacket {
         let mut stats = CaptureStats::default();
         stats.address_reads = 1;
         stats.address_timer = events.is_none();
-        stats.kernel_budget = limiter.is_some();
+        stats.kernel_budget = limiter.is_some() && budget.is_some();
         Ok(Self {
             limiter,
             limiter_refused,
@@ -478,15 +502,20 @@ mod tests {
             low: port,
             high: port,
         }];
-        let mut source =
-            match AfPacket::open(&["lo".to_string()], &watches, true, SlotSize::Large, None) {
-                Ok(s) => s,
-                Err(e) if e.to_string().contains("CAP_NET_RAW") => {
-                    eprintln!("skipped: opening an AF_PACKET socket needs CAP_NET_RAW ({e})");
-                    return;
-                }
-                Err(e) => panic!("{e}"),
-            };
+        let mut source = match AfPacket::open(
+            &["lo".to_string()],
+            &watches,
+            true,
+            SlotSize::Large,
+            Prefilter::Classic,
+        ) {
+            Ok(s) => s,
+            Err(e) if e.to_string().contains("CAP_NET_RAW") => {
+                eprintln!("skipped: opening an AF_PACKET socket needs CAP_NET_RAW ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sender
             .send_to(b"unwatched", other.local_addr().unwrap())
@@ -559,17 +588,20 @@ mod tests {
                     low: port,
                     high: port,
                 }];
-                let mut source =
-                    match AfPacket::open(&["lo".to_string()], &watches, true, slot, None) {
-                        Ok(s) => s,
-                        Err(e) if e.to_string().contains("CAP_NET_RAW") => {
-                            eprintln!(
-                                "skipped: opening an AF_PACKET socket needs CAP_NET_RAW ({e})"
-                            );
-                            return;
-                        }
-                        Err(e) => panic!("{e}"),
-                    };
+                let mut source = match AfPacket::open(
+                    &["lo".to_string()],
+                    &watches,
+                    true,
+                    slot,
+                    Prefilter::Classic,
+                ) {
+                    Ok(s) => s,
+                    Err(e) if e.to_string().contains("CAP_NET_RAW") => {
+                        eprintln!("skipped: opening an AF_PACKET socket needs CAP_NET_RAW ({e})");
+                        return;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
                 let sender = std::net::UdpSocket::bind((host, 0)).unwrap();
                 for &size in &sizes {
                     let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
@@ -724,13 +756,18 @@ mod tests {
         }
     }
 
+    /// A capture on `vb`: the eBPF prefilter with `budget`, or (`None`) the classic one.
     fn open_on_vb(budget: Option<SourceBudget>, watches: &[bpf::Watch]) -> AfPacket {
+        let prefilter = match budget {
+            Some(budget) => Prefilter::Ebpf(Some(budget)),
+            None => Prefilter::Classic,
+        };
         AfPacket::open_with(
             &["vb".to_string()],
             watches,
             true,
             SlotSize::Small,
-            budget,
+            prefilter,
             None,
         )
         .unwrap()
@@ -1007,7 +1044,7 @@ mod tests {
             &watches,
             true,
             SlotSize::Small,
-            None,
+            Prefilter::Classic,
             events,
         )
         .unwrap()
