@@ -176,6 +176,16 @@ fn describe_capture(config: &Config) -> String {
     }
 }
 
+/// Warns when a newly opened capture could not put the per-source budget in the kernel.
+fn say_if_budget_refused(source: &dyn capture::Source, log: &mut crate::log::Logger) {
+    if let Some(why) = source.budget_refused() {
+        log.line(
+            SystemClock.now(),
+            &format!("warning: packet-rate is not enforced in the kernel ({why}); spad's own per-source limits still apply"),
+        );
+    }
+}
+
 /// What the log says about the kernel's per-source budget: one line when it engages, and
 /// one when it has stayed released for [`BUDGET_QUIET`]. Under a long flood it engages and
 /// releases every few seconds (see `capture::pressure`); the log says so once, not each time.
@@ -270,12 +280,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
             pipeline.verifier.threads()
         ),
     );
-    if let Some(why) = source.budget_refused() {
-        pipeline.log.line(
-            SystemClock.now(),
-            &format!("warning: packet-rate is not enforced in the kernel ({why}); spad's own per-source limits still apply"),
-        );
-    }
+    say_if_budget_refused(&*source, &mut pipeline.log);
     // Not fatal: a daemon that cannot give CAP_BPF up (a system-call filter that refuses
     // capset) still guards the bastion; it says so, and keeps one capability too many.
     match crate::privilege::shed_bpf() {
@@ -540,12 +545,7 @@ impl Daemon {
             return Err(e);
         }
         if let Some(capture) = capture {
-            if let Some(why) = capture.source.budget_refused() {
-                self.pipeline.log.line(
-                    SystemClock.now(),
-                    &format!("warning: packet-rate is not enforced in the kernel ({why}); spad's own per-source limits still apply"),
-                );
-            }
+            say_if_budget_refused(&*capture.source, &mut self.pipeline.log);
             let old = std::mem::replace(&mut self.capture, capture);
             let mut old_source = old.source;
             self.retired_capture.add(&old_source.stats());

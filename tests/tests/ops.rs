@@ -449,15 +449,16 @@ fn proc_field(pid: u64, field: &str) -> String {
         .to_string()
 }
 
-pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
-    let mut lab = Lab::new(CONF);
-    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    server_option(&lab, "user = \"nobody\"");
-    // Secrets owned by the daemon's user (0600), so a reload can read them; the config and
-    // the public keys stay root's and read-only to it.
-    let nobody = 65534;
+/// The uid of `nobody`.
+const NOBODY: u32 = 65534;
+
+/// Starts spad as root with `user = "nobody"` in the lab's config, after handing the
+/// secrets to that user (0600, so a reload can read them; the config and the public keys stay
+/// root's and read-only to it), and waits until it has dropped its privileges.
+fn start_as_nobody(lab: &mut Lab, backend: Backend) -> usize {
+    server_option(lab, "user = \"nobody\"");
     for secret in ["keys/server.key", "keys/carol.totp"] {
-        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
+        std::os::unix::fs::chown(lab.path(secret), Some(NOBODY), None).unwrap();
     }
     let daemon = lab.start_spad(CONF, backend);
     assert!(
@@ -465,6 +466,18 @@ pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
         "{}",
         lab.log()
     );
+    daemon
+}
+
+/// The daemon's `kernel_budget` status field.
+fn kernel_budget(lab: &Lab) -> serde_json::Value {
+    json(&spad_cli(lab, &["status", "--json"]))["kernel_budget"].clone()
+}
+
+pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let daemon = start_as_nobody(&mut lab, backend);
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     let pid = status["pid"].as_u64().unwrap();
     assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
@@ -476,12 +489,12 @@ pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
     let state = lab.path("state");
     assert_eq!(
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&state).unwrap()),
-        nobody,
+        NOBODY,
         "the state directory belongs to the daemon's user"
     );
     assert_ne!(
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(lab.path(CONF)).unwrap()),
-        nobody
+        NOBODY
     );
 
     // It still works: a knock opens the port (netlink grant, durable replay write) ...
@@ -560,20 +573,9 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
 ) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    server_option(&lab, "user = \"nobody\"");
-    let nobody = 65534;
-    for secret in ["keys/server.key", "keys/carol.totp"] {
-        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
-    }
-    let daemon = lab.start_spad(CONF, backend);
-    assert!(
-        lab.wait_log("running as nobody (uid 65534)", 1),
-        "{}",
-        lab.log()
-    );
+    let daemon = start_as_nobody(&mut lab, backend);
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
-    let budget = |lab: &Lab| json(&spad_cli(lab, &["status", "--json"]))["kernel_budget"].clone();
-    assert_eq!(budget(&lab), "released");
+    assert_eq!(kernel_budget(&lab), "released");
 
     // The budget loaded as root holds after the drop: once spad falls behind, the flood is
     // cut in the kernel.
@@ -582,7 +584,7 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
         "{}",
         lab.log()
     );
-    assert_eq!(budget(&lab), "engaged", "{}", lab.log());
+    assert_eq!(kernel_budget(&lab), "engaged", "{}", lab.log());
     let passed_before = counter(
         &json(&spad_cli(&lab, &["status", "--json"])),
         "capture_kernel_packets",
@@ -666,7 +668,7 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
     assert!(lab.wait_log("reloaded; kept", 2), "{}", lab.log());
     assert!(lab.wait_log(BUDGET_REFUSED, 1), "{}", lab.log());
     assert!(!lab.log().contains("reload failed"), "{}", lab.log());
-    assert_eq!(budget(&lab), "off");
+    assert_eq!(kernel_budget(&lab), "off");
     // The new capture works: a knock from the address that flooded is granted.
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
     lab.knock(&lab.b, "alice", &["ssh"], &[], false);
@@ -694,20 +696,9 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_and_falls_back_only_for_a_new_
 pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    server_option(&lab, "user = \"nobody\"");
     server_option(&lab, "packet-rate = 0");
-    let nobody = 65534;
-    for secret in ["keys/server.key", "keys/carol.totp"] {
-        std::os::unix::fs::chown(lab.path(secret), Some(nobody), None).unwrap();
-    }
-    let daemon = lab.start_spad(CONF, backend);
-    assert!(
-        lab.wait_log("running as nobody (uid 65534)", 1),
-        "{}",
-        lab.log()
-    );
-    let budget = |lab: &Lab| json(&spad_cli(lab, &["status", "--json"]))["kernel_budget"].clone();
-    assert_eq!(budget(&lab), "off");
+    let daemon = start_as_nobody(&mut lab, backend);
+    assert_eq!(kernel_budget(&lab), "off");
     let config = lab.path(CONF);
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -718,7 +709,7 @@ pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     lab.reload_spad(daemon);
     assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
-    assert_eq!(budget(&lab), "released");
+    assert_eq!(kernel_budget(&lab), "released");
     assert!(
         lab.make_spad_fall_behind(daemon, CONF, &lab.a.clone(), Lab::gw4(62201)),
         "{}",

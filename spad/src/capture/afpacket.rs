@@ -219,7 +219,6 @@ impl AfPacket {
         let mut stats = CaptureStats::default();
         stats.address_reads = 1;
         stats.address_timer = events.is_none();
-        stats.kernel_budget = limiter.is_some() && budget.is_some();
         Ok(Self {
             limiter,
             limiter_refused,
@@ -773,6 +772,17 @@ mod tests {
         .unwrap()
     }
 
+    /// [`open_on_vb`] with the eBPF prefilter and `budget`; `None` (the test is skipped,
+    /// said on stderr) where the kernel refuses the program.
+    fn ebpf_on_vb(budget: SourceBudget, watches: &[bpf::Watch]) -> Option<AfPacket> {
+        let source = open_on_vb(Some(budget), watches);
+        if let Some(why) = source.budget_refused() {
+            eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
+            return None;
+        }
+        Some(source)
+    }
+
     /// Reads until the kernel's count for the socket stops at `passed` (the prefilter's
     /// verdicts all in), within 5 s; returns the stats.
     fn drained(source: &mut AfPacket, passed: u64) -> CaptureStats {
@@ -798,11 +808,7 @@ mod tests {
         let Some(acts) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let budget = SourceBudget { rate: 1, burst: 50 };
-            let mut source = open_on_vb(Some(budget), &watches);
-            if let Some(why) = source.budget_refused() {
-                eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
-                return None;
-            }
+            let mut source = ebpf_on_vb(budget, &watches)?;
             let (vb, flooder, other) = (
                 "10.9.0.2".parse().unwrap(),
                 "10.9.0.1".parse().unwrap(),
@@ -864,11 +870,7 @@ mod tests {
         let Some(counts) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let budget = SourceBudget { rate: 1, burst: 10 };
-            let mut source = open_on_vb(Some(budget), &watches);
-            if let Some(why) = source.budget_refused() {
-                eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
-                return None;
-            }
+            let mut source = ebpf_on_vb(budget, &watches)?;
             let (vb, flooder) = ("10.9.0.2".parse().unwrap(), "10.9.0.1".parse().unwrap());
             let send = |count| {
                 for _ in 0..count {
@@ -925,12 +927,8 @@ mod tests {
         }];
         let Some(stats) = in_throwaway_namespace(move || {
             let tx = Sender::new();
-            let mut source = open_on_vb(Some(SourceBudget { rate: 1, burst: 50 }), &watches);
+            let mut source = ebpf_on_vb(SourceBudget { rate: 1, burst: 50 }, &watches)?;
             source.behind(); // as if spad had fallen behind: the budget is enforced
-            if let Some(why) = source.budget_refused() {
-                eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
-                return None;
-            }
             let to: std::net::IpAddr = "fd00::2".parse().unwrap();
             let send = |from: &str, count: usize| {
                 let from: std::net::IpAddr = from.parse().unwrap();
@@ -980,11 +978,7 @@ mod tests {
                 rate: 1_000_000,
                 burst: 1_000_000,
             };
-            let mut ebpf = open_on_vb(Some(generous), &watches);
-            if let Some(why) = ebpf.budget_refused() {
-                eprintln!("skipped: the kernel refused the eBPF prefilter: {why}");
-                return None;
-            }
+            let mut ebpf = ebpf_on_vb(generous, &watches)?;
             let mut classic = open_on_vb(None, &watches);
             let build = |p: &[u8]| p.to_vec();
             let (a4, b4): (std::net::IpAddr, std::net::IpAddr) =

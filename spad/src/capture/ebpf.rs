@@ -165,34 +165,24 @@ impl Mapping {
 
     /// The u64 at `offset` (a multiple of 8 inside the first value).
     fn word(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.len.get());
-        // SAFETY: in bounds and 8-aligned (checked above; the mapping is page-aligned), and
-        // live as long as `self`; the kernel changes it only with atomic operations or
-        // whole aligned stores, so atomic access from here is sound.
-        unsafe {
-            &*self
-                .at
-                .as_ptr()
-                .cast::<u8>()
-                .add(offset)
-                .cast::<AtomicU64>()
-        }
+        self.field(offset)
     }
-}
 
-impl Mapping {
     /// The u32 at `offset` (a multiple of 4 inside the first value).
     fn word32(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.len.get());
-        // SAFETY: as in `word`, for 4 aligned bytes.
-        unsafe {
-            &*self
-                .at
-                .as_ptr()
-                .cast::<u8>()
-                .add(offset)
-                .cast::<AtomicU32>()
-        }
+        self.field(offset)
+    }
+
+    /// The atomic at `offset`: `T` is `AtomicU32` or `AtomicU64`, whose alignment is their
+    /// size.
+    fn field<T>(&self, offset: usize) -> &T {
+        let size = std::mem::size_of::<T>();
+        assert!(offset % size == 0 && offset + size <= self.len.get());
+        // SAFETY: in bounds and aligned to its size (checked above; the mapping is
+        // page-aligned), and live as long as `self`; `T` is an atomic integer, and the kernel
+        // changes the value only with atomic operations or whole aligned stores, so atomic
+        // access from here is sound.
+        unsafe { &*self.at.as_ptr().cast::<u8>().add(offset).cast::<T>() }
     }
 }
 

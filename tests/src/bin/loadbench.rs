@@ -824,6 +824,19 @@ fn flood_scenario(
     (outcome(&sent, &granted, wall, false), flooded, handled)
 }
 
+/// One flood scenario's line: `what: sent in … s (rate/s; what spad did); legit knocks …`.
+fn report_flood(what: &str, sent_text: &str, sent: u64, outcome: &Outcome, handled: &Handled) {
+    let seconds = outcome.wall.as_secs_f64();
+    println!(
+        "{what}: {sent_text} in {seconds:.1} s ({:.0}/s; {handled}); legit knocks granted {}/{} p50 {} ms p99 {} ms",
+        sent as f64 / seconds,
+        outcome.granted,
+        outcome.sent,
+        ms(outcome.p50),
+        ms(outcome.p99)
+    );
+}
+
 fn main() {
     assert!(
         spa_e2e::can_run(),
@@ -1044,14 +1057,12 @@ fn main() {
         &legit,
         100,
     );
-    println!(
-        "replay flood: {replays} copies of one valid packet in {:.1} s ({:.0}/s; {replay_cpu}); legit knocks granted {}/{} p50 {} ms p99 {} ms",
-        replay_outcome.wall.as_secs_f64(),
-        replays as f64 / replay_outcome.wall.as_secs_f64(),
-        replay_outcome.granted,
-        replay_outcome.sent,
-        ms(replay_outcome.p50),
-        ms(replay_outcome.p99)
+    report_flood(
+        "replay flood",
+        &format!("{replays} copies of one valid packet"),
+        replays,
+        &replay_outcome,
+        &replay_cpu,
     );
     let mut garbage = vec![0u8; captured[0].len()];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut garbage);
@@ -1064,15 +1075,12 @@ fn main() {
         &legit,
         200,
     );
-    println!(
-        "garbage flood: {junk} packets of {} bytes in {:.1} s ({:.0}/s; {junk_cpu}); legit knocks granted {}/{} p50 {} ms p99 {} ms",
-        garbage.len(),
-        garbage_outcome.wall.as_secs_f64(),
-        junk as f64 / garbage_outcome.wall.as_secs_f64(),
-        garbage_outcome.granted,
-        garbage_outcome.sent,
-        ms(garbage_outcome.p50),
-        ms(garbage_outcome.p99)
+    report_flood(
+        "garbage flood",
+        &format!("{junk} packets of {} bytes", garbage.len()),
+        junk,
+        &garbage_outcome,
+        &junk_cpu,
     );
     // The same garbage from 16,000 spoofed sources, a few dozen packets per second each: under
     // any per-source budget, so every packet reaches spad's keyed pre-check.
@@ -1082,14 +1090,12 @@ fn main() {
         .collect();
     let (spoofed_outcome, spoofed_junk, spoofed_cpu) =
         flood_scenario(&bench, &fd, &events, spoofed, &legit, 300);
-    println!(
-        "garbage flood from {SPOOFED_SOURCES} sources: {spoofed_junk} packets in {:.1} s ({:.0}/s; {spoofed_cpu}); legit knocks granted {}/{} p50 {} ms p99 {} ms",
-        spoofed_outcome.wall.as_secs_f64(),
-        spoofed_junk as f64 / spoofed_outcome.wall.as_secs_f64(),
-        spoofed_outcome.granted,
-        spoofed_outcome.sent,
-        ms(spoofed_outcome.p50),
-        ms(spoofed_outcome.p99)
+    report_flood(
+        &format!("garbage flood from {SPOOFED_SOURCES} sources"),
+        &format!("{spoofed_junk} packets"),
+        spoofed_junk,
+        &spoofed_outcome,
+        &spoofed_cpu,
     );
     bench.stop_spad();
     let log = bench.log();
