@@ -242,7 +242,9 @@ impl Held {
         let stream = in_ns(ns, move || {
             TcpStream::connect_timeout(&to, Duration::from_secs(2))
         })?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        // Long enough to ride out a retransmission or two on a loaded machine; a flow the
+        // firewall drops stays dropped, so this still fails when it should.
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(Held { stream })
     }
     /// Round-trips a line.
@@ -735,6 +737,33 @@ impl Lab {
     pub fn reload_spad(&mut self, index: usize) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.children[index].id() as i32, libc::SIGHUP) };
+    }
+
+    /// What a failed connectivity assertion needs to be explained after the fact (CI shows
+    /// only the panic message): the daemon's log, the gateway's rulesets with their counters,
+    /// its conntrack table when the kernel exposes it, and the TCP sockets of `a` and the
+    /// gateway.
+    pub fn snapshot(&self) -> String {
+        let mut out = format!("--- spad.log\n{}", self.log());
+        let gw = &self.gw;
+        let commands: [(&str, &str, &[&str]); 6] = [
+            (gw, "nft", &["list", "ruleset"]),
+            (gw, "iptables-save", &["-c"]),
+            (gw, "ipset", &["list"]),
+            (gw, "cat", &["/proc/net/nf_conntrack"]),
+            (gw, "ss", &["-tnoi"]),
+            (&self.a, "ss", &["-tnoi"]),
+        ];
+        for (ns, program, args) in commands {
+            let o = self.try_exec(ns, program, args);
+            out.push_str(&format!(
+                "--- {ns}: {program} {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        out
     }
 
     /// The daemon's log so far.

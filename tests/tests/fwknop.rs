@@ -153,7 +153,11 @@ pub fn fwknop_client_opens_ssh_for_itself_only_and_it_expires(backend: Backend) 
         ) == Connect::TimedOut),
         "grant did not expire"
     );
-    assert!(held.echo(), "an established session survives expiry");
+    assert!(
+        held.echo(),
+        "an established session survives expiry\n{}",
+        lab.snapshot()
+    );
 
     // A spa client still works on the same port.
     let _web = Echo::tcp(&lab.gw, "0.0.0.0:8080".parse().unwrap());

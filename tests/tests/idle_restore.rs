@@ -98,7 +98,11 @@ fn a_repair_restores_live_idle_grants_only() {
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(VPN), T), Connect::Open);
     assert_eq!(tcp_probe(&lab.b, Lab::gw6(VPN), T), Connect::Open);
     // a's connection from before still works (conntrack); a new one needs a new knock.
-    assert!(held.echo(), "an established connection survives the repair");
+    assert!(
+        held.echo(),
+        "an established connection survives the repair\n{}",
+        lab.snapshot()
+    );
     lab.knock(&lab.a, "alice", &["vpn"], &[], false);
     assert!(lab.wait_log("granted owner=alice", 4), "{}", lab.log());
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(VPN), T), Connect::Open);

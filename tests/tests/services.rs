@@ -140,7 +140,8 @@ pub fn nat_forward_only_for_the_knocker_and_the_dnat_goes_with_the_grant(backend
         );
         assert!(
             held.echo(),
-            "established forwarded connection survives expiry"
+            "established forwarded connection survives expiry\n{}",
+            lab.snapshot()
         );
         let listed = lab.exec(
             &lab.gw,
@@ -206,7 +207,11 @@ pub fn close_and_revoke_take_effect_at_once(backend: Backend) {
         Connect::TimedOut,
         "closed by the client"
     );
-    assert!(held.echo(), "established connection survives a close");
+    assert!(
+        held.echo(),
+        "established connection survives a close\n{}",
+        lab.snapshot()
+    );
 
     lab.knock(&lab.a, "alice", &["ssh"], &["--duration", "1h"], false);
     assert!(lab.wait_log("granted owner=alice", 2));

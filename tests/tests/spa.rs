@@ -67,7 +67,11 @@ pub fn hidden_port_opens_for_the_knocker_only_and_expires(backend: Backend) {
         ) == Connect::TimedOut),
         "grant did not expire"
     );
-    assert!(held.echo(), "established connection must survive expiry");
+    assert!(
+        held.echo(),
+        "established connection must survive expiry\n{}",
+        lab.snapshot()
+    );
     assert!(!lab.nft_list().contains("203.0.113.10") || backend == Backend::Iptables);
 }
 
