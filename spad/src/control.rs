@@ -326,6 +326,7 @@ fn metrics_with_kernel<C: Clock>(pipeline: &Pipeline<C>, info: &Info) -> WithKer
         start_time: info.started,
         config_load_time: info.config_loaded,
         kernel_budget: (capture.kernel_budget, capture.budget_engaged),
+        journal_syncs: pipeline.replay_sync_times().cloned(),
         ..Default::default()
     };
     let services: Vec<String> = pipeline.config.services.keys().cloned().collect();

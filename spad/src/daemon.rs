@@ -623,6 +623,11 @@ impl<C: Clock> Pipeline<C> {
         self.replay = store;
     }
 
+    /// How long the replay journal's writes took to be durable (for the metrics).
+    pub fn replay_sync_times(&self) -> Option<&crate::metrics::Histogram> {
+        self.replay.sync_times()
+    }
+
     /// From now on the journal syncs on a thread of its own; `wake` runs when a sync is done
     /// (then call [`Pipeline::commit_done`]). Returns whether the store can.
     pub fn sync_in_background(&mut self, wake: crate::journal_sync::Wake) -> std::io::Result<bool> {

@@ -49,10 +49,12 @@ struct Job {
     offset: u64,
 }
 
-/// A finished write: its result, and the buffer back for reuse.
+/// A finished write: its result, how long the write and its sync took, and the buffer back
+/// for reuse.
 #[derive(Debug)]
 pub struct Done {
     pub result: io::Result<()>,
+    pub took: Duration,
     pub bytes: Vec<u8>,
 }
 
@@ -80,10 +82,12 @@ impl Syncer {
             .name("spad-journal".into())
             .spawn(move || {
                 while let Ok(job) = inbox.recv() {
+                    let started = std::time::Instant::now();
                     let result = write.call(&job.file, &job.bytes, job.offset);
                     if outbox
                         .send(Done {
                             result,
+                            took: started.elapsed(),
                             bytes: job.bytes,
                         })
                         .is_err()
@@ -130,6 +134,7 @@ impl Syncer {
 fn gone() -> Done {
     Done {
         result: Err(io::Error::other("the journal's sync thread is gone")),
+        took: Duration::ZERO,
         bytes: Vec::new(),
     }
 }

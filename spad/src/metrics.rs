@@ -17,30 +17,82 @@ use spa_shared::Micros;
 
 /// Upper bounds of the grant latency histogram, in microseconds (packet heard → grant in the
 /// kernel).
-pub const LATENCY_BUCKETS_MICROS: [u64; 12] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+pub const LATENCY_BUCKETS_MICROS: &[u64] = &[
+    100, 150, 200, 250, 300, 400, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 10_000, 25_000,
+    50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// Upper bounds of the journal sync histogram, in microseconds (one write and `fdatasync`):
+/// fine below a few milliseconds, where a healthy disk is, so its median and tail can be told
+/// apart from the grant latency they bound.
+pub const SYNC_BUCKETS_MICROS: &[u64] = &[
+    50, 100, 150, 200, 250, 300, 400, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 10_000, 25_000,
+    100_000, 1_000_000, 10_000_000,
 ];
 
 /// A fixed-bucket histogram of microsecond values (cumulative counts are made when rendering).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Histogram {
-    /// Per bucket of [`LATENCY_BUCKETS_MICROS`], plus one for values above the last bound.
-    counts: [u64; LATENCY_BUCKETS_MICROS.len() + 1],
+    bounds: &'static [u64],
+    /// Per bucket of `bounds`, plus one for values above the last bound.
+    counts: Vec<u64>,
     sum_micros: u64,
 }
 
+impl Default for Histogram {
+    /// The grant latency histogram.
+    fn default() -> Self {
+        Self::with_bounds(LATENCY_BUCKETS_MICROS)
+    }
+}
+
 impl Histogram {
+    /// An empty histogram with these (ascending) upper bounds.
+    pub fn with_bounds(bounds: &'static [u64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum_micros: 0,
+        }
+    }
+
     pub fn observe(&mut self, micros: Micros) {
-        let index = LATENCY_BUCKETS_MICROS
+        let index = self
+            .bounds
             .iter()
             .position(|&bound| micros <= bound)
-            .unwrap_or(LATENCY_BUCKETS_MICROS.len());
+            .unwrap_or(self.bounds.len());
         self.counts[index] = self.counts[index].saturating_add(1);
         self.sum_micros = self.sum_micros.saturating_add(micros);
     }
 
     pub fn count(&self) -> u64 {
         self.counts.iter().fold(0u64, |a, b| a.saturating_add(*b))
+    }
+
+    pub fn sum_micros(&self) -> u64 {
+        self.sum_micros
+    }
+
+    /// Appends the histogram as Prometheus family `name` (in seconds).
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative = cumulative.saturating_add(*count);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                seconds(*bound)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count(),
+            seconds(self.sum_micros),
+            self.count()
+        );
     }
 }
 
@@ -100,6 +152,8 @@ pub struct Gauges {
     pub config_load_time: Micros,
     /// The kernel's per-source packet budget: loaded, and engaged now.
     pub kernel_budget: (bool, bool),
+    /// How long the replay journal's syncs took (stores that sync a local file).
+    pub journal_syncs: Option<Histogram>,
 }
 
 /// Renders the whole scrape in the Prometheus text format (version 0.0.4).
@@ -132,26 +186,18 @@ pub fn render(counters: &[(String, u64)], latency: &Histogram, gauges: &Gauges) 
             let _ = writeln!(out, "spad_{base}_total{labels} {value}");
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP spad_grant_latency_seconds Time from hearing a packet to its grant being in the kernel.\n# TYPE spad_grant_latency_seconds histogram"
+    latency.render(
+        &mut out,
+        "spad_grant_latency_seconds",
+        "Time from hearing a packet to its grant being in the kernel.",
     );
-    let mut cumulative = 0u64;
-    for (i, bound) in LATENCY_BUCKETS_MICROS.iter().enumerate() {
-        cumulative = cumulative.saturating_add(latency.counts[i]);
-        let _ = writeln!(
-            out,
-            "spad_grant_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
-            seconds(*bound)
+    if let Some(syncs) = &gauges.journal_syncs {
+        syncs.render(
+            &mut out,
+            "spad_journal_sync_seconds",
+            "Time one replay journal write took to be durable (write and fdatasync): the floor under the grant latency.",
         );
     }
-    let _ = writeln!(
-        out,
-        "spad_grant_latency_seconds_bucket{{le=\"+Inf\"}} {}\nspad_grant_latency_seconds_sum {}\nspad_grant_latency_seconds_count {}",
-        latency.count(),
-        seconds(latency.sum_micros),
-        latency.count()
-    );
     let _ = writeln!(
         out,
         "# HELP spad_active_grants Grants live in the kernel now, per service.\n# TYPE spad_active_grants gauge"
@@ -365,6 +411,43 @@ mod tests {
             1
         );
         assert!(text.contains("spad_grants_by_service_total{service=\"vpn\",kind=\"vpn\"} 1\n"));
+        assert!(
+            !text.contains("spad_journal_sync_seconds"),
+            "no journal, no sync family"
+        );
+    }
+
+    /// The journal's syncs are their own family, with the finer buckets a disk needs.
+    #[test]
+    fn journal_syncs_are_a_histogram_of_their_own() {
+        let mut syncs = Histogram::with_bounds(SYNC_BUCKETS_MICROS);
+        for v in [120, 180, 190, 900, 40_000] {
+            syncs.observe(v);
+        }
+        let gauges = Gauges {
+            journal_syncs: Some(syncs),
+            ..Gauges::default()
+        };
+        let text = render(&[], &Histogram::default(), &gauges);
+        assert_eq!(
+            text.matches("# TYPE spad_journal_sync_seconds histogram")
+                .count(),
+            1,
+            "{text}"
+        );
+        for line in [
+            "spad_journal_sync_seconds_bucket{le=\"0.0001\"} 0\n",
+            "spad_journal_sync_seconds_bucket{le=\"0.00015\"} 1\n",
+            "spad_journal_sync_seconds_bucket{le=\"0.0002\"} 3\n",
+            "spad_journal_sync_seconds_bucket{le=\"0.001\"} 4\n",
+            "spad_journal_sync_seconds_bucket{le=\"0.025\"} 4\n",
+            "spad_journal_sync_seconds_bucket{le=\"0.1\"} 5\n",
+            "spad_journal_sync_seconds_bucket{le=\"+Inf\"} 5\n",
+            "spad_journal_sync_seconds_count 5\n",
+            "spad_journal_sync_seconds_sum 0.04139\n",
+        ] {
+            assert!(text.contains(line), "{line}in\n{text}");
+        }
     }
 
     #[test]

@@ -126,6 +126,14 @@ pub trait ReplayState: std::fmt::Debug {
     fn sync_in_background(&mut self, _wake: Wake) -> std::io::Result<bool> {
         Ok(false)
     }
+    /// How long this store's writes took to be durable, if it writes a local file.
+    fn sync_times(&self) -> Option<&crate::metrics::Histogram> {
+        None
+    }
+}
+
+fn micros_of(d: Duration) -> Micros {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// What [`ReplayState::begin_commit`] did.
@@ -178,6 +186,8 @@ pub struct ReplayStore {
     /// Commits and compactions done, for tests and stats.
     pub commits: u64,
     pub compactions: u64,
+    /// How long each append took to be durable (write and `fdatasync`; not compactions).
+    pub syncs: crate::metrics::Histogram,
 }
 
 impl ReplayStore {
@@ -253,6 +263,7 @@ impl ReplayStore {
             preallocate: PREALLOCATE,
             commits: 0,
             compactions: 0,
+            syncs: crate::metrics::Histogram::with_bounds(crate::metrics::SYNC_BUCKETS_MICROS),
         };
         if store.state.closed_until.is_some_and(|until| until <= now) {
             store.state.closed_until = None;
@@ -313,7 +324,10 @@ impl ReplayStore {
     /// (that one `fdatasync` then also carries the new size).
     fn append(&mut self) -> std::io::Result<()> {
         let file = self.room_for_pending()?;
-        self.write_at.call(&file, &self.pending, self.end)?;
+        let started = std::time::Instant::now();
+        let written = self.write_at.call(&file, &self.pending, self.end);
+        self.syncs.observe(micros_of(started.elapsed()));
+        written?;
         let len = self.pending.len() as u64;
         self.end += len;
         self.appended += len;
@@ -369,6 +383,7 @@ impl ReplayStore {
     /// What the sync thread's finished write means for the store.
     fn finish(&mut self, done: crate::journal_sync::Done) -> Result<(), ReplayRefusal> {
         let len = self.in_flight.take().unwrap_or(0);
+        self.syncs.observe(micros_of(done.took));
         self.spare = done.bytes;
         self.spare.clear();
         match done.result {
@@ -558,6 +573,10 @@ impl ReplayState for ReplayStore {
         Ok(true)
     }
 
+    fn sync_times(&self) -> Option<&crate::metrics::Histogram> {
+        Some(&self.syncs)
+    }
+
     fn retain_clients(&mut self, keep: &dyn Fn(&PublicKey) -> bool) {
         self.state.record.retain_clients(keep);
     }
@@ -566,6 +585,7 @@ impl ReplayState for ReplayStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Histogram;
 
     const NOW: Micros = 1_700_000_000_000_000;
     const S: Micros = 1_000_000;
@@ -785,6 +805,33 @@ mod tests {
         let (reloaded, warning) = ReplayStore::load(dir.file(), w, NOW);
         assert!(warning.is_none(), "{warning:?}");
         assert_eq!(reloaded.state, store.state);
+    }
+
+    /// Every append is timed, on the caller's thread and on the sync thread alike: a write
+    /// held back for 30 ms shows as one sync of at least that long. Compactions are not
+    /// appends and are not counted.
+    #[test]
+    fn each_append_is_timed_wherever_it_is_synced() {
+        let dir = TempDir::new("timed");
+        let w = Window::default();
+        let (mut store, _) = ReplayStore::load(dir.file(), w, NOW);
+        assert_eq!(store.sync_times().map(Histogram::count), Some(0));
+        store.accept(&client(1), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Done(Ok(())));
+        assert_eq!(store.syncs.count(), 1, "synchronous append");
+
+        let gate = store.gate_background_syncs(Arc::new(|| {}));
+        store.accept(&client(2), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Started);
+        std::thread::sleep(Duration::from_millis(30));
+        gate.send(true).unwrap();
+        assert_eq!(store.wait_commit(Duration::from_secs(10)), Some(Ok(())));
+        let syncs = store.sync_times().expect("a local journal is timed");
+        assert_eq!(syncs.count(), 2);
+        assert!(
+            syncs.sum_micros() >= 30_000,
+            "the held write counts its wait: {syncs:?}"
+        );
     }
 
     /// In the background: a started commit is on disk only once it is handed back, entries

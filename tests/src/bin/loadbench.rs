@@ -47,6 +47,8 @@ const CLIENTS: usize = 10_000;
 const GW: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const PORT: u16 = 62201;
 const TABLE: &str = "spadlb";
+/// spad's metrics endpoint, on the gateway namespace's loopback.
+const METRICS: &str = "127.0.0.1:9109";
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFT_MSG_NEWSETELEM: u16 = (10 << 8) | 12;
 /// Upper bound on waiting for one step's grants (fwknopd drains a backlog at ~100/s).
@@ -692,6 +694,89 @@ struct Outcome {
     wall: Duration,
 }
 
+/// One histogram family of a Prometheus scrape: cumulative counts by upper bound (µs).
+#[derive(Debug, Default, Clone)]
+struct Buckets(Vec<(u64, u64)>);
+
+impl Buckets {
+    /// `family`'s finite buckets in `text` (spad's `/metrics`).
+    fn parse(text: &str, family: &str) -> Buckets {
+        let prefix = format!("{family}_bucket{{le=\"");
+        Buckets(
+            text.lines()
+                .filter_map(|line| {
+                    let rest = line.strip_prefix(&prefix)?;
+                    let (le, count) = rest.split_once("\"} ")?;
+                    let seconds: f64 = le.parse().ok()?;
+                    Some(((seconds * 1e6).round() as u64, count.trim().parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// What was observed between `before` and `self`.
+    fn since(&self, before: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|&(le, n)| {
+                    let was = before.0.iter().find(|(b, _)| *b == le).map_or(0, |b| b.1);
+                    (le, n.saturating_sub(was))
+                })
+                .collect(),
+        )
+    }
+
+    fn count(&self) -> u64 {
+        self.0.last().map_or(0, |b| b.1)
+    }
+
+    /// The bucket bound the `q`-th percentile falls under ("≤ X ms"), or `>` the last.
+    fn percentile(&self, q: u64) -> String {
+        let want = (self.count() * q).div_ceil(100).max(1);
+        match self.0.iter().find(|(_, n)| *n >= want) {
+            Some((le, _)) => format!("≤{}", *le as f64 / 1e3),
+            None => format!(">{}", self.0.last().map_or(0.0, |b| b.0 as f64 / 1e3)),
+        }
+    }
+}
+
+/// spad's own view of a step, from two scrapes of its metrics: how long its journal syncs
+/// took (the disk, in the same seconds as the grants) and its heard → granted latency.
+fn spad_view(before: &str, after: &str) -> String {
+    let part = |family: &str| {
+        let b = Buckets::parse(after, family).since(&Buckets::parse(before, family));
+        format!(
+            "{} p50 {} p99 {} ms",
+            b.count(),
+            b.percentile(50),
+            b.percentile(99)
+        )
+    };
+    format!(
+        "spad's journal syncs {}; spad's heard -> granted {}",
+        part("spad_journal_sync_seconds"),
+        part("spad_grant_latency_seconds")
+    )
+}
+
+/// spad's `/metrics` text (empty if it does not answer).
+fn scrape(gw: &str) -> String {
+    in_ns(gw, || {
+        use std::io::Read;
+        let Ok(mut stream) =
+            std::net::TcpStream::connect_timeout(&METRICS.parse().unwrap(), Duration::from_secs(2))
+        else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    })
+}
+
 fn outcome(
     sent: &[(u32, Instant)],
     granted: &HashMap<u32, Instant>,
@@ -892,7 +977,7 @@ fn main() {
     let keys: Vec<PrivateKey> = (0..CLIENTS).map(client_key).collect();
     let budget = packet_rate.map_or(String::new(), |rate| format!("packet-rate = {rate}\n"));
     let mut config = format!(
-        "[server]\nprivate-key = \"server.key\"\nport = {PORT}\ncapture = \"af-packet\"\ninterfaces = [\"eth0\"]\nstate-dir = \"state\"\nbackend = \"nftables\"\ntable = \"{TABLE}\"\n{budget}\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"10m\"\n"
+        "[server]\nprivate-key = \"server.key\"\nport = {PORT}\ncapture = \"af-packet\"\ninterfaces = [\"eth0\"]\nstate-dir = \"state\"\nbackend = \"nftables\"\ntable = \"{TABLE}\"\nmetrics = \"{METRICS}\"\n{budget}\n[services.ssh]\nkind = \"management\"\nports = [\"22/tcp\"]\ntimeout = \"10m\"\n"
     );
     for (i, key) in keys.iter().enumerate() {
         config.push_str(&format!(
@@ -932,6 +1017,7 @@ fn main() {
     );
     let mut spad_steps = Vec::new();
     let mut cold = Vec::new();
+    let mut views = Vec::new();
     for (step, &rate) in rates.iter().enumerate() {
         let count = (rate * seconds) as usize;
         // Each step opens with WARM_UP of sending at its rate, from sources of its own, not
@@ -945,6 +1031,7 @@ fn main() {
         let packets = seal_packets(&keys, &server_public, warm + count, step as u64 + 1);
         bench.flush_grants();
         while events.try_recv().is_ok() {}
+        let scraped = scrape(&bench.gw);
         let mut cpu_before = bench.cpu();
         let mut started = Instant::now();
         let measured_from = u32::from(source(warm));
@@ -972,6 +1059,7 @@ fn main() {
             true,
         );
         let cpu = bench.cpu().saturating_sub(cpu_before);
+        views.push((rate, spad_view(&scraped, &scrape(&bench.gw))));
         println!(
             "{:>9} {:>8} {:>8} {:>6} {:>10.0} {:>9} {:>9} {:>11.0} µs",
             rate,
@@ -984,6 +1072,9 @@ fn main() {
             cpu.as_secs_f64() * 1e6 / o.granted.max(1) as f64
         );
         spad_steps.push((rate, o));
+    }
+    for (rate, view) in &views {
+        println!("   {rate}/s step, warm-up included: {view}");
     }
     for (rate, c) in &cold {
         println!(
