@@ -12,9 +12,10 @@
 //! maps and writes: a flood spoofing a client's address spends that client's budget only
 //! then.
 //!
-//! Loading needs `CAP_BPF` (or `CAP_SYS_ADMIN`): the daemon does it before it gives the
-//! privilege up. When the kernel refuses (old kernel, no privilege, a reload after the
-//! privilege drop), the capture falls back to the classic program and says so; the
+//! Loading needs `CAP_BPF` (or `CAP_SYS_ADMIN`): the daemon does it once, before it gives the
+//! privilege up, and every capture it opens later attaches the same program
+//! ([`program`](super::program)), which needs no privilege. When the kernel refuses (old
+//! kernel, no privilege), the capture falls back to the classic program and says so; the
 //! per-source handshake budget in userspace still applies. The unsafe parts are the
 //! `bpf(2)` calls and the mappings of the counter and the control; each is commented where
 //! it is made.
@@ -197,6 +198,9 @@ impl Drop for Mapping {
 // SAFETY: a `Mapping` is owned memory shared only with the kernel, accessed only through
 // atomics; nothing in it is tied to the thread that made it.
 unsafe impl Send for Mapping {}
+// SAFETY: shared references give access only through atomics (`field`), which any number of
+// threads may use at once; the daemon's one program is shared by its captures (`Arc`).
+unsafe impl Sync for Mapping {}
 
 fn page_size() -> usize {
     rustix::param::page_size()
@@ -298,6 +302,20 @@ impl Limiter {
         self.control
             .word(control::ENGAGED)
             .store(u64::from(engaged), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+impl Limiter {
+    /// Whether the budget is enforced now, as the program reads it.
+    pub(crate) fn engaged(&self) -> bool {
+        self.control.word(control::ENGAGED).load(Ordering::Relaxed) != 0
+    }
+
+    /// The budget's (cost, slack) in nanoseconds, as the program reads them.
+    pub(crate) fn budget_ns(&self) -> (u64, u64) {
+        let read = |offset| self.control.word(offset).load(Ordering::Relaxed);
+        (read(control::COST_NS), read(control::SLACK_NS))
     }
 }
 
