@@ -2,9 +2,9 @@
 //! unit runs it (privileges dropped, CAP_BPF with them): a reload that needs a new capture
 //! (here: the LAN interface `eth1` added to `interfaces`) attaches the program loaded at
 //! start to its new sockets, so the budget stays loaded (status, metrics) and still cuts a
-//! flood once spad falls behind; and a reload that fails after its new capture was opened
-//! leaves the running capture's ports in the program they share. Every test runs on
-//! nftables and on iptables + ipset.
+//! flood once spad falls behind; and a reload that fails after its new capture was opened, or
+//! after it wrote new ports in place, leaves the running capture's ports in the program.
+//! Every test runs on nftables and on iptables + ipset.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -136,14 +136,27 @@ pub fn a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_
 }
 
 /// A reload that opens a new capture (the LAN interface added) and moves door `ops` from
-/// ports 7000-9000 to 41000-41002 (so 7000 and 9000/tcp are no longer watched), then fails: the firewall tools refuse the new ruleset (`nft` and
-/// `ipset` stand-ins that fail while a marker file exists). The new capture had written its
-/// ports into the program it shares with the running capture; the failed reload writes the
-/// running capture's back, so door `ops` still opens at its old ports (without that, the
-/// kernel would drop the knocks at 7000 and 9000), and the budget is still loaded.
+/// ports 7000-9000 to 41000-41002 (so 7000 and 9000/tcp are no longer watched), then fails:
+/// the firewall tools refuse the new ruleset (`nft` and `ipset` stand-ins that fail while a
+/// marker file exists). The new capture had written its ports into the program it shares
+/// with the running capture; the failed reload writes the running capture's back, so door
+/// `ops` still opens at its old ports (without that, the kernel would drop the knocks at 7000
+/// and 9000), and the budget is still loaded.
 pub fn a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilter(
     backend: Backend,
 ) {
+    a_failed_reload_keeps_the_running_ports(backend, true);
+}
+
+/// The same without a new capture: the moved door's ports are written in place into the
+/// running capture's program, and the failed reload writes the old ones back.
+pub fn a_reload_that_fails_after_moving_ports_in_place_keeps_the_running_prefilter(
+    backend: Backend,
+) {
+    a_failed_reload_keeps_the_running_ports(backend, false);
+}
+
+fn a_failed_reload_keeps_the_running_ports(backend: Backend, new_capture: bool) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
     let refuse = lab.path("refuse-firewall-tools");
@@ -171,11 +184,13 @@ pub fn a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilt
     let daemon = lab.start_spad_with_env(CONF, backend, &[("PATH", &path)]);
     assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
 
-    edit_config(
-        &lab,
-        "interfaces = [\"eth0\"]",
-        "interfaces = [\"eth0\", \"eth1\"]",
-    );
+    if new_capture {
+        edit_config(
+            &lab,
+            "interfaces = [\"eth0\"]",
+            "interfaces = [\"eth0\", \"eth1\"]",
+        );
+    }
     edit_config(
         &lab,
         "sequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]",
@@ -212,4 +227,5 @@ pub fn a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilt
 both_backends!(
     a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_drop,
     a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilter,
+    a_reload_that_fails_after_moving_ports_in_place_keeps_the_running_prefilter,
 );
