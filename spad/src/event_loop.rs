@@ -563,8 +563,8 @@ impl Daemon {
         if let Some(capture) = capture {
             say_if_budget_refused(&*capture.source, &mut self.pipeline.log);
             let old = std::mem::replace(&mut self.capture, capture);
-            let mut old_source = old.source;
-            self.retired_capture.add(&old_source.stats());
+            let retired = capture::retire(old.source, &mut *self.capture.source, new_budget);
+            self.retired_capture.add(&retired);
         }
         self.applied_watches = new_watches;
         Ok(())

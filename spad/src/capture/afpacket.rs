@@ -1147,6 +1147,60 @@ mod tests {
         );
     }
 
+    /// Needs root (skipped otherwise). The replaced capture's last reading sees its ring's
+    /// drops (a flood it was not read during) and reacts by engaging the budget of the
+    /// program it shares with the capture that replaced it; [`retire`](crate::capture::retire)
+    /// keeps those counts and gives the flag back to the live capture.
+    #[test]
+    fn a_retired_captures_last_reading_leaves_the_flag_to_the_live_one() {
+        let generous = SourceBudget {
+            rate: 1_000_000,
+            burst: 1_000_000,
+        };
+        let watches = [bpf::Watch {
+            proto: Proto::Udp,
+            low: KNOCK_PORT,
+            high: KNOCK_PORT,
+        }];
+        let Some(seen) = in_throwaway_namespace(move || {
+            let program = one_program()?;
+            let tx = Sender::new();
+            let old = shared_on_vb(&program, KNOCK_PORT, generous);
+            // A classic capture sees the same frames: once it has counted them all, so has
+            // the old capture's socket (each frame reaches both in one pass), whose counters
+            // are not read before `retire`.
+            let mut observer = open_on_vb(None, &watches);
+            // More than a ring holds, never read: the kernel drops the rest.
+            let frames = (super::super::ring::FRAMES + 1000) as u64;
+            let packet = crate::capture::frame::build::udp(
+                "10.9.0.1".parse().unwrap(),
+                "10.9.0.2".parse().unwrap(),
+                40000,
+                KNOCK_PORT,
+                b"flood",
+            );
+            for _ in 0..frames {
+                tx.ip_packet(&packet);
+            }
+            assert!(poll_until(Duration::from_secs(5), || {
+                let seen = observer.stats();
+                seen.kernel_packets >= frames // tp_packets counts the drops too
+            }));
+            let mut live = shared_on_vb(&program, KNOCK_PORT, generous);
+            let flag_at_open = program.engaged();
+            let retired = crate::capture::retire(Box::new(old), &mut live, Some(generous));
+            Some((flag_at_open, retired, program.engaged()))
+        })
+        .flatten() else {
+            return;
+        };
+        let (flag_at_open, retired, flag_after) = seen;
+        assert!(!flag_at_open);
+        assert!(retired.kernel_drops > 0, "{retired}");
+        assert!(retired.budget_engaged, "the old capture reacted: {retired}");
+        assert!(!flag_after, "the live capture is not behind");
+    }
+
     /// Needs root (skipped otherwise). IPv6 sources share one budget per /64: two addresses of
     /// one /64 spend it together (100 sent, 50 at once pass); another /64 has its own. The same
     /// two interface identifiers in IPv4 terms (two addresses) would have two budgets.

@@ -53,6 +53,22 @@ pub fn restore_prefilter(
     source.set_budget(budget);
 }
 
+/// After a reload replaced `old` with `live`: the old source's last counters (for the
+/// daemon's totals), read before it is closed; then the live source's budget is applied
+/// again, which writes its engaged flag. That last reading may have taken the old source's
+/// ring drops as a sign of pressure and engaged the budget of the eBPF program both share;
+/// the flag must follow the live source alone.
+pub fn retire(
+    mut old: Box<dyn Source>,
+    live: &mut dyn Source,
+    budget: Option<ebpf::SourceBudget>,
+) -> CaptureStats {
+    let stats = old.stats();
+    drop(old);
+    live.set_budget(budget);
+    stats
+}
+
 /// One received packet, borrowed from the source's buffer (no copy per packet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received<'a> {
