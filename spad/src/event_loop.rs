@@ -150,15 +150,23 @@ impl Signals {
     }
 }
 
-/// Opens the packet source the config asks for.
-fn open_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
+/// Opens the packet source the config asks for. An AF_PACKET capture gets the daemon's one
+/// eBPF prefilter, loaded by the first capture (before the privilege drop) and attached by
+/// every later one (see [`capture::program`]).
+fn open_source(
+    config: &Config,
+    program: &mut capture::program::OneProgram,
+) -> anyhow::Result<Box<dyn Source>> {
     Ok(match config.server.capture {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,
             &watches(config),
             crate::knock::syn_only(config),
             capture::slot_size(config),
-            capture::afpacket::Prefilter::Ebpf(config.server.packet_budget()),
+            capture::afpacket::Prefilter::Ebpf(
+                program.get().map_err(|e| e.to_string()),
+                config.server.packet_budget(),
+            ),
         )?),
         CaptureMode::Udp => Box::new(
             capture::UdpListener::open(config.server.port).context("binding the UDP listener")?,
@@ -238,6 +246,9 @@ struct Daemon {
     overrides: Overrides,
     pipeline: Pipeline<SystemClock>,
     capture: Capture,
+    /// The capture's eBPF prefilter, loaded once for the daemon's life: a capture a reload
+    /// opens after the privilege drop attaches it again.
+    program: capture::program::OneProgram,
     /// Counters of capture sources replaced by a reload, so `spad status` never goes back.
     retired_capture: CaptureStats,
     capture_drops: DropWatch,
@@ -264,7 +275,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
     );
     // Before anything is touched: refuses if another spad answers on this state directory.
     let hub = Hub::bind(&config, &config_path, SystemClock.now())?;
-    let source = open_source(&config)?;
+    let mut program = capture::program::OneProgram::default();
+    let source = open_source(&config, &mut program)?;
     let firewall = crate::firewall::open(&config)?;
     // Subscribed before the install, so a change anyone makes around it is seen (`Guard::rearm`).
     let subscription = crate::firewall::guard::Subscription::open(firewall.name());
@@ -325,6 +337,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
         config_path,
         overrides,
         capture: Capture::new(source).context("watching the capture sockets")?,
+        program,
         retired_capture: CaptureStats::default(),
         capture_drops: DropWatch::default(),
         budget_said: BudgetLog::default(),
@@ -518,20 +531,18 @@ impl Daemon {
                     .source
                     .set_watches(&new_watches.0, new_watches.1))
             || (budget_changed && !self.capture.source.set_budget(new_budget));
-        // On any error below, what went into the running prefilter goes back out.
-        let revert = |source: &mut dyn capture::Source| {
-            if ports_changed {
-                source.set_watches(&old_watches.0, old_watches.1);
-            }
-            if budget_changed {
-                source.set_budget(old_budget);
-            }
-        };
         let capture = if recapture {
-            match open_source(&config).and_then(|source| Ok(Capture::new(source)?)) {
+            match open_source(&config, &mut self.program)
+                .and_then(|source| Ok(Capture::new(source)?))
+            {
                 Ok(capture) => Some(capture),
                 Err(e) => {
-                    revert(&mut *self.capture.source);
+                    capture::restore_prefilter(
+                        &mut *self.capture.source,
+                        &old_watches.0,
+                        old_watches.1,
+                        old_budget,
+                    );
                     return Err(e);
                 }
             }
@@ -539,21 +550,28 @@ impl Daemon {
             None
         };
         if let Err(e) = self.pipeline.reload(config, server) {
-            if capture.is_none() {
-                revert(&mut *self.capture.source);
-            }
+            // The new capture goes first: the running one takes its program's control back.
+            drop(capture);
+            capture::restore_prefilter(
+                &mut *self.capture.source,
+                &old_watches.0,
+                old_watches.1,
+                old_budget,
+            );
             return Err(e);
         }
         if let Some(capture) = capture {
             say_if_budget_refused(&*capture.source, &mut self.pipeline.log);
             let old = std::mem::replace(&mut self.capture, capture);
-            let mut old_source = old.source;
-            self.retired_capture.add(&old_source.stats());
+            let retired = capture::retire(old.source, &mut *self.capture.source, new_budget);
+            self.retired_capture.add(&retired);
         }
         self.applied_watches = new_watches;
         Ok(())
     }
+}
 
+impl Daemon {
     /// After the loop: final counters, and the grants closed or left to expire.
     fn stop(mut self) -> anyhow::Result<()> {
         self.pipeline.log.hold_lines(false);

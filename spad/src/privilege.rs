@@ -69,7 +69,8 @@ fn find_group(group: &str, name: &str) -> Option<u32> {
 /// Gives up CAP_BPF for good once the capture is open: the unit grants it only so the
 /// capture can load its eBPF prefilter ([`crate::capture::ebpf`]). Removed from the
 /// effective, permitted, inheritable and ambient sets (no privilege needed to give one up);
-/// a reload that must load a new prefilter then falls back to the classic one. As root
+/// a reload that needs a new capture attaches the program loaded before
+/// ([`crate::capture::program`]), which needs no privilege. As root
 /// nothing changes (root keeps everything until `user =` drops it). Must run on the only
 /// thread: capabilities are per thread. Returns whether it gave CAP_BPF up.
 pub fn shed_bpf() -> anyhow::Result<bool> {

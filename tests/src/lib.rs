@@ -843,3 +843,55 @@ impl Drop for Lab {
         }
     }
 }
+
+/// Helpers for the kernel budget's E2E tests (`budget_reload.rs`).
+impl Lab {
+    /// `spad status --json` for a started spad running `config`.
+    pub fn status_json(&self, config: &str) -> serde_json::Value {
+        let out = self.spad_gw(&["status", "--json"], config);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Starts spad as root with `user = "nobody"` in `config`'s `[server]`, after handing
+    /// the secrets to that user (0600, so a reload can read them), and waits until it has
+    /// dropped its privileges (CAP_BPF with the rest): as the unit runs it, for what matters
+    /// to a reload.
+    pub fn start_spad_as_nobody(&mut self, config: &str, backend: Backend) -> usize {
+        const NOBODY: u32 = 65534;
+        let path = self.path(config);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(
+            &path,
+            text.replacen("[server]\n", "[server]\nuser = \"nobody\"\n", 1),
+        )
+        .unwrap();
+        for secret in ["keys/server.key", "keys/carol.totp"] {
+            std::os::unix::fs::chown(self.path(secret), Some(NOBODY), None).unwrap();
+        }
+        let daemon = self.start_spad(config, backend);
+        assert!(
+            self.wait_log("running as nobody (uid 65534)", 1),
+            "{}",
+            self.log()
+        );
+        daemon
+    }
+}
+
+/// A counter of a `spad status --json` answer (panics when it has none of that name).
+pub fn status_counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no counter {name} in {status}"))["value"]
+        .as_u64()
+        .unwrap()
+}

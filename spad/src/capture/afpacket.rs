@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -40,8 +41,10 @@ pub struct AfPacket {
     /// The last re-read failed: the next look re-reads even without a new event.
     read_failed: bool,
     stats: CaptureStats,
-    /// The kernel's per-source budget, when it could be loaded (see [`ebpf`](super::ebpf)).
-    limiter: Option<Limiter>,
+    /// The kernel's per-source budget, when it could be loaded (see [`ebpf`](super::ebpf)):
+    /// the daemon's one program ([`program`](super::program)), shared with the captures
+    /// opened before and after this one.
+    limiter: Option<Arc<Limiter>>,
     /// Why the budget asked for is not in force, when it is not.
     limiter_refused: Option<String>,
     /// Whether a budget is configured (a reload can turn it off without a new program).
@@ -61,13 +64,27 @@ pub struct AfPacket {
 /// milliseconds of any flood while the budget takes hold.
 pub const BACKLOG: usize = super::ring::FRAMES / 4;
 /// Which kernel prefilter a capture gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Prefilter {
     /// The classic program only: no eBPF, no budget.
     Classic,
-    /// The eBPF program when the kernel takes it (else the classic one), with this budget.
-    /// `None`: loaded without a budget, so a reload can add one, or move ports, in place.
-    Ebpf(Option<SourceBudget>),
+    /// The eBPF program (the daemon's one, [`OneProgram`](super::program::OneProgram)), or
+    /// why the kernel refused it (the capture then gets the classic one), with this budget.
+    /// `None`: attached without a budget, so a reload can add one, or move ports, in place.
+    /// The capture writes its ports, its budget and a released flag into the program's
+    /// control map as it opens: from then on it owns them.
+    Ebpf(Result<Arc<Limiter>, String>, Option<SourceBudget>),
+}
+
+impl Prefilter {
+    /// The eBPF prefilter with a program of its own, loaded now (tests).
+    #[cfg(test)]
+    pub(crate) fn own_ebpf(budget: Option<SourceBudget>) -> Self {
+        let program = super::program::OneProgram::default()
+            .get()
+            .map_err(|e| e.to_string());
+        Self::Ebpf(program, budget)
+    }
 }
 
 /// Frames taken between two looks at the backlog (one atomic load each).
@@ -140,8 +157,8 @@ impl AfPacket {
         events: Option<AddressEvents>,
     ) -> anyhow::Result<Self> {
         let (ebpf, budget) = match prefilter {
-            Prefilter::Classic => (false, None),
-            Prefilter::Ebpf(budget) => (true, budget),
+            Prefilter::Classic => (None, None),
+            Prefilter::Ebpf(ebpf, budget) => (Some(ebpf), budget),
         };
         let program = match bpf::program(watches, syn_only) {
             Ok(p) => p,
@@ -175,20 +192,24 @@ impl AfPacket {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
-        // Loaded even with `packet-rate = 0` (the budget then stays off): a reload that turns
-        // a budget on later, or changes ports, is then a memory write, also after the
+        // Attached even with `packet-rate = 0` (the budget then stays off): a reload that
+        // turns a budget on later, or changes ports, is then a memory write, also after the
         // privilege drop. Only a refusal of a budget asked for is reported.
-        let loaded = ebpf.then(|| {
-            Limiter::load(
-                &Ports::new(watches, syn_only),
-                budget.unwrap_or(SourceBudget { rate: 1, burst: 1 }),
-            )
-        });
-        let (mut limiter, mut limiter_refused) = match loaded {
+        let (mut limiter, mut limiter_refused) = match ebpf {
             None => (None, None),
             Some(Ok(limiter)) => (Some(limiter), None),
-            Some(Err(e)) => (None, budget.map(|_| e.to_string())),
+            Some(Err(e)) => (None, budget.map(|_| e)),
         };
+        // This capture's ports and budget, and a released flag (its pressure starts anew),
+        // before any socket can pass a frame through the program: the program is shared, so
+        // a capture still running (the one a reload replaces) sees them too from here on.
+        if let Some(l) = &limiter {
+            l.set_ports(&Ports::new(watches, syn_only));
+            if let Some(budget) = budget {
+                l.set_budget(budget);
+            }
+            l.set_engaged(false);
+        }
         let mut rings = Vec::new();
         let mut attach_failed = false;
         for index in indexes {
@@ -392,12 +413,14 @@ impl Source for AfPacket {
 
     fn set_watches(&mut self, watches: &[bpf::Watch], syn_only: bool) -> bool {
         match &self.limiter {
-            // A ring the program could not be attached to has the classic filter, with the
-            // old ports built in: only a new capture updates it.
-            Some(_) if self.attach_failed => false,
             Some(limiter) => {
+                // Written even when some ring has the classic filter: the rings with the
+                // program read them (and a failed reload puts this capture's ports back
+                // this way).
                 limiter.set_ports(&Ports::new(watches, syn_only));
-                true
+                // A ring the program could not be attached to has the classic filter, with
+                // the old ports built in: only a new capture updates it.
+                !self.attach_failed
             }
             // The classic program has its ports built in: a new capture attaches a new one.
             None => false,
@@ -758,7 +781,7 @@ mod tests {
     /// A capture on `vb`: the eBPF prefilter with `budget`, or (`None`) the classic one.
     fn open_on_vb(budget: Option<SourceBudget>, watches: &[bpf::Watch]) -> AfPacket {
         let prefilter = match budget {
-            Some(budget) => Prefilter::Ebpf(Some(budget)),
+            Some(budget) => Prefilter::own_ebpf(Some(budget)),
             None => Prefilter::Classic,
         };
         AfPacket::open_with(
@@ -913,6 +936,269 @@ mod tests {
             again <= 1,
             "engaged again, the spent budget cuts: {again}, {stats}"
         );
+    }
+
+    /// A capture on `vb` watching UDP `port`, with `program` (shared) and `budget`.
+    fn shared_on_vb(program: &Arc<Limiter>, port: u16, budget: SourceBudget) -> AfPacket {
+        let watches = [bpf::Watch {
+            proto: Proto::Udp,
+            low: port,
+            high: port,
+        }];
+        let prefilter = Prefilter::Ebpf(Ok(Arc::clone(program)), Some(budget));
+        AfPacket::open_with(
+            &["vb".to_string()],
+            &watches,
+            true,
+            SlotSize::Small,
+            prefilter,
+            None,
+        )
+        .unwrap()
+    }
+
+    /// The daemon's program, loaded now; `None` (skipped, said on stderr) where the kernel
+    /// refuses it.
+    fn one_program() -> Option<Arc<Limiter>> {
+        super::super::program::OneProgram::default()
+            .get()
+            .inspect_err(|e| eprintln!("skipped: the kernel refused the eBPF prefilter: {e}"))
+            .ok()
+    }
+
+    /// The destination ports of the frames `source` delivers, read until one to `last`
+    /// arrives (within 5 s). Frames on one veth reach the socket in order, so every frame
+    /// sent before that one has been judged by then.
+    fn ports_until(source: &mut AfPacket, last: u16) -> Vec<u16> {
+        let mut ports = Vec::new();
+        poll_until(Duration::from_secs(5), || {
+            while let Some(Received::Ip(packet)) = source.recv(Duration::ZERO).unwrap() {
+                ports.push(crate::capture::frame::parse(packet).unwrap().port);
+            }
+            ports.last() == Some(&last)
+        });
+        ports
+    }
+
+    /// Needs root (skipped otherwise). A reload's new capture attaches the running one's
+    /// program (no new one is loaded, so none is refused after the privilege drop) and writes
+    /// its ports, budget and a released flag into the control map they share: the running
+    /// capture's sockets follow them at once. When the reload then fails, the new capture is
+    /// dropped and [`restore_prefilter`](crate::capture::restore_prefilter) gives the running
+    /// capture its ports, its budget and its engaged flag back.
+    #[test]
+    fn a_failed_reload_after_a_new_capture_gives_the_running_one_its_prefilter_back() {
+        const NEW_PORT: u16 = KNOCK_PORT + 1;
+        let (old_budget, new_budget) = (
+            SourceBudget { rate: 1, burst: 50 },
+            SourceBudget {
+                rate: 1000,
+                burst: 5,
+            },
+        );
+        let Some(seen) = in_throwaway_namespace(move || {
+            let program = one_program()?;
+            let tx = Sender::new();
+            let send = |port| {
+                tx.ip_packet(&crate::capture::frame::build::udp(
+                    "10.9.0.1".parse().unwrap(),
+                    "10.9.0.2".parse().unwrap(),
+                    40000,
+                    port,
+                    b"knock",
+                ))
+            };
+            let mut running = shared_on_vb(&program, KNOCK_PORT, old_budget);
+            running.behind();
+            let engaged_before = program.engaged();
+            send(NEW_PORT);
+            send(KNOCK_PORT);
+            let before = ports_until(&mut running, KNOCK_PORT);
+
+            let new = shared_on_vb(&program, NEW_PORT, new_budget);
+            assert!(new.budget_refused().is_none());
+            let during = (program.engaged(), program.budget_ns());
+            send(KNOCK_PORT);
+            send(NEW_PORT);
+            let passed_during = ports_until(&mut running, NEW_PORT);
+
+            // `pipeline.reload` failed: the new capture goes, the running one takes over.
+            drop(new);
+            let watches = [bpf::Watch {
+                proto: Proto::Udp,
+                low: KNOCK_PORT,
+                high: KNOCK_PORT,
+            }];
+            crate::capture::restore_prefilter(&mut running, &watches, true, Some(old_budget));
+            let after = (program.engaged(), program.budget_ns());
+            send(NEW_PORT);
+            send(KNOCK_PORT);
+            let passed_after = ports_until(&mut running, KNOCK_PORT);
+            Some((
+                engaged_before,
+                before,
+                during,
+                passed_during,
+                after,
+                passed_after,
+            ))
+        })
+        .flatten() else {
+            return;
+        };
+        let (engaged_before, before, during, passed_during, after, passed_after) = seen;
+        let ns = |b: SourceBudget| (b.cost_ns(), b.slack_ns());
+        assert!(engaged_before);
+        assert_eq!(before, vec![KNOCK_PORT]);
+        assert_eq!(
+            during,
+            (false, ns(new_budget)),
+            "the new capture owns the control"
+        );
+        assert_eq!(
+            passed_during,
+            vec![NEW_PORT],
+            "the running capture's sockets read the shared ports"
+        );
+        assert_eq!(
+            after,
+            (true, ns(old_budget)),
+            "the running capture's budget and flag are back"
+        );
+        assert_eq!(passed_after, vec![KNOCK_PORT], "and its ports");
+    }
+
+    /// Needs root (skipped otherwise). Through a reload that replaces the capture: the
+    /// engaged flag follows the new capture only (the old one's state goes with it), and the
+    /// program's one counter of cut frames, read by both captures, is counted once in the
+    /// daemon's totals (the retired capture's stats added to the new one's, as `event_loop`
+    /// does). The spent budget of the flooding source is kept: the sources map is the
+    /// program's, not the capture's.
+    #[test]
+    fn a_reload_that_replaces_the_capture_counts_the_shared_cuts_once() {
+        let budget = SourceBudget { rate: 1, burst: 10 };
+        let Some(seen) = in_throwaway_namespace(move || {
+            let program = one_program()?;
+            let tx = Sender::new();
+            let send = |count| {
+                for _ in 0..count {
+                    tx.ip_packet(&crate::capture::frame::build::udp(
+                        "10.9.0.1".parse().unwrap(),
+                        "10.9.0.2".parse().unwrap(),
+                        40000,
+                        KNOCK_PORT,
+                        b"flood",
+                    ));
+                }
+            };
+            let total = |retired: &CaptureStats, source: &mut AfPacket| {
+                let mut all = retired.clone();
+                all.add(&source.stats());
+                all
+            };
+            // Reads until every frame offered so far is either passed or cut.
+            let settle = |retired: &CaptureStats, source: &mut AfPacket, offered: u64| {
+                let mut all = total(retired, source);
+                poll_until(Duration::from_secs(5), || {
+                    while source.recv(Duration::ZERO).unwrap().is_some() {}
+                    all = total(retired, source);
+                    all.kernel_packets + all.kernel_source_limited >= offered
+                });
+                all
+            };
+            let mut old = shared_on_vb(&program, KNOCK_PORT, budget);
+            old.behind();
+            send(30);
+            let first = settle(&CaptureStats::default(), &mut old, 30);
+
+            let mut new = shared_on_vb(&program, KNOCK_PORT, budget);
+            let mut retired = CaptureStats::default();
+            retired.add(&old.stats());
+            drop(old);
+            let flag_after_swap = program.engaged();
+            new.housekeeping();
+            let flag_after_tick = program.engaged();
+            new.behind();
+            let flag_engaged = program.engaged();
+            send(30);
+            let second = settle(&retired, &mut new, 60);
+            Some((
+                first,
+                second,
+                program.limited(),
+                (flag_after_swap, flag_after_tick, flag_engaged),
+            ))
+        })
+        .flatten() else {
+            return;
+        };
+        let (first, second, limited, flags) = seen;
+        assert!((19..=20).contains(&first.kernel_source_limited), "{first}");
+        assert_eq!(flags, (false, false, true), "the flag is the new capture's");
+        assert_eq!(second.kernel_source_limited, limited, "{second}");
+        assert_eq!(
+            second.kernel_source_limited + second.kernel_packets,
+            60,
+            "each frame passed or cut once: {second}"
+        );
+        assert!(
+            second.kernel_packets - first.kernel_packets <= 1,
+            "the spent budget was kept: {second}"
+        );
+    }
+
+    /// Needs root (skipped otherwise). The replaced capture's last reading sees its ring's
+    /// drops (a flood it was not read during) and reacts by engaging the budget of the
+    /// program it shares with the capture that replaced it; [`retire`](crate::capture::retire)
+    /// keeps those counts and gives the flag back to the live capture.
+    #[test]
+    fn a_retired_captures_last_reading_leaves_the_flag_to_the_live_one() {
+        let generous = SourceBudget {
+            rate: 1_000_000,
+            burst: 1_000_000,
+        };
+        let watches = [bpf::Watch {
+            proto: Proto::Udp,
+            low: KNOCK_PORT,
+            high: KNOCK_PORT,
+        }];
+        let Some(seen) = in_throwaway_namespace(move || {
+            let program = one_program()?;
+            let tx = Sender::new();
+            let old = shared_on_vb(&program, KNOCK_PORT, generous);
+            // A classic capture sees the same frames: once it has counted them all, so has
+            // the old capture's socket (each frame reaches both in one pass), whose counters
+            // are not read before `retire`.
+            let mut observer = open_on_vb(None, &watches);
+            // More than a ring holds, never read: the kernel drops the rest.
+            let frames = (super::super::ring::FRAMES + 1000) as u64;
+            let packet = crate::capture::frame::build::udp(
+                "10.9.0.1".parse().unwrap(),
+                "10.9.0.2".parse().unwrap(),
+                40000,
+                KNOCK_PORT,
+                b"flood",
+            );
+            for _ in 0..frames {
+                tx.ip_packet(&packet);
+            }
+            assert!(poll_until(Duration::from_secs(5), || {
+                let seen = observer.stats();
+                seen.kernel_packets >= frames // tp_packets counts the drops too
+            }));
+            let mut live = shared_on_vb(&program, KNOCK_PORT, generous);
+            let flag_at_open = program.engaged();
+            let retired = crate::capture::retire(Box::new(old), &mut live, Some(generous));
+            Some((flag_at_open, retired, program.engaged()))
+        })
+        .flatten() else {
+            return;
+        };
+        let (flag_at_open, retired, flag_after) = seen;
+        assert!(!flag_at_open);
+        assert!(retired.kernel_drops > 0, "{retired}");
+        assert!(retired.budget_engaged, "the old capture reacted: {retired}");
+        assert!(!flag_after, "the live capture is not behind");
     }
 
     /// Needs root (skipped otherwise). IPv6 sources share one budget per /64: two addresses of

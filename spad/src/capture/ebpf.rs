@@ -12,9 +12,10 @@
 //! maps and writes: a flood spoofing a client's address spends that client's budget only
 //! then.
 //!
-//! Loading needs `CAP_BPF` (or `CAP_SYS_ADMIN`): the daemon does it before it gives the
-//! privilege up. When the kernel refuses (old kernel, no privilege, a reload after the
-//! privilege drop), the capture falls back to the classic program and says so; the
+//! Loading needs `CAP_BPF` (or `CAP_SYS_ADMIN`): the daemon does it once, before it gives the
+//! privilege up, and every capture it opens later attaches the same program
+//! ([`program`](super::program)), which needs no privilege. When the kernel refuses (old
+//! kernel, no privilege), the capture falls back to the classic program and says so; the
 //! per-source handshake budget in userspace still applies. The unsafe parts are the
 //! `bpf(2)` calls and the mappings of the counter and the control; each is commented where
 //! it is made.
@@ -68,23 +69,49 @@ pub struct Limiter {
     control: Mapping,
 }
 
-/// The one value of the control map, as the program reads it (all little-endian u64, at
-/// these offsets): whether the budget is enforced now, and the budget itself.
+/// The one value of the control map, as the program reads it (little-endian, at these
+/// offsets): whether the budget is enforced now, the budget itself, and the watched ports in
+/// two banks.
 pub(crate) mod control {
     pub const ENGAGED: usize = 0;
     pub const COST_NS: usize = 8;
     pub const SLACK_NS: usize = 16;
-    /// TCP passes only as SYN-without-ACK (u64, 0 or 1).
-    pub const SYN_ONLY: usize = 24;
-    /// How many of the range slots below are in use, per protocol (u64 each).
-    pub const UDP_COUNT: usize = 32;
-    pub const TCP_COUNT: usize = 40;
-    /// Port ranges per protocol: [`RANGES`] pairs of (low u32, high u32), the first
-    /// `*_COUNT` in use; an unused pair is (1, 0), which no port matches either.
-    pub const UDP: usize = 48;
-    pub const TCP: usize = UDP + 8 * RANGES;
+    /// Which bank of watched ports the program reads (u64, 0 or 1), once per frame.
+    /// Userspace rewrites the other bank, then flips this word: a frame sees the old table
+    /// or the new one, never a mix ([`Ports::rewrite`](super::Ports::rewrite)).
+    pub const BANK: usize = 24;
+    /// Bank 0 starts here, bank 1 [`bank::SIZE`] bytes later.
+    pub const BANKS: usize = 32;
+    /// Port ranges per protocol in a bank.
     pub const RANGES: usize = 64;
-    pub const SIZE: u32 = (TCP + 8 * RANGES) as u32;
+    pub const SIZE: u32 = (BANKS + 2 * bank::SIZE) as u32;
+
+    /// Where bank `index` (0 or 1) starts in the control value.
+    pub fn bank_start(index: u64) -> usize {
+        BANKS + (index as usize & 1) * bank::SIZE
+    }
+
+    /// One bank's fields, at these offsets from its start.
+    pub mod bank {
+        use super::RANGES;
+        /// TCP passes only as SYN-without-ACK (u64, 0 or 1).
+        pub const SYN_ONLY: usize = 0;
+        /// How many of the range slots below are in use, per protocol (u64 each).
+        pub const UDP_COUNT: usize = 8;
+        pub const TCP_COUNT: usize = 16;
+        /// Port ranges per protocol: [`RANGES`] pairs of (low u32, high u32), the first
+        /// `*_COUNT` in use; an unused pair is (1, 0), which no port matches either.
+        pub const UDP: usize = 24;
+        pub const TCP: usize = UDP + 8 * RANGES;
+        pub const SIZE: usize = TCP + 8 * RANGES;
+    }
+}
+
+/// A value userspace stores into the control value: the width of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Word {
+    U32(u32),
+    U64(u64),
 }
 
 /// The watched ports as the program reads them from the control value: merged ranges per
@@ -114,11 +141,14 @@ impl Ports {
         }
     }
 
-    /// The control value's port fields as (offset, u32 value) pairs, every slot written
+    /// A bank's range slots as (offset in the bank, u32 value) pairs, every slot written
     /// (the counts are written separately, see [`counts`](Self::counts)).
     pub(crate) fn words(&self) -> Vec<(usize, u32)> {
         let mut out = Vec::with_capacity(4 * control::RANGES);
-        for (base, ranges) in [(control::UDP, &self.udp), (control::TCP, &self.tcp)] {
+        for (base, ranges) in [
+            (control::bank::UDP, &self.udp),
+            (control::bank::TCP, &self.tcp),
+        ] {
             for i in 0..control::RANGES {
                 let (low, high) = ranges
                     .get(i)
@@ -130,12 +160,35 @@ impl Ports {
         out
     }
 
-    /// The slots in use per protocol, as (offset, count).
+    /// The slots in use per protocol, as (offset in the bank, count).
     pub(crate) fn counts(&self) -> [(usize, u64); 2] {
         [
-            (control::UDP_COUNT, self.udp.len() as u64),
-            (control::TCP_COUNT, self.tcp.len() as u64),
+            (control::bank::UDP_COUNT, self.udp.len() as u64),
+            (control::bank::TCP_COUNT, self.tcp.len() as u64),
         ]
+    }
+
+    /// The stores, in order, that put these ports in force when bank `active` is the one
+    /// in use: the whole other bank, then the flip of [`control::BANK`] to it. A frame reads
+    /// the bank index once, so one rewrite cannot mix into any frame's table. (A frame
+    /// whose evaluation spans two rewrites could see the second one's stores in its bank:
+    /// an evaluation takes well under a microsecond, and rewrites are reloads apart.)
+    pub(crate) fn rewrite(&self, active: u64) -> Vec<(usize, Word)> {
+        let next = (active & 1) ^ 1;
+        let base = control::bank_start(next);
+        let mut out = Vec::with_capacity(4 * control::RANGES + 4);
+        out.push((
+            base + control::bank::SYN_ONLY,
+            Word::U64(u64::from(self.syn_only)),
+        ));
+        for (offset, count) in self.counts() {
+            out.push((base + offset, Word::U64(count)));
+        }
+        for (offset, value) in self.words() {
+            out.push((base + offset, Word::U32(value)));
+        }
+        out.push((control::BANK, Word::U64(next)));
+        out
     }
 }
 
@@ -197,6 +250,9 @@ impl Drop for Mapping {
 // SAFETY: a `Mapping` is owned memory shared only with the kernel, accessed only through
 // atomics; nothing in it is tied to the thread that made it.
 unsafe impl Send for Mapping {}
+// SAFETY: shared references give access only through atomics (`field`), which any number of
+// threads may use at once; the daemon's one program is shared by its captures (`Arc`).
+unsafe impl Sync for Mapping {}
 
 fn page_size() -> usize {
     rustix::param::page_size()
@@ -272,25 +328,19 @@ impl Limiter {
     }
 
     /// New watched ports, in force from the next frame: memory writes, so a reload that
-    /// changes ports needs no new program (and no privilege). While the slots are rewritten
-    /// a frame may see a mix of old and new ranges: at worst it is passed to userspace, which
-    /// filters exactly, or dropped during those few microseconds.
+    /// changes ports needs no new program (and no privilege). They go into the bank the
+    /// program does not read, then one store flips it over ([`Ports::rewrite`]): a frame
+    /// sees the old table or the new one, never a mix.
     pub fn set_ports(&self, ports: &Ports) {
-        // Fewer slots first (a shrinking list stops being read before it is rewritten),
-        // then the slots, then the new count.
-        for (offset, count) in ports.counts() {
-            let word = self.control.word(offset);
-            word.store(word.load(Ordering::Relaxed).min(count), Ordering::Relaxed);
+        // Only this process writes the index (one thread at a time: the event loop).
+        let active = self.control.word(control::BANK).load(Ordering::Relaxed);
+        for (offset, word) in ports.rewrite(active) {
+            // Release: the flip, last, is seen only after every store to the bank before it.
+            match word {
+                Word::U32(value) => self.control.word32(offset).store(value, Ordering::Release),
+                Word::U64(value) => self.control.word(offset).store(value, Ordering::Release),
+            }
         }
-        for (offset, value) in ports.words() {
-            self.control.word32(offset).store(value, Ordering::Relaxed);
-        }
-        for (offset, count) in ports.counts() {
-            self.control.word(offset).store(count, Ordering::Relaxed);
-        }
-        self.control
-            .word(control::SYN_ONLY)
-            .store(u64::from(ports.syn_only), Ordering::Relaxed);
     }
 
     /// Enforces the budget (`true`) or passes every source (`false`, the state after load).
@@ -298,6 +348,20 @@ impl Limiter {
         self.control
             .word(control::ENGAGED)
             .store(u64::from(engaged), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+impl Limiter {
+    /// Whether the budget is enforced now, as the program reads it.
+    pub(crate) fn engaged(&self) -> bool {
+        self.control.word(control::ENGAGED).load(Ordering::Relaxed) != 0
+    }
+
+    /// The budget's (cost, slack) in nanoseconds, as the program reads them.
+    pub(crate) fn budget_ns(&self) -> (u64, u64) {
+        let read = |offset| self.control.word(offset).load(Ordering::Relaxed);
+        (read(control::COST_NS), read(control::SLACK_NS))
     }
 }
 
@@ -598,6 +662,14 @@ pub fn prefilter(
     e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
     e.jump(JEQ_K, R0, 0, 0, reject);
     e.raw(MOV64_X, R8, R0, 0, 0);
+    // r8 = the bank of watched ports in use, chosen once per frame: userspace rewrites the
+    // other bank before it flips the index, so this frame's table cannot change under it.
+    let bank_chosen = e.label();
+    e.raw(LDX_DW, R1, R8, control::BANK as i16, 0);
+    e.raw(ADD64_K, R8, 0, 0, control::BANKS as i32);
+    e.jump(JEQ_K, R1, 0, 0, bank_chosen);
+    e.raw(ADD64_K, R8, 0, 0, control::bank::SIZE as i32);
+    e.place(bank_chosen);
     e.raw(MOV64_K, R9, 0, 0, ACCEPT);
     // IPv4 or IPv6 (`skb->protocol`, big-endian).
     e.raw(LDX_W, R0, R6, SKB_PROTOCOL, 0);
@@ -635,7 +707,7 @@ pub fn prefilter(
     // With SYN-only on, a segment other than SYN-without-ACK is rejected; `flags` loads
     // the TCP flags byte into r0.
     let syn_only = |e: &mut Emitter, flags: &dyn Fn(&mut Emitter), then: usize| {
-        e.raw(LDX_DW, R1, R8, control::SYN_ONLY as i16, 0);
+        e.raw(LDX_DW, R1, R8, control::bank::SYN_ONLY as i16, 0);
         e.jump(JEQ_K, R1, 0, 0, then);
         flags(e);
         e.raw(AND32_K, R0, 0, 0, 0x12);
@@ -668,8 +740,8 @@ pub fn prefilter(
     // r0 = the destination port: passes when one of the ranges in use holds it (r3 = how
     // many are; the walk stops there).
     for (label, base, count) in [
-        (udp_ports, control::UDP, control::UDP_COUNT),
-        (tcp_ports, control::TCP, control::TCP_COUNT),
+        (udp_ports, control::bank::UDP, control::bank::UDP_COUNT),
+        (tcp_ports, control::bank::TCP, control::bank::TCP_COUNT),
     ] {
         e.place(label);
         e.raw(LDX_DW, R3, R8, count as i16, 0);
@@ -829,11 +901,22 @@ mod tests {
         assert_eq!(ports.tcp, vec![(7000, 7010)]);
         let words = ports.words();
         assert_eq!(words.len(), 4 * control::RANGES);
-        assert!(words.contains(&(control::UDP, 62201)));
-        assert!(words.contains(&(control::UDP + 4, 62201)));
-        assert!(words.contains(&(control::UDP + 8, 1)), "unused: (1, 0)");
-        assert!(words.contains(&(control::UDP + 12, 0)));
-        assert!(words.contains(&(control::TCP + 4, 7010)));
+        use control::bank;
+        assert!(words.contains(&(bank::UDP, 62201)));
+        assert!(words.contains(&(bank::UDP + 4, 62201)));
+        assert!(words.contains(&(bank::UDP + 8, 1)), "unused: (1, 0)");
+        assert!(words.contains(&(bank::UDP + 12, 0)));
+        assert!(words.contains(&(bank::TCP + 4, 7010)));
+        // A rewrite fills the other bank, then flips to it, last.
+        for active in [0, 1] {
+            let stores = ports.rewrite(active);
+            let other = control::bank_start(active ^ 1);
+            assert_eq!(stores.last(), Some(&(control::BANK, Word::U64(active ^ 1))));
+            assert!(stores[..stores.len() - 1]
+                .iter()
+                .all(|(at, _)| (other..other + bank::SIZE).contains(at)));
+            assert!(stores.contains(&(other + bank::TCP + 4, Word::U32(7010))));
+        }
         let many: Vec<Watch> = (0..=control::RANGES as u16)
             .map(|i| watch(Proto::Udp, 1000 + 10 * i, 1000 + 10 * i))
             .collect();

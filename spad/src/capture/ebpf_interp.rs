@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use super::ebpf::EInsn;
+use super::ebpf::{EInsn, Word};
 
 /// Instructions one run may execute before the model gives up (the program has no loops).
 const MAX_STEPS: usize = 10_000;
@@ -51,8 +51,9 @@ enum Value {
     /// A (non-null) pointer to the value of a map entry.
     Bucket([u8; BUCKET_KEY]),
     CounterSlot,
-    /// The control map's one value (`ebpf::control`: engaged, cost, slack, SYN-only, ports).
-    ControlSlot,
+    /// A pointer into the control map's one value (`ebpf::control`: engaged, cost, slack,
+    /// the bank index, two banks of ports), plus a constant offset.
+    ControlSlot(i64),
 }
 
 /// The kernel side: the two maps, the clock, and the fds the program refers to them by.
@@ -71,6 +72,10 @@ pub(crate) struct Kernel {
     pub counter: u64,
     /// What `bpf_ktime_get_ns` returns.
     pub now_ns: u64,
+    /// Stores userspace makes while the next run is under way: (step, offset, value), in
+    /// order; each is made just before the program executes instruction number `step` of
+    /// its run (those left when it exits stay here).
+    pub during_next_run: std::collections::VecDeque<(usize, usize, Word)>,
 }
 
 type Fault = String;
@@ -100,16 +105,25 @@ impl Kernel {
         self.control[at..at + 4].copy_from_slice(&value.to_le_bytes());
     }
 
+    /// A store of userspace into the control value.
+    pub(crate) fn store(&mut self, at: usize, word: Word) {
+        match word {
+            Word::U32(value) => self.set_u32(at, value),
+            Word::U64(value) => self.set_u64(at, value),
+        }
+    }
+
+    /// The stores `Limiter::set_ports` makes, in its order.
+    pub(crate) fn port_stores(&self, ports: &crate::capture::ebpf::Ports) -> Vec<(usize, Word)> {
+        let at = crate::capture::ebpf::control::BANK;
+        ports.rewrite(from_memory(&self.control[at..at + 8]))
+    }
+
     /// What `Limiter::set_ports` writes.
     pub(crate) fn set_ports(&mut self, ports: &crate::capture::ebpf::Ports) {
-        use crate::capture::ebpf::control;
-        for (at, value) in ports.words() {
-            self.set_u32(at, value);
+        for (at, word) in self.port_stores(ports) {
+            self.store(at, word);
         }
-        for (at, count) in ports.counts() {
-            self.set_u64(at, count);
-        }
-        self.set_u64(control::SYN_ONLY, u64::from(ports.syn_only));
     }
 
     pub(crate) fn new(buckets_fd: i32, counter_fd: i32, control_fd: i32, now_ns: u64) -> Self {
@@ -122,6 +136,7 @@ impl Kernel {
             buckets: HashMap::new(),
             counter: 0,
             now_ns,
+            during_next_run: std::collections::VecDeque::new(),
         }
     }
 
@@ -161,7 +176,16 @@ impl Machine<'_> {
             }
         }
         let mut pc = 0usize;
-        for _ in 0..MAX_STEPS {
+        for step in 0..MAX_STEPS {
+            while let Some(&(_, at, word)) = self
+                .kernel
+                .during_next_run
+                .front()
+                .filter(|(when, _, _)| *when <= step)
+            {
+                self.kernel.store(at, word);
+                self.kernel.during_next_run.pop_front();
+            }
             let insn = program.get(pc).ok_or(format!("pc {pc} left the program"))?;
             if second_halves[pc] {
                 return Err(format!("pc {pc} is the second half of LD_IMM64"));
@@ -261,13 +285,14 @@ impl Machine<'_> {
                         Value::CounterSlot if off == 0 && width == 8 => {
                             Value::Scalar(self.kernel.counter)
                         }
-                        Value::ControlSlot
-                            if off >= 0
+                        Value::ControlSlot(base)
+                            if base + i64::from(off) >= 0
                                 && (width == 8 || width == 4)
-                                && off as usize % width == 0
-                                && off as usize + width <= self.kernel.control.len() =>
+                                && (base + i64::from(off)) as usize % width == 0
+                                && (base + i64::from(off)) as usize + width
+                                    <= self.kernel.control.len() =>
                         {
-                            let at = off as usize;
+                            let at = (base + i64::from(off)) as usize;
                             Value::Scalar(from_memory(&self.kernel.control[at..at + width]))
                         }
                         other => return Err(fault(&format!("load through {other:?}"))),
@@ -328,7 +353,7 @@ impl Machine<'_> {
                         let left = match self.regs[dst] {
                             Value::Scalar(v) => v,
                             // The null check of a map lookup: a map value is never null.
-                            Value::Bucket(_) | Value::CounterSlot | Value::ControlSlot
+                            Value::Bucket(_) | Value::CounterSlot | Value::ControlSlot(_)
                                 if op == 0x10 && code & 0x08 == 0 && imm == 0 =>
                             {
                                 u64::MAX
@@ -466,13 +491,20 @@ impl Machine<'_> {
             self.regs[dst] = Value::Scalar(if wide { operand } else { operand & 0xffff_ffff });
             return Ok(());
         }
-        // Pointer arithmetic: only a constant added to a stack pointer.
+        // Pointer arithmetic: only a constant added to a stack or control value pointer.
         if let Value::Stack(base) = self.regs[dst] {
             if op == 0x00 && wide && !from_register {
                 self.regs[dst] = Value::Stack(base + i64::from(imm));
                 return Ok(());
             }
             return Err(format!("arithmetic {op:#x} on a stack pointer"));
+        }
+        if let Value::ControlSlot(base) = self.regs[dst] {
+            if op == 0x00 && wide && !from_register {
+                self.regs[dst] = Value::ControlSlot(base + i64::from(imm));
+                return Ok(());
+            }
+            return Err(format!("arithmetic {op:#x} on a map value pointer"));
         }
         let left = self.scalar(dst)?;
         let bits = if wide { 64 } else { 32 };
@@ -535,7 +567,7 @@ impl Machine<'_> {
                         let index = u32::from_ne_bytes(key.try_into().map_err(|_| "key size")?);
                         match (index, map) {
                             (0, Map::Counter) => Value::CounterSlot,
-                            (0, _) => Value::ControlSlot,
+                            (0, _) => Value::ControlSlot(0),
                             _ => Value::Scalar(0),
                         }
                     }
@@ -833,6 +865,75 @@ mod tests {
                 prop_assert_eq!(kernel.buckets.len(), usize::from(got != 0), "budget charged");
                 prop_assert_eq!(kernel.counter, 0);
             }
+        }
+    }
+
+    /// How many stores a rewrite of the watched ports makes: a bank's SYN-only word and two
+    /// counts, its range slots, and the flip.
+    const REWRITE_STORES: usize = 3 + 4 * control::RANGES + 1;
+    /// Steps of a run a rewrite's stores are spread over (the program runs a few dozen to a
+    /// few hundred instructions per frame): stores before the run, during it and after it.
+    const REWRITE_SPREAD: usize = 600;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// A rewrite of the watched ports (`Limiter::set_ports`'s stores, in its order) while
+        /// a frame is evaluated, its stores falling at any points of the program's run: the
+        /// frame gets the verdict of the old table or of the new one (as the classic program
+        /// gives them for the old or the new watches), never one of a mix. Once the rewrite
+        /// is done, frames get the new table's verdict.
+        #[test]
+        fn a_frame_during_a_rewrite_sees_the_old_or_the_new_table(
+            old in watches(),
+            new in watches(),
+            (old_syn, new_syn) in (any::<bool>(), any::<bool>()),
+            shape in shape(),
+            steps in proptest::collection::vec(0..REWRITE_SPREAD, REWRITE_STORES),
+            rewrites_before in 0usize..3,
+        ) {
+            let insns = prefilter(BUCKETS_FD, COUNTER_FD, CONTROL_FD).unwrap();
+            let verdict = |watches: &[Watch], syn_only: bool, protocol: u16, packet: &[u8]| {
+                match bpf::run(&bpf::program(watches, syn_only).unwrap(), protocol, packet) {
+                    _ if packet.len() < KEYED => 0,
+                    passed => passed,
+                }
+            };
+            let both: Vec<Watch> = old.iter().chain(&new).copied().collect();
+            let packet = shape.build(&both);
+            let protocol = if shape.v6 { 0x86dd } else { 0x0800 };
+            let (old_ports, new_ports) = (Ports::new(&old, old_syn), Ports::new(&new, new_syn));
+            let mut kernel = kernel_for(&old_ports, ENDLESS, true, 1_000_000_000);
+            // Either bank may be the one in use when the rewrite starts.
+            for _ in 0..rewrites_before {
+                kernel.set_ports(&Ports::new(&[], false));
+                kernel.set_ports(&old_ports);
+            }
+            let stores = kernel.port_stores(&new_ports);
+            prop_assert_eq!(stores.len(), REWRITE_STORES);
+            let mut steps = steps;
+            steps.sort_unstable();
+            kernel.during_next_run = steps
+                .into_iter()
+                .zip(stores)
+                .map(|(step, (at, word))| (step, at, word))
+                .collect();
+            let got = kernel.run(&insns, protocol, &packet).map_err(TestCaseError::fail)?;
+            let (before, after) = (
+                verdict(&old, old_syn, protocol, &packet),
+                verdict(&new, new_syn, protocol, &packet),
+            );
+            prop_assert!(
+                got == before || got == after,
+                "got {:#x}, old table {:#x}, new table {:#x}: packet {:02x?}",
+                got, before, after, packet
+            );
+            // The stores left when the frame was done land before the next frame.
+            while let Some((_, at, word)) = kernel.during_next_run.pop_front() {
+                kernel.store(at, word);
+            }
+            let next = kernel.run(&insns, protocol, &packet).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(next, after);
         }
     }
 

@@ -2,7 +2,7 @@
 //! stay closed), or a plain UDP socket. Both hand the daemon borrowed packet bytes with a
 //! bounded wait, so the loop can notice signals and timers, and count what they drop.
 //!
-//! Rooms: [`bpf`] (the kernel prefilter), [`ebpf`] (the same with a per-source budget), [`socket`] (opening a capture socket),
+//! Rooms: [`bpf`] (the kernel prefilter), [`ebpf`] (the same with a per-source budget), [`program`] (the daemon's one eBPF program), [`socket`] (opening a capture socket),
 //! [`ring`] (the receive ring shared with the kernel), [`afpacket`] (fair reading), [`host`] (does the host accept this frame?),
 //! [`frame`] (IP/UDP/TCP parsing), [`checksum`], [`stats`] (drop counters).
 
@@ -23,6 +23,7 @@ mod ebpf_interp;
 pub mod frame;
 pub mod host;
 pub mod pressure;
+pub mod program;
 pub mod ring;
 pub mod socket;
 pub mod stats;
@@ -36,6 +37,36 @@ pub use stats::{CaptureStats, DropReason};
 /// spad's resident memory with it. A reload that changes this re-opens the capture.
 pub fn slot_size(config: &crate::config::Config) -> SlotSize {
     SlotSize::for_fwknop(!config.fwknop_clients.is_empty())
+}
+
+/// After a failed reload: the running capture's ports, budget and engaged flag back in its
+/// prefilter. What the reload wrote there goes back out: the new ports and budget of an
+/// in-place change, or everything a new capture wrote into the control map of the eBPF
+/// program it shares with the running one ([`program`]). Memory writes only.
+pub fn restore_prefilter(
+    source: &mut dyn Source,
+    watches: &[bpf::Watch],
+    syn_only: bool,
+    budget: Option<ebpf::SourceBudget>,
+) {
+    source.set_watches(watches, syn_only);
+    source.set_budget(budget);
+}
+
+/// After a reload replaced `old` with `live`: the old source's last counters (for the
+/// daemon's totals), read before it is closed; then the live source's budget is applied
+/// again, which writes its engaged flag. That last reading may have taken the old source's
+/// ring drops as a sign of pressure and engaged the budget of the eBPF program both share;
+/// the flag must follow the live source alone.
+pub fn retire(
+    mut old: Box<dyn Source>,
+    live: &mut dyn Source,
+    budget: Option<ebpf::SourceBudget>,
+) -> CaptureStats {
+    let stats = old.stats();
+    drop(old);
+    live.set_budget(budget);
+    stats
 }
 
 /// One received packet, borrowed from the source's buffer (no copy per packet).

@@ -71,7 +71,10 @@ pub struct CaptureStats {
     /// Frames the kernel dropped because the socket's receive queue was full (`tp_drops`).
     pub kernel_drops: u64,
     /// Frames the kernel's filter dropped because their source was over its packet budget
-    /// (`packet-rate`, `packet-burst`; AF_PACKET with the eBPF prefilter only).
+    /// (`packet-rate`, `packet-burst`; AF_PACKET with the eBPF prefilter only), since the
+    /// program was loaded. The daemon loads one program for its life and every capture
+    /// attaches it ([`program`](super::program)), so this is the program's running total, not
+    /// one capture's: [`add`](Self::add) keeps the larger reading instead of summing.
     pub kernel_source_limited: u64,
     /// The per-source packet budget is loaded in the kernel (a state, not a count).
     pub kernel_budget: bool,
@@ -101,7 +104,9 @@ impl CaptureStats {
         self.delivered += other.delivered;
         self.kernel_packets += other.kernel_packets;
         self.kernel_drops += other.kernel_drops;
-        self.kernel_source_limited += other.kernel_source_limited;
+        // The one program's running total (see the field): the later reading holds the
+        // earlier one; a capture without the program reads 0.
+        self.kernel_source_limited = self.kernel_source_limited.max(other.kernel_source_limited);
         self.kernel_budget = other.kernel_budget;
         self.budget_engaged = other.budget_engaged;
         self.budget_engagements += other.budget_engagements;
@@ -223,6 +228,26 @@ mod tests {
         total.add(&stats);
         assert_eq!(total.dropped(DropReason::BadChecksum), 14);
         assert_eq!(total.dropped_total(), 56);
+    }
+
+    /// A capture replaced on reload shares the one program, and its counter, with the
+    /// capture that replaced it: the totals count each cut frame once.
+    #[test]
+    fn the_shared_programs_cuts_are_counted_once_across_a_reload() {
+        let reading = |limited| CaptureStats {
+            kernel_source_limited: limited,
+            received: 10,
+            ..CaptureStats::default()
+        };
+        // The retired capture saw 40 cut; 15 more were cut since, 55 read by the new capture.
+        let mut total = CaptureStats::default();
+        total.add(&reading(40));
+        total.add(&reading(55));
+        assert_eq!(total.kernel_source_limited, 55, "{total}");
+        assert_eq!(total.received, 20, "the captures' own counts still add up");
+        // A capture without the program (the classic prefilter) reads 0: nothing is lost.
+        total.add(&reading(0));
+        assert_eq!(total.kernel_source_limited, 55, "{total}");
     }
 
     struct Fake(u64, bool);

@@ -1,0 +1,231 @@
+//! The kernel's per-source packet budget through reloads, end to end, with spad run as the
+//! unit runs it (privileges dropped, CAP_BPF with them): a reload that needs a new capture
+//! (here: the LAN interface `eth1` added to `interfaces`) attaches the program loaded at
+//! start to its new sockets, so the budget stays loaded (status, metrics) and still cuts a
+//! flood once spad falls behind; and a reload that fails after its new capture was opened, or
+//! after it wrote new ports in place, leaves the running capture's ports in the program.
+//! Every test runs on nftables and on iptables + ipset.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use spa_e2e::*;
+
+const CONF: &str = "demo.toml";
+const T: Duration = Duration::from_millis(700);
+const METRICS: u16 = 9712;
+const BUDGET_REFUSED: &str = "warning: packet-rate is not enforced in the kernel (";
+
+/// Adds `line` to the `[server]` section of the lab's copy of the config.
+fn server_option(lab: &Lab, line: &str) {
+    edit_config(lab, "[server]\n", &format!("[server]\n{line}\n"));
+}
+
+/// Replaces `from` with `to` in the lab's copy of the config (panics when absent).
+fn edit_config(lab: &Lab, from: &str, to: &str) {
+    let path = lab.path(CONF);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "conf/{CONF} changed: no {from:?}");
+    std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+}
+
+/// The body of the metrics endpoint, read inside the gateway's namespace.
+fn metrics(lab: &Lab) -> String {
+    in_ns(&lab.gw, || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.split_once("\r\n\r\n").unwrap().1.to_string()
+    })
+}
+
+fn kernel_budget(lab: &Lab) -> serde_json::Value {
+    lab.status_json(CONF)["kernel_budget"].clone()
+}
+
+fn limited(lab: &Lab) -> u64 {
+    status_counter(&lab.status_json(CONF), "capture_kernel_source_limited")
+}
+
+/// 3,000 datagrams of garbage from client namespace `ns` to the SPA port, as fast as one
+/// socket sends them: more than the default `packet-burst` (1,000), faster than the default
+/// `packet-rate` (20,000/s) refills it. The gateway's link-layer address is resolved first,
+/// so no datagram waits, or is lost, in the neighbour queue.
+fn flood_spa_port(lab: &Lab, ns: &str) {
+    in_ns(ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.send_to(b"", Lab::gw4(9)).unwrap();
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&lab.ip(ns, &["neigh", "show", GW4]).stdout).contains("lladdr")
+        }),
+        "{GW4} not resolved in {ns}"
+    );
+    in_ns(ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..3000 {
+            socket.send_to(&[0x5a_u8; 136], Lab::gw4(62201)).unwrap();
+        }
+    });
+}
+
+/// Started as root and dropped to `nobody` (no CAP_BPF left), spad reloads with the LAN
+/// interface added: a new capture. It attaches the program loaded at start, so no warning,
+/// the status still says `released` and the metrics `spad_capture_kernel_budget_loaded 1`
+/// (before the program was shared, this capture fell back to the classic filter: `off`, 0);
+/// once spad falls behind the budget engages and a flood is cut in the kernel; knocks are
+/// still granted.
+pub fn a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_drop(
+    backend: Backend,
+) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    server_option(&lab, &format!("metrics = \"127.0.0.1:{METRICS}\""));
+    let daemon = lab.start_spad_as_nobody(CONF, backend);
+    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
+    assert!(metrics(&lab).contains("spad_capture_kernel_budget_loaded 1\n"));
+
+    edit_config(
+        &lab,
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\", \"eth1\"]",
+    );
+    lab.reload_spad(daemon);
+    assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
+    let log = lab.log();
+    assert!(!log.contains(BUDGET_REFUSED), "{log}");
+    assert!(!log.contains("reload failed"), "{log}");
+    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
+    let body = metrics(&lab);
+    assert!(
+        body.contains("spad_capture_kernel_budget_loaded 1\n"),
+        "{body}"
+    );
+
+    // The budget engages once spad falls behind, and the kernel cuts a flood.
+    let before = limited(&lab);
+    assert!(
+        lab.make_spad_fall_behind(daemon, CONF, &lab.b.clone(), Lab::gw4(62201)),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(kernel_budget(&lab), "engaged", "{}", lab.log());
+    flood_spa_port(&lab, &lab.b);
+    assert!(
+        wait_until(Duration::from_secs(10), || limited(&lab) > before),
+        "nothing cut in the kernel: {}",
+        lab.status_json(CONF)
+    );
+
+    // The new capture serves knocks.
+    lab.knock(&lab.a, "alice", &["ssh"], &[], false);
+    assert!(
+        lab.wait_log("granted owner=alice address=203.0.113.10 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    lab.stop_spad(daemon, false);
+    let log = lab.log();
+    assert!(!log.contains("error:"), "{log}");
+}
+
+/// A reload that opens a new capture (the LAN interface added) and moves door `ops` from
+/// ports 7000-9000 to 41000-41002 (so 7000 and 9000/tcp are no longer watched), then fails:
+/// the firewall tools refuse the new ruleset (`nft` and `ipset` stand-ins that fail while a
+/// marker file exists). The new capture had written its ports into the program it shares
+/// with the running capture; the failed reload writes the running capture's back, so door
+/// `ops` still opens at its old ports (without that, the kernel would drop the knocks at 7000
+/// and 9000), and the budget is still loaded.
+pub fn a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilter(
+    backend: Backend,
+) {
+    a_failed_reload_keeps_the_running_ports(backend, true);
+}
+
+/// The same without a new capture: the moved door's ports are written in place into the
+/// running capture's program, and the failed reload writes the old ones back.
+pub fn a_reload_that_fails_after_moving_ports_in_place_keeps_the_running_prefilter(
+    backend: Backend,
+) {
+    a_failed_reload_keeps_the_running_ports(backend, false);
+}
+
+fn a_failed_reload_keeps_the_running_ports(backend: Backend, new_capture: bool) {
+    let mut lab = Lab::new(CONF);
+    let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
+    let refuse = lab.path("refuse-firewall-tools");
+    let bin = lab.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["nft", "ipset"] {
+        let real = run("sh", &["-c", &format!("command -v {tool}")]);
+        let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+        let script = bin.join(tool);
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nif [ -e '{}' ]; then cat >/dev/null; echo \"{tool}: refused by the test\" >&2; exit 1; fi\nexec '{real}' \"$@\"\n",
+                refuse.display()
+            ),
+        )
+        .unwrap();
+        run("chmod", &["0755", script.to_str().unwrap()]);
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
+    let daemon = lab.start_spad_with_env(CONF, backend, &[("PATH", &path)]);
+    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
+
+    if new_capture {
+        edit_config(
+            &lab,
+            "interfaces = [\"eth0\"]",
+            "interfaces = [\"eth0\", \"eth1\"]",
+        );
+    }
+    edit_config(
+        &lab,
+        "sequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]",
+        "sequence = [\"41000/tcp\", \"41001/udp\", \"41002/tcp\"]",
+    );
+    edit_config(
+        &lab,
+        "close-sequence = [\"9000/tcp\", \"8000/udp\", \"7000/tcp\"]",
+        "close-sequence = [\"41002/tcp\", \"41001/udp\", \"41000/tcp\"]",
+    );
+    std::fs::write(&refuse, "").unwrap();
+    lab.reload_spad(daemon);
+    assert!(
+        lab.wait_log("reload failed, keeping the running config", 1),
+        "{}",
+        lab.log()
+    );
+    std::fs::remove_file(&refuse).unwrap();
+    assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
+    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
+
+    // The running config's door, at its running ports.
+    lab.exec(&lab.a, "knock", &[GW4, "7000", "8000:udp", "9000"]);
+    assert!(
+        lab.wait_log("203.0.113.10: door ops: OPEN", 1)
+            && lab.wait_log("granted owner=door:ops address=203.0.113.10 ", 1),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
+    lab.stop_spad(daemon, false);
+}
+
+both_backends!(
+    a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_drop,
+    a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilter,
+    a_reload_that_fails_after_moving_ports_in_place_keeps_the_running_prefilter,
+);
