@@ -153,15 +153,18 @@ impl Signals {
 /// Opens the packet source the config asks for. An AF_PACKET capture gets the daemon's one
 /// eBPF prefilter, loaded by the first capture (before the privilege drop) and attached by
 /// every later one (see [`capture::program`]).
+/// Opens `config`'s capture, its prefilter passing `ports` (the config's own, or while a
+/// reload is pending [`capture::pending_watches`]).
 fn open_source(
     config: &Config,
+    ports: &(Vec<capture::bpf::Watch>, bool),
     program: &mut capture::program::OneProgram,
 ) -> anyhow::Result<Box<dyn Source>> {
     Ok(match config.server.capture {
         CaptureMode::AfPacket => Box::new(capture::AfPacket::open(
             &config.server.interfaces,
-            &watches(config),
-            crate::knock::syn_only(config),
+            &ports.0,
+            ports.1,
             capture::slot_size(config),
             capture::afpacket::Prefilter::Ebpf(
                 program.get().map_err(|e| e.to_string()),
@@ -276,7 +279,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides) -> anyhow::Result<()>
     // Before anything is touched: refuses if another spad answers on this state directory.
     let hub = Hub::bind(&config, &config_path, SystemClock.now())?;
     let mut program = capture::program::OneProgram::default();
-    let source = open_source(&config, &mut program)?;
+    let ports = (watches(&config), crate::knock::syn_only(&config));
+    let source = open_source(&config, &ports, &mut program)?;
     let firewall = crate::firewall::open(&config)?;
     // Subscribed before the install, so a change anyone makes around it is seen (`Guard::rearm`).
     let subscription = crate::firewall::guard::Subscription::open(firewall.name());
@@ -524,15 +528,14 @@ impl Daemon {
             running.server.packet_budget(),
         );
         let budget_changed = new_budget != old_budget;
+        // Until the reload has taken effect (or been refused), the prefilter passes the
+        // ports of both configs: neither one's knocks are dropped in the kernel meanwhile.
+        let pending = capture::pending_watches(&old_watches, &new_watches);
         let recapture = structural
-            || (ports_changed
-                && !self
-                    .capture
-                    .source
-                    .set_watches(&new_watches.0, new_watches.1))
+            || (ports_changed && !self.capture.source.set_watches(&pending.0, pending.1))
             || (budget_changed && !self.capture.source.set_budget(new_budget));
         let capture = if recapture {
-            match open_source(&config, &mut self.program)
+            match open_source(&config, &pending, &mut self.program)
                 .and_then(|source| Ok(Capture::new(source)?))
             {
                 Ok(capture) => Some(capture),
@@ -563,15 +566,23 @@ impl Daemon {
         if let Some(capture) = capture {
             say_if_budget_refused(&*capture.source, &mut self.pipeline.log);
             let old = std::mem::replace(&mut self.capture, capture);
-            let retired = capture::retire(old.source, &mut *self.capture.source, new_budget);
+            let retired = capture::retire(
+                old.source,
+                &mut *self.capture.source,
+                &new_watches,
+                new_budget,
+            );
             self.retired_capture.add(&retired);
+        } else if ports_changed {
+            // In place: narrowed to the new ports (a memory write that worked a moment ago).
+            self.capture
+                .source
+                .set_watches(&new_watches.0, new_watches.1);
         }
         self.applied_watches = new_watches;
         Ok(())
     }
-}
 
-impl Daemon {
     /// After the loop: final counters, and the grants closed or left to expire.
     fn stop(mut self) -> anyhow::Result<()> {
         self.pipeline.log.hold_lines(false);

@@ -325,9 +325,8 @@ impl ReplayStore {
     fn append(&mut self) -> std::io::Result<()> {
         let file = self.room_for_pending()?;
         let started = std::time::Instant::now();
-        let written = self.write_at.call(&file, &self.pending, self.end);
+        self.write_at.call(&file, &self.pending, self.end)?;
         self.syncs.observe(micros_of(started.elapsed()));
-        written?;
         let len = self.pending.len() as u64;
         self.end += len;
         self.appended += len;
@@ -383,7 +382,9 @@ impl ReplayStore {
     /// What the sync thread's finished write means for the store.
     fn finish(&mut self, done: crate::journal_sync::Done) -> Result<(), ReplayRefusal> {
         let len = self.in_flight.take().unwrap_or(0);
-        self.syncs.observe(micros_of(done.took));
+        if done.result.is_ok() {
+            self.syncs.observe(micros_of(done.took));
+        }
         self.spare = done.bytes;
         self.spare.clear();
         match done.result {
@@ -807,9 +808,9 @@ mod tests {
         assert_eq!(reloaded.state, store.state);
     }
 
-    /// Every append is timed, on the caller's thread and on the sync thread alike: a write
-    /// held back for 30 ms shows as one sync of at least that long. Compactions are not
-    /// appends and are not counted.
+    /// Every successful append is timed, on the caller's thread and on the sync thread
+    /// alike: a write that takes 30 ms shows as one sync of at least that long. Compactions
+    /// are not appends, and failed writes are not syncs: neither is counted.
     #[test]
     fn each_append_is_timed_wherever_it_is_synced() {
         let dir = TempDir::new("timed");
@@ -820,18 +821,33 @@ mod tests {
         assert_eq!(store.begin_commit(NOW), Commit::Done(Ok(())));
         assert_eq!(store.syncs.count(), 1, "synchronous append");
 
-        let gate = store.gate_background_syncs(Arc::new(|| {}));
+        // A write that takes at least 30 ms inside the timed call (a slow disk), so the
+        // measurement cannot come in under it however the threads are scheduled.
+        store.write_at = WriteAt(Arc::new(|file: &std::fs::File, bytes: &[u8], offset| {
+            std::thread::sleep(Duration::from_millis(30));
+            file.write_all_at(bytes, offset)?;
+            file.sync_data()
+        }));
+        assert!(store.sync_in_background(Arc::new(|| {})).expect("thread"));
         store.accept(&client(2), NOW, NOW).unwrap();
         assert_eq!(store.begin_commit(NOW), Commit::Started);
-        std::thread::sleep(Duration::from_millis(30));
-        gate.send(true).unwrap();
         assert_eq!(store.wait_commit(Duration::from_secs(10)), Some(Ok(())));
         let syncs = store.sync_times().expect("a local journal is timed");
         assert_eq!(syncs.count(), 2);
         assert!(
             syncs.sum_micros() >= 30_000,
-            "the held write counts its wait: {syncs:?}"
+            "the slow write counts its time: {syncs:?}"
         );
+        // A failed write (a full disk) is not a sync.
+        let gate = store.gate_background_syncs(Arc::new(|| {}));
+        store.accept(&client(3), NOW, NOW).unwrap();
+        assert_eq!(store.begin_commit(NOW), Commit::Started);
+        gate.send(false).unwrap();
+        assert!(matches!(
+            store.wait_commit(Duration::from_secs(10)),
+            Some(Err(ReplayRefusal::Persist(_)))
+        ));
+        assert_eq!(store.syncs.count(), 2);
     }
 
     /// In the background: a started commit is on disk only once it is handed back, entries

@@ -200,15 +200,17 @@ impl AfPacket {
             Some(Ok(limiter)) => (Some(limiter), None),
             Some(Err(e)) => (None, budget.map(|_| e)),
         };
-        // This capture's ports and budget, and a released flag (its pressure starts anew),
-        // before any socket can pass a frame through the program: the program is shared, so
-        // a capture still running (the one a reload replaces) sees them too from here on.
+        // This capture's ports and budget, before any socket can pass a frame through the
+        // program. The program is shared, so a capture still running (the one a reload
+        // replaces) sees them too from here on: a reload opens the new capture with the
+        // union of the old and the new ports, and narrows them once it took effect
+        // ([`retire`](super::retire)). The engaged flag stays the running capture's until
+        // then (a flood being cut goes on being cut); the program starts released.
         if let Some(l) = &limiter {
             l.set_ports(&Ports::new(watches, syn_only));
             if let Some(budget) = budget {
                 l.set_budget(budget);
             }
-            l.set_engaged(false);
         }
         let mut rings = Vec::new();
         let mut attach_failed = false;
@@ -938,13 +940,22 @@ mod tests {
         );
     }
 
-    /// A capture on `vb` watching UDP `port`, with `program` (shared) and `budget`.
-    fn shared_on_vb(program: &Arc<Limiter>, port: u16, budget: SourceBudget) -> AfPacket {
-        let watches = [bpf::Watch {
-            proto: Proto::Udp,
-            low: port,
-            high: port,
-        }];
+    /// UDP `ports`, as the event loop hands them to a capture (SYN-only TCP).
+    fn udp_watches(ports: &[u16]) -> (Vec<bpf::Watch>, bool) {
+        let watches = ports
+            .iter()
+            .map(|&port| bpf::Watch {
+                proto: Proto::Udp,
+                low: port,
+                high: port,
+            })
+            .collect();
+        (watches, true)
+    }
+
+    /// A capture on `vb` watching UDP `ports`, with `program` (shared) and `budget`.
+    fn shared_on_vb(program: &Arc<Limiter>, ports: &[u16], budget: SourceBudget) -> AfPacket {
+        let (watches, _) = udp_watches(ports);
         let prefilter = Prefilter::Ebpf(Ok(Arc::clone(program)), Some(budget));
         AfPacket::open_with(
             &["vb".to_string()],
@@ -982,18 +993,21 @@ mod tests {
 
     /// Needs root (skipped otherwise). A reload's new capture attaches the running one's
     /// program (no new one is loaded, so none is refused after the privilege drop) and writes
-    /// its ports, budget and a released flag into the control map they share: the running
-    /// capture's sockets follow them at once. When the reload then fails, the new capture is
-    /// dropped and [`restore_prefilter`](crate::capture::restore_prefilter) gives the running
-    /// capture its ports, its budget and its engaged flag back.
+    /// its ports (both configs' while the reload is pending) and budget into the control map
+    /// they share, leaving the engaged flag alone: the running capture's sockets follow them
+    /// at once, and drop no knock of either config. When the reload then fails, the new
+    /// capture is dropped and [`restore_prefilter`](crate::capture::restore_prefilter) gives
+    /// the running capture its ports, its budget and its engaged flag back.
     #[test]
     fn a_failed_reload_after_a_new_capture_gives_the_running_one_its_prefilter_back() {
         const NEW_PORT: u16 = KNOCK_PORT + 1;
         let (old_budget, new_budget) = (
             SourceBudget { rate: 1, burst: 50 },
+            // Room for the second's worth the old budget charged the test's one source: the
+            // flag stays engaged while the reload is pending.
             SourceBudget {
                 rate: 1000,
-                burst: 5,
+                burst: 5000,
             },
         );
         let Some(seen) = in_throwaway_namespace(move || {
@@ -1008,14 +1022,20 @@ mod tests {
                     b"knock",
                 ))
             };
-            let mut running = shared_on_vb(&program, KNOCK_PORT, old_budget);
+            let mut running = shared_on_vb(&program, &[KNOCK_PORT], old_budget);
             running.behind();
             let engaged_before = program.engaged();
             send(NEW_PORT);
             send(KNOCK_PORT);
             let before = ports_until(&mut running, KNOCK_PORT);
 
-            let new = shared_on_vb(&program, NEW_PORT, new_budget);
+            // Opened as the event loop does while the reload is pending: both configs' ports.
+            let pending = crate::capture::pending_watches(
+                &udp_watches(&[KNOCK_PORT]),
+                &udp_watches(&[NEW_PORT]),
+            );
+            assert_eq!(pending, udp_watches(&[KNOCK_PORT, NEW_PORT]));
+            let new = shared_on_vb(&program, &[KNOCK_PORT, NEW_PORT], new_budget);
             assert!(new.budget_refused().is_none());
             let during = (program.engaged(), program.budget_ns());
             send(KNOCK_PORT);
@@ -1052,13 +1072,13 @@ mod tests {
         assert_eq!(before, vec![KNOCK_PORT]);
         assert_eq!(
             during,
-            (false, ns(new_budget)),
-            "the new capture owns the control"
+            (true, ns(new_budget)),
+            "the new capture's budget; the running capture's flag (a flood is still cut)"
         );
         assert_eq!(
             passed_during,
-            vec![NEW_PORT],
-            "the running capture's sockets read the shared ports"
+            vec![KNOCK_PORT, NEW_PORT],
+            "the running capture's sockets read the shared ports: both configs' knocks pass"
         );
         assert_eq!(
             after,
@@ -1106,15 +1126,20 @@ mod tests {
                 });
                 all
             };
-            let mut old = shared_on_vb(&program, KNOCK_PORT, budget);
+            let mut old = shared_on_vb(&program, &[KNOCK_PORT], budget);
             old.behind();
             send(30);
             let first = settle(&CaptureStats::default(), &mut old, 30);
 
-            let mut new = shared_on_vb(&program, KNOCK_PORT, budget);
+            let mut new = shared_on_vb(&program, &[KNOCK_PORT], budget);
+            let flag_while_pending = program.engaged();
             let mut retired = CaptureStats::default();
-            retired.add(&old.stats());
-            drop(old);
+            retired.add(&crate::capture::retire(
+                Box::new(old),
+                &mut new,
+                &udp_watches(&[KNOCK_PORT]),
+                Some(budget),
+            ));
             let flag_after_swap = program.engaged();
             new.housekeeping();
             let flag_after_tick = program.engaged();
@@ -1126,7 +1151,12 @@ mod tests {
                 first,
                 second,
                 program.limited(),
-                (flag_after_swap, flag_after_tick, flag_engaged),
+                (
+                    flag_while_pending,
+                    flag_after_swap,
+                    flag_after_tick,
+                    flag_engaged,
+                ),
             ))
         })
         .flatten() else {
@@ -1134,7 +1164,11 @@ mod tests {
         };
         let (first, second, limited, flags) = seen;
         assert!((19..=20).contains(&first.kernel_source_limited), "{first}");
-        assert_eq!(flags, (false, false, true), "the flag is the new capture's");
+        assert_eq!(
+            flags,
+            (true, false, false, true),
+            "the running capture's flag until the swap, then the new capture's"
+        );
         assert_eq!(second.kernel_source_limited, limited, "{second}");
         assert_eq!(
             second.kernel_source_limited + second.kernel_packets,
@@ -1165,7 +1199,7 @@ mod tests {
         let Some(seen) = in_throwaway_namespace(move || {
             let program = one_program()?;
             let tx = Sender::new();
-            let old = shared_on_vb(&program, KNOCK_PORT, generous);
+            let old = shared_on_vb(&program, &[KNOCK_PORT], generous);
             // A classic capture sees the same frames: once it has counted them all, so has
             // the old capture's socket (each frame reaches both in one pass), whose counters
             // are not read before `retire`.
@@ -1186,9 +1220,14 @@ mod tests {
                 let seen = observer.stats();
                 seen.kernel_packets >= frames // tp_packets counts the drops too
             }));
-            let mut live = shared_on_vb(&program, KNOCK_PORT, generous);
+            let mut live = shared_on_vb(&program, &[KNOCK_PORT], generous);
             let flag_at_open = program.engaged();
-            let retired = crate::capture::retire(Box::new(old), &mut live, Some(generous));
+            let retired = crate::capture::retire(
+                Box::new(old),
+                &mut live,
+                &udp_watches(&[KNOCK_PORT]),
+                Some(generous),
+            );
             Some((flag_at_open, retired, program.engaged()))
         })
         .flatten() else {

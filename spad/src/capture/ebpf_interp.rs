@@ -904,9 +904,9 @@ mod tests {
             let protocol = if shape.v6 { 0x86dd } else { 0x0800 };
             let (old_ports, new_ports) = (Ports::new(&old, old_syn), Ports::new(&new, new_syn));
             let mut kernel = kernel_for(&old_ports, ENDLESS, true, 1_000_000_000);
-            // Either bank may be the one in use when the rewrite starts.
+            // Either bank may be the one in use when the rewrite starts: each rewrite of the
+            // old table flips the bank.
             for _ in 0..rewrites_before {
-                kernel.set_ports(&Ports::new(&[], false));
                 kernel.set_ports(&old_ports);
             }
             let stores = kernel.port_stores(&new_ports);

@@ -53,18 +53,37 @@ pub fn restore_prefilter(
     source.set_budget(budget);
 }
 
+/// The ports a prefilter passes while a reload is pending: those of the running config and
+/// those of the new one, so neither config's knocks are dropped in the kernel before the
+/// reload has taken effect or been refused. TCP segments other than SYN pass when either
+/// config needs them. More ranges than the program holds collapse to one per protocol (a
+/// superset: userspace filters exactly).
+pub fn pending_watches(
+    running: &(Vec<bpf::Watch>, bool),
+    new: &(Vec<bpf::Watch>, bool),
+) -> (Vec<bpf::Watch>, bool) {
+    let mut all: Vec<bpf::Watch> = running.0.iter().chain(&new.0).copied().collect();
+    all.sort_by_key(|w| (w.proto, w.low, w.high));
+    all.dedup();
+    (all, running.1 && new.1)
+}
+
 /// After a reload replaced `old` with `live`: the old source's last counters (for the
-/// daemon's totals), read before it is closed; then the live source's budget is applied
-/// again, which writes its engaged flag. That last reading may have taken the old source's
-/// ring drops as a sign of pressure and engaged the budget of the eBPF program both share;
-/// the flag must follow the live source alone.
+/// daemon's totals), read before it is closed; then the live source's exact ports (it was
+/// opened with [`pending_watches`]) and its budget are applied again, which writes its
+/// engaged flag. That last reading may have taken the old source's ring drops as a sign of
+/// pressure and engaged the budget of the eBPF program both share; the flag must follow the
+/// live source alone.
 pub fn retire(
     mut old: Box<dyn Source>,
     live: &mut dyn Source,
+    watches: &(Vec<bpf::Watch>, bool),
     budget: Option<ebpf::SourceBudget>,
 ) -> CaptureStats {
     let stats = old.stats();
     drop(old);
+    // A ring that kept the classic filter keeps the pending ports built in (a superset).
+    live.set_watches(&watches.0, watches.1);
     live.set_budget(budget);
     stats
 }
@@ -212,6 +231,44 @@ impl Source for UdpListener {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    fn watch(proto: crate::net::Proto, low: u16, high: u16) -> bpf::Watch {
+        bpf::Watch { proto, low, high }
+    }
+
+    /// While a reload is pending both configs' ports pass, each range once, and TCP
+    /// segments other than SYN pass if either config needs them.
+    #[test]
+    fn a_pending_reload_passes_both_configs_ports() {
+        use crate::net::Proto;
+        let running = (
+            vec![
+                watch(Proto::Udp, 62201, 62201),
+                watch(Proto::Tcp, 7000, 7000),
+            ],
+            true,
+        );
+        let new = (
+            vec![
+                watch(Proto::Tcp, 7000, 7000),
+                watch(Proto::Tcp, 41000, 41002),
+            ],
+            false,
+        );
+        assert_eq!(
+            pending_watches(&running, &new),
+            (
+                vec![
+                    watch(Proto::Tcp, 7000, 7000),
+                    watch(Proto::Tcp, 41000, 41002),
+                    watch(Proto::Udp, 62201, 62201),
+                ],
+                false
+            )
+        );
+        assert!(pending_watches(&running, &running).1, "SYN-only stays");
+        assert_eq!(pending_watches(&running, &running).0.len(), 2);
+    }
 
     const SPA_ONLY: &str = r#"[server]
 private-key = "k"

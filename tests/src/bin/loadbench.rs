@@ -707,7 +707,8 @@ impl Buckets {
                 .filter_map(|line| {
                     let rest = line.strip_prefix(&prefix)?;
                     let (le, count) = rest.split_once("\"} ")?;
-                    let seconds: f64 = le.parse().ok()?;
+                    // `+Inf` is left out: the percentiles name finite bounds.
+                    let seconds: f64 = le.parse().ok().filter(|s: &f64| s.is_finite())?;
                     Some(((seconds * 1e6).round() as u64, count.trim().parse().ok()?))
                 })
                 .collect(),
@@ -744,6 +745,9 @@ impl Buckets {
 /// spad's own view of a step, from two scrapes of its metrics: how long its journal syncs
 /// took (the disk, in the same seconds as the grants) and its heard → granted latency.
 fn spad_view(before: &str, after: &str) -> String {
+    if before.is_empty() || after.is_empty() {
+        return format!("spad's metrics did not answer ({METRICS})");
+    }
     let part = |family: &str| {
         let b = Buckets::parse(after, family).since(&Buckets::parse(before, family));
         format!(
