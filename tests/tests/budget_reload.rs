@@ -145,7 +145,7 @@ pub fn a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_
 pub fn a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilter(
     backend: Backend,
 ) {
-    a_failed_reload_keeps_the_running_ports(backend, true);
+    a_failed_reload_keeps_the_running_ports(backend, true, false);
 }
 
 /// The same without a new capture: the moved door's ports are written in place into the
@@ -153,13 +153,30 @@ pub fn a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilt
 pub fn a_reload_that_fails_after_moving_ports_in_place_keeps_the_running_prefilter(
     backend: Backend,
 ) {
-    a_failed_reload_keeps_the_running_ports(backend, false);
+    a_failed_reload_keeps_the_running_ports(backend, false, false);
 }
 
-fn a_failed_reload_keeps_the_running_ports(backend: Backend, new_capture: bool) {
+/// While a reload is pending (held here inside the refusing firewall tool), the prefilter
+/// passes both configs' ports: a knock on the running config's door sent meanwhile waits in
+/// the running capture's ring and opens the door once the reload has failed. Were only the
+/// new config's ports passed, the kernel would drop those knocks. With a new capture, and
+/// in place.
+pub fn a_knock_sent_while_a_reload_fails_opens_the_running_door(backend: Backend) {
+    a_failed_reload_keeps_the_running_ports(backend, true, true);
+    a_failed_reload_keeps_the_running_ports(backend, false, true);
+}
+
+fn a_failed_reload_keeps_the_running_ports(
+    backend: Backend,
+    new_capture: bool,
+    knock_while_pending: bool,
+) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
     let refuse = lab.path("refuse-firewall-tools");
+    // With `hold`, the first refusing call says so (`holding`) and waits for `go` (at most
+    // 10 s): the reload is pending meanwhile.
+    let (hold, holding, go) = (lab.path("hold"), lab.path("holding"), lab.path("go"));
     let bin = lab.path("bin");
     std::fs::create_dir(&bin).unwrap();
     for tool in ["nft", "ipset"] {
@@ -169,8 +186,11 @@ fn a_failed_reload_keeps_the_running_ports(backend: Backend, new_capture: bool) 
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\nif [ -e '{}' ]; then cat >/dev/null; echo \"{tool}: refused by the test\" >&2; exit 1; fi\nexec '{real}' \"$@\"\n",
-                refuse.display()
+                "#!/bin/sh\nif [ -e '{refuse}' ]; then cat >/dev/null\n  if [ -e '{hold}' ]; then rm -f '{hold}'; touch '{holding}'; i=0\n    while [ ! -e '{go}' ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n  fi\n  echo \"{tool}: refused by the test\" >&2; exit 1; fi\nexec '{real}' \"$@\"\n",
+                refuse = refuse.display(),
+                hold = hold.display(),
+                holding = holding.display(),
+                go = go.display(),
             ),
         )
         .unwrap();
@@ -202,7 +222,20 @@ fn a_failed_reload_keeps_the_running_ports(backend: Backend, new_capture: bool) 
         "close-sequence = [\"41002/tcp\", \"41001/udp\", \"41000/tcp\"]",
     );
     std::fs::write(&refuse, "").unwrap();
+    if knock_while_pending {
+        std::fs::write(&hold, "").unwrap();
+    }
     lab.reload_spad(daemon);
+    if knock_while_pending {
+        assert!(
+            wait_until(Duration::from_secs(10), || holding.exists()),
+            "the reload never reached the firewall: {}",
+            lab.log()
+        );
+        // The running config's door, at its running ports, while the reload is pending.
+        lab.exec(&lab.a, "knock", &[GW4, "7000", "8000:udp", "9000"]);
+        std::fs::write(&go, "").unwrap();
+    }
     assert!(
         lab.wait_log("reload failed, keeping the running config", 1),
         "{}",
@@ -213,7 +246,9 @@ fn a_failed_reload_keeps_the_running_ports(backend: Backend, new_capture: bool) 
     assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
 
     // The running config's door, at its running ports.
-    lab.exec(&lab.a, "knock", &[GW4, "7000", "8000:udp", "9000"]);
+    if !knock_while_pending {
+        lab.exec(&lab.a, "knock", &[GW4, "7000", "8000:udp", "9000"]);
+    }
     assert!(
         lab.wait_log("203.0.113.10: door ops: OPEN", 1)
             && lab.wait_log("granted owner=door:ops address=203.0.113.10 ", 1),
@@ -228,4 +263,5 @@ both_backends!(
     a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_drop,
     a_reload_that_fails_after_opening_a_new_capture_keeps_the_running_prefilter,
     a_reload_that_fails_after_moving_ports_in_place_keeps_the_running_prefilter,
+    a_knock_sent_while_a_reload_fails_opens_the_running_door,
 );
