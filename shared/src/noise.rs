@@ -179,8 +179,7 @@ thread_local! {
 }
 
 fn dh(private: &PrivateKey, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, NoiseError> {
-    #[cfg(test)]
-    DH_COUNT.with(|count| count.set(count.get() + 1));
+    count_dh();
     let shared = private
         .secret()
         .diffie_hellman(&x25519_dalek::PublicKey::from(*public));
@@ -188,6 +187,64 @@ fn dh(private: &PrivateKey, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, No
         return Err(NoiseError::LowOrderPoint);
     }
     Ok(Zeroizing::new(shared.to_bytes()))
+}
+
+fn count_dh() {
+    #[cfg(test)]
+    DH_COUNT.with(|count| count.set(count.get() + 1));
+}
+
+/// The responder's static key for its per-message X25519: by aws-lc with the `aws-lc`
+/// feature (the daemon), else by x25519-dalek. Both give the same bytes and refuse the same
+/// low-order points (an all-zero result); the tests run the dalek one against it.
+struct StaticKey {
+    #[cfg(feature = "aws-lc")]
+    fast: aws_lc_rs::agreement::PrivateKey,
+    #[cfg(not(feature = "aws-lc"))]
+    private: PrivateKey,
+}
+
+impl StaticKey {
+    fn new(private: &PrivateKey) -> Self {
+        #[cfg(feature = "aws-lc")]
+        {
+            let fast = aws_lc_rs::agreement::PrivateKey::from_private_key(
+                &aws_lc_rs::agreement::X25519,
+                private.secret().as_bytes(),
+            )
+            // A 32-byte X25519 key is always accepted; a refusal would be a broken library.
+            .expect("aws-lc takes any 32-byte X25519 private key");
+            Self { fast }
+        }
+        #[cfg(not(feature = "aws-lc"))]
+        Self {
+            private: private.clone(),
+        }
+    }
+
+    fn dh(&self, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, NoiseError> {
+        #[cfg(feature = "aws-lc")]
+        {
+            count_dh();
+            let mut out = Zeroizing::new([0u8; 32]);
+            aws_lc_rs::agreement::agree(
+                &self.fast,
+                aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::X25519, public),
+                NoiseError::LowOrderPoint,
+                |shared| {
+                    out.copy_from_slice(shared);
+                    Ok(())
+                },
+            )?;
+            // aws-lc refuses an all-zero result itself; checked again, as dalek's path does.
+            if bool::from(out.ct_eq(&[0u8; 32])) {
+                return Err(NoiseError::LowOrderPoint);
+            }
+            Ok(out)
+        }
+        #[cfg(not(feature = "aws-lc"))]
+        dh(&self.private, public)
+    }
 }
 
 /// Writes the single handshake message `e, es, s, ss, payload` to `out`.
@@ -291,6 +348,8 @@ impl std::fmt::Debug for StaticSecrets {
 /// computed once.
 pub struct Responder {
     private: PrivateKey,
+    /// The same key, for the per-message X25519 (see [`StaticKey`]).
+    key: StaticKey,
     public: PublicKey,
     /// The symmetric state after the prologue and `rs` were mixed in: the same for every message.
     initial: SymmetricState,
@@ -313,6 +372,7 @@ impl Responder {
         let public = private.public_key();
         let initial = SymmetricState::new(prologue, &public);
         Self {
+            key: StaticKey::new(&private),
             private,
             public,
             initial,
@@ -366,12 +426,12 @@ impl Responder {
         let mut ephemeral_bytes = [0u8; 32];
         ephemeral_bytes.copy_from_slice(ephemeral);
         state.mix_hash(&ephemeral_bytes);
-        state.mix_key(&*dh(&self.private, &ephemeral_bytes)?);
+        state.mix_key(&*self.key.dh(&ephemeral_bytes)?);
         let mut initiator = [0u8; 32];
         state.decrypt_and_hash_into(encrypted_static, &mut initiator)?;
         let initiator = PublicKey(initiator);
         match &self.known {
-            None => state.mix_key(&*dh(&self.private, initiator.as_bytes())?),
+            None => state.mix_key(&*self.key.dh(initiator.as_bytes())?),
             Some(known) => match known.secrets.get(&initiator) {
                 None => return Err(NoiseError::UnknownInitiator(initiator)),
                 Some(None) => return Err(NoiseError::LowOrderPoint),
@@ -489,6 +549,66 @@ mod tests {
             read_message(PROLOGUE, &server, &message).unwrap_err(),
             NoiseError::LowOrderPoint
         );
+    }
+
+    /// The points of small order on Curve25519 and their non-canonical encodings (the list
+    /// libsodium and BoringSSL refuse): X25519 with any of them is all zero.
+    const LOW_ORDER: [[u8; 32]; 7] = {
+        let mut points = [[0u8; 32]; 7];
+        points[1][0] = 1;
+        points[2] = [
+            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f,
+            0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16,
+            0x5f, 0x49, 0xb8, 0x00,
+        ];
+        points[3] = [
+            0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83,
+            0xef, 0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd,
+            0xd0, 0x9f, 0x11, 0x57,
+        ];
+        // p - 1, p, p + 1.
+        points[4] = [
+            0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0x7f,
+        ];
+        points[5] = [
+            0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0x7f,
+        ];
+        points[6] = [
+            0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0x7f,
+        ];
+        points
+    };
+
+    proptest::proptest! {
+        /// The responder's per-message X25519 (aws-lc in the daemon's build, dalek otherwise)
+        /// gives x25519-dalek's bytes for any key and any peer, and refuses exactly what
+        /// dalek refuses: every low-order point, with its high bit set or not.
+        #[test]
+        fn the_responders_dh_is_x25519_daleks(
+            private in proptest::array::uniform32(proptest::num::u8::ANY),
+            public in proptest::array::uniform32(proptest::num::u8::ANY),
+            low in 0usize..7,
+            high_bit in proptest::bool::ANY,
+        ) {
+            let private = PrivateKey::from_bytes(private);
+            let key = StaticKey::new(&private);
+            proptest::prop_assert_eq!(
+                key.dh(&public).map(|k| *k),
+                dh(&private, &public).map(|k| *k)
+            );
+            let mut point = LOW_ORDER[low];
+            if high_bit {
+                point[31] |= 0x80;
+            }
+            proptest::prop_assert_eq!(key.dh(&point).map(|k| *k), Err(NoiseError::LowOrderPoint));
+            proptest::prop_assert_eq!(dh(&private, &point).map(|k| *k), Err(NoiseError::LowOrderPoint));
+        }
     }
 
     /// The `snow` crate is the oracle: same pattern, same prologue, messages decrypt both ways.
