@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench -p spa-shared --bench packet -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^(open|seal)|time:"
+# The daemon's opens: its per-packet X25519 is aws-lc's (spad's default feature).
+echo "with --features aws-lc (the daemon's build):"
+cargo bench -p spa-shared --features aws-lc --bench packet -- --warm-up-time 1 --measurement-time 3 open/ 2>&1 | grep -E "^open|time:"
 cargo bench -p spa-shared --bench fwknop -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^fwknop|time:"
 cargo bench -p spad --bench grant
 cargo bench -p spad --bench pipeline -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "^(pipeline|reference)|time:"
