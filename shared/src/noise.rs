@@ -197,53 +197,52 @@ fn count_dh() {
 /// The responder's static key for its per-message X25519: by aws-lc with the `aws-lc`
 /// feature (the daemon), else by x25519-dalek. Both give the same bytes and refuse the same
 /// low-order points (an all-zero result); the tests run the dalek one against it.
-struct StaticKey {
+enum StaticKey {
     #[cfg(feature = "aws-lc")]
-    fast: aws_lc_rs::agreement::PrivateKey,
-    #[cfg(not(feature = "aws-lc"))]
-    private: PrivateKey,
+    Fast(aws_lc_rs::agreement::PrivateKey),
+    /// Without the feature, or if aws-lc refused the key (it takes any 32 bytes; only an
+    /// allocation failure inside it could): the same result, by x25519-dalek.
+    Dalek(PrivateKey),
 }
 
 impl StaticKey {
     fn new(private: &PrivateKey) -> Self {
         #[cfg(feature = "aws-lc")]
-        {
-            let fast = aws_lc_rs::agreement::PrivateKey::from_private_key(
-                &aws_lc_rs::agreement::X25519,
-                private.secret().as_bytes(),
-            )
-            // A 32-byte X25519 key is always accepted; a refusal would be a broken library.
-            .expect("aws-lc takes any 32-byte X25519 private key");
-            Self { fast }
+        if let Ok(fast) = aws_lc_rs::agreement::PrivateKey::from_private_key(
+            &aws_lc_rs::agreement::X25519,
+            private.secret().as_bytes(),
+        ) {
+            return Self::Fast(fast);
         }
-        #[cfg(not(feature = "aws-lc"))]
-        Self {
-            private: private.clone(),
-        }
+        Self::Dalek(private.clone())
     }
 
     fn dh(&self, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, NoiseError> {
-        #[cfg(feature = "aws-lc")]
-        {
-            count_dh();
-            let mut out = Zeroizing::new([0u8; 32]);
-            aws_lc_rs::agreement::agree(
-                &self.fast,
-                aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::X25519, public),
-                NoiseError::LowOrderPoint,
-                |shared| {
-                    out.copy_from_slice(shared);
-                    Ok(())
-                },
-            )?;
-            // aws-lc refuses an all-zero result itself; checked again, as dalek's path does.
-            if bool::from(out.ct_eq(&[0u8; 32])) {
-                return Err(NoiseError::LowOrderPoint);
+        match self {
+            #[cfg(feature = "aws-lc")]
+            Self::Fast(fast) => {
+                count_dh();
+                let mut out = Zeroizing::new([0u8; 32]);
+                aws_lc_rs::agreement::agree(
+                    fast,
+                    aws_lc_rs::agreement::UnparsedPublicKey::new(
+                        &aws_lc_rs::agreement::X25519,
+                        public,
+                    ),
+                    NoiseError::LowOrderPoint,
+                    |shared| {
+                        out.copy_from_slice(shared);
+                        Ok(())
+                    },
+                )?;
+                // aws-lc refuses an all-zero result itself; checked again, as dalek's path does.
+                if bool::from(out.ct_eq(&[0u8; 32])) {
+                    return Err(NoiseError::LowOrderPoint);
+                }
+                Ok(out)
             }
-            Ok(out)
+            Self::Dalek(private) => dh(private, public),
         }
-        #[cfg(not(feature = "aws-lc"))]
-        dh(&self.private, public)
     }
 }
 
@@ -609,6 +608,50 @@ mod tests {
             proptest::prop_assert_eq!(key.dh(&point).map(|k| *k), Err(NoiseError::LowOrderPoint));
             proptest::prop_assert_eq!(dh(&private, &point).map(|k| *k), Err(NoiseError::LowOrderPoint));
         }
+    }
+
+    /// Fixed points the random ones above never hit: the non-canonical encodings p + 2 to
+    /// p + 18 (and the same with the high bit set) give dalek's result, and RFC 7748's
+    /// test vector (section 5.2) comes out right.
+    #[test]
+    fn the_responders_dh_agrees_on_non_canonical_points_and_rfc_7748() {
+        let private = PrivateKey::from_bytes([0x42; 32]);
+        let key = StaticKey::new(&private);
+        for offset in 2u8..=18 {
+            // p = 2^255 - 19: little-endian 0xed, 0xff ... 0x7f; p + k adds to the low byte.
+            let mut point = [0xffu8; 32];
+            point[0] = 0xed + offset;
+            point[31] = 0x7f;
+            for high_bit in [false, true] {
+                if high_bit {
+                    point[31] |= 0x80;
+                }
+                assert_eq!(
+                    key.dh(&point).map(|k| *k),
+                    dh(&private, &point).map(|k| *k),
+                    "p + {offset}, high bit {high_bit}"
+                );
+            }
+        }
+        let scalar: [u8; 32] = [
+            0xa5, 0x46, 0xe3, 0x6b, 0xf0, 0x52, 0x7c, 0x9d, 0x3b, 0x16, 0x15, 0x4b, 0x82, 0x46,
+            0x5e, 0xdd, 0x62, 0x14, 0x4c, 0x0a, 0xc1, 0xfc, 0x5a, 0x18, 0x50, 0x6a, 0x22, 0x44,
+            0xba, 0x44, 0x9a, 0xc4,
+        ];
+        let u: [u8; 32] = [
+            0xe6, 0xdb, 0x68, 0x67, 0x58, 0x30, 0x30, 0xdb, 0x35, 0x94, 0xc1, 0xa4, 0x24, 0xb1,
+            0x5f, 0x7c, 0x72, 0x66, 0x24, 0xec, 0x26, 0xb3, 0x35, 0x3b, 0x10, 0xa9, 0x03, 0xa6,
+            0xd0, 0xab, 0x1c, 0x4c,
+        ];
+        let rfc = StaticKey::new(&PrivateKey::from_bytes(scalar));
+        assert_eq!(
+            *rfc.dh(&u).unwrap(),
+            [
+                0xc3, 0xda, 0x55, 0x37, 0x9d, 0xe9, 0xc6, 0x90, 0x8e, 0x94, 0xea, 0x4d, 0xf2, 0x8d,
+                0x08, 0x4f, 0x32, 0xec, 0xcf, 0x03, 0x49, 0x1c, 0x71, 0xf7, 0x54, 0xb4, 0x07, 0x55,
+                0x77, 0xa2, 0x85, 0x52,
+            ]
+        );
     }
 
     /// The `snow` crate is the oracle: same pattern, same prologue, messages decrypt both ways.

@@ -151,6 +151,8 @@ fn debian_packages_build_install_and_purge() {
         "/usr/share/zsh/vendor-completions/_spad",
         "/usr/share/fish/vendor_completions.d/spad.fish",
         "/usr/share/doc/spad/operations.md",
+        // The licences of the C library (aws-lc) and crates linked in.
+        "/usr/share/doc/spad/third-party.md",
         "/usr/share/doc/spad/copyright",
     ] {
         assert!(
