@@ -953,6 +953,23 @@ mod tests {
         (watches, true)
     }
 
+    /// Waits (at most 5 s) until `count` packet sockets are bound to `vb` in this thread's
+    /// namespace. A dropped capture's socket can outlive its `close` for a moment: a process
+    /// that another test thread is spawning holds a copy of every descriptor until it execs,
+    /// and meanwhile the socket still receives (and its program still judges) frames.
+    fn wait_for_sockets_on_vb(count: usize) -> bool {
+        let vb = nix::net::if_::if_nametoindex("vb").unwrap().to_string();
+        poll_until(Duration::from_secs(5), || {
+            std::fs::read_to_string("/proc/thread-self/net/packet")
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .filter(|line| line.split_whitespace().nth(4) == Some(vb.as_str()))
+                .count()
+                == count
+        })
+    }
+
     /// A capture on `vb` watching UDP `ports`, with `program` (shared) and `budget`.
     fn shared_on_vb(program: &Arc<Limiter>, ports: &[u16], budget: SourceBudget) -> AfPacket {
         let (watches, _) = udp_watches(ports);
@@ -1141,6 +1158,11 @@ mod tests {
                 Some(budget),
             ));
             let flag_after_swap = program.engaged();
+            // The retired capture's socket gone, so only the new one judges what follows.
+            assert!(
+                wait_for_sockets_on_vb(1),
+                "the retired capture's socket lingers"
+            );
             new.housekeeping();
             let flag_after_tick = program.engaged();
             new.behind();
