@@ -150,11 +150,10 @@ impl Signals {
     }
 }
 
-/// Opens the packet source the config asks for. An AF_PACKET capture gets the daemon's one
-/// eBPF prefilter, loaded by the first capture (before the privilege drop) and attached by
-/// every later one (see [`capture::program`]).
-/// Opens `config`'s capture, its prefilter passing `ports` (the config's own, or while a
-/// reload is pending [`capture::pending_watches`]).
+/// Opens the packet source the config asks for, its prefilter passing `ports` (the config's
+/// own, or while a reload is pending [`capture::pending_watches`]). An AF_PACKET capture gets
+/// the daemon's one eBPF prefilter, loaded by the first capture (before the privilege drop)
+/// and attached by every later one (see [`capture::program`]).
 fn open_source(
     config: &Config,
     ports: &(Vec<capture::bpf::Watch>, bool),
