@@ -533,18 +533,17 @@ impl Daemon {
         let recapture = structural
             || (ports_changed && !self.capture.source.set_watches(&pending.0, pending.1))
             || (budget_changed && !self.capture.source.set_budget(new_budget));
+        // On any error below: what went into the running prefilter goes back out.
+        let restore = |source: &mut dyn capture::Source| {
+            capture::restore_prefilter(source, &old_watches.0, old_watches.1, old_budget);
+        };
         let capture = if recapture {
             match open_source(&config, &pending, &mut self.program)
                 .and_then(|source| Ok(Capture::new(source)?))
             {
                 Ok(capture) => Some(capture),
                 Err(e) => {
-                    capture::restore_prefilter(
-                        &mut *self.capture.source,
-                        &old_watches.0,
-                        old_watches.1,
-                        old_budget,
-                    );
+                    restore(&mut *self.capture.source);
                     return Err(e);
                 }
             }
@@ -554,12 +553,7 @@ impl Daemon {
         if let Err(e) = self.pipeline.reload(config, server) {
             // The new capture goes first: the running one takes its program's control back.
             drop(capture);
-            capture::restore_prefilter(
-                &mut *self.capture.source,
-                &old_watches.0,
-                old_watches.1,
-                old_budget,
-            );
+            restore(&mut *self.capture.source);
             return Err(e);
         }
         if let Some(capture) = capture {

@@ -858,19 +858,30 @@ impl Lab {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// Starts spad as root with `user = "nobody"` in `config`'s `[server]`, after handing
-    /// the secrets to that user (0600, so a reload can read them), and waits until it has
-    /// dropped its privileges (CAP_BPF with the rest): as the unit runs it, for what matters
-    /// to a reload.
-    pub fn start_spad_as_nobody(&mut self, config: &str, backend: Backend) -> usize {
-        const NOBODY: u32 = 65534;
+    /// Replaces `from` with `to` in the lab's copy of `config` (panics when absent).
+    pub fn edit_config(&self, config: &str, from: &str, to: &str) {
         let path = self.path(config);
         let text = fs::read_to_string(&path).unwrap();
-        fs::write(
-            &path,
-            text.replacen("[server]\n", "[server]\nuser = \"nobody\"\n", 1),
-        )
-        .unwrap();
+        assert!(text.contains(from), "conf/{config} changed: no {from:?}");
+        fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    }
+
+    /// Adds `line` to the `[server]` section of the lab's copy of `config`.
+    pub fn server_option(&self, config: &str, line: &str) {
+        self.edit_config(config, "[server]\n", &format!("[server]\n{line}\n"));
+    }
+
+    /// The running daemon's `kernel_budget` status field (`off`, `released`, `engaged`).
+    pub fn kernel_budget(&self, config: &str) -> serde_json::Value {
+        self.status_json(config)["kernel_budget"].clone()
+    }
+
+    /// Starts spad as root with `user = "nobody"` in `config`'s `[server]`, after handing
+    /// the secrets to that user (0600, so a reload can read them; the config and the public
+    /// keys stay root's and read-only to it), and waits until it has dropped its privileges
+    /// (CAP_BPF with the rest): as the unit runs it, for what matters to a reload.
+    pub fn start_spad_as_nobody(&mut self, config: &str, backend: Backend) -> usize {
+        self.server_option(config, "user = \"nobody\"");
         for secret in ["keys/server.key", "keys/carol.totp"] {
             std::os::unix::fs::chown(self.path(secret), Some(NOBODY), None).unwrap();
         }
@@ -882,6 +893,51 @@ impl Lab {
         );
         daemon
     }
+}
+
+/// The uid of `nobody`.
+pub const NOBODY: u32 = 65534;
+
+/// Datagrams in a flood from one source: more than the default `packet-burst` (1,000), sent
+/// faster than the default `packet-rate` (20,000/s) refills it.
+pub const FLOOD: u64 = 3000;
+
+/// `FLOOD` datagrams of garbage (refused in userspace at the size or mac1 check) from client
+/// namespace `ns` to the SPA port, as fast as one socket sends them. The gateway's link-layer
+/// address is resolved first (one datagram to an unwatched port), so no datagram of the flood
+/// waits, or is lost, in the neighbour queue.
+pub fn flood_spa_port(lab: &Lab, ns: &str) {
+    in_ns(ns, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.send_to(b"", Lab::gw4(9)).unwrap();
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            String::from_utf8_lossy(&lab.ip(ns, &["neigh", "show", GW4]).stdout).contains("lladdr")
+        }),
+        "{GW4} not resolved in {ns}"
+    );
+    in_ns(ns, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let garbage = [0x5a_u8; 136];
+        for _ in 0..FLOOD {
+            socket.send_to(&garbage, Lab::gw4(62201)).unwrap();
+        }
+    });
+}
+
+/// `GET path` over HTTP/1.0 to 127.0.0.1:`port` inside `ns`: the status line and the body.
+pub fn http_get(ns: &str, port: u16, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    in_ns(ns, move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    })
 }
 
 /// A counter of a `spad status --json` answer (panics when it has none of that name).

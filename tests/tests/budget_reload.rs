@@ -7,7 +7,6 @@
 //! Every test runs on nftables and on iptables + ipset.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use spa_e2e::*;
@@ -17,61 +16,8 @@ const T: Duration = Duration::from_millis(700);
 const METRICS: u16 = 9712;
 const BUDGET_REFUSED: &str = "warning: packet-rate is not enforced in the kernel (";
 
-/// Adds `line` to the `[server]` section of the lab's copy of the config.
-fn server_option(lab: &Lab, line: &str) {
-    edit_config(lab, "[server]\n", &format!("[server]\n{line}\n"));
-}
-
-/// Replaces `from` with `to` in the lab's copy of the config (panics when absent).
-fn edit_config(lab: &Lab, from: &str, to: &str) {
-    let path = lab.path(CONF);
-    let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.contains(from), "conf/{CONF} changed: no {from:?}");
-    std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
-}
-
-/// The body of the metrics endpoint, read inside the gateway's namespace.
-fn metrics(lab: &Lab) -> String {
-    in_ns(&lab.gw, || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text.split_once("\r\n\r\n").unwrap().1.to_string()
-    })
-}
-
-fn kernel_budget(lab: &Lab) -> serde_json::Value {
-    lab.status_json(CONF)["kernel_budget"].clone()
-}
-
 fn limited(lab: &Lab) -> u64 {
     status_counter(&lab.status_json(CONF), "capture_kernel_source_limited")
-}
-
-/// 3,000 datagrams of garbage from client namespace `ns` to the SPA port, as fast as one
-/// socket sends them: more than the default `packet-burst` (1,000), faster than the default
-/// `packet-rate` (20,000/s) refills it. The gateway's link-layer address is resolved first,
-/// so no datagram waits, or is lost, in the neighbour queue.
-fn flood_spa_port(lab: &Lab, ns: &str) {
-    in_ns(ns, || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.send_to(b"", Lab::gw4(9)).unwrap();
-    });
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            String::from_utf8_lossy(&lab.ip(ns, &["neigh", "show", GW4]).stdout).contains("lladdr")
-        }),
-        "{GW4} not resolved in {ns}"
-    );
-    in_ns(ns, || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..3000 {
-            socket.send_to(&[0x5a_u8; 136], Lab::gw4(62201)).unwrap();
-        }
-    });
 }
 
 /// Started as root and dropped to `nobody` (no CAP_BPF left), spad reloads with the LAN
@@ -85,13 +31,15 @@ pub fn a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_
 ) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    server_option(&lab, &format!("metrics = \"127.0.0.1:{METRICS}\""));
+    lab.server_option(CONF, &format!("metrics = \"127.0.0.1:{METRICS}\""));
     let daemon = lab.start_spad_as_nobody(CONF, backend);
-    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
-    assert!(metrics(&lab).contains("spad_capture_kernel_budget_loaded 1\n"));
+    assert_eq!(lab.kernel_budget(CONF), "released", "{}", lab.log());
+    assert!(http_get(&lab.gw, METRICS, "/metrics")
+        .1
+        .contains("spad_capture_kernel_budget_loaded 1\n"));
 
-    edit_config(
-        &lab,
+    lab.edit_config(
+        CONF,
         "interfaces = [\"eth0\"]",
         "interfaces = [\"eth0\", \"eth1\"]",
     );
@@ -100,8 +48,8 @@ pub fn a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_
     let log = lab.log();
     assert!(!log.contains(BUDGET_REFUSED), "{log}");
     assert!(!log.contains("reload failed"), "{log}");
-    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
-    let body = metrics(&lab);
+    assert_eq!(lab.kernel_budget(CONF), "released", "{}", lab.log());
+    let body = http_get(&lab.gw, METRICS, "/metrics").1;
     assert!(
         body.contains("spad_capture_kernel_budget_loaded 1\n"),
         "{body}"
@@ -114,7 +62,7 @@ pub fn a_reload_with_new_interfaces_keeps_the_kernel_budget_after_the_privilege_
         "{}",
         lab.log()
     );
-    assert_eq!(kernel_budget(&lab), "engaged", "{}", lab.log());
+    assert_eq!(lab.kernel_budget(CONF), "engaged", "{}", lab.log());
     flood_spa_port(&lab, &lab.b);
     assert!(
         wait_until(Duration::from_secs(10), || limited(&lab) > before),
@@ -202,22 +150,22 @@ fn a_failed_reload_keeps_the_running_ports(
         std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
     );
     let daemon = lab.start_spad_with_env(CONF, backend, &[("PATH", &path)]);
-    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
+    assert_eq!(lab.kernel_budget(CONF), "released", "{}", lab.log());
 
     if new_capture {
-        edit_config(
-            &lab,
+        lab.edit_config(
+            CONF,
             "interfaces = [\"eth0\"]",
             "interfaces = [\"eth0\", \"eth1\"]",
         );
     }
-    edit_config(
-        &lab,
+    lab.edit_config(
+        CONF,
         "sequence = [\"7000/tcp\", \"8000/udp\", \"9000/tcp\"]",
         "sequence = [\"41000/tcp\", \"41001/udp\", \"41002/tcp\"]",
     );
-    edit_config(
-        &lab,
+    lab.edit_config(
+        CONF,
         "close-sequence = [\"9000/tcp\", \"8000/udp\", \"7000/tcp\"]",
         "close-sequence = [\"41002/tcp\", \"41001/udp\", \"41000/tcp\"]",
     );
@@ -243,7 +191,7 @@ fn a_failed_reload_keeps_the_running_ports(
     );
     std::fs::remove_file(&refuse).unwrap();
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
-    assert_eq!(kernel_budget(&lab), "released", "{}", lab.log());
+    assert_eq!(lab.kernel_budget(CONF), "released", "{}", lab.log());
 
     // The running config's door, at its running ports.
     if !knock_while_pending {

@@ -41,28 +41,6 @@ fn json(out: &Output) -> serde_json::Value {
     })
 }
 
-/// Adds `line` to the `[server]` section of the lab's copy of the config.
-fn server_option(lab: &Lab, line: &str) {
-    let path = lab.path(CONF);
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replacen("[server]\n", &format!("[server]\n{line}\n"), 1),
-    )
-    .unwrap();
-}
-
-fn counter(status: &serde_json::Value, name: &str) -> u64 {
-    status["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no counter {name} in {status}"))["value"]
-        .as_u64()
-        .unwrap()
-}
-
 pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed(backend: Backend) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
@@ -82,22 +60,26 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
     assert_eq!(status["capture"], "af-packet");
     assert_eq!(status["interfaces"], serde_json::json!(["eth0"]));
     assert_eq!(status["live_grants"], 1);
-    assert_eq!(counter(&status, "granted"), 1);
-    assert!(counter(&status, "packets") >= 1);
+    assert_eq!(status_counter(&status, "granted"), 1);
+    assert!(status_counter(&status, "packets") >= 1);
     // The capture's counters, the kernel's included: the knock was read and delivered.
-    let delivered = counter(&status, "capture_delivered");
+    let delivered = status_counter(&status, "capture_delivered");
     assert!(delivered >= 1, "{status}");
     assert!(
-        counter(&status, "capture_received") >= delivered,
+        status_counter(&status, "capture_received") >= delivered,
         "{status}"
     );
     assert!(
-        counter(&status, "capture_kernel_packets") >= delivered,
+        status_counter(&status, "capture_kernel_packets") >= delivered,
         "{status}"
     );
-    assert_eq!(counter(&status, "capture_kernel_drops"), 0, "{status}");
-    counter(&status, r#"capture_dropped{reason="not_our_address"}"#);
-    counter(&status, r#"knock_results{result="progress"}"#);
+    assert_eq!(
+        status_counter(&status, "capture_kernel_drops"),
+        0,
+        "{status}"
+    );
+    status_counter(&status, r#"capture_dropped{reason="not_our_address"}"#);
+    status_counter(&status, r#"knock_results{result="progress"}"#);
     let text = String::from_utf8(spad_cli(&lab, &["status"]).stdout).unwrap();
     assert!(
         text.starts_with(&format!("spad is running (pid {pid}")),
@@ -162,7 +144,7 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
         after["config_loaded"], status["config_loaded"],
         "rejected: not reloaded"
     );
-    assert_eq!(counter(&after, "reloads"), 0);
+    assert_eq!(status_counter(&after, "reloads"), 0);
     let list = json(&spad_cli(&lab, &["list", "--json"]));
     assert_eq!(list["source"], "daemon");
     let grants = list["grants"].as_array().unwrap();
@@ -228,23 +210,10 @@ pub fn control_socket_works_with_a_broken_config_and_revoke_says_what_it_removed
 }
 
 /// One HTTP/1.0 GET from inside the gateway namespace; returns (status line, body).
-fn http_get(ns: &str, port: u16, path: &str) -> (String, String) {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    in_ns(ns, move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        (head.lines().next().unwrap().to_string(), body.to_string())
-    })
-}
-
 pub fn metrics_endpoint_serves_valid_prometheus_text(backend: Backend) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    server_option(&lab, "metrics = \"127.0.0.1:9712\"");
+    lab.server_option(CONF, "metrics = \"127.0.0.1:9712\"");
     lab.start_spad(CONF, backend);
     lab.knock(&lab.a, "alice", &["ssh"], &[], false);
     assert!(lab.wait_log("granted owner=alice", 1), "{}", lab.log());
@@ -451,35 +420,10 @@ fn proc_field(pid: u64, field: &str) -> String {
         .to_string()
 }
 
-/// The uid of `nobody`.
-const NOBODY: u32 = 65534;
-
-/// Starts spad as root with `user = "nobody"` in the lab's config, after handing the
-/// secrets to that user (0600, so a reload can read them; the config and the public keys stay
-/// root's and read-only to it), and waits until it has dropped its privileges.
-fn start_as_nobody(lab: &mut Lab, backend: Backend) -> usize {
-    server_option(lab, "user = \"nobody\"");
-    for secret in ["keys/server.key", "keys/carol.totp"] {
-        std::os::unix::fs::chown(lab.path(secret), Some(NOBODY), None).unwrap();
-    }
-    let daemon = lab.start_spad(CONF, backend);
-    assert!(
-        lab.wait_log("running as nobody (uid 65534)", 1),
-        "{}",
-        lab.log()
-    );
-    daemon
-}
-
-/// The daemon's `kernel_budget` status field.
-fn kernel_budget(lab: &Lab) -> serde_json::Value {
-    json(&spad_cli(lab, &["status", "--json"]))["kernel_budget"].clone()
-}
-
 pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    let daemon = start_as_nobody(&mut lab, backend);
+    let daemon = lab.start_spad_as_nobody(CONF, backend);
     let status = json(&spad_cli(&lab, &["status", "--json"]));
     let pid = status["pid"].as_u64().unwrap();
     assert_eq!(proc_field(pid, "Uid"), "65534\t65534\t65534\t65534");
@@ -520,34 +464,6 @@ pub fn runs_as_an_unprivileged_user_with_two_capabilities(backend: Backend) {
     assert!(!lab.log().contains("error:"), "{}", lab.log());
 }
 
-/// Datagrams in a flood from one source: more than the default `packet-burst` (1,000), sent
-/// faster than the default `packet-rate` (20,000/s) refills it.
-const FLOOD: u64 = 3000;
-
-/// `FLOOD` datagrams of garbage (refused in userspace at the size or mac1 check) from client
-/// namespace `ns` to the SPA port, as fast as one socket sends them. The gateway's link-layer
-/// address is resolved first (one datagram to an unwatched port), so no datagram of the flood
-/// waits, or is lost, in the neighbour queue.
-fn flood_spa_port(lab: &Lab, ns: &str) {
-    in_ns(ns, || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.send_to(b"", Lab::gw4(9)).unwrap();
-    });
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            String::from_utf8_lossy(&lab.ip(ns, &["neigh", "show", GW4]).stdout).contains("lladdr")
-        }),
-        "{GW4} not resolved in {ns}"
-    );
-    in_ns(ns, || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        let garbage = [0x5a_u8; 136];
-        for _ in 0..FLOOD {
-            socket.send_to(&garbage, Lab::gw4(62201)).unwrap();
-        }
-    });
-}
-
 /// A counter of the stop line `stopping: name=value ...` (0 when absent).
 fn stopped_counter(log: &str, name: &str) -> u64 {
     let stop = log
@@ -572,9 +488,9 @@ const BUDGET_REFUSED: &str = "warning: packet-rate is not enforced in the kernel
 pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend: Backend) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    let daemon = start_as_nobody(&mut lab, backend);
+    let daemon = lab.start_spad_as_nobody(CONF, backend);
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
-    assert_eq!(kernel_budget(&lab), "released");
+    assert_eq!(lab.kernel_budget(CONF), "released");
 
     // The budget loaded as root holds after the drop: once spad falls behind, the flood is
     // cut in the kernel.
@@ -583,8 +499,8 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
         "{}",
         lab.log()
     );
-    assert_eq!(kernel_budget(&lab), "engaged", "{}", lab.log());
-    let passed_before = counter(
+    assert_eq!(lab.kernel_budget(CONF), "engaged", "{}", lab.log());
+    let passed_before = status_counter(
         &json(&spad_cli(&lab, &["status", "--json"])),
         "capture_kernel_packets",
     );
@@ -593,17 +509,17 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
     assert!(
         wait_until(Duration::from_secs(10), || {
             status = json(&spad_cli(&lab, &["status", "--json"]));
-            counter(&status, "capture_kernel_source_limited") > 0
-                && counter(&status, "capture_kernel_source_limited")
-                    + counter(&status, "capture_kernel_packets")
+            status_counter(&status, "capture_kernel_source_limited") > 0
+                && status_counter(&status, "capture_kernel_source_limited")
+                    + status_counter(&status, "capture_kernel_packets")
                     - passed_before
                     >= FLOOD
         }),
         "{status}"
     );
-    let limited = counter(&status, "capture_kernel_source_limited");
+    let limited = status_counter(&status, "capture_kernel_source_limited");
     assert!(
-        counter(&status, "capture_kernel_packets") - passed_before < FLOOD,
+        status_counter(&status, "capture_kernel_packets") - passed_before < FLOOD,
         "the kernel passed the whole flood: {status}"
     );
 
@@ -650,7 +566,7 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
     );
     flood_spa_port(&lab, &lab.b);
     assert!(
-        wait_until(Duration::from_secs(10), || counter(
+        wait_until(Duration::from_secs(10), || status_counter(
             &json(&spad_cli(&lab, &["status", "--json"])),
             "capture_kernel_source_limited"
         ) > limited),
@@ -667,7 +583,7 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
     assert!(lab.wait_log("reloaded; kept", 2), "{}", lab.log());
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
     assert!(!lab.log().contains("reload failed"), "{}", lab.log());
-    assert_eq!(kernel_budget(&lab), "released");
+    assert_eq!(lab.kernel_budget(CONF), "released");
     // The new capture works: a knock from the address that flooded is granted.
     assert_eq!(tcp_probe(&lab.b, Lab::gw4(22), T), Connect::TimedOut);
     lab.knock(&lab.b, "alice", &["ssh"], &[], false);
@@ -695,9 +611,9 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
 pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    server_option(&lab, "packet-rate = 0");
-    let daemon = start_as_nobody(&mut lab, backend);
-    assert_eq!(kernel_budget(&lab), "off");
+    lab.server_option(CONF, "packet-rate = 0");
+    let daemon = lab.start_spad_as_nobody(CONF, backend);
+    assert_eq!(lab.kernel_budget(CONF), "off");
     let config = lab.path(CONF);
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -708,7 +624,7 @@ pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     lab.reload_spad(daemon);
     assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
-    assert_eq!(kernel_budget(&lab), "released");
+    assert_eq!(lab.kernel_budget(CONF), "released");
     assert!(
         lab.make_spad_fall_behind(daemon, CONF, &lab.a.clone(), Lab::gw4(62201)),
         "{}",
@@ -716,7 +632,7 @@ pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     );
     flood_spa_port(&lab, &lab.b);
     assert!(
-        wait_until(Duration::from_secs(10), || counter(
+        wait_until(Duration::from_secs(10), || status_counter(
             &json(&spad_cli(&lab, &["status", "--json"])),
             "capture_kernel_source_limited"
         ) > 0),
@@ -731,23 +647,24 @@ pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
 pub fn packet_rate_0_leaves_a_flood_to_userspace(backend: Backend) {
     let mut lab = Lab::new(CONF);
     let _echo = Echo::tcp(&lab.gw, "[::]:22".parse().unwrap());
-    server_option(&lab, "packet-rate = 0");
+    lab.server_option(CONF, "packet-rate = 0");
     let daemon = lab.start_spad(CONF, backend);
     flood_spa_port(&lab, &lab.b);
     let mut status = serde_json::Value::Null;
     let refused = |status: &serde_json::Value| {
-        counter(status, "refusals{reason=\"size\"}") + counter(status, "refusals{reason=\"mac1\"}")
+        status_counter(status, "refusals{reason=\"size\"}")
+            + status_counter(status, "refusals{reason=\"mac1\"}")
     };
     assert!(
         wait_until(Duration::from_secs(10), || {
             status = json(&spad_cli(&lab, &["status", "--json"]));
-            counter(&status, "capture_kernel_packets") >= FLOOD
-                && refused(&status) + counter(&status, "capture_kernel_drops") >= FLOOD
+            status_counter(&status, "capture_kernel_packets") >= FLOOD
+                && refused(&status) + status_counter(&status, "capture_kernel_drops") >= FLOOD
         }),
         "{status}"
     );
     assert_eq!(
-        counter(&status, "capture_kernel_source_limited"),
+        status_counter(&status, "capture_kernel_source_limited"),
         0,
         "{status}"
     );
@@ -834,7 +751,7 @@ fn a_flood_spoofing_a_clients_address_does_not_lock_it_out() {
     assert!(
         wait_until(Duration::from_secs(10), || {
             let status = json(&spad_cli(&lab, &["status", "--json"]));
-            counter(&status, "capture_received") > 2000
+            status_counter(&status, "capture_received") > 2000
         }),
         "{}",
         lab.log()
@@ -850,7 +767,7 @@ fn a_flood_spoofing_a_clients_address_does_not_lock_it_out() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flood.join().unwrap();
-    let limited = counter(
+    let limited = status_counter(
         &json(&spad_cli(&lab, &["status", "--json"])),
         "capture_kernel_source_limited",
     );
@@ -881,7 +798,7 @@ fn a_new_packet_rate_reloads_a_udp_listener_in_place() {
     let text = text.replace("capture = \"af-packet\"", "capture = \"udp\"");
     std::fs::write(&conf, &text).unwrap();
     let daemon = lab.start_spad(CONF, Backend::Nftables);
-    server_option(&lab, "packet-rate = 30000");
+    lab.server_option(CONF, "packet-rate = 30000");
     lab.reload_spad(daemon);
     assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
     assert!(!lab.log().contains("reload failed"), "{}", lab.log());
@@ -1194,14 +1111,15 @@ pub fn starts_unprivileged_with_ambient_capabilities_as_the_unit_does(backend: B
     assert!(
         spa_e2e::make_fall_behind(pid as u32, &lab.b.clone(), Lab::gw4(62201), || {
             let status = json(&spad_cli(&lab, &["status", "--json"]));
-            counter(&status, "capture_received") + counter(&status, "capture_kernel_source_limited")
+            status_counter(&status, "capture_received")
+                + status_counter(&status, "capture_kernel_source_limited")
         }),
         "{}",
         read_log()
     );
     flood_spa_port(&lab, &lab.b);
     assert!(
-        wait_until(Duration::from_secs(10), || counter(
+        wait_until(Duration::from_secs(10), || status_counter(
             &json(&spad_cli(&lab, &["status", "--json"])),
             "capture_kernel_source_limited"
         ) > 0),
@@ -1253,19 +1171,23 @@ fn start_command_caps(door_extra: &str, backend: Backend) -> String {
         lab.log()
     );
     let status = json(&spad_cli(&lab, &["status", "--json"]));
-    assert_eq!(counter(&status, "door_opens{door=\"ops\"}"), 1, "{status}");
+    assert_eq!(
+        status_counter(&status, "door_opens{door=\"ops\"}"),
+        1,
+        "{status}"
+    );
     // Knocks by result: two stages, then the open (its port also starts the close sequence).
     assert_eq!(
-        counter(&status, r#"knock_results{result="open"}"#),
+        status_counter(&status, r#"knock_results{result="open"}"#),
         1,
         "{status}"
     );
     assert!(
-        counter(&status, r#"knock_results{result="progress"}"#) >= 2,
+        status_counter(&status, r#"knock_results{result="progress"}"#) >= 2,
         "{status}"
     );
     assert_eq!(
-        counter(&status, r#"knock_results{result="reset"}"#),
+        status_counter(&status, r#"knock_results{result="reset"}"#),
         0,
         "{status}"
     );

@@ -825,11 +825,7 @@ mod tests {
     /// over its budget is cut in the kernel and counted, while another source is untouched.
     #[test]
     fn a_backlog_engages_the_budget_which_then_cuts_only_the_flooding_source() {
-        let watches = [bpf::Watch {
-            proto: Proto::Udp,
-            low: KNOCK_PORT,
-            high: KNOCK_PORT,
-        }];
+        let (watches, _) = udp_watches(&[KNOCK_PORT]);
         let Some(acts) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let budget = SourceBudget { rate: 1, burst: 50 };
@@ -887,11 +883,7 @@ mod tests {
     /// while still engaged, resumes them.
     #[test]
     fn the_kernel_flag_follows_the_budget_through_reloads() {
-        let watches = [bpf::Watch {
-            proto: Proto::Udp,
-            low: KNOCK_PORT,
-            high: KNOCK_PORT,
-        }];
+        let (watches, _) = udp_watches(&[KNOCK_PORT]);
         let Some(counts) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let budget = SourceBudget { rate: 1, burst: 10 };
@@ -1061,11 +1053,7 @@ mod tests {
 
             // `pipeline.reload` failed: the new capture goes, the running one takes over.
             drop(new);
-            let watches = [bpf::Watch {
-                proto: Proto::Udp,
-                low: KNOCK_PORT,
-                high: KNOCK_PORT,
-            }];
+            let (watches, _) = udp_watches(&[KNOCK_PORT]);
             crate::capture::restore_prefilter(&mut running, &watches, true, Some(old_budget));
             let after = (program.engaged(), program.budget_ns());
             send(NEW_PORT);
@@ -1213,11 +1201,7 @@ mod tests {
             rate: 1_000_000,
             burst: 1_000_000,
         };
-        let watches = [bpf::Watch {
-            proto: Proto::Udp,
-            low: KNOCK_PORT,
-            high: KNOCK_PORT,
-        }];
+        let (watches, _) = udp_watches(&[KNOCK_PORT]);
         let Some(seen) = in_throwaway_namespace(move || {
             let program = one_program()?;
             let tx = Sender::new();
@@ -1267,11 +1251,7 @@ mod tests {
     /// two interface identifiers in IPv4 terms (two addresses) would have two budgets.
     #[test]
     fn the_kernel_budget_of_ipv6_sources_is_per_64() {
-        let watches = [bpf::Watch {
-            proto: Proto::Udp,
-            low: KNOCK_PORT,
-            high: KNOCK_PORT,
-        }];
+        let (watches, _) = udp_watches(&[KNOCK_PORT]);
         let Some(stats) = in_throwaway_namespace(move || {
             let tx = Sender::new();
             let mut source = ebpf_on_vb(SourceBudget { rate: 1, burst: 50 }, &watches)?;
@@ -1370,11 +1350,7 @@ mod tests {
     }
 
     fn capture_on_vb(events: bool) -> AfPacket {
-        let watches = [bpf::Watch {
-            proto: Proto::Udp,
-            low: KNOCK_PORT,
-            high: KNOCK_PORT,
-        }];
+        let (watches, _) = udp_watches(&[KNOCK_PORT]);
         let events = if events {
             Some(AddressEvents::open().unwrap())
         } else {

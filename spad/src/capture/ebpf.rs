@@ -612,6 +612,15 @@ impl Emitter {
         self.raw(LD_IMM64, dst, src, 0, value as u32 as i32);
         self.raw(0, 0, 0, 0, (value >> 32) as u32 as i32);
     }
+    /// `r0 = bpf_map_lookup_elem(map, r10 + key_at)`, jumping to `if_none` when there is no
+    /// such element (r1-r5 are clobbered).
+    fn lookup(&mut self, map_fd: i32, key_at: i16, if_none: usize) {
+        self.imm64(R1, PSEUDO_MAP_FD, map_fd as u32 as u64);
+        self.raw(MOV64_X, R2, R10, 0, 0);
+        self.raw(ADD64_K, R2, 0, 0, i32::from(key_at));
+        self.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
+        self.jump(JEQ_K, R0, 0, 0, if_none);
+    }
     fn finish(self) -> Result<Vec<EInsn>, AssembleError> {
         self.insns
             .iter()
@@ -656,11 +665,7 @@ pub fn prefilter(
     e.raw(MOV64_X, R6, R1, 0, 0);
     // The control value, in r8 until a port has matched (LD_ABS and LD_IND keep r6-r9).
     e.raw(ST_W, R10, 0, -32, 0);
-    e.imm64(R1, PSEUDO_MAP_FD, control_fd as u32 as u64);
-    e.raw(MOV64_X, R2, R10, 0, 0);
-    e.raw(ADD64_K, R2, 0, 0, -32);
-    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
-    e.jump(JEQ_K, R0, 0, 0, reject);
+    e.lookup(control_fd, -32, reject);
     e.raw(MOV64_X, R8, R0, 0, 0);
     // r8 = the bank of watched ports in use, chosen once per frame: userspace rewrites the
     // other bank before it flips the index, so this frame's table cannot change under it.
@@ -775,11 +780,7 @@ pub fn prefilter(
     e.jump(JEQ_K, R0, 0, PACKET_OUTGOING, pass);
     // Released (no pressure) or no control: every source passes.
     e.raw(ST_W, R10, 0, -32, 0);
-    e.imm64(R1, PSEUDO_MAP_FD, control_fd as u32 as u64);
-    e.raw(MOV64_X, R2, R10, 0, 0);
-    e.raw(ADD64_K, R2, 0, 0, -32);
-    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
-    e.jump(JEQ_K, R0, 0, 0, pass);
+    e.lookup(control_fd, -32, pass);
     e.raw(LDX_DW, R1, R0, control::ENGAGED as i16, 0);
     e.jump(JEQ_K, R1, 0, 0, pass);
     e.raw(LDX_DW, R1, R0, control::COST_NS as i16, 0);
@@ -804,11 +805,7 @@ pub fn prefilter(
     e.place(lookup);
     e.raw(CALL, 0, 0, 0, HELPER_KTIME_GET_NS);
     e.raw(MOV64_X, R7, R0, 0, 0);
-    e.imm64(R1, PSEUDO_MAP_FD, buckets_fd as u32 as u64);
-    e.raw(MOV64_X, R2, R10, 0, 0);
-    e.raw(ADD64_K, R2, 0, 0, -16);
-    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
-    e.jump(JEQ_K, R0, 0, 0, new_source);
+    e.lookup(buckets_fd, -16, new_source);
     // GCRA: tat = max(tat, now); over budget when tat - now > slack; else tat += cost.
     e.raw(LDX_DW, R1, R0, 0, 0);
     e.jump(JGE_X, R1, R7, 0, have);
@@ -839,11 +836,7 @@ pub fn prefilter(
     e.raw(EXIT, 0, 0, 0, 0);
     e.place(over);
     e.raw(ST_W, R10, 0, -28, 0);
-    e.imm64(R1, PSEUDO_MAP_FD, counter_fd as u32 as u64);
-    e.raw(MOV64_X, R2, R10, 0, 0);
-    e.raw(ADD64_K, R2, 0, 0, -28);
-    e.raw(CALL, 0, 0, 0, HELPER_MAP_LOOKUP);
-    e.jump(JEQ_K, R0, 0, 0, reject);
+    e.lookup(counter_fd, -28, reject);
     e.raw(MOV64_K, R1, 0, 0, 1);
     e.raw(ATOMIC_DW, R0, R1, 0, 0);
     e.place(reject);
