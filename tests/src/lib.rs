@@ -720,6 +720,33 @@ impl Lab {
         })
     }
 
+    /// Makes spad number `index` fall behind (from client namespace `behind`), sees that the
+    /// budget engaged, takes `before` (counters to compare with), floods the SPA port from
+    /// `flood` ([`flood_spa_port`]) and waits until `cut(&before)` holds. The budget stays
+    /// engaged for only 2 s after spad caught up; on a slow machine that can pass before the
+    /// flood arrives, so a round whose budget was already released is tried again (3 rounds
+    /// at most). Returns the `before` of the round that saw the budget engaged and `cut` hold;
+    /// a kernel that never cuts fails every round.
+    pub fn flood_while_behind<S>(
+        &self,
+        index: usize,
+        config: &str,
+        (behind, flood): (&str, &str),
+        mut before: impl FnMut() -> S,
+        mut cut: impl FnMut(&S) -> bool,
+    ) -> Option<S> {
+        (0..3).find_map(|_| {
+            if !self.make_spad_fall_behind(index, config, behind, Lab::gw4(62201))
+                || self.kernel_budget(config) != "engaged"
+            {
+                return None;
+            }
+            let seen = before();
+            flood_spa_port(self, flood);
+            wait_until(Duration::from_secs(5), || cut(&seen)).then_some(seen)
+        })
+    }
+
     /// Process id of a started `spad` (`ip netns exec` execs it, so the child's pid is spad's).
     pub fn spad_pid(&self, index: usize) -> u32 {
         self.children[index].id()

@@ -494,29 +494,30 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
 
     // The budget loaded as root holds after the drop: once spad falls behind, the flood is
     // cut in the kernel.
-    assert!(
-        lab.make_spad_fall_behind(daemon, CONF, &lab.b.clone(), Lab::gw4(62201)),
-        "{}",
-        lab.log()
-    );
-    assert_eq!(lab.kernel_budget(CONF), "engaged", "{}", lab.log());
-    let passed_before = status_counter(
-        &json(&spad_cli(&lab, &["status", "--json"])),
-        "capture_kernel_packets",
-    );
-    flood_spa_port(&lab, &lab.b);
+    let b = lab.b.clone();
     let mut status = serde_json::Value::Null;
-    assert!(
-        wait_until(Duration::from_secs(10), || {
+    let passed_before = lab.flood_while_behind(
+        daemon,
+        CONF,
+        (&b, &b),
+        || {
+            status_counter(
+                &json(&spad_cli(&lab, &["status", "--json"])),
+                "capture_kernel_packets",
+            )
+        },
+        |passed_before| {
             status = json(&spad_cli(&lab, &["status", "--json"]));
             status_counter(&status, "capture_kernel_source_limited") > 0
                 && status_counter(&status, "capture_kernel_source_limited")
                     + status_counter(&status, "capture_kernel_packets")
                     - passed_before
                     >= FLOOD
-        }),
-        "{status}"
+        },
     );
+    let Some(passed_before) = passed_before else {
+        panic!("nothing cut in the kernel: {status}\n{}", lab.log());
+    };
     let limited = status_counter(&status, "capture_kernel_source_limited");
     assert!(
         status_counter(&status, "capture_kernel_packets") - passed_before < FLOOD,
@@ -559,17 +560,16 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
     );
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
     // ... and its budget still cuts (the backlog from a, whose budget is whole).
-    assert!(
-        lab.make_spad_fall_behind(daemon, CONF, &lab.a.clone(), Lab::gw4(62201)),
-        "{}",
-        lab.log()
-    );
-    flood_spa_port(&lab, &lab.b);
-    assert!(
-        wait_until(Duration::from_secs(10), || status_counter(
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let cut_since = |floor: &u64| {
+        status_counter(
             &json(&spad_cli(&lab, &["status", "--json"])),
-            "capture_kernel_source_limited"
-        ) > limited),
+            "capture_kernel_source_limited",
+        ) > *floor
+    };
+    assert!(
+        lab.flood_while_behind(daemon, CONF, (&a, &b), || limited, cut_since)
+            .is_some(),
         "{}",
         lab.log()
     );
@@ -625,17 +625,16 @@ pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     assert!(lab.wait_log("reloaded; kept", 1), "{}", lab.log());
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
     assert_eq!(lab.kernel_budget(CONF), "released");
-    assert!(
-        lab.make_spad_fall_behind(daemon, CONF, &lab.a.clone(), Lab::gw4(62201)),
-        "{}",
-        lab.log()
-    );
-    flood_spa_port(&lab, &lab.b);
-    assert!(
-        wait_until(Duration::from_secs(10), || status_counter(
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let cut_since = |floor: &u64| {
+        status_counter(
             &json(&spad_cli(&lab, &["status", "--json"])),
-            "capture_kernel_source_limited"
-        ) > 0),
+            "capture_kernel_source_limited",
+        ) > *floor
+    };
+    assert!(
+        lab.flood_while_behind(daemon, CONF, (&a, &b), || 0, cut_since)
+            .is_some(),
         "{}",
         lab.log()
     );

@@ -457,6 +457,18 @@ impl Source for AfPacket {
     }
 
     fn stats(&mut self) -> CaptureStats {
+        self.read_counters(true)
+    }
+
+    fn last_stats(&mut self) -> CaptureStats {
+        self.read_counters(false)
+    }
+}
+
+impl AfPacket {
+    /// The kernel's counters added to ours. With `react`, new ring drops are a sign that
+    /// spad fell behind (the budget engages); without, they are only counted.
+    fn read_counters(&mut self, react: bool) -> CaptureStats {
         for ring in &self.rings {
             if let Ok((packets, drops)) = socket::take_statistics(ring.socket()) {
                 self.stats.kernel_packets += u64::from(packets);
@@ -464,9 +476,11 @@ impl Source for AfPacket {
             }
         }
         if self.stats.kernel_drops > self.drops_seen {
-            // Frames lost to a full ring: spad fell behind.
             self.drops_seen = self.stats.kernel_drops;
-            self.behind();
+            if react {
+                // Frames lost to a full ring: spad fell behind.
+                self.behind();
+            }
         }
         if let Some(limiter) = &self.limiter {
             self.stats.kernel_source_limited = limiter.limited();
@@ -1192,9 +1206,9 @@ mod tests {
     }
 
     /// Needs root (skipped otherwise). The replaced capture's last reading sees its ring's
-    /// drops (a flood it was not read during) and reacts by engaging the budget of the
-    /// program it shares with the capture that replaced it; [`retire`](crate::capture::retire)
-    /// keeps those counts and gives the flag back to the live capture.
+    /// drops (a flood it was not read during); [`retire`](crate::capture::retire) keeps those
+    /// counts without reacting to them: no engagement is counted, and the flag of the
+    /// program it shares with the capture that replaced it follows the live capture.
     #[test]
     fn a_retired_captures_last_reading_leaves_the_flag_to_the_live_one() {
         let generous = SourceBudget {
@@ -1242,7 +1256,14 @@ mod tests {
         let (flag_at_open, retired, flag_after) = seen;
         assert!(!flag_at_open);
         assert!(retired.kernel_drops > 0, "{retired}");
-        assert!(retired.budget_engaged, "the old capture reacted: {retired}");
+        assert!(
+            !retired.budget_engaged,
+            "the old capture reacted: {retired}"
+        );
+        assert_eq!(
+            retired.budget_engagements, 0,
+            "a phantom engagement: {retired}"
+        );
         assert!(!flag_after, "the live capture is not behind");
     }
 

@@ -69,18 +69,18 @@ pub fn pending_watches(
 }
 
 /// After a reload replaced `old` with `live`: the old source's last counters (for the
-/// daemon's totals), read before it is closed; then the live source's exact ports (it was
-/// opened with [`pending_watches`]) and its budget are applied again, which writes its
-/// engaged flag. That last reading may have taken the old source's ring drops as a sign of
-/// pressure and engaged the budget of the eBPF program both share; the flag must follow the
-/// live source alone.
+/// daemon's totals), read before it is closed without reacting to them
+/// ([`Source::last_stats`]: its ring's drops engage no budget and count no engagement); then
+/// the live source's exact ports (it was opened with [`pending_watches`]) and its budget are
+/// applied again, which writes the engaged flag of the eBPF program both share from the live
+/// source's state alone.
 pub fn retire(
     mut old: Box<dyn Source>,
     live: &mut dyn Source,
     watches: &(Vec<bpf::Watch>, bool),
     budget: Option<ebpf::SourceBudget>,
 ) -> CaptureStats {
-    let stats = old.stats();
+    let stats = old.last_stats();
     drop(old);
     // A ring that kept the classic filter keeps the pending ports built in (a superset).
     live.set_watches(&watches.0, watches.1);
@@ -137,6 +137,13 @@ pub trait Source {
     /// by reason, and the kernel's own counts where the source has them.
     fn stats(&mut self) -> CaptureStats {
         CaptureStats::default()
+    }
+
+    /// The same counters, read once more before the source is closed, without reacting to
+    /// them: drops found now cannot mean that this source is falling behind (it is being
+    /// replaced), so they engage no budget and count no engagement.
+    fn last_stats(&mut self) -> CaptureStats {
+        self.stats()
     }
 }
 
