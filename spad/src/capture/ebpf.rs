@@ -542,6 +542,7 @@ const MOV64_X: u8 = 0xbf;
 const ADD64_K: u8 = 0x07;
 const ADD64_X: u8 = 0x0f;
 const SUB64_X: u8 = 0x1f;
+const MUL64_K: u8 = 0x27;
 const OR64_X: u8 = 0x4f;
 const AND64_K: u8 = 0x57;
 const LSH64_K: u8 = 0x67;
@@ -669,12 +670,14 @@ pub fn prefilter(
     e.raw(MOV64_X, R8, R0, 0, 0);
     // r8 = the bank of watched ports in use, chosen once per frame: userspace rewrites the
     // other bank before it flips the index, so this frame's table cannot change under it.
-    let bank_chosen = e.label();
+    // The bank's address is computed from the index (no branch): every later load from the
+    // bank depends on the index's load by its address, which orders them after it on every
+    // CPU (arm64 too), as userspace's release stores order the bank before the flip.
     e.raw(LDX_DW, R1, R8, control::BANK as i16, 0);
+    e.raw(AND64_K, R1, 0, 0, 1);
+    e.raw(MUL64_K, R1, 0, 0, control::bank::SIZE as i32);
     e.raw(ADD64_K, R8, 0, 0, control::BANKS as i32);
-    e.jump(JEQ_K, R1, 0, 0, bank_chosen);
-    e.raw(ADD64_K, R8, 0, 0, control::bank::SIZE as i32);
-    e.place(bank_chosen);
+    e.raw(ADD64_X, R8, R1, 0, 0);
     e.raw(MOV64_K, R9, 0, 0, ACCEPT);
     // IPv4 or IPv6 (`skb->protocol`, big-endian).
     e.raw(LDX_W, R0, R6, SKB_PROTOCOL, 0);
@@ -865,6 +868,34 @@ mod tests {
             }
         }
         assert_eq!(insns.last().unwrap().code, EXIT);
+    }
+
+    /// The bank's address comes from the index by arithmetic alone: no jump between the
+    /// index's load and the end of the address, so the bank's loads depend on the index by
+    /// address (ordered after it on arm64 too), not by a branch (which arm64 may speculate).
+    #[test]
+    fn the_bank_is_chosen_by_address_not_by_a_branch() {
+        let insns = prefilter(3, 4, 5).unwrap();
+        let is_r8 = |i: &EInsn| i.regs & 0x0f == R8;
+        let index = insns
+            .iter()
+            .position(|i| i.code == LDX_DW && i.off == control::BANK as i16)
+            .expect("the program loads the bank index");
+        let chosen = index
+            + insns[index..]
+                .iter()
+                .position(|i| i.code == ADD64_X && is_r8(i) && i.regs >> 4 == R1)
+                .expect("r8 += the index's offset");
+        assert!(
+            insns[index..chosen]
+                .iter()
+                .all(|i| i.code & 0x07 != 0x05 && i.code & 0x07 != 0x06),
+            "a jump between the index and the bank's address"
+        );
+        // Nothing reads through r8 before it points at the bank.
+        assert!(insns[index + 1..chosen]
+            .iter()
+            .all(|i| !(i.code & 0x07 == 0x01 && i.regs >> 4 == R8)));
     }
 
     #[test]

@@ -500,8 +500,15 @@ impl Machine<'_> {
             return Err(format!("arithmetic {op:#x} on a stack pointer"));
         }
         if let Value::ControlSlot(base) = self.regs[dst] {
-            if op == 0x00 && wide && !from_register {
-                self.regs[dst] = Value::ControlSlot(base + i64::from(imm));
+            // A constant, or a scalar (as the verifier allows one whose bounds it knows: the
+            // load through the pointer is then checked against the value's size).
+            if op == 0x00 && wide {
+                let by = if from_register {
+                    i64::try_from(operand).map_err(|_| "map value offset out of range")?
+                } else {
+                    i64::from(imm)
+                };
+                self.regs[dst] = Value::ControlSlot(base + by);
                 return Ok(());
             }
             return Err(format!("arithmetic {op:#x} on a map value pointer"));
@@ -511,6 +518,7 @@ impl Machine<'_> {
         let result = match op {
             0x00 => left.wrapping_add(operand),
             0x10 => left.wrapping_sub(operand),
+            0x20 => left.wrapping_mul(operand),
             0x40 => left | operand,
             0x50 => left & operand,
             0xa0 => left ^ operand,
