@@ -327,6 +327,7 @@ fn metrics_with_kernel<C: Clock>(pipeline: &Pipeline<C>, info: &Info) -> WithKer
         config_load_time: info.config_loaded,
         kernel_budget: (capture.kernel_budget, capture.budget_engaged),
         journal_syncs: pipeline.replay_sync_times().cloned(),
+        firewall_applies: Some(pipeline.stats.firewall_applies.0.clone()),
         ..Default::default()
     };
     let services: Vec<String> = pipeline.config.services.keys().cloned().collect();
@@ -1087,7 +1088,7 @@ mod tests {
     }
 
     #[test]
-    fn a_grant_shows_in_the_metrics_by_service_with_its_latency() {
+    fn a_grant_shows_in_the_metrics_by_service_with_its_latency_and_firewall_time() {
         let clock = ManualClock::new(NOW);
         let (mut p, dir) = pipeline(&clock, "metrics");
         alice_opens(&mut p, "vpn");
@@ -1096,6 +1097,8 @@ mod tests {
             "spad_granted_total 1\n",
             "spad_grants_by_service_total{service=\"vpn\",kind=\"vpn\"} 1\n",
             "spad_grant_latency_seconds_count 1\n",
+            "spad_firewall_apply_seconds_count 1\n",
+            "# TYPE spad_firewall_apply_seconds histogram\n",
             "spad_active_grants{service=\"vpn\"} 1\n",
             "spad_active_grants{service=\"ssh\"} 0\n",
             "spad_start_time_seconds 1763726400\n",

@@ -28,6 +28,18 @@ use crate::verify::{Batch, Verifier};
 use spa_shared::duration;
 use std::sync::Arc;
 
+/// How long the firewall transactions that installed grants took (successful ones only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallApplies(pub crate::metrics::Histogram);
+
+impl Default for FirewallApplies {
+    fn default() -> Self {
+        Self(crate::metrics::Histogram::with_bounds(
+            crate::metrics::APPLY_BUCKETS_MICROS,
+        ))
+    }
+}
+
 /// Counters, logged on exit, shown by `spad status` and exported as metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
@@ -50,6 +62,8 @@ pub struct Stats {
     pub grants_by_service: std::collections::BTreeMap<(String, &'static str), u64>,
     /// Packet heard → grant in the kernel.
     pub grant_latency: crate::metrics::Histogram,
+    /// Each firewall transaction that installed grants: how long it took.
+    pub firewall_applies: FirewallApplies,
     /// Of `granted` and `refused`: decisions on fwknop 2.x packets.
     pub fwknop_granted: u64,
     pub fwknop_refused: u64,
@@ -753,7 +767,7 @@ impl<C: Clock> Pipeline<C> {
         }
         if opens.len() > 1 {
             let all: Vec<Access> = opens.iter().flat_map(|o| o.1.iter().cloned()).collect();
-            if self.firewall.grant(&all).is_ok() {
+            if self.timed_grant(&all).is_ok() {
                 for (address, grants, owner, heard) in &opens {
                     self.received_at = *heard;
                     self.granted(*address, grants, owner);
@@ -797,10 +811,19 @@ impl<C: Clock> Pipeline<C> {
         );
     }
 
+    /// The firewall transaction for `grants`, timed when it succeeds.
+    fn timed_grant(&mut self, grants: &[Access]) -> anyhow::Result<()> {
+        let started = self.clock.now();
+        self.firewall.grant(grants)?;
+        let took = self.clock.now().saturating_sub(started);
+        self.stats.firewall_applies.0.observe(took);
+        Ok(())
+    }
+
     fn execute(&mut self, decision: Decision, owner: &str) {
         let now = self.clock.now();
         match decision {
-            Decision::Open { address, grants } => match self.firewall.grant(&grants) {
+            Decision::Open { address, grants } => match self.timed_grant(&grants) {
                 Ok(()) => self.granted(address, &grants, owner),
                 Err(e) => self.log.line(
                     now,

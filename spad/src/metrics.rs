@@ -30,6 +30,13 @@ pub const SYNC_BUCKETS_MICROS: &[u64] = &[
     100_000, 1_000_000, 10_000_000,
 ];
 
+/// Upper bounds of the firewall apply histogram, in microseconds (one transaction that puts
+/// grants in the kernel): tens of microseconds over netlink, milliseconds when `iptables`
+/// and `ipset` run as processes.
+pub const APPLY_BUCKETS_MICROS: &[u64] = &[
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+
 /// A fixed-bucket histogram of microsecond values (cumulative counts are made when rendering).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Histogram {
@@ -154,6 +161,8 @@ pub struct Gauges {
     pub kernel_budget: (bool, bool),
     /// How long the replay journal's syncs took (stores that sync a local file).
     pub journal_syncs: Option<Histogram>,
+    /// How long each firewall transaction that installed grants took.
+    pub firewall_applies: Option<Histogram>,
 }
 
 /// Renders the whole scrape in the Prometheus text format (version 0.0.4).
@@ -196,6 +205,13 @@ pub fn render(counters: &[(String, u64)], latency: &Histogram, gauges: &Gauges) 
             &mut out,
             "spad_journal_sync_seconds",
             "Time one replay journal write took to be durable (write and fdatasync): the floor under the grant latency.",
+        );
+    }
+    if let Some(applies) = &gauges.firewall_applies {
+        applies.render(
+            &mut out,
+            "spad_firewall_apply_seconds",
+            "Time one firewall transaction that installs grants took (a netlink batch, or the iptables and ipset tools): with the journal sync, the part of the grant latency spent outside spad's own work.",
         );
     }
     let _ = writeln!(

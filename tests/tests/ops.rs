@@ -243,6 +243,8 @@ pub fn metrics_endpoint_serves_valid_prometheus_text(backend: Backend) {
         "spad_grant_latency_seconds_bucket{le=\"+Inf\"} 1\n",
         // The one grant's journal record, made durable once.
         "spad_journal_sync_seconds_count 1\n",
+        // The one grant's firewall transaction.
+        "spad_firewall_apply_seconds_count 1\n",
     ] {
         assert!(body.contains(needle), "missing {needle:?} in\n{body}");
     }

@@ -743,7 +743,8 @@ impl Buckets {
 }
 
 /// spad's own view of a step, from two scrapes of its metrics: how long its journal syncs
-/// took (the disk, in the same seconds as the grants) and its heard → granted latency.
+/// took (the disk, in the same seconds as the grants), how long its firewall transactions
+/// took (the kernel), and its heard → granted latency (both, plus spad's own work).
 fn spad_view(before: &str, after: &str) -> String {
     if before.is_empty() || after.is_empty() {
         return format!("spad's metrics did not answer ({METRICS})");
@@ -758,8 +759,9 @@ fn spad_view(before: &str, after: &str) -> String {
         )
     };
     format!(
-        "spad's journal syncs {}; spad's heard -> granted {}",
+        "spad's journal syncs {}; firewall applies {}; heard -> granted {}",
         part("spad_journal_sync_seconds"),
+        part("spad_firewall_apply_seconds"),
         part("spad_grant_latency_seconds")
     )
 }
