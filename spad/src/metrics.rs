@@ -34,7 +34,8 @@ pub const SYNC_BUCKETS_MICROS: &[u64] = &[
 /// grants in the kernel): tens of microseconds over netlink, milliseconds when `iptables`
 /// and `ipset` run as processes.
 pub const APPLY_BUCKETS_MICROS: &[u64] = &[
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000,
 ];
 
 /// A fixed-bucket histogram of microsecond values (cumulative counts are made when rendering).

@@ -496,33 +496,32 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
 
     // The budget loaded as root holds after the drop: once spad falls behind, the flood is
     // cut in the kernel.
+    // Counters as (passed, cut) by the kernel; each round compares with its own start, so
+    // an earlier round's cuts cannot stand in for this one's flood.
     let b = lab.b.clone();
     let mut status = serde_json::Value::Null;
-    let passed_before = lab.flood_while_behind(
+    let kernel = |status: &serde_json::Value| {
+        (
+            status_counter(status, "capture_kernel_packets"),
+            status_counter(status, "capture_kernel_source_limited"),
+        )
+    };
+    let before = lab.flood_while_behind(
         daemon,
         CONF,
         (&b, &b),
-        || {
-            status_counter(
-                &json(&spad_cli(&lab, &["status", "--json"])),
-                "capture_kernel_packets",
-            )
-        },
-        |passed_before| {
+        || kernel(&json(&spad_cli(&lab, &["status", "--json"]))),
+        |&(passed_before, cut_before)| {
             status = json(&spad_cli(&lab, &["status", "--json"]));
-            status_counter(&status, "capture_kernel_source_limited") > 0
-                && status_counter(&status, "capture_kernel_source_limited")
-                    + status_counter(&status, "capture_kernel_packets")
-                    - passed_before
-                    >= FLOOD
+            let (passed, cut) = kernel(&status);
+            cut > cut_before && (cut - cut_before) + (passed - passed_before) >= FLOOD
         },
     );
-    let Some(passed_before) = passed_before else {
+    let Some((passed_before, _)) = before else {
         panic!("nothing cut in the kernel: {status}\n{}", lab.log());
     };
-    let limited = status_counter(&status, "capture_kernel_source_limited");
     assert!(
-        status_counter(&status, "capture_kernel_packets") - passed_before < FLOOD,
+        kernel(&status).0 - passed_before < FLOOD,
         "the kernel passed the whole flood: {status}"
     );
 
@@ -563,18 +562,19 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
     // ... and its budget still cuts (the backlog from a, whose budget is whole).
     let (a, b) = (lab.a.clone(), lab.b.clone());
-    let cut_since = |floor: &u64| {
+    let cut = || {
         status_counter(
             &json(&spad_cli(&lab, &["status", "--json"])),
             "capture_kernel_source_limited",
-        ) > *floor
+        )
     };
     assert!(
-        lab.flood_while_behind(daemon, CONF, (&a, &b), || limited, cut_since)
+        lab.flood_while_behind(daemon, CONF, (&a, &b), cut, |floor| cut() > *floor)
             .is_some(),
         "{}",
         lab.log()
     );
+    let limited = cut();
 
     // All interfaces instead of eth0: a new capture, which attaches the program loaded at start.
     let text = std::fs::read_to_string(&config).unwrap();
@@ -628,14 +628,14 @@ pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
     assert_eq!(lab.kernel_budget(CONF), "released");
     let (a, b) = (lab.a.clone(), lab.b.clone());
-    let cut_since = |floor: &u64| {
+    let cut = || {
         status_counter(
             &json(&spad_cli(&lab, &["status", "--json"])),
             "capture_kernel_source_limited",
-        ) > *floor
+        )
     };
     assert!(
-        lab.flood_while_behind(daemon, CONF, (&a, &b), || 0, cut_since)
+        lab.flood_while_behind(daemon, CONF, (&a, &b), cut, |floor| cut() > *floor)
             .is_some(),
         "{}",
         lab.log()

@@ -491,7 +491,8 @@ impl Machine<'_> {
             self.regs[dst] = Value::Scalar(if wide { operand } else { operand & 0xffff_ffff });
             return Ok(());
         }
-        // Pointer arithmetic: only a constant added to a stack or control value pointer.
+        // Pointer arithmetic: a constant added to a stack pointer; a constant or a scalar
+        // register added to a control value pointer.
         if let Value::Stack(base) = self.regs[dst] {
             if op == 0x00 && wide && !from_register {
                 self.regs[dst] = Value::Stack(base + i64::from(imm));
@@ -500,15 +501,21 @@ impl Machine<'_> {
             return Err(format!("arithmetic {op:#x} on a stack pointer"));
         }
         if let Value::ControlSlot(base) = self.regs[dst] {
-            // A constant, or a scalar (as the verifier allows one whose bounds it knows: the
-            // load through the pointer is then checked against the value's size).
+            // A constant, or a scalar register. The kernel's verifier takes a register only
+            // with bounds it can prove; this interpreter sees values, not bounds, so that the
+            // program's own pointer arithmetic passes the verifier is checked by loading it
+            // (the root tests: `program::tests`). Each load through the pointer is checked
+            // against the value's size here.
             if op == 0x00 && wide {
                 let by = if from_register {
                     i64::try_from(operand).map_err(|_| "map value offset out of range")?
                 } else {
                     i64::from(imm)
                 };
-                self.regs[dst] = Value::ControlSlot(base + by);
+                let at = base
+                    .checked_add(by)
+                    .ok_or("map value offset out of range")?;
+                self.regs[dst] = Value::ControlSlot(at);
                 return Ok(());
             }
             return Err(format!("arithmetic {op:#x} on a map value pointer"));
