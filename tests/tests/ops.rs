@@ -22,11 +22,7 @@ const T: Duration = Duration::from_millis(700);
 
 /// `spad ARGS -c LAB_CONFIG` inside the gateway namespace (where the fallback reads the kernel).
 fn spad_cli(lab: &Lab, args: &[&str]) -> Output {
-    let config = lab.path(CONF);
-    let mut full: Vec<&str> = args.to_vec();
-    full.extend(["-c", config.to_str().unwrap()]);
-    let spad = binary("spad");
-    lab.try_exec(&lab.gw, spad.to_str().unwrap(), &full)
+    lab.spad_gw(args, CONF)
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -510,9 +506,9 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
         daemon,
         CONF,
         (&b, &b),
-        || kernel(&json(&spad_cli(&lab, &["status", "--json"]))),
+        || kernel(&lab.status_json(CONF)),
         |&(passed_before, cut_before)| {
-            status = json(&spad_cli(&lab, &["status", "--json"]));
+            status = lab.status_json(CONF);
             let (passed, cut) = kernel(&status);
             cut > cut_before && (cut - cut_before) + (passed - passed_before) >= FLOOD
         },
@@ -562,12 +558,7 @@ pub fn a_reload_as_nobody_keeps_the_kernel_budget_also_for_a_new_capture(backend
     assert_eq!(tcp_probe(&lab.a, Lab::gw4(22), T), Connect::Open);
     // ... and its budget still cuts (the backlog from a, whose budget is whole).
     let (a, b) = (lab.a.clone(), lab.b.clone());
-    let cut = || {
-        status_counter(
-            &json(&spad_cli(&lab, &["status", "--json"])),
-            "capture_kernel_source_limited",
-        )
-    };
+    let cut = || status_counter(&lab.status_json(CONF), "capture_kernel_source_limited");
     assert!(
         lab.flood_while_behind(daemon, CONF, (&a, &b), cut, |floor| cut() > *floor)
             .is_some(),
@@ -628,12 +619,7 @@ pub fn a_budget_turned_on_by_a_reload_as_nobody_takes_effect(backend: Backend) {
     assert!(!lab.log().contains(BUDGET_REFUSED), "{}", lab.log());
     assert_eq!(lab.kernel_budget(CONF), "released");
     let (a, b) = (lab.a.clone(), lab.b.clone());
-    let cut = || {
-        status_counter(
-            &json(&spad_cli(&lab, &["status", "--json"])),
-            "capture_kernel_source_limited",
-        )
-    };
+    let cut = || status_counter(&lab.status_json(CONF), "capture_kernel_source_limited");
     assert!(
         lab.flood_while_behind(daemon, CONF, (&a, &b), cut, |floor| cut() > *floor)
             .is_some(),
